@@ -1,0 +1,1 @@
+"""Segmentation engines behind one interface (see :mod:`.base`)."""

@@ -1,0 +1,65 @@
+"""The node's exceptions: one base class, each subclass says when it is raised.
+
+Callers catch :class:`OncosegError` at process boundaries (CLI, worker loop)
+and turn it into an exit code or a job state; nothing else is caught broadly.
+"""
+
+from __future__ import annotations
+
+
+class OncosegError(Exception):
+    """Base of every error the node raises on purpose."""
+
+
+class ConfigError(OncosegError):
+    """Raised by config and protocol loading when one or more keys are invalid.
+
+    ``problems`` holds every problem found, each naming its key (and, where
+    known, file and line), so an operator fixes them all in one pass.
+    """
+
+    def __init__(self, problems: list[str], source: str | None = None) -> None:
+        self.problems = list(problems)
+        self.source = source
+        where = f"{source}: " if source else ""
+        super().__init__(where + "; ".join(self.problems))
+
+
+class GeometryError(OncosegError):
+    """Raised when a CT series cannot be contoured safely as one volume.
+
+    Examples: mixed frames of reference, orientations or pixel spacings, a
+    missing slice, gantry tilt. The job is held with this message as reason.
+    """
+
+
+class SeriesLoadError(OncosegError):
+    """Raised when stored instances cannot be read as a CT series at all."""
+
+
+class EngineError(OncosegError):
+    """Raised when a segmentation engine cannot start or cannot run.
+
+    At startup this is fatal (missing weights, missing GPU); during a job it
+    fails the job with the message as reason.
+    """
+
+
+class RTStructError(OncosegError):
+    """Raised when an RT Structure Set cannot be built or fails its own check."""
+
+
+class DeliveryError(OncosegError):
+    """Raised by the sender when a destination did not accept an object.
+
+    ``transient`` tells the delivery loop whether a later retry can succeed.
+    """
+
+    def __init__(self, message: str, *, transient: bool, status: int | None = None) -> None:
+        super().__init__(message)
+        self.transient = transient
+        self.status = status
+
+
+class LedgerError(OncosegError):
+    """Raised on an impossible job-state transition in the ledger."""

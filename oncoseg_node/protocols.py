@@ -1,0 +1,199 @@
+"""Protocols and the structure library: which OARs to contour for which series.
+
+Pure data: no torch, no engines. A protocols file holds a ``structures``
+library (TG-263 name -> colour, type, engine, prompts, ...) and ``protocols``
+that match series by DICOM attributes and list library structures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+INTERPRETED_TYPES = frozenset(
+    {
+        "EXTERNAL", "PTV", "CTV", "GTV", "TREATED_VOLUME", "IRRAD_VOLUME", "OAR",
+        "BOLUS", "AVOIDANCE", "ORGAN", "MARKER", "REGISTRATION", "ISOCENTER",
+        "CONTRAST_AGENT", "CAVITY", "BRACHY_CHANNEL", "BRACHY_ACCESSORY",
+        "BRACHY_SRC_APP", "BRACHY_CHNL_SHLD", "SUPPORT", "FIXATION", "DOSE_REGION",
+        "CONTROL",
+    }
+)
+ENGINES = frozenset({"classical", "sam3"})
+
+
+@dataclass(frozen=True)
+class PostProcess:
+    """Mask clean-up applied after the engine, before contouring."""
+
+    keep_components: int | None = None
+    fill_holes: bool = False
+    smoothing_mm: float = 0.0
+    min_island_cc: float = 0.0
+
+
+@dataclass(frozen=True)
+class Structure:
+    """One OAR as the physicists define it.
+
+    ``laterality`` ("left"/"right") is the patient's side, resolved from
+    patient coordinates (LPS: +x is the patient's left), never from the image.
+    """
+
+    name: str
+    color: tuple[int, int, int]
+    interpreted_type: str = "ORGAN"
+    engine: str = "classical"
+    concepts: tuple[str, ...] = ()
+    negative_concepts: tuple[str, ...] = ()
+    laterality: str | None = None
+    volume_cc: tuple[float, float] | None = None
+    hu_window: tuple[float, float] | None = None
+    postprocess: PostProcess = field(default_factory=PostProcess)
+
+
+@dataclass(frozen=True)
+class MatchRules:
+    """Regular expressions on DICOM attributes; all given rules must match."""
+
+    attributes: Mapping[str, re.Pattern[str]] = field(default_factory=dict)
+    calling_aets: tuple[str, ...] = ()
+    slice_thickness_mm: tuple[float, float] | None = None
+
+    def explain(self, header: Any, calling_ae: str | None) -> list[str]:
+        """Reasons this rule set does not match; empty when it matches."""
+        reasons = []
+        for keyword, pattern in self.attributes.items():
+            value = str(header.get(keyword, "") or "")
+            if not pattern.search(value):
+                reasons.append(f"{keyword} {value!r} does not match /{pattern.pattern}/")
+        if self.calling_aets and (calling_ae or "") not in self.calling_aets:
+            reasons.append(f"calling AE {calling_ae!r} not in {list(self.calling_aets)}")
+        if self.slice_thickness_mm is not None:
+            lo, hi = self.slice_thickness_mm
+            try:
+                thickness = float(header.get("SliceThickness"))
+            except (TypeError, ValueError):
+                reasons.append("SliceThickness missing")
+            else:
+                if not lo <= thickness <= hi:
+                    reasons.append(f"SliceThickness {thickness} outside [{lo}, {hi}]")
+        return reasons
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    priority: int
+    match: MatchRules
+    structures: tuple[Structure, ...]
+
+
+@dataclass(frozen=True)
+class ProtocolSet:
+    """A validated protocols file; ``version`` is a hash of its content."""
+
+    protocols: tuple[Protocol, ...]
+    library: Mapping[str, Structure]
+    fallback: str | None
+    version: str
+    source: str
+
+    def by_name(self, name: str) -> Protocol:
+        for protocol in self.protocols:
+            if protocol.name == name:
+                return protocol
+        raise KeyError(name)
+
+    def match(self, header: Any, calling_ae: str | None = None) -> Protocol | None:
+        """The highest-priority matching protocol, else the fallback, else None."""
+        for protocol in sorted(self.protocols, key=lambda p: -p.priority):
+            if not protocol.match.explain(header, calling_ae):
+                return protocol
+        if self.fallback is not None:
+            return self.by_name(self.fallback)
+        return None
+
+
+def _structure(name: str, raw: Mapping[str, Any], problems: list[str]) -> Structure | None:
+    color = raw.get("color")
+    if (
+        not isinstance(color, (list, tuple))
+        or len(color) != 3
+        or not all(isinstance(c, int) and 0 <= c <= 255 for c in color)
+    ):
+        problems.append(f"structures.{name}.color: {color!r} is not [R, G, B] in 0..255")
+        return None
+    itype = str(raw.get("type", "ORGAN")).upper()
+    if itype not in INTERPRETED_TYPES:
+        problems.append(f"structures.{name}.type: {itype!r} is not an RTROIInterpretedType")
+    engine = str(raw.get("engine", "classical"))
+    if engine not in ENGINES:
+        problems.append(f"structures.{name}.engine: {engine!r} is not one of {sorted(ENGINES)}")
+    return Structure(
+        name=name,
+        color=(color[0], color[1], color[2]),
+        interpreted_type=itype,
+        engine=engine,
+        concepts=tuple(raw.get("concepts", ()) or ()),
+        laterality=raw.get("laterality"),
+    )
+
+
+def load_protocols(path: Path) -> ProtocolSet:
+    """Parse and validate a protocols file; every problem is collected."""
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"not valid YAML: {exc}"], source=str(path)) from exc
+    problems: list[str] = []
+    library: dict[str, Structure] = {}
+    for name, spec in (raw.get("structures") or {}).items():
+        structure = _structure(str(name), spec or {}, problems)
+        if structure is not None:
+            library[str(name)] = structure
+    protocols = []
+    for index, entry in enumerate(raw.get("protocols") or []):
+        pname = str(entry.get("name", f"#{index}"))
+        attributes = {}
+        match_raw = entry.get("match") or {}
+        for keyword, pattern in (match_raw.get("attributes") or {}).items():
+            try:
+                attributes[keyword] = re.compile(pattern, re.IGNORECASE)
+            except re.error as exc:
+                problems.append(f"protocols.{pname}.match.attributes.{keyword}: {exc}")
+        structures = []
+        for sname in entry.get("structures") or []:
+            if sname not in library:
+                problems.append(f"protocols.{pname}.structures: unknown structure {sname!r}")
+            else:
+                structures.append(library[sname])
+        protocols.append(
+            Protocol(
+                name=pname,
+                priority=int(entry.get("priority", 0)),
+                match=MatchRules(attributes=attributes),
+                structures=tuple(structures),
+            )
+        )
+    fallback = raw.get("fallback")
+    if fallback is not None and fallback not in {p.name for p in protocols}:
+        problems.append(f"fallback: {fallback!r} is not a protocol")
+    if problems:
+        raise ConfigError(problems, source=str(path))
+    return ProtocolSet(
+        protocols=tuple(protocols),
+        library=library,
+        fallback=fallback,
+        version=hashlib.sha256(text.encode()).hexdigest()[:12],
+        source=str(path),
+    )
