@@ -1,0 +1,227 @@
+"""Command line: ``oncoseg-node run | check-config | segment | status | retry | phantom``.
+
+Every command exits 0 on success and non-zero with a one-line reason on
+failure (2 for an invalid config, listing every problem).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .config import DEFAULT_CONFIG, Config, load_config
+from .errors import ConfigError, OncosegError
+
+EXIT_FAILURE = 1
+EXIT_INVALID_CONFIG = 2
+
+
+def _config_arg(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    parser.add_argument(
+        "--config", type=Path, required=required,
+        default=Path(os.environ.get("ONCOSEG_CONFIG", DEFAULT_CONFIG)),
+        help="node config file (default: $ONCOSEG_CONFIG or config/oncoseg-node.yaml)",
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .logs import configure_logging
+    from .service import Service
+
+    config = load_config(args.config)
+    configure_logging(config.logging)
+    service = Service(config)
+    service.install_signal_handlers()
+    service.start()
+    service.run_until_stopped()
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from .protocols import load_protocols
+
+    config = load_config(args.config)
+    protocols = load_protocols(config.protocols)
+    print(f"{args.config}: valid ({len(protocols.protocols)} protocols, "
+          f"{len(config.destinations)} destinations, engine {config.engine.name})")
+    return 0
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from .engines.registry import build_engines
+    from .pipeline import contour, load_ct_series, write_structure_set
+    from .profiles import get_profile
+    from .protocols import load_protocols
+
+    config = load_config(args.config)
+    protocols = load_protocols(config.protocols)
+    paths = sorted(p for p in Path(args.series_dir).iterdir() if p.is_file())
+    if not paths:
+        raise OncosegError(f"{args.series_dir}: no files")
+    volume, report = load_ct_series(paths, config.series.slice_spacing_tolerance_mm)
+    if args.protocol:
+        try:
+            protocol = protocols.by_name(args.protocol)
+        except KeyError:
+            names = ", ".join(p.name for p in protocols.protocols)
+            raise OncosegError(f"no protocol named {args.protocol!r} (have: {names})") from None
+    else:
+        protocol = protocols.match(volume.header, None)
+        if protocol is None:
+            raise OncosegError("no protocol matches this series and no fallback is set")
+    engines = build_engines(config.engine)
+    started = time.monotonic()
+    contoured = contour(volume, report, protocol, engines)
+    write_structure_set(contoured, protocols, engines, get_profile(args.profile), args.output)
+    for row in contoured.summary():
+        state = "absent" if row["absent"] else f"{row['volume_cc']:.1f} cc"
+        print(f"  {row['name']:<24} {state}  {' '.join(row['flags'])}".rstrip())
+    print(f"{args.output}: {len(contoured.results)} structures, protocol {protocol.name}, "
+          f"{time.monotonic() - started:.1f} s")
+    return 0
+
+
+def _open_ledger(config: Config):  # noqa: ANN202 - Ledger imported lazily
+    from .jobqueue import Ledger
+
+    if not config.ledger_path.exists():
+        raise OncosegError(f"no ledger at {config.ledger_path} (has the node run yet?)")
+    return Ledger(config.ledger_path)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    ledger = _open_ledger(config)
+    jobs = ledger.jobs(limit=args.limit)
+    rows = []
+    for job in jobs:
+        deliveries = ledger.deliveries(job_id=job.id)
+        rows.append({
+            "job": job.id, "series_uid": job.series_uid, "version": job.version,
+            "state": job.state, "attempts": job.attempts, "reason": job.reason,
+            "protocol": job.protocol, "protocol_version": job.protocol_version,
+            "calling_ae": job.calling_ae, "rtstruct_uid": job.rtstruct_uid,
+            "created_at": job.created_at, "finished_at": job.finished_at,
+            "structures": job.results,
+            "deliveries": [
+                {"destination": d.destination, "state": d.state, "attempts": d.attempts,
+                 "status": d.last_status, "reason": d.reason,
+                 "next_attempt_at": d.next_attempt_at, "sop_instance_uid": d.sop_instance_uid}
+                for d in deliveries
+            ],
+        })
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no jobs")
+    for row in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["created_at"]))
+        print(f"job {row['job']:>5}  v{row['version']}  {row['state']:<11} {when}  "
+              f"{row['series_uid']}  {row['protocol'] or '-'}")
+        if row["reason"]:
+            print(f"           reason: {row['reason']}")
+        for d in row["deliveries"]:
+            extra = f" ({d['reason']})" if d["reason"] and d["state"] != "delivered" else ""
+            print(f"           -> {d['destination']}: {d['state']} after {d['attempts']} "
+                  f"attempt(s){extra}")
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    ledger = _open_ledger(config)
+    if ledger.job(args.job) is None:
+        raise OncosegError(f"no job {args.job}")
+    count = ledger.retry_deliveries(args.job, args.to)
+    if not count:
+        raise OncosegError(f"job {args.job} has no failed or pending delivery to retry")
+    print(f"job {args.job}: {count} delivery(ies) will be retried now")
+    return 0
+
+
+def cmd_phantom(args: argparse.Namespace) -> int:
+    from .phantom import write_phantom
+
+    phantom = write_phantom(Path(args.out_dir), slices=args.slices, rows=args.size,
+                            columns=args.size, patient_position=args.position, site=args.site)
+    print(f"{args.out_dir}: {len(phantom.datasets)} CT slices, series "
+          f"{phantom.volume.series_instance_uid}, structures {', '.join(sorted(phantom.truth))}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="oncoseg-node",
+        description="Silent-assistant DICOM node: CT in, draft RT Structure Set out.",
+    )
+    parser.add_argument("--version", action="version", version=f"oncoseg-node {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the daemon in the foreground")
+    _config_arg(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("check-config", help="validate a config and its protocols file")
+    _config_arg(p)
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("segment", help="contour a folder of CT files offline (no network)")
+    p.add_argument("series_dir", type=Path)
+    p.add_argument("-o", "--output", type=Path, required=True, help="RTSTRUCT file to write")
+    p.add_argument("--protocol", help="protocol name (default: matched from the series)")
+    p.add_argument("--profile", default="generic", help="destination profile for the writer")
+    _config_arg(p)
+    p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("status", help="list jobs and their states")
+    _config_arg(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("retry", help="retry a job's failed deliveries now")
+    p.add_argument("job", type=int)
+    p.add_argument("--to", help="only this destination")
+    _config_arg(p)
+    p.set_defaults(func=cmd_retry)
+
+    p = sub.add_parser("phantom", help="write a synthetic CT series with known organs")
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--slices", type=int, default=96)
+    p.add_argument("--size", type=int, default=512, help="rows and columns")
+    p.add_argument("--position", default="HFS", choices=["HFS", "HFP", "FFS", "FFP"])
+    p.add_argument("--site", default="thorax", choices=["thorax", "head", "pelvis"])
+    p.set_defaults(func=cmd_phantom)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        where = f"{exc.source}: " if exc.source else ""
+        print(f"oncoseg-node: invalid configuration: {where}{len(exc.problems)} problem(s)",
+              file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return EXIT_INVALID_CONFIG
+    except OncosegError as exc:
+        print(f"oncoseg-node: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:
+        print(f"oncoseg-node: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

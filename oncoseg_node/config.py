@@ -1,0 +1,353 @@
+"""Node configuration: parsed once into frozen dataclasses by :func:`load_config`.
+
+This is the only module that reads the node's YAML. Every problem (unknown
+key, wrong type, bad value) is collected and raised together in one
+:class:`~oncoseg_node.errors.ConfigError` naming each key, so an operator
+fixes a config in one pass. Relative paths resolve against the folder of the
+config file, not the working directory, so a unit file and a shell agree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import ipaddress
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
+MIN_PDU = 128 * 1024
+DEFAULT_CONFIG = Path("config/oncoseg-node.yaml")
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """DICOM TLS for the listener; mutual TLS when ``ca_file`` is set."""
+
+    enabled: bool = False
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None
+    handshake_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """The listening application entity (the node as a Storage SCP)."""
+
+    ae_title: str = "ONCOSEG"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    allowed_calling_aets: tuple[str, ...] = ()
+    allowed_peers: tuple[str, ...] = ()
+    require_called_aet: bool = True
+    max_associations: int = 16
+    max_pdu: int = 262144
+    acse_timeout_s: float = 30.0
+    dimse_timeout_s: float = 60.0
+    network_timeout_s: float = 60.0
+    min_free_disk_mb: int = 2048
+    tls: TlsConfig = field(default_factory=TlsConfig)
+
+
+@dataclass(frozen=True)
+class SeriesConfig:
+    """When a series counts as complete, and how duplicates are handled."""
+
+    quiet_period_s: float = 10.0
+    duplicate_policy: str = "keep_first"
+    max_attempts: int = 3
+    slice_spacing_tolerance_mm: float = 0.1
+
+
+@dataclass(frozen=True)
+class Sam3Config:
+    """Local SAM3 weights (HF format) and an optional LoRA adapter; never downloaded."""
+
+    model_dir: Path | None = None
+    adapter_dir: Path | None = None
+    device: str = "cuda"
+    dtype: str = "bfloat16"
+    batch_size: int = 8
+    score_threshold: float = 0.5
+    low_score_flag: float = 0.6
+    max_queries: int = 200
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    name: str = "classical"
+    sam3: Sam3Config = field(default_factory=Sam3Config)
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    """Capped exponential backoff for transient delivery failures."""
+
+    first_delay_s: float = 10.0
+    max_delay_s: float = 900.0
+
+
+@dataclass(frozen=True)
+class DestinationConfig:
+    """A planning system (or archive) that receives our RT Structure Sets."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    profile: str = "generic"
+    calling_ae_title: str | None = None
+    timeout_s: float = 30.0
+    max_pdu: int = 262144
+    storage_commitment: bool = False
+    shadow: bool = False
+    retry: RetryConfig = field(default_factory=RetryConfig)
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    format: str = "auto"
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    """Spool data older than this is purged, unless a delivery is unfinished."""
+
+    max_age_days: float = 30.0
+    check_interval_s: float = 3600.0
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole node configuration. ``source`` is the file it came from."""
+
+    state_dir: Path
+    protocols: Path
+    node: NodeConfig = field(default_factory=NodeConfig)
+    series: SeriesConfig = field(default_factory=SeriesConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    destinations: tuple[DestinationConfig, ...] = ()
+    http: HttpConfig = field(default_factory=HttpConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+    source: Path | None = None
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.state_dir / "spool"
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.state_dir / "ledger.sqlite3"
+
+    @property
+    def outbox_dir(self) -> Path:
+        return self.state_dir / "outbox"
+
+
+class _Parser:
+    """Builds a dataclass tree from YAML data, collecting every problem."""
+
+    def __init__(self, base_dir: Path) -> None:
+        self.base_dir = base_dir
+        self.problems: list[str] = []
+
+    def build(self, cls: type, raw: Any, key: str) -> Any:
+        if not isinstance(raw, dict):
+            self.problems.append(f"{key}: expected a mapping, got {_show(raw)}")
+            return None
+        hints = typing.get_type_hints(cls)
+        known = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+        for unknown in sorted(set(raw) - set(known), key=str):
+            self.problems.append(f"{_join(key, unknown)}: unknown key")
+        values = {}
+        for name, fld in known.items():
+            if name in raw:
+                values[name] = self.value(hints[name], raw[name], _join(key, name))
+            elif fld.default is dataclasses.MISSING and fld.default_factory is dataclasses.MISSING:
+                self.problems.append(f"{_join(key, name)}: required key missing")
+        try:
+            return cls(**values)
+        except TypeError:
+            return None
+
+    def value(self, hint: Any, raw: Any, key: str) -> Any:
+        origin = typing.get_origin(hint)
+        args = typing.get_args(hint)
+        if origin in (typing.Union, types.UnionType):
+            if raw is None and type(None) in args:
+                return None
+            (inner,) = [a for a in args if a is not type(None)]
+            return self.value(inner, raw, key)
+        if dataclasses.is_dataclass(hint):
+            return self.build(hint, raw if raw is not None else {}, key)
+        if origin is tuple:
+            if raw is None:
+                return ()
+            if not isinstance(raw, list):
+                self.problems.append(f"{key}: expected a list, got {_show(raw)}")
+                return ()
+            return tuple(self.value(args[0], item, f"{key}[{i}]") for i, item in enumerate(raw))
+        if hint is bool:
+            if not isinstance(raw, bool):
+                self.problems.append(f"{key}: expected true or false, got {_show(raw)}")
+            return raw
+        if hint is int:
+            if isinstance(raw, bool) or not isinstance(raw, int):
+                self.problems.append(f"{key}: expected an integer, got {_show(raw)}")
+            return raw
+        if hint is float:
+            if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+                self.problems.append(f"{key}: expected a number, got {_show(raw)}")
+                return raw
+            return float(raw)
+        if hint is str:
+            if not isinstance(raw, str):
+                self.problems.append(f"{key}: expected a string, got {_show(raw)}")
+            return raw
+        if hint is Path:
+            if not isinstance(raw, str) or not raw:
+                self.problems.append(f"{key}: expected a path, got {_show(raw)}")
+                return raw
+            path = Path(raw).expanduser()
+            return path if path.is_absolute() else (self.base_dir / path).resolve()
+        raise TypeError(f"unsupported config type {hint!r} at {key}")
+
+
+def _join(key: str, name: object) -> str:
+    return f"{key}.{name}" if key else str(name)
+
+
+def _show(raw: Any) -> str:
+    text = repr(raw)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_ae(title: Any, key: str, problems: list[str]) -> None:
+    if isinstance(title, str) and not AE_TITLE_RE.match(title):
+        problems.append(f"{key}: {title!r} is not a valid AE title (1-16 printable characters)")
+
+
+def _check_port(port: Any, key: str, problems: list[str], *, allow_zero: bool = False) -> None:
+    if isinstance(port, int) and not ((allow_zero and port == 0) or 1 <= port <= 65535):
+        problems.append(f"{key}: {port} is not a TCP port (1-65535)")
+
+
+def _check_positive(value: Any, key: str, problems: list[str]) -> None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
+        problems.append(f"{key}: {value} must be greater than 0")
+
+
+def _semantic_checks(cfg: Config, problems: list[str]) -> None:
+    from .profiles import PROFILES  # pure data; imported here to keep config import-light
+
+    node = cfg.node
+    _check_ae(node.ae_title, "node.ae_title", problems)
+    _check_port(node.port, "node.port", problems, allow_zero=True)
+    for i, aet in enumerate(node.allowed_calling_aets):
+        _check_ae(aet, f"node.allowed_calling_aets[{i}]", problems)
+    for i, peer in enumerate(node.allowed_peers):
+        try:
+            ipaddress.ip_network(peer, strict=False)
+        except ValueError:
+            problems.append(f"node.allowed_peers[{i}]: {peer!r} is not an IP address or network")
+    if isinstance(node.max_pdu, int) and node.max_pdu < MIN_PDU:
+        problems.append(f"node.max_pdu: {node.max_pdu} is below {MIN_PDU} (128 KiB)")
+    for key in ("max_associations", "acse_timeout_s", "dimse_timeout_s", "network_timeout_s"):
+        _check_positive(getattr(node, key), f"node.{key}", problems)
+    if node.tls.enabled:
+        for key in ("cert_file", "key_file"):
+            if getattr(node.tls, key) is None:
+                problems.append(f"node.tls.{key}: required when node.tls.enabled is true")
+        for key in ("cert_file", "key_file", "ca_file"):
+            path = getattr(node.tls, key)
+            if isinstance(path, Path) and not path.is_file():
+                problems.append(f"node.tls.{key}: {str(path)!r} does not exist")
+    series = cfg.series
+    _check_positive(series.quiet_period_s, "series.quiet_period_s", problems)
+    _check_positive(series.max_attempts, "series.max_attempts", problems)
+    if series.duplicate_policy not in ("keep_first", "replace"):
+        problems.append(
+            f"series.duplicate_policy: {series.duplicate_policy!r} is not keep_first or replace"
+        )
+    if cfg.engine.name not in ("classical", "sam3"):
+        problems.append(f"engine.name: {cfg.engine.name!r} is not classical or sam3")
+    sam3 = cfg.engine.sam3
+    if cfg.engine.name == "sam3" and sam3.model_dir is None:
+        problems.append("engine.sam3.model_dir: required when engine.name is sam3")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", str(sam3.device)):
+        problems.append(f"engine.sam3.device: {sam3.device!r} is not cpu, cuda or cuda:N")
+    if sam3.dtype not in ("float32", "bfloat16", "float16"):
+        problems.append(f"engine.sam3.dtype: {sam3.dtype!r} is not float32, bfloat16 or float16")
+    names = set()
+    for i, dest in enumerate(cfg.destinations):
+        if dest is None:
+            continue
+        key = f"destinations[{i}]"
+        if dest.name in names:
+            problems.append(f"{key}.name: {dest.name!r} is used twice")
+        names.add(dest.name)
+        _check_ae(dest.ae_title, f"{key}.ae_title", problems)
+        if dest.calling_ae_title is not None:
+            _check_ae(dest.calling_ae_title, f"{key}.calling_ae_title", problems)
+        _check_port(dest.port, f"{key}.port", problems)
+        if isinstance(dest.profile, str) and dest.profile not in PROFILES:
+            problems.append(f"{key}.profile: {dest.profile!r} is not one of {sorted(PROFILES)}")
+        _check_positive(dest.timeout_s, f"{key}.timeout_s", problems)
+        if isinstance(dest.max_pdu, int) and dest.max_pdu < MIN_PDU:
+            problems.append(f"{key}.max_pdu: {dest.max_pdu} is below {MIN_PDU} (128 KiB)")
+        _check_positive(dest.retry.first_delay_s, f"{key}.retry.first_delay_s", problems)
+        if dest.retry.max_delay_s < dest.retry.first_delay_s:
+            problems.append(f"{key}.retry.max_delay_s: must be at least retry.first_delay_s")
+    _check_port(cfg.http.port, "http.port", problems, allow_zero=True)
+    if cfg.logging.format not in ("auto", "json", "console"):
+        problems.append(f"logging.format: {cfg.logging.format!r} is not auto, json or console")
+    if cfg.logging.level not in ("debug", "info", "warning", "error"):
+        problems.append(f"logging.level: {cfg.logging.level!r} is not debug/info/warning/error")
+    if not cfg.protocols.is_file():
+        problems.append(f"protocols: {str(cfg.protocols)!r} does not exist")
+
+
+def load_config(path: Path | str) -> Config:
+    """Read, parse and validate a node config file.
+
+    Raises :class:`ConfigError` listing every problem; the returned tree is
+    frozen and all paths in it are absolute.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"cannot read config: {exc.strerror}"], source=str(path)) from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"not valid YAML: {exc}"], source=str(path)) from exc
+    parser = _Parser(path.resolve().parent)
+    cfg = parser.build(Config, raw if raw is not None else {}, "")
+    problems = parser.problems
+    if cfg is not None:
+        # A value of the wrong type was already reported by the parser;
+        # checks that trip over it would only repeat it less clearly.
+        with contextlib.suppress(TypeError, AttributeError):
+            _semantic_checks(cfg, problems)
+    if problems:
+        raise ConfigError(problems, source=str(path))
+    return dataclasses.replace(cfg, source=path.resolve())

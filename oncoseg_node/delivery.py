@@ -1,0 +1,117 @@
+"""Delivery of written structure sets: one record per (job version, destination).
+
+Attempts are scheduled with apscheduler at each delivery's ``next_attempt_at``
+(kept in the ledger, so backoff survives restarts). Every destination has
+its own single-thread executor: one that is down never delays another, and
+one destination never receives two objects at once. A reconcile pass picks
+up deliveries made due from outside (``oncoseg-node retry``) or at start.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import structlog
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from .config import Config, DestinationConfig, RetryConfig
+from .dicom.sender import SendOutcome, send_file
+from .jobqueue import DELIVERED, FAILED, PENDING, Ledger
+
+log = structlog.get_logger("oncoseg_node.delivery")
+
+Sender = Callable[..., SendOutcome]
+
+
+def backoff_delay(retry: RetryConfig, attempts: int) -> float:
+    """Delay before the next try after ``attempts`` failed ones (capped exponential)."""
+    return min(retry.max_delay_s, retry.first_delay_s * (2 ** max(attempts - 1, 0)))
+
+
+class DeliveryScheduler:
+    def __init__(self, config: Config, ledger: Ledger, *, sender: Sender = send_file,
+                 reconcile_interval_s: float = 1.0) -> None:
+        self.config = config
+        self.ledger = ledger
+        self.sender = sender
+        self.destinations = {d.name: d for d in config.destinations}
+        executors = {f"dest-{name}": ThreadPoolExecutor(1) for name in self.destinations}
+        executors["default"] = ThreadPoolExecutor(1)
+        self.scheduler = BackgroundScheduler(executors=executors, timezone=UTC)
+        self.reconcile_interval_s = reconcile_interval_s
+        self._in_flight: set[int] = set()
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        self.scheduler.add_job(self.reconcile, "interval", seconds=self.reconcile_interval_s,
+                               id="reconcile", max_instances=1, coalesce=True)
+        self.scheduler.start()
+        self.reconcile()
+
+    def stop(self, wait: bool = True) -> None:
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=wait)
+
+    def reconcile(self) -> None:
+        """Schedule each pending delivery once, at its next attempt time."""
+        for delivery in self.ledger.deliveries(state=PENDING):
+            job_id = f"delivery-{delivery.id}"
+            with self._lock:
+                if delivery.id in self._in_flight or self.scheduler.get_job(job_id):
+                    continue
+            if delivery.destination not in self.destinations:
+                self.ledger.record_attempt(
+                    delivery.id, state=FAILED, status=None,
+                    reason=f"destination {delivery.destination!r} is no longer configured")
+                continue
+            run_at = datetime.fromtimestamp(max(delivery.next_attempt_at, 0), tz=UTC)
+            self.scheduler.add_job(
+                self.attempt, "date", run_date=run_at, args=[delivery.id], id=job_id,
+                executor=f"dest-{delivery.destination}", misfire_grace_time=None,
+                replace_existing=True,
+            )
+
+    def attempt(self, delivery_id: int) -> None:
+        with self._lock:
+            self._in_flight.add(delivery_id)
+        try:
+            self._attempt(delivery_id)
+        finally:
+            with self._lock:
+                self._in_flight.discard(delivery_id)
+
+    def _attempt(self, delivery_id: int) -> None:
+        delivery = self.ledger.delivery(delivery_id)
+        if delivery is None or delivery.state != PENDING:
+            return
+        if delivery.next_attempt_at > self.ledger.clock():
+            return  # rescheduled meanwhile; reconcile schedules it again
+        dest: DestinationConfig = self.destinations[delivery.destination]
+        job = self.ledger.job(delivery.job_id)
+        bound = log.bind(job_id=delivery.job_id, series_uid=job.series_uid if job else None,
+                         calling_ae=job.calling_ae if job else None,
+                         destination=dest.name, sop_instance_uid=delivery.sop_instance_uid)
+        path = self.config.state_dir / delivery.relpath
+        try:
+            outcome = self.sender(path, dest, self.config.node.ae_title)
+        except Exception as exc:  # a broken file or socket error must not kill the scheduler
+            outcome = SendOutcome(False, True, None, f"{type(exc).__name__}: {exc}")
+        attempts = delivery.attempts + 1
+        if outcome.delivered:
+            self.ledger.record_attempt(delivery_id, state=DELIVERED, status=outcome.status,
+                                       reason=outcome.reason)
+            bound.info("rtstruct_delivered", attempts=attempts, status=outcome.reason, audit=True)
+        elif outcome.transient:
+            delay = backoff_delay(dest.retry, attempts)
+            self.ledger.record_attempt(delivery_id, state=PENDING, status=outcome.status,
+                                       reason=outcome.reason,
+                                       next_attempt_at=self.ledger.clock() + delay)
+            bound.warning("delivery_retry_scheduled", attempts=attempts, reason=outcome.reason,
+                          delay_s=delay)
+        else:
+            self.ledger.record_attempt(delivery_id, state=FAILED, status=outcome.status,
+                                       reason=outcome.reason)
+            bound.error("delivery_failed", attempts=attempts, reason=outcome.reason)

@@ -1,0 +1,1 @@
+"""The wire and the files: DICOM receiver, durable spool, sender."""

@@ -1,0 +1,307 @@
+"""The Storage SCP: thin C-STORE / C-ECHO handlers over the spool and ledger.
+
+A handler validates the header, writes the bytes exactly as received to the
+spool (durably), records them in the ledger and only then answers Success.
+Nothing slow (decoding pixels, segmentation) happens on an association
+thread. Every refusal is a named status with an ErrorComment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import ipaddress
+import socket
+import socketserver
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pydicom
+import structlog
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+
+from ..config import NodeConfig, SeriesConfig
+from ..jobqueue import Ledger
+from ..volume import CT_IMAGE_STORAGE
+from . import status
+from .spool import Spool
+
+log = structlog.get_logger("oncoseg_node.receiver")
+
+# Compressed transfer syntaxes are refused at negotiation: the node never
+# accepts an instance it cannot decode later.
+UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
+# Objects a CT simulator sends alongside the images. They are acknowledged so
+# the scanner's send job completes, logged, and not stored.
+IGNORED_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.88.67": "X-Ray Radiation Dose SR",
+    "1.2.840.10008.5.1.4.1.1.88.22": "Enhanced SR",
+    "1.2.840.10008.5.1.4.1.1.88.33": "Comprehensive SR",
+    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image",
+}
+
+
+@dataclass(frozen=True)
+class Refusal:
+    status: int
+    comment: str
+
+    def as_dataset(self) -> Dataset:
+        ds = Dataset()
+        ds.Status = self.status
+        ds.ErrorComment = self.comment[:64]
+        return ds
+
+
+def check_header(ds: Dataset, command: Any) -> Refusal | None:
+    """Reasons to refuse an instance before anything is stored."""
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        if not str(ds.get(keyword, "") or "").strip():
+            return Refusal(status.CANNOT_UNDERSTAND, f"{keyword} missing")
+    if str(ds.SOPInstanceUID) != str(command.AffectedSOPInstanceUID):
+        return Refusal(status.CANNOT_UNDERSTAND, "SOPInstanceUID differs from the command's")
+    if str(ds.SOPClassUID) != str(command.AffectedSOPClassUID):
+        return Refusal(status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                       "SOPClassUID differs from the command's")
+    if str(ds.SOPClassUID) == CT_IMAGE_STORAGE:
+        return _check_pixel_length(ds)
+    return None
+
+
+def _check_pixel_length(ds: Dataset) -> Refusal | None:
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        bits = int(ds.BitsAllocated)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        return Refusal(status.DATASET_DOES_NOT_MATCH_SOP_CLASS, "image pixel module incomplete")
+    if "PixelData" not in ds:
+        return Refusal(status.DATASET_DOES_NOT_MATCH_SOP_CLASS, "PixelData missing")
+    elem = ds.get_item("PixelData")
+    expected = rows * cols * samples * frames * bits // 8
+    if elem.length != 0xFFFFFFFF and elem.length < expected:
+        return Refusal(
+            status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+            f"PixelData has {elem.length} bytes, expected {expected}",
+        )
+    return None
+
+
+def parse_header(raw: bytes) -> Dataset:
+    """Parse an encoded instance without reading its pixel data into memory."""
+    return pydicom.dcmread(io.BytesIO(raw), defer_size=1024, force=True)
+
+
+class StoreHandlers:
+    """The event handlers bound to the listener."""
+
+    def __init__(self, node: NodeConfig, series: SeriesConfig, spool: Spool,
+                 ledger: Ledger, on_activity: Callable[[], None] | None = None) -> None:
+        self.node = node
+        self.series = series
+        self.spool = spool
+        self.ledger = ledger
+        self.on_activity = on_activity or (lambda: None)
+        self.min_free_bytes = node.min_free_disk_mb * 1024 * 1024
+        self.received = 0
+        self._counter_lock = threading.Lock()
+
+    def bindings(self) -> list[tuple[Any, Callable[..., Any]]]:
+        return [(evt.EVT_C_STORE, self.handle_store), (evt.EVT_C_ECHO, self.handle_echo)]
+
+    def handle_echo(self, event: Any) -> int:
+        return status.SUCCESS
+
+    def handle_store(self, event: Any) -> int | Dataset:
+        calling_ae = str(event.assoc.requestor.ae_title).strip()
+        bound = log.bind(calling_ae=calling_ae)
+        try:
+            if self.spool.free_bytes() < self.min_free_bytes:
+                bound.warning("store_refused_disk_low", free_bytes=self.spool.free_bytes())
+                return Refusal(status.OUT_OF_RESOURCES, "node disk below free-space limit"
+                               ).as_dataset()
+            raw = event.encoded_dataset(include_meta=True)
+            try:
+                header = parse_header(raw)
+            except Exception as exc:  # any parse failure is the peer's malformed data
+                bound.warning("store_refused_unparsable", error=str(exc))
+                return Refusal(status.CANNOT_UNDERSTAND, "data set cannot be parsed").as_dataset()
+            refusal = check_header(header, event.request)
+            if refusal is not None:
+                bound.warning("store_refused", status=status.describe(refusal.status),
+                              reason=refusal.comment)
+                return refusal.as_dataset()
+            return self._accept(raw, header, calling_ae, bound)
+        except OSError as exc:
+            bound.error("store_failed_io", error=str(exc))
+            return Refusal(status.OUT_OF_RESOURCES, f"storage error: {exc.strerror}").as_dataset()
+
+    def _accept(self, raw: bytes, header: Dataset, calling_ae: str, bound: Any) -> int:
+        sop_class = str(header.SOPClassUID)
+        uid = str(header.SOPInstanceUID)
+        series_uid = str(header.SeriesInstanceUID)
+        bound = bound.bind(series_uid=series_uid, sop_instance_uid=uid)
+        if sop_class != CT_IMAGE_STORAGE:
+            bound.info("instance_ignored", reason=IGNORED_SOP_CLASSES.get(sop_class, sop_class))
+            return status.SUCCESS
+        image_type = [str(v).upper() for v in (header.get("ImageType") or [])]
+        if "LOCALIZER" in image_type:
+            bound.info("instance_ignored", reason="localizer (ImageType LOCALIZER)")
+            return status.SUCCESS
+        digest = hashlib.sha256(raw).hexdigest()
+        existing = self.ledger.find_instance(uid)
+        replace = False
+        if existing is not None:
+            if existing.sha256 == digest:
+                bound.info("instance_duplicate_identical")
+                self.ledger.touch_series(existing.series_uid)
+                return status.SUCCESS
+            if self.series.duplicate_policy == "keep_first":
+                bound.warning("instance_duplicate_conflict", policy="keep_first",
+                              kept_sha256=existing.sha256, refused_sha256=digest)
+                return status.SUCCESS
+            bound.warning("instance_duplicate_conflict", policy="replace",
+                          old_sha256=existing.sha256, new_sha256=digest)
+            replace = True
+        stored = self.spool.store(raw)
+        self.ledger.record_instance(
+            sop_instance_uid=uid, series_uid=series_uid,
+            study_uid=str(header.StudyInstanceUID), sop_class_uid=sop_class,
+            relpath=stored.relpath, sha256=stored.sha256, size=stored.size,
+            calling_ae=calling_ae, description=str(header.get("SeriesDescription", "") or ""),
+            replace=replace,
+        )
+        if replace and existing is not None:
+            self.spool.remove(existing.relpath)
+        with self._counter_lock:
+            self.received += 1
+        self.on_activity()
+        return status.SUCCESS
+
+
+class NodeServer(ThreadedAssociationServer):
+    """The association server, with the behaviour a hospital network needs.
+
+    - TCP_NODELAY on every accepted socket (PDUs are small and latency-bound).
+    - The TLS handshake runs on the connection's own thread with a timeout,
+      not in the accept loop, so one stalled client cannot block the others.
+    - Peers outside ``allowed_peers`` are dropped before any DICOM exchange.
+    """
+
+    tls_context: ssl.SSLContext | None = None
+    tls_handshake_timeout: float = 10.0
+    allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        client, address = self.socket.accept()  # type: ignore[union-attr]
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return client, address
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        if not self.allowed_networks:
+            return True
+        peer = ipaddress.ip_address(client_address[0])
+        allowed = any(peer in net for net in self.allowed_networks)
+        if not allowed:
+            log.warning("connection_refused_peer", peer=client_address[0])
+        return allowed
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if self.tls_context is not None:
+            try:
+                request.settimeout(self.tls_handshake_timeout)
+                request = self.tls_context.wrap_socket(request, server_side=True)
+                request.settimeout(None)
+            except (OSError, ssl.SSLError) as exc:
+                log.warning("tls_handshake_failed", peer=client_address[0], error=str(exc))
+                self.shutdown_request(request)
+                return
+        super().process_request_thread(request, client_address)
+
+
+def build_tls_context(node: NodeConfig) -> ssl.SSLContext | None:
+    if not node.tls.enabled:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(node.tls.cert_file), str(node.tls.key_file))
+    if node.tls.ca_file is not None:
+        ctx.load_verify_locations(str(node.tls.ca_file))
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def build_ae(node: NodeConfig) -> AE:
+    """The acceptor AE with its presentation contexts and association limits."""
+    ae = AE(ae_title=node.ae_title)
+    ae.add_supported_context(CT_IMAGE_STORAGE, UNCOMPRESSED)
+    for sop_class in IGNORED_SOP_CLASSES:
+        ae.add_supported_context(sop_class, UNCOMPRESSED)
+    ae.add_supported_context(Verification)
+    ae.require_called_aet = node.require_called_aet
+    ae.require_calling_aet = list(node.allowed_calling_aets)
+    ae.maximum_associations = node.max_associations
+    ae.maximum_pdu_size = node.max_pdu
+    ae.acse_timeout = node.acse_timeout_s
+    ae.dimse_timeout = node.dimse_timeout_s
+    ae.network_timeout = node.network_timeout_s
+    return ae
+
+
+class Receiver:
+    """Owns the listening socket; ``start`` binds, ``stop`` closes it."""
+
+    def __init__(self, node: NodeConfig, handlers: StoreHandlers,
+                 extra_handlers: list[tuple[Any, Callable[..., Any]]] | None = None) -> None:
+        self.node = node
+        self.handlers = handlers
+        self.extra_handlers = extra_handlers or []
+        self.ae = build_ae(node)
+        self.server: NodeServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.server_address[1])
+
+    def start(self) -> None:
+        server = self.ae.make_server(
+            (self.node.host, self.node.port),
+            evt_handlers=self.handlers.bindings() + self.extra_handlers,
+            server_class=NodeServer,
+        )
+        server.tls_context = build_tls_context(self.node)
+        server.tls_handshake_timeout = self.node.tls.handshake_timeout_s
+        server.allowed_networks = tuple(
+            ipaddress.ip_network(p, strict=False) for p in self.node.allowed_peers
+        )
+        server.daemon_threads = True
+        self.server = server
+        self._thread = threading.Thread(target=server.serve_forever, name="dicom-listener",
+                                        daemon=True)
+        self._thread.start()
+        log.info("listening", ae_title=self.node.ae_title, host=self.node.host, port=self.port,
+                 tls=server.tls_context is not None)
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket; associations in flight keep running."""
+        if self.server is not None:
+            # BaseServer.shutdown stops serve_forever; pynetdicom's override
+            # expects a server made by AE.start_server, which this is not.
+            socketserver.BaseServer.shutdown(self.server)
+            self.server.server_close()
+
+    def active_associations(self) -> int:
+        return len(self.server.active_associations) if self.server is not None else 0

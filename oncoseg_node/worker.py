@@ -1,0 +1,110 @@
+"""The worker: claim a job, contour it, write the structure sets, queue deliveries.
+
+Every failure becomes a job state with its reason: a series that cannot be
+contoured safely is ``held`` (an operator decides), one with no matching
+protocol is ``skipped``, an unexpected error puts the job back in the queue
+(its attempt counter already moved when it was claimed, so a series that
+keeps crashing the worker ends ``quarantined``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import structlog
+
+from .config import Config
+from .dicom.spool import Spool
+from .engines.registry import EngineSet
+from .errors import GeometryError, RTStructError, SeriesLoadError
+from .jobqueue import FAILED, HELD, QUEUED, SKIPPED, Job, Ledger
+from .pipeline import contour, load_ct_series, write_structure_set
+from .profiles import get_profile
+from .protocols import ProtocolSet
+
+log = structlog.get_logger("oncoseg_node.worker")
+
+
+class Worker:
+    def __init__(self, config: Config, ledger: Ledger, spool: Spool, engines: EngineSet,
+                 protocols: Callable[[], ProtocolSet]) -> None:
+        self.config = config
+        self.ledger = ledger
+        self.spool = spool
+        self.engines = engines
+        self.protocols = protocols
+        self.busy = threading.Event()
+        self.last_progress = time.monotonic()
+
+    def run_once(self) -> Job | None:
+        """Claim and process one job; returns it, or None when the queue is empty."""
+        job = self.ledger.claim(self.config.series.max_attempts)
+        self.last_progress = time.monotonic()
+        if job is None:
+            return None
+        self.busy.set()
+        try:
+            self._process(job)
+        finally:
+            self.busy.clear()
+            self.last_progress = time.monotonic()
+        return self.ledger.job(job.id)
+
+    def run(self, stop: threading.Event, idle_wait_s: float = 0.25) -> None:
+        while not stop.is_set():
+            if self.run_once() is None:
+                stop.wait(idle_wait_s)
+
+    def _process(self, job: Job) -> None:
+        bound = log.bind(job_id=job.id, series_uid=job.series_uid, calling_ae=job.calling_ae,
+                         version=job.version)
+        bound.info("job_started", attempt=job.attempts)
+        started = time.monotonic()
+        try:
+            paths = [self.spool.path(p) for p in self.ledger.series_instances(job.series_uid)]
+            volume, report = load_ct_series(paths, self.config.series.slice_spacing_tolerance_mm)
+            protocols = self.protocols()
+            protocol = protocols.match(volume.header, job.calling_ae)
+            if protocol is None:
+                self.ledger.update_job(job.id, state=SKIPPED,
+                                       reason="no protocol matches and no fallback is set",
+                                       protocol_version=protocols.version)
+                bound.info("job_skipped", reason="no protocol matches")
+                return
+            self.ledger.update_job(job.id, protocol=protocol.name,
+                                   protocol_version=protocols.version)
+            contoured = contour(volume, report, protocol, self.engines)
+            targets = []
+            written: dict[str, tuple[str, str]] = {}
+            for dest in self.config.destinations:
+                if dest.profile not in written:
+                    relpath = f"outbox/job{job.id}-v{job.version}-{dest.profile}.dcm"
+                    path = self.config.state_dir / relpath
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    ds = write_structure_set(contoured, protocols, self.engines,
+                                             get_profile(dest.profile), path)
+                    written[dest.profile] = (str(ds.SOPInstanceUID), relpath)
+                uid, relpath = written[dest.profile]
+                targets.append((dest.name, uid, relpath))
+            first_uid, first_path = next(iter(written.values()), (None, None))
+            self.ledger.update_job(job.id, results=contoured.summary(),
+                                   rtstruct_uid=first_uid, rtstruct_relpath=first_path)
+            self.ledger.start_deliveries(job.id, targets)
+            bound.info("job_contoured", protocol=protocol.name,
+                       structures=len(contoured.results),
+                       absent=[r.name for r in contoured.results if r.absent],
+                       seconds=round(time.monotonic() - started, 2))
+        except GeometryError as exc:
+            self.ledger.update_job(job.id, state=HELD, reason=f"geometry: {exc}")
+            bound.warning("job_held", reason=str(exc))
+        except RTStructError as exc:
+            self.ledger.update_job(job.id, state=HELD, reason=f"structure set check: {exc}")
+            bound.error("job_held", reason=str(exc))
+        except SeriesLoadError as exc:
+            self.ledger.update_job(job.id, state=FAILED, reason=f"series: {exc}")
+            bound.error("job_failed", reason=str(exc))
+        except Exception as exc:  # unknown: retry, quarantined after max_attempts
+            self.ledger.update_job(job.id, state=QUEUED, reason=f"{type(exc).__name__}: {exc}")
+            bound.exception("job_error_requeued")
