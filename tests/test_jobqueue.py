@@ -1,0 +1,128 @@
+from __future__ import annotations
+
+import pytest
+
+from oncoseg_node.errors import LedgerError
+from oncoseg_node.jobqueue import (
+    DELIVERED,
+    DELIVERING,
+    FAILED,
+    PENDING,
+    QUARANTINED,
+    QUEUED,
+    RUNNING,
+    SENT,
+    SUPERSEDED,
+    Ledger,
+)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def record(ledger: Ledger, uid: str, series: str = "1.2.3") -> None:
+    ledger.record_instance(sop_instance_uid=uid, series_uid=series, study_uid="1.2",
+                           sop_class_uid="1.2.840.10008.5.1.4.1.1.2", relpath=f"objects/{uid}",
+                           sha256="0" * 64, size=1, calling_ae="CT")
+
+
+def test_ledger_uses_wal_and_full_sync(tmp_path):
+    ledger = Ledger(tmp_path / "l.db")
+    assert ledger._query("PRAGMA journal_mode")[0][0] == "wal"
+    assert ledger._query("PRAGMA synchronous")[0][0] == 2  # FULL
+
+
+def test_series_closes_into_one_job_and_late_instances_make_a_new_version(tmp_path):
+    clock = Clock()
+    ledger = Ledger(tmp_path / "l.db", clock=clock)
+    record(ledger, "1")
+    record(ledger, "2")
+    first = ledger.close_series("1.2.3")
+    assert first is not None
+    assert ledger.close_series("1.2.3") is None  # already closed
+    # more instances while the job is still queued: the same job covers them
+    record(ledger, "3")
+    assert ledger.close_series("1.2.3") is None
+    assert len(ledger.jobs()) == 1
+    assert ledger.series_instances("1.2.3") == ["objects/1", "objects/2", "objects/3"]
+    job = ledger.claim(max_attempts=3)
+    assert job.id == first and job.state == RUNNING and job.attempts == 1
+    # instances after the job started: a new version, never a split series
+    record(ledger, "4")
+    second = ledger.close_series("1.2.3")
+    assert second is not None
+    versions = [j.version for j in ledger.jobs_of_series("1.2.3")]
+    assert versions == [1, 2]
+
+
+def test_claim_waits_for_reopened_series(tmp_path):
+    ledger = Ledger(tmp_path / "l.db")
+    record(ledger, "1")
+    ledger.close_series("1.2.3")
+    record(ledger, "2")  # reopened: its quiet period runs again
+    assert ledger.claim(3) is None
+    ledger.close_series("1.2.3")
+    assert ledger.claim(3) is not None
+
+
+def test_crashing_series_is_quarantined_after_max_attempts(tmp_path):
+    ledger = Ledger(tmp_path / "l.db")
+    record(ledger, "1")
+    job_id = ledger.close_series("1.2.3")
+    for _ in range(2):
+        assert ledger.claim(max_attempts=2) is not None
+        # the process dies mid-job; the next start requeues it
+        assert ledger.requeue_interrupted() == 1
+    assert ledger.claim(max_attempts=2) is None
+    job = ledger.job(job_id)
+    assert job.state == QUARANTINED
+    assert "after 2 attempts" in job.reason
+
+
+def test_update_job_refuses_unknown_state(tmp_path):
+    ledger = Ledger(tmp_path / "l.db")
+    record(ledger, "1")
+    job_id = ledger.close_series("1.2.3")
+    with pytest.raises(LedgerError):
+        ledger.update_job(job_id, state="exploded")
+
+
+def test_deliveries_decide_the_job_state(tmp_path):
+    ledger = Ledger(tmp_path / "l.db")
+    record(ledger, "1")
+    job_id = ledger.close_series("1.2.3")
+    ledger.claim(3)
+    ledger.start_deliveries(job_id, [("a", "9.1", "outbox/x"), ("b", "9.1", "outbox/x")])
+    assert ledger.job(job_id).state == DELIVERING
+    a, b = ledger.deliveries(job_id=job_id)
+    ledger.record_attempt(a.id, state=DELIVERED, status=0, reason="ok")
+    assert ledger.job(job_id).state == DELIVERING
+    ledger.record_attempt(b.id, state=FAILED, status=0xC000, reason="refused")
+    assert ledger.job(job_id).state == FAILED
+    assert ledger.retry_deliveries(job_id) == 1
+    assert ledger.job(job_id).state == DELIVERING
+    assert ledger.delivery(b.id).state == PENDING
+    ledger.record_attempt(b.id, state=DELIVERED, status=0, reason="ok")
+    assert ledger.job(job_id).state == SENT
+
+
+def test_new_version_supersedes_pending_deliveries(tmp_path):
+    ledger = Ledger(tmp_path / "l.db")
+    record(ledger, "1")
+    v1 = ledger.close_series("1.2.3")
+    ledger.claim(3)
+    ledger.start_deliveries(v1, [("tps", "9.1", "outbox/v1")])
+    record(ledger, "2")
+    v2 = ledger.close_series("1.2.3")
+    ledger.claim(3)
+    ledger.start_deliveries(v2, [("tps", "9.2", "outbox/v2")])
+    assert ledger.deliveries(job_id=v1)[0].state == SUPERSEDED
+    assert ledger.job(v1).state == SUPERSEDED
+    assert ledger.deliveries(job_id=v2)[0].state == PENDING
+    assert ledger.job(v2).state == DELIVERING
+    assert QUEUED not in {j.state for j in ledger.jobs()}
