@@ -41,7 +41,10 @@ def test_every_problem_is_reported_with_its_key(tmp_path):
     assert "node.colour: unknown key" in problems
     assert "series.quiet_period_s: expected a number, got 'soon'" in problems
     assert "destinations[0].port: required key missing" in problems
-    assert len(info.value.problems) == 3  # type errors stop semantic checks repeating them
+    assert "node.ae_title: 'THIS_TITLE_IS_WAY_TOO_LONG' is not a valid AE title" in problems
+    assert "node.port: 70000 is not a TCP port" in problems
+    assert "protocols: " in problems and "does not exist" in problems
+    assert len(info.value.problems) == 6
 
 
 def test_semantic_problems_are_all_listed(tmp_path):

@@ -190,6 +190,7 @@ def test_missing_sop_instance_uid_is_refused(node, tmp_path):
     path.write_bytes(encode(ds))
     raw = pydicom.dcmread(path)
     del raw.SOPInstanceUID
+    raw.preamble = b"\0" * 128
     raw.save_as(path, enforce_file_format=False)
     assert _send_file_raw(receiver.port, path) == status.CANNOT_UNDERSTAND
     _assert_nothing_stored(ledger, spool)
@@ -199,6 +200,7 @@ def test_command_uid_differing_from_dataset_uid_is_refused(node, tmp_path):
     receiver, ledger, spool, _ = node()
     ds = series(1)[0]
     ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.999"
+    ds.preamble = b"\0" * 128  # written as-is: meta and dataset disagree on purpose
     path = tmp_path / "mismatch.dcm"
     ds.save_as(path, enforce_file_format=False)
     assert _send_file_raw(receiver.port, path) == status.CANNOT_UNDERSTAND

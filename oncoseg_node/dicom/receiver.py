@@ -242,9 +242,27 @@ def build_tls_context(node: NodeConfig) -> ssl.SSLContext | None:
     return ctx
 
 
+class NodeAE(AE):
+    """An AE whose association limit counts only peers that asked to associate.
+
+    pynetdicom counts every accepted TCP connection as an association from
+    the moment it is opened, so a handful of idle or port-scanning
+    connections would make a real scanner's request fail with "local limit
+    exceeded". Connections that have not sent an A-ASSOCIATE-RQ are bounded by
+    the ACSE timeout instead.
+    """
+
+    @property
+    def active_associations(self) -> list[Any]:
+        return [
+            assoc for assoc in super().active_associations
+            if not assoc.is_acceptor or assoc.requestor.primitive is not None
+        ]
+
+
 def build_ae(node: NodeConfig) -> AE:
     """The acceptor AE with its presentation contexts and association limits."""
-    ae = AE(ae_title=node.ae_title)
+    ae = NodeAE(ae_title=node.ae_title)
     ae.add_supported_context(CT_IMAGE_STORAGE, UNCOMPRESSED)
     for sop_class in IGNORED_SOP_CLASSES:
         ae.add_supported_context(sop_class, UNCOMPRESSED)
