@@ -1,4 +1,4 @@
-"""Command line: ``oncoseg-node run | check-config | segment | status | retry | phantom``.
+"""Command line: ``oncoseg-node run | check-config | segment | status | retry | ...``.
 
 Every command exits 0 on success and non-zero with a one-line reason on
 failure (2 for an invalid config, listing every problem).
@@ -146,6 +146,33 @@ def cmd_retry(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_release(args: argparse.Namespace) -> int:
+    ledger = _open_ledger(load_config(args.config))
+    if not ledger.release(args.job):
+        raise OncosegError(f"job {args.job} is not held")
+    print(f"job {args.job}: released; it will be contoured despite the geometry finding")
+    return 0
+
+
+def cmd_discard(args: argparse.Namespace) -> int:
+    ledger = _open_ledger(load_config(args.config))
+    if not ledger.discard(args.job, f"discarded by operator: {args.reason}"):
+        raise OncosegError(f"job {args.job} is not held, failed, skipped or quarantined")
+    print(f"job {args.job}: discarded")
+    return 0
+
+
+def cmd_resend(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    if args.to and args.to not in {d.name for d in config.destinations}:
+        raise OncosegError(f"no destination named {args.to!r}")
+    job_id = _open_ledger(config).resend(args.series_uid, args.to)
+    if job_id is None:
+        raise OncosegError(f"series {args.series_uid} has no structure set to resend")
+    print(f"job {job_id}: structure set will be sent again")
+    return 0
+
+
 def cmd_phantom(args: argparse.Namespace) -> int:
     from .phantom import write_phantom
 
@@ -191,6 +218,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", help="only this destination")
     _config_arg(p)
     p.set_defaults(func=cmd_retry)
+
+    p = sub.add_parser("release", help="contour a held job despite its geometry finding")
+    p.add_argument("job", type=int)
+    _config_arg(p)
+    p.set_defaults(func=cmd_release)
+
+    p = sub.add_parser("discard", help="end a held or failed job for good")
+    p.add_argument("job", type=int)
+    p.add_argument("--reason", default="no reason given")
+    _config_arg(p)
+    p.set_defaults(func=cmd_discard)
+
+    p = sub.add_parser("resend", help="send a series' newest structure set again")
+    p.add_argument("series_uid")
+    p.add_argument("--to", help="only this destination")
+    _config_arg(p)
+    p.set_defaults(func=cmd_resend)
 
     p = sub.add_parser("phantom", help="write a synthetic CT series with known organs")
     p.add_argument("out_dir", type=Path)

@@ -29,6 +29,7 @@ class GeometryReport:
     spacing_min_mm: float
     spacing_max_mm: float
     uniform: bool
+    overridden: str | None = None  # the gate's finding an operator chose to accept
 
 
 def _values(ds: Dataset, keyword: str) -> tuple[float, ...]:

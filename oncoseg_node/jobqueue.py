@@ -58,6 +58,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     rtstruct_relpath TEXT,
     rtstruct_uid TEXT,
     results TEXT,
+    override_geometry INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     started_at REAL,
@@ -87,7 +88,9 @@ QUEUED, RUNNING, HELD, DELIVERING, SENT, FAILED = (
     "queued", "running", "held", "delivering", "sent", "failed",
 )
 QUARANTINED, SKIPPED, SUPERSEDED = "quarantined", "skipped", "superseded"
-JOB_STATES = (QUEUED, RUNNING, HELD, DELIVERING, SENT, FAILED, QUARANTINED, SKIPPED, SUPERSEDED)
+DISCARDED = "discarded"
+JOB_STATES = (QUEUED, RUNNING, HELD, DELIVERING, SENT, FAILED, QUARANTINED, SKIPPED, SUPERSEDED,
+              DISCARDED)
 # Delivery states.
 PENDING, DELIVERED = "pending", "delivered"
 # Series states: "open" while its quiet period runs, "closed" once a job covers it.
@@ -108,6 +111,7 @@ class Job:
     rtstruct_relpath: str | None
     rtstruct_uid: str | None
     results: list[dict[str, Any]] | None
+    override_geometry: int
     created_at: float
     updated_at: float
     started_at: float | None
@@ -325,7 +329,7 @@ class Ledger:
         if "results" in fields and fields["results"] is not None:
             fields["results"] = json.dumps(fields["results"])
         fields["updated_at"] = self.clock()
-        if state in (SENT, FAILED, HELD, QUARANTINED, SKIPPED):
+        if state in (SENT, FAILED, HELD, QUARANTINED, SKIPPED, DISCARDED):
             fields.setdefault("finished_at", fields["updated_at"])
         columns = ", ".join(f"{name} = ?" for name in fields)
         with self.transaction() as db:
@@ -442,3 +446,55 @@ class Ledger:
                     (DELIVERING, now, job_id),
                 )
             return count
+
+    # -- operator decisions ---------------------------------------------------
+
+    def release(self, job_id: int) -> bool:
+        """Requeue a held job with the geometry gate overridden by an operator."""
+        with self.transaction() as db:
+            cursor = db.execute(
+                """UPDATE jobs SET state = ?, override_geometry = 1, attempts = 0,
+                   reason = 'released by operator', finished_at = NULL, updated_at = ?
+                   WHERE id = ? AND state = ?""",
+                (QUEUED, self.clock(), job_id, HELD),
+            )
+            return cursor.rowcount == 1
+
+    def discard(self, job_id: int, reason: str) -> bool:
+        """End a held, failed or quarantined job for good."""
+        now = self.clock()
+        with self.transaction() as db:
+            cursor = db.execute(
+                f"""UPDATE jobs SET state = ?, reason = ?, finished_at = ?, updated_at = ?
+                   WHERE id = ? AND state IN ('{HELD}', '{FAILED}', '{QUARANTINED}',
+                   '{SKIPPED}')""",
+                (DISCARDED, reason, now, now, job_id),
+            )
+            return cursor.rowcount == 1
+
+    def resend(self, series_uid: str, destination: str | None = None) -> int | None:
+        """Send the newest written structure set of a series again (same SOP Instance UID).
+
+        Returns the job id, or None when the series has no written structure set.
+        """
+        now = self.clock()
+        with self.transaction() as db:
+            job = db.execute(
+                """SELECT j.id FROM jobs j WHERE j.series_uid = ? AND EXISTS
+                   (SELECT 1 FROM deliveries d WHERE d.job_id = j.id)
+                   ORDER BY j.version DESC LIMIT 1""",
+                (series_uid,),
+            ).fetchone()
+            if job is None:
+                return None
+            sql = """UPDATE deliveries SET state = ?, next_attempt_at = ?, updated_at = ?,
+                     delivered_at = NULL WHERE job_id = ?"""
+            args: list[Any] = [PENDING, now, now, job["id"]]
+            if destination is not None:
+                sql += " AND destination = ?"
+                args.append(destination)
+            if db.execute(sql, args).rowcount == 0:
+                return None
+            db.execute("UPDATE jobs SET state = ?, reason = NULL, updated_at = ? WHERE id = ?",
+                       (DELIVERING, now, job["id"]))
+            return int(job["id"])

@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 
 from .engines.base import StructureResult
 from .engines.registry import EngineSet
-from .errors import SeriesLoadError
+from .errors import GeometryError, SeriesLoadError
 from .geometry import GeometryReport, check_series
 from .profiles import DestinationProfile
 from .protocols import Protocol, ProtocolSet
@@ -50,9 +50,13 @@ class Contoured:
         return rows
 
 
-def load_ct_series(paths: Sequence[Path], spacing_tolerance_mm: float = 0.1
-                   ) -> tuple[Volume, GeometryReport]:
-    """Read, gate and stack one CT series (raises GeometryError / SeriesLoadError)."""
+def load_ct_series(paths: Sequence[Path], spacing_tolerance_mm: float = 0.1, *,
+                   override_geometry: bool = False) -> tuple[Volume, GeometryReport]:
+    """Read, gate and stack one CT series (raises GeometryError / SeriesLoadError).
+
+    ``override_geometry`` is an operator's release of a held series: the gate's
+    findings are kept in the report but do not stop contouring.
+    """
     datasets = [ds for ds in read_ct_slices(paths)
                 if str(ds.get("SOPClassUID", "")) == CT_IMAGE_STORAGE]
     if not datasets:
@@ -60,7 +64,12 @@ def load_ct_series(paths: Sequence[Path], spacing_tolerance_mm: float = 0.1
     series = {str(ds.SeriesInstanceUID) for ds in datasets}
     if len(series) != 1:
         raise SeriesLoadError(f"files belong to {len(series)} different series")
-    report = check_series(datasets, spacing_tolerance_mm=spacing_tolerance_mm)
+    try:
+        report = check_series(datasets, spacing_tolerance_mm=spacing_tolerance_mm)
+    except GeometryError as exc:
+        if not override_geometry:
+            raise
+        report = GeometryReport(len(datasets), 0.0, 0.0, False, overridden=str(exc))
     return volume_from_datasets(datasets), report
 
 

@@ -64,7 +64,11 @@ class Worker:
         started = time.monotonic()
         try:
             paths = [self.spool.path(p) for p in self.ledger.series_instances(job.series_uid)]
-            volume, report = load_ct_series(paths, self.config.series.slice_spacing_tolerance_mm)
+            volume, report = load_ct_series(
+                paths, self.config.series.slice_spacing_tolerance_mm,
+                override_geometry=bool(job.override_geometry))
+            if report.overridden:
+                bound.warning("geometry_gate_overridden", finding=report.overridden, audit=True)
             protocols = self.protocols()
             protocol = protocols.match(volume.header, job.calling_ae)
             if protocol is None:

@@ -126,3 +126,36 @@ def test_new_version_supersedes_pending_deliveries(tmp_path):
     assert ledger.deliveries(job_id=v2)[0].state == PENDING
     assert ledger.job(v2).state == DELIVERING
     assert QUEUED not in {j.state for j in ledger.jobs()}
+
+
+def test_operator_release_and_discard(tmp_path):
+    ledger = Ledger(tmp_path / "l.db")
+    record(ledger, "1")
+    job_id = ledger.close_series("1.2.3")
+    ledger.claim(3)
+    assert not ledger.release(job_id)  # only held jobs can be released
+    ledger.update_job(job_id, state="held", reason="geometry: missing slice")
+    assert ledger.release(job_id)
+    job = ledger.claim(3)
+    assert job.id == job_id and job.override_geometry == 1 and job.attempts == 1
+    ledger.update_job(job_id, state="held", reason="again")
+    assert ledger.discard(job_id, "discarded by operator: wrong patient")
+    assert ledger.job(job_id).state == "discarded"
+    assert not ledger.release(job_id)
+
+
+def test_resend_puts_the_newest_structure_set_back_in_delivery(tmp_path):
+    ledger = Ledger(tmp_path / "l.db")
+    record(ledger, "1")
+    assert ledger.resend("1.2.3") is None  # nothing written yet
+    job_id = ledger.close_series("1.2.3")
+    ledger.claim(3)
+    ledger.start_deliveries(job_id, [("tps", "9.1", "outbox/x"), ("pacs", "9.1", "outbox/x")])
+    for d in ledger.deliveries(job_id):
+        ledger.record_attempt(d.id, state=DELIVERED, status=0, reason="ok")
+    assert ledger.job(job_id).state == SENT
+    assert ledger.resend("1.2.3", "tps") == job_id
+    states = {d.destination: d.state for d in ledger.deliveries(job_id)}
+    assert states == {"tps": PENDING, "pacs": DELIVERED}
+    assert ledger.deliveries(job_id)[0].sop_instance_uid == "9.1"
+    assert ledger.job(job_id).state == DELIVERING
