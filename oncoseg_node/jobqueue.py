@@ -32,7 +32,9 @@ CREATE TABLE IF NOT EXISTS instances (
     sha256 TEXT NOT NULL,
     size INTEGER NOT NULL,
     calling_ae TEXT,
-    received_at REAL NOT NULL
+    received_at REAL NOT NULL,
+    instance_number INTEGER,
+    images_in_acquisition INTEGER
 );
 CREATE INDEX IF NOT EXISTS instances_by_series ON instances(series_uid);
 CREATE TABLE IF NOT EXISTS series (
@@ -214,15 +216,17 @@ class Ledger:
         calling_ae: str | None,
         description: str | None = None,
         replace: bool = False,
+        instance_number: int | None = None,
+        images_in_acquisition: int | None = None,
     ) -> None:
         """Record a stored instance and (re)open its series' quiet period."""
         now = self.clock()
         with self.transaction() as db:
             verb = "INSERT OR REPLACE" if replace else "INSERT"
             db.execute(
-                f"{verb} INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"{verb} INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (sop_instance_uid, series_uid, study_uid, sop_class_uid, relpath, sha256,
-                 size, calling_ae, now),
+                 size, calling_ae, now, instance_number, images_in_acquisition),
             )
             db.execute(
                 """INSERT INTO series VALUES (?, ?, ?, ?, ?, ?, ?, 1)
@@ -249,6 +253,15 @@ class Ledger:
             (series_uid,),
         )
         return [r["relpath"] for r in rows]
+
+    def series_evidence(self, series_uid: str) -> tuple[list[int], int | None]:
+        """InstanceNumbers received so far and the largest ImagesInAcquisition seen."""
+        rows = self._query(
+            """SELECT instance_number, images_in_acquisition FROM instances
+               WHERE series_uid = ?""", (series_uid,))
+        numbers = sorted(r[0] for r in rows if r[0] is not None)
+        expected = max((r[1] for r in rows if r[1]), default=None)
+        return numbers, expected
 
     def known_relpaths(self) -> set[str]:
         return {r["relpath"] for r in self._query("SELECT relpath FROM instances")}

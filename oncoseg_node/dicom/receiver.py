@@ -104,6 +104,34 @@ def parse_header(raw: bytes) -> Dataset:
     return pydicom.dcmread(io.BytesIO(raw), defer_size=1024, force=True)
 
 
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+class OpenAssociations:
+    """Which series are still arriving on an open association (memory only:
+    after a restart no association is open, and the quiet period decides)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._series: dict[int, set[str]] = {}
+
+    def saw(self, assoc_id: int, series_uid: str) -> None:
+        with self._lock:
+            self._series.setdefault(assoc_id, set()).add(series_uid)
+
+    def ended(self, assoc_id: int) -> None:
+        with self._lock:
+            self._series.pop(assoc_id, None)
+
+    def is_open(self, series_uid: str) -> bool:
+        with self._lock:
+            return any(series_uid in uids for uids in self._series.values())
+
+
 class StoreHandlers:
     """The event handlers bound to the listener."""
 
@@ -117,9 +145,18 @@ class StoreHandlers:
         self.min_free_bytes = node.min_free_disk_mb * 1024 * 1024
         self.received = 0
         self._counter_lock = threading.Lock()
+        self.associations = OpenAssociations()
 
     def bindings(self) -> list[tuple[Any, Callable[..., Any]]]:
-        return [(evt.EVT_C_STORE, self.handle_store), (evt.EVT_C_ECHO, self.handle_echo)]
+        return [
+            (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_C_ECHO, self.handle_echo),
+            (evt.EVT_RELEASED, self.handle_association_end),
+            (evt.EVT_ABORTED, self.handle_association_end),
+        ]
+
+    def handle_association_end(self, event: Any) -> None:
+        self.associations.ended(id(event.assoc))
 
     def handle_echo(self, event: Any) -> int:
         return status.SUCCESS
@@ -143,12 +180,13 @@ class StoreHandlers:
                 bound.warning("store_refused", status=status.describe(refusal.status),
                               reason=refusal.comment)
                 return refusal.as_dataset()
-            return self._accept(raw, header, calling_ae, bound)
+            return self._accept(raw, header, calling_ae, bound, id(event.assoc))
         except OSError as exc:
             bound.error("store_failed_io", error=str(exc))
             return Refusal(status.OUT_OF_RESOURCES, f"storage error: {exc.strerror}").as_dataset()
 
-    def _accept(self, raw: bytes, header: Dataset, calling_ae: str, bound: Any) -> int:
+    def _accept(self, raw: bytes, header: Dataset, calling_ae: str, bound: Any,
+                event_assoc_id: int) -> int:
         sop_class = str(header.SOPClassUID)
         uid = str(header.SOPInstanceUID)
         series_uid = str(header.SeriesInstanceUID)
@@ -181,8 +219,10 @@ class StoreHandlers:
             study_uid=str(header.StudyInstanceUID), sop_class_uid=sop_class,
             relpath=stored.relpath, sha256=stored.sha256, size=stored.size,
             calling_ae=calling_ae, description=str(header.get("SeriesDescription", "") or ""),
-            replace=replace,
+            replace=replace, instance_number=_int_or_none(header.get("InstanceNumber")),
+            images_in_acquisition=_int_or_none(header.get("ImagesInAcquisition")),
         )
+        self.associations.saw(event_assoc_id, series_uid)
         if replace and existing is not None:
             self.spool.remove(existing.relpath)
         with self._counter_lock:
