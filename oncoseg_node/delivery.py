@@ -16,9 +16,10 @@ from datetime import UTC, datetime
 import structlog
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
+from pydicom.uid import generate_uid
 
 from .config import Config, DestinationConfig, RetryConfig
-from .dicom.sender import SendOutcome, send_file
+from .dicom.sender import SendOutcome, request_commitment, send_file
 from .jobqueue import DELIVERED, FAILED, PENDING, Ledger
 
 log = structlog.get_logger("oncoseg_node.delivery")
@@ -33,10 +34,12 @@ def backoff_delay(retry: RetryConfig, attempts: int) -> float:
 
 class DeliveryScheduler:
     def __init__(self, config: Config, ledger: Ledger, *, sender: Sender = send_file,
+                 committer: Callable[..., SendOutcome] = request_commitment,
                  reconcile_interval_s: float = 1.0) -> None:
         self.config = config
         self.ledger = ledger
         self.sender = sender
+        self.committer = committer
         self.destinations = {d.name: d for d in config.destinations}
         executors = {f"dest-{name}": ThreadPoolExecutor(1) for name in self.destinations}
         executors["default"] = ThreadPoolExecutor(1)
@@ -95,12 +98,34 @@ class DeliveryScheduler:
                          calling_ae=job.calling_ae if job else None,
                          destination=dest.name, sop_instance_uid=delivery.sop_instance_uid)
         path = self.config.state_dir / delivery.relpath
+        ae_title = self.config.node.ae_title
+        attempts = delivery.attempts + 1
+        commitment = None
         try:
-            outcome = self.sender(path, dest, self.config.node.ae_title)
+            if delivery.awaiting_commitment:
+                # Stored, but no commitment report within the backoff delay: ask again.
+                commitment = (delivery.transaction_uid, delivery.stored_at)
+                outcome = self.committer(path, dest, ae_title, delivery.transaction_uid)
+            else:
+                outcome = self.sender(path, dest, ae_title)
+                if outcome.delivered and dest.storage_commitment:
+                    commitment = (generate_uid(), self.ledger.clock())
+                    stored = outcome
+                    outcome = self.committer(path, dest, ae_title, commitment[0])
+                    bound.info("rtstruct_stored_awaiting_commitment", status=stored.reason,
+                               transaction_uid=commitment[0])
         except Exception as exc:  # a broken file or socket error must not kill the scheduler
             outcome = SendOutcome(False, True, None, f"{type(exc).__name__}: {exc}")
-        attempts = delivery.attempts + 1
-        if outcome.delivered:
+        if commitment is not None and (outcome.delivered or outcome.transient):
+            # Committed only when the N-EVENT-REPORT arrives; until then the
+            # request is repeated on the backoff schedule.
+            delay = backoff_delay(dest.retry, attempts)
+            self.ledger.record_attempt(
+                delivery_id, state=PENDING, status=outcome.status,
+                reason=outcome.reason if not outcome.delivered
+                else "stored; awaiting storage commitment",
+                next_attempt_at=self.ledger.clock() + delay, commitment=commitment)
+        elif outcome.delivered:
             self.ledger.record_attempt(delivery_id, state=DELIVERED, status=outcome.status,
                                        reason=outcome.reason)
             bound.info("rtstruct_delivered", attempts=attempts, status=outcome.reason, audit=True)

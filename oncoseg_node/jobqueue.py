@@ -78,6 +78,8 @@ CREATE TABLE IF NOT EXISTS deliveries (
     next_attempt_at REAL NOT NULL,
     last_status INTEGER,
     reason TEXT,
+    transaction_uid TEXT,
+    stored_at REAL,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     delivered_at REAL,
@@ -132,7 +134,14 @@ class Delivery:
     next_attempt_at: float
     last_status: int | None
     reason: str | None
+    transaction_uid: str | None
+    stored_at: float | None
     delivered_at: float | None
+
+    @property
+    def awaiting_commitment(self) -> bool:
+        """Stored at the destination, waiting for its Storage Commitment report."""
+        return self.stored_at is not None and self.transaction_uid is not None
 
 
 @dataclass(frozen=True)
@@ -415,32 +424,74 @@ class Ledger:
         return _delivery(rows[0]) if rows else None
 
     def record_attempt(self, delivery_id: int, *, state: str, status: int | None,
-                       reason: str | None, next_attempt_at: float | None = None) -> None:
-        """Store one delivery attempt's outcome; finish the job when all are done."""
+                       reason: str | None, next_attempt_at: float | None = None,
+                       commitment: tuple[str, float] | None = None,
+                       count_attempt: bool = True) -> None:
+        """Store one delivery attempt's outcome; finish the job when all are done.
+
+        ``commitment`` (transaction UID, time stored) marks an object the
+        destination stored but has yet to commit to; a failed commitment
+        clears it so the next attempt stores the object again.
+        """
         now = self.clock()
         with self.transaction() as db:
             db.execute(
-                """UPDATE deliveries SET state = ?, attempts = attempts + 1, last_status = ?,
+                """UPDATE deliveries SET state = ?, attempts = attempts + ?, last_status = ?,
                    reason = ?, next_attempt_at = COALESCE(?, next_attempt_at),
                    delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END,
-                   updated_at = ? WHERE id = ?""",
-                (state, status, reason, next_attempt_at, state, now, now, delivery_id),
+                   transaction_uid = ?, stored_at = ?, updated_at = ? WHERE id = ?""",
+                (state, int(count_attempt), status, reason, next_attempt_at, state, now,
+                 commitment[0] if commitment else None, commitment[1] if commitment else None,
+                 now, delivery_id),
             )
-            (job_id,) = db.execute("SELECT job_id FROM deliveries WHERE id = ?",
-                                   (delivery_id,)).fetchone()
-            states = [r[0] for r in db.execute(
-                "SELECT state FROM deliveries WHERE job_id = ?", (job_id,))]
-            if PENDING in states:
-                return
-            final = SENT if all(s == DELIVERED for s in states) else FAILED
-            if SUPERSEDED in states:
-                final = SUPERSEDED
-            db.execute(
-                """UPDATE jobs SET state = ?, finished_at = ?, updated_at = ?,
-                   reason = CASE WHEN ? = 'failed' THEN ? ELSE reason END
-                   WHERE id = ? AND state = ?""",
-                (final, now, now, final, reason, job_id, DELIVERING),
-            )
+            self._finish_job_if_done(db, delivery_id, reason, now)
+
+    def commitment_report(self, transaction_uid: str, committed: bool, reason: str) -> int | None:
+        """Apply a destination's Storage Commitment report; returns the delivery id.
+
+        A success delivers; a failure sends the object again at once (same SOP
+        Instance UID), since the destination says it does not hold it.
+        """
+        now = self.clock()
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT id FROM deliveries WHERE transaction_uid = ? AND state = ?",
+                (transaction_uid, PENDING),
+            ).fetchone()
+            if row is None:
+                return None
+            if committed:
+                db.execute(
+                    """UPDATE deliveries SET state = ?, delivered_at = ?, reason = ?,
+                       updated_at = ? WHERE id = ?""",
+                    (DELIVERED, now, reason, now, row["id"]),
+                )
+            else:
+                db.execute(
+                    """UPDATE deliveries SET transaction_uid = NULL, stored_at = NULL,
+                       next_attempt_at = ?, reason = ?, updated_at = ? WHERE id = ?""",
+                    (now, reason, now, row["id"]),
+                )
+            self._finish_job_if_done(db, row["id"], reason, now)
+            return int(row["id"])
+
+    def _finish_job_if_done(self, db: sqlite3.Connection, delivery_id: int, reason: str | None,
+                            now: float) -> None:
+        (job_id,) = db.execute("SELECT job_id FROM deliveries WHERE id = ?",
+                               (delivery_id,)).fetchone()
+        states = [r[0] for r in db.execute(
+            "SELECT state FROM deliveries WHERE job_id = ?", (job_id,))]
+        if PENDING in states:
+            return
+        final = SENT if all(s == DELIVERED for s in states) else FAILED
+        if SUPERSEDED in states:
+            final = SUPERSEDED
+        db.execute(
+            """UPDATE jobs SET state = ?, finished_at = ?, updated_at = ?,
+               reason = CASE WHEN ? = 'failed' THEN ? ELSE reason END
+               WHERE id = ? AND state = ?""",
+            (final, now, now, final, reason, job_id, DELIVERING),
+        )
 
     def retry_deliveries(self, job_id: int, destination: str | None = None) -> int:
         """Put a job's failed (or pending) deliveries back to be tried now."""

@@ -203,3 +203,34 @@ def test_outage_across_restarts_delivers_once_tps_is_back(tmp_path):
             scheduler.stop()
     files = list((tmp_path / "tps").iterdir())
     assert len(files) == 1 and pydicom.dcmread(files[0]).SOPInstanceUID == uid
+
+
+def test_storage_commitment_with_a_real_orthanc_confirms_the_delivery(tmp_path, make_config):
+    """Orthanc as the TPS: it stores the object, accepts the N-ACTION and reports
+    the commitment on its own association back to the node's listener."""
+    from oncoseg_node.dicom.receiver import Receiver, StoreHandlers
+    from oncoseg_node.dicom.spool import Spool
+    from tests.orthanc_peer import orthanc
+
+    node_port = free_port()
+    with orthanc(tmp_path / "orthanc",
+                 modalities={"oncoseg": ("ONCOSEG", "127.0.0.1", node_port)}) as tps:
+        dest = destination("tps", tps.dicom_port, storage_commitment=True)
+        dest["ae_title"] = tps.aet
+        _, ledger, job_id, uid = queued_delivery(tmp_path, [dest])
+        cfg = load_config(write_config(tmp_path, destinations=[dest], node={"port": node_port}))
+        receiver = Receiver(cfg.node, StoreHandlers(cfg.node, cfg.series, Spool(cfg.spool_dir),
+                                                    ledger))
+        receiver.start()
+        scheduler = DeliveryScheduler(cfg, ledger, reconcile_interval_s=0.2)
+        scheduler.start()
+        try:
+            run_until_sent(cfg, ledger, job_id, timeout=60)
+        finally:
+            scheduler.stop()
+            receiver.stop_accepting()
+        delivery = ledger.deliveries(job_id)[0]
+        assert delivery.transaction_uid and delivery.stored_at
+        assert delivery.reason == "committed by destination"
+        instances = tps.get("/instances?expand")
+        assert [i["MainDicomTags"]["SOPInstanceUID"] for i in instances] == [uid]

@@ -159,3 +159,27 @@ def test_resend_puts_the_newest_structure_set_back_in_delivery(tmp_path):
     assert states == {"tps": PENDING, "pacs": DELIVERED}
     assert ledger.deliveries(job_id)[0].sop_instance_uid == "9.1"
     assert ledger.job(job_id).state == DELIVERING
+
+
+def test_commitment_report_delivers_or_sends_again(tmp_path):
+    clock = Clock()
+    ledger = Ledger(tmp_path / "l.db", clock=clock)
+    record(ledger, "1")
+    job_id = ledger.close_series("1.2.3")
+    ledger.claim(3)
+    ledger.start_deliveries(job_id, [("tps", "9.1", "outbox/x")])
+    (d,) = ledger.deliveries(job_id)
+    ledger.record_attempt(d.id, state=PENDING, status=0, reason="stored; awaiting commitment",
+                          next_attempt_at=clock.now + 60, commitment=("7.7", clock.now))
+    assert ledger.delivery(d.id).awaiting_commitment
+    assert ledger.commitment_report("unknown", True, "x") is None
+    clock.now += 5
+    assert ledger.commitment_report("7.7", False, "destination did not commit") == d.id
+    again = ledger.delivery(d.id)
+    assert not again.awaiting_commitment and again.next_attempt_at == clock.now
+    assert again.state == PENDING
+    ledger.record_attempt(d.id, state=PENDING, status=0, reason="stored",
+                          next_attempt_at=clock.now + 60, commitment=("7.8", clock.now))
+    assert ledger.commitment_report("7.8", True, "committed by destination") == d.id
+    assert ledger.delivery(d.id).state == DELIVERED
+    assert ledger.job(job_id).state == SENT

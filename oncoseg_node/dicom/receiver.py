@@ -35,6 +35,7 @@ from ..config import NodeConfig, SeriesConfig
 from ..jobqueue import Ledger
 from ..volume import CT_IMAGE_STORAGE
 from . import status
+from .sender import STORAGE_COMMITMENT_PUSH
 from .spool import Spool
 
 log = structlog.get_logger("oncoseg_node.receiver")
@@ -153,7 +154,25 @@ class StoreHandlers:
             (evt.EVT_C_ECHO, self.handle_echo),
             (evt.EVT_RELEASED, self.handle_association_end),
             (evt.EVT_ABORTED, self.handle_association_end),
+            (evt.EVT_N_EVENT_REPORT, self.handle_commitment_report),
         ]
+
+    def handle_commitment_report(self, event: Any) -> tuple[int, None]:
+        """A destination's Storage Commitment result for one of our deliveries."""
+        info = event.event_information
+        transaction_uid = str(info.get("TransactionUID", "") or "")
+        failed = info.get("FailedSOPSequence") or []
+        committed = int(event.request.EventTypeID) == 1 and not failed
+        if committed:
+            reason = "committed by destination"
+        else:
+            reasons = sorted({f"0x{int(item.get('FailureReason', 0)):04X}" for item in failed})
+            reason = f"destination did not commit (failure reason {', '.join(reasons)})"
+        delivery_id = self.ledger.commitment_report(transaction_uid, committed, reason)
+        log.info("storage_commitment_report", transaction_uid=transaction_uid,
+                 committed=committed, delivery_id=delivery_id, reason=reason,
+                 calling_ae=str(event.assoc.requestor.ae_title).strip(), audit=committed)
+        return status.SUCCESS, None
 
     def handle_association_end(self, event: Any) -> None:
         self.associations.ended(id(event.assoc))
@@ -307,6 +326,10 @@ def build_ae(node: NodeConfig) -> AE:
     for sop_class in IGNORED_SOP_CLASSES:
         ae.add_supported_context(sop_class, UNCOMPRESSED)
     ae.add_supported_context(Verification)
+    # Destinations report Storage Commitment on an association of their own,
+    # acting as SCP of the service: accept that role for the requestor.
+    ae.add_supported_context(STORAGE_COMMITMENT_PUSH, UNCOMPRESSED[:2], scu_role=True,
+                             scp_role=True)
     ae.require_called_aet = node.require_called_aet
     ae.require_calling_aet = list(node.allowed_calling_aets)
     ae.maximum_associations = node.max_associations

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
@@ -71,5 +72,51 @@ def send_file(path: Path, dest: DestinationConfig, calling_ae_title: str) -> Sen
     comment = str(response.get("ErrorComment", "") or "")
     reason = status.describe(code) + (f": {comment}" if comment else "")
     if code == status.SUCCESS or status.is_warning(code):
+        return SendOutcome(True, False, code, reason)
+    return SendOutcome(False, status.is_transient(code), code, reason)
+
+
+STORAGE_COMMITMENT_PUSH = "1.2.840.10008.1.20.1"
+STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
+REQUEST_STORAGE_COMMITMENT = 1  # N-ACTION Action Type ID
+
+
+def request_commitment(path: Path, dest: DestinationConfig, calling_ae_title: str,
+                       transaction_uid: str) -> SendOutcome:
+    """Ask ``dest`` to commit to the object at ``path`` (Storage Commitment Push Model).
+
+    ``delivered`` here means the request was accepted; the commitment itself
+    arrives later as an N-EVENT-REPORT on the node's listener.
+    """
+    header = pydicom.dcmread(path, stop_before_pixels=True,
+                             specific_tags=["SOPClassUID", "SOPInstanceUID"])
+    request = Dataset()
+    request.TransactionUID = transaction_uid
+    item = Dataset()
+    item.ReferencedSOPClassUID = header.SOPClassUID
+    item.ReferencedSOPInstanceUID = header.SOPInstanceUID
+    request.ReferencedSOPSequence = [item]
+    ae = AE(ae_title=dest.calling_ae_title or calling_ae_title)
+    ae.add_requested_context(STORAGE_COMMITMENT_PUSH,
+                             [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = dest.timeout_s
+    ae.connection_timeout = dest.timeout_s
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    if not assoc.is_established:
+        return SendOutcome(False, True, None, "storage commitment: association not established")
+    try:
+        _set_nodelay(assoc)
+        response, _reply = assoc.send_n_action(
+            request, REQUEST_STORAGE_COMMITMENT, STORAGE_COMMITMENT_PUSH,
+            STORAGE_COMMITMENT_INSTANCE)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    code = getattr(response, "Status", None)
+    if code is None:
+        return SendOutcome(False, True, None, "storage commitment: no response")
+    code = int(code)
+    reason = "storage commitment request " + status.describe(code)
+    if code == status.SUCCESS:
         return SendOutcome(True, False, code, reason)
     return SendOutcome(False, status.is_transient(code), code, reason)
