@@ -22,6 +22,7 @@ from .geometry import GeometryReport, check_series
 from .profiles import DestinationProfile
 from .protocols import Protocol, ProtocolSet
 from .rtstruct import GenerationInfo, RoiMask, build_rtstruct, save_verified
+from .sanity import flag_results
 from .volume import CT_IMAGE_STORAGE, Volume, read_ct_slices, volume_from_datasets
 
 
@@ -75,7 +76,9 @@ def load_ct_series(paths: Sequence[Path], spacing_tolerance_mm: float = 0.1, *,
 
 def contour(volume: Volume, report: GeometryReport, protocol: Protocol,
             engines: EngineSet) -> Contoured:
-    return Contoured(volume, protocol, engines.segment(volume, protocol.structures), report)
+    results = engines.segment(volume, protocol.structures)
+    return Contoured(volume, protocol, flag_results(volume, protocol.structures, results),
+                     report)
 
 
 def write_structure_set(contoured: Contoured, protocols: ProtocolSet, engines: EngineSet,
