@@ -295,3 +295,26 @@ def test_localizer_and_dose_report_are_acknowledged_not_stored(node):
     assert scu_store(receiver.port, [ds]) == [status.SUCCESS]
     _assert_nothing_stored(ledger, spool)
 
+
+
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1",
+                                    "1.2.840.10008.1.2.2"])
+def test_parse_instance_measures_pixel_bytes_without_reading_them(syntax):
+    from pydicom.uid import UID
+
+    from oncoseg_node.dicom.receiver import parse_instance
+
+    ds = series(1, size=512)[0]
+    ds.file_meta.TransferSyntaxUID = UID(syntax)
+    raw = encode(ds)
+    parsed = parse_instance(raw)
+    assert "PixelData" not in parsed.header
+    assert parsed.pixel_bytes == 512 * 512 * 2
+    assert parse_instance(raw[:-1000]).pixel_bytes == 512 * 512 * 2 - 1000
+
+
+def test_large_images_from_storescu_are_stored(node, tmp_path):
+    receiver, ledger, *_ = node()
+    datasets = series(3, size=512)
+    assert storescu(write_files(datasets, tmp_path / "big"), receiver.port).returncode == 0
+    assert len(ledger.series_instances(str(datasets[0].SeriesInstanceUID))) == 3

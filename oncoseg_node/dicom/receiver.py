@@ -14,6 +14,7 @@ import ipaddress
 import socket
 import socketserver
 import ssl
+import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +41,10 @@ from .spool import Spool
 
 log = structlog.get_logger("oncoseg_node.receiver")
 
+UNDEFINED_LENGTH = 0xFFFFFFFF
+PIXEL_DATA_TAG_LE = b"\xe0\x7f\x10\x00"
+PIXEL_DATA_TAG_BE = b"\x7f\xe0\x00\x10"
+
 # Compressed transfer syntaxes are refused at negotiation: the node never
 # accepts an instance it cannot decode later.
 UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
@@ -65,8 +70,47 @@ class Refusal:
         return ds
 
 
-def check_header(ds: Dataset, command: Any) -> Refusal | None:
+@dataclass(frozen=True)
+class ParsedInstance:
+    """A received instance's header, parsed without copying its pixel data.
+
+    ``pixel_bytes`` is how many PixelData bytes actually arrived (None when
+    there is no PixelData or it is encapsulated with undefined length).
+    """
+
+    header: Dataset
+    pixel_bytes: int | None
+
+
+def parse_instance(raw: bytes) -> ParsedInstance:
+    """Parse the header and locate PixelData in the encoded bytes.
+
+    Parsing stops before PixelData, so a large image is neither copied nor
+    decoded on the association thread; its length is read from the encoding.
+    """
+    fp = io.BytesIO(raw)
+    header = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
+    offset = fp.tell()
+    pixel_bytes = None
+    if raw[offset:offset + 4] in (PIXEL_DATA_TAG_LE, PIXEL_DATA_TAG_BE):
+        syntax = header.file_meta.get("TransferSyntaxUID")
+        little = syntax is None or syntax.is_little_endian
+        explicit = syntax is None or not syntax.is_implicit_VR
+        fmt = "<" if little else ">"
+        if explicit:  # tag, VR, 2 reserved bytes, 4-byte length
+            (declared,) = struct.unpack(fmt + "I", raw[offset + 8:offset + 12])
+            value_at = offset + 12
+        else:  # tag, 4-byte length
+            (declared,) = struct.unpack(fmt + "I", raw[offset + 4:offset + 8])
+            value_at = offset + 8
+        if declared != UNDEFINED_LENGTH:
+            pixel_bytes = min(declared, max(len(raw) - value_at, 0))
+    return ParsedInstance(header, pixel_bytes)
+
+
+def check_header(parsed: ParsedInstance, command: Any) -> Refusal | None:
     """Reasons to refuse an instance before anything is stored."""
+    ds = parsed.header
     for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
         if not str(ds.get(keyword, "") or "").strip():
             return Refusal(status.CANNOT_UNDERSTAND, f"{keyword} missing")
@@ -76,11 +120,12 @@ def check_header(ds: Dataset, command: Any) -> Refusal | None:
         return Refusal(status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
                        "SOPClassUID differs from the command's")
     if str(ds.SOPClassUID) == CT_IMAGE_STORAGE:
-        return _check_pixel_length(ds)
+        return _check_pixel_length(parsed)
     return None
 
 
-def _check_pixel_length(ds: Dataset) -> Refusal | None:
+def _check_pixel_length(parsed: ParsedInstance) -> Refusal | None:
+    ds = parsed.header
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         bits = int(ds.BitsAllocated)
@@ -88,21 +133,15 @@ def _check_pixel_length(ds: Dataset) -> Refusal | None:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
     except (AttributeError, TypeError, ValueError):
         return Refusal(status.DATASET_DOES_NOT_MATCH_SOP_CLASS, "image pixel module incomplete")
-    if "PixelData" not in ds:
-        return Refusal(status.DATASET_DOES_NOT_MATCH_SOP_CLASS, "PixelData missing")
-    elem = ds.get_item("PixelData")
     expected = rows * cols * samples * frames * bits // 8
-    if elem.length != 0xFFFFFFFF and elem.length < expected:
+    if parsed.pixel_bytes is None:
+        return Refusal(status.DATASET_DOES_NOT_MATCH_SOP_CLASS, "PixelData missing")
+    if parsed.pixel_bytes < expected:
         return Refusal(
             status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
-            f"PixelData has {elem.length} bytes, expected {expected}",
+            f"PixelData has {parsed.pixel_bytes} bytes, expected {expected}",
         )
     return None
-
-
-def parse_header(raw: bytes) -> Dataset:
-    """Parse an encoded instance without reading its pixel data into memory."""
-    return pydicom.dcmread(io.BytesIO(raw), defer_size=1024, force=True)
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -190,11 +229,12 @@ class StoreHandlers:
                                ).as_dataset()
             raw = event.encoded_dataset(include_meta=True)
             try:
-                header = parse_header(raw)
+                parsed = parse_instance(raw)
             except Exception as exc:  # any parse failure is the peer's malformed data
                 bound.warning("store_refused_unparsable", error=str(exc))
                 return Refusal(status.CANNOT_UNDERSTAND, "data set cannot be parsed").as_dataset()
-            refusal = check_header(header, event.request)
+            header = parsed.header
+            refusal = check_header(parsed, event.request)
             if refusal is not None:
                 bound.warning("store_refused", status=status.describe(refusal.status),
                               reason=refusal.comment)
