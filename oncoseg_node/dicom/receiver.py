@@ -30,18 +30,26 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from ..config import NodeConfig, SeriesConfig
 from ..jobqueue import Ledger
 from ..volume import CT_IMAGE_STORAGE
 from . import status
+from .filemeta import encode_file_meta
 from .sender import STORAGE_COMMITMENT_PUSH
 from .spool import Spool
 
 log = structlog.get_logger("oncoseg_node.receiver")
 
 UNDEFINED_LENGTH = 0xFFFFFFFF
+# Only what intake decides on is converted from the encoding; the file keeps
+# every element as received.
+HEADER_TAGS = [
+    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+    "SeriesDescription", "ImageType", "InstanceNumber", "ImagesInAcquisition",
+    "Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "NumberOfFrames",
+]
 PIXEL_DATA_TAG_LE = b"\xe0\x7f\x10\x00"
 PIXEL_DATA_TAG_BE = b"\x7f\xe0\x00\x10"
 
@@ -89,7 +97,8 @@ def parse_instance(raw: bytes) -> ParsedInstance:
     decoded on the association thread; its length is read from the encoding.
     """
     fp = io.BytesIO(raw)
-    header = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
+    header = pydicom.dcmread(fp, stop_before_pixels=True, force=True,
+                             specific_tags=HEADER_TAGS)
     offset = fp.tell()
     pixel_bytes = None
     if raw[offset:offset + 4] in (PIXEL_DATA_TAG_LE, PIXEL_DATA_TAG_BE):
@@ -227,7 +236,13 @@ class StoreHandlers:
                 bound.warning("store_refused_disk_low", free_bytes=self.spool.free_bytes())
                 return Refusal(status.OUT_OF_RESOURCES, "node disk below free-space limit"
                                ).as_dataset()
-            raw = event.encoded_dataset(include_meta=True)
+            request = event.request
+            # Command UIDs are checked against the dataset's in check_header;
+            # the file meta records what the command said, as a receiver must.
+            raw = encode_file_meta(
+                str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID),
+                str(event.context.transfer_syntax), calling_ae,
+            ) + event.encoded_dataset(include_meta=False)
             try:
                 parsed = parse_instance(raw)
             except Exception as exc:  # any parse failure is the peer's malformed data
@@ -272,7 +287,7 @@ class StoreHandlers:
             bound.warning("instance_duplicate_conflict", policy="replace",
                           old_sha256=existing.sha256, new_sha256=digest)
             replace = True
-        stored = self.spool.store(raw)
+        stored = self.spool.store(raw, digest)
         self.ledger.record_instance(
             sop_instance_uid=uid, series_uid=series_uid,
             study_uid=str(header.StudyInstanceUID), sop_class_uid=sop_class,
@@ -288,6 +303,38 @@ class StoreHandlers:
             self.received += 1
         self.on_activity()
         return status.SUCCESS
+
+
+class BulkReadSocket(AssociationSocket):
+    """Reads a PDU's bytes straight into one buffer.
+
+    The default reads 4 KiB per ``recv`` call and appends: 128 system calls
+    and copies for one 512x512 CT slice. Reading into a preallocated buffer
+    with ``recv_into`` takes as few calls as the kernel allows.
+    """
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        buffer = bytearray(nr_bytes)
+        view = memoryview(buffer)
+        received = 0
+        while received < nr_bytes:
+            count = self.socket.recv_into(view[received:], nr_bytes - received)
+            if count == 0:  # connection closed: return what arrived, as the base does
+                return buffer[:received]
+            received += count
+        return buffer
+
+
+class NodeRequestHandler(RequestHandler):
+    """Creates each association on a :class:`BulkReadSocket`."""
+
+    def _create_association(self) -> Any:
+        assoc = super()._create_association()
+        # The socket object already carries the connection's state (its
+        # constructor queued the transport-connection event), so it is
+        # specialised in place; BulkReadSocket adds behaviour, no state.
+        assoc.dul.socket.__class__ = BulkReadSocket
+        return assoc
 
 
 class NodeServer(ThreadedAssociationServer):
@@ -402,6 +449,7 @@ class Receiver:
             (self.node.host, self.node.port),
             evt_handlers=self.handlers.bindings() + self.extra_handlers,
             server_class=NodeServer,
+            request_handler=NodeRequestHandler,
         )
         server.tls_context = build_tls_context(self.node)
         server.tls_handshake_timeout = self.node.tls.handshake_timeout_s

@@ -64,8 +64,11 @@ class Spool:
         self.objects = self.root / "objects"
         self.objects.mkdir(parents=True, exist_ok=True)
 
-    def store(self, data: bytes) -> StoredFile:
-        """Durably store one encoded instance under a generated name."""
+    def store(self, data: bytes, sha256: str | None = None) -> StoredFile:
+        """Durably store one encoded instance under a generated name.
+
+        ``sha256`` may be passed when the caller already hashed ``data``.
+        """
         name = secrets.token_hex(16)
         shard = self.objects / name[:2]
         if not shard.is_dir():
@@ -74,7 +77,7 @@ class Spool:
         write_durably(shard / f"{name}.dcm", data)
         return StoredFile(
             relpath=f"objects/{name[:2]}/{name}.dcm",
-            sha256=hashlib.sha256(data).hexdigest(),
+            sha256=sha256 or hashlib.sha256(data).hexdigest(),
             size=len(data),
         )
 
