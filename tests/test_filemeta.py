@@ -4,6 +4,7 @@ import io
 
 import pydicom
 from pydicom.dataset import FileMetaDataset
+from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 
 from oncoseg_node.dicom.filemeta import (
@@ -32,7 +33,8 @@ def test_file_meta_matches_pydicoms_encoding_of_the_same_elements():
 
 def test_file_with_our_meta_reads_back():
     ds = series(1)[0]
-    body = io.BytesIO()
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
     write_dataset(body, ds)  # the dataset alone, as it travels in a C-STORE
     raw = encode_file_meta(ds.SOPClassUID, ds.SOPInstanceUID, "1.2.840.10008.1.2.1") + \
         body.getvalue()
