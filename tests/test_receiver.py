@@ -300,17 +300,23 @@ def test_localizer_and_dose_report_are_acknowledged_not_stored(node):
 @pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1",
                                     "1.2.840.10008.1.2.2"])
 def test_parse_instance_measures_pixel_bytes_without_reading_them(syntax):
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
     from pydicom.uid import UID
 
     from oncoseg_node.dicom.receiver import parse_instance
 
     ds = series(1, size=512)[0]
-    ds.file_meta.TransferSyntaxUID = UID(syntax)
-    raw = encode(ds)
-    parsed = parse_instance(raw)
+    uid = UID(syntax)
+    stream = DicomBytesIO()
+    stream.is_little_endian, stream.is_implicit_VR = uid.is_little_endian, uid.is_implicit_VR
+    write_dataset(stream, ds)  # the dataset as it travels in a C-STORE
+    raw = stream.getvalue()
+    parsed = parse_instance(raw, uid)
     assert "PixelData" not in parsed.header
+    assert parsed.header.SOPInstanceUID == ds.SOPInstanceUID
     assert parsed.pixel_bytes == 512 * 512 * 2
-    assert parse_instance(raw[:-1000]).pixel_bytes == 512 * 512 * 2 - 1000
+    assert parse_instance(raw[:-1000], uid).pixel_bytes == 512 * 512 * 2 - 1000
 
 
 def test_large_images_from_storescu_are_stored(node, tmp_path):

@@ -5,14 +5,21 @@ fsynced, renamed into place and the directory fsynced, so after a crash a
 file is either complete under its final name or absent (a leftover
 temporary file is never mistaken for an instance). Names are generated here;
 no received value (UID, patient name, ...) ever becomes part of a path.
+
+The write and fsync of an instance run on a small writer pool while the
+association thread validates and looks up the same instance, because the
+fsync is the largest single cost of receiving and needs no Python.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import secrets
 import shutil
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,49 +44,91 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_durably(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically and durably (tmp + fsync + rename)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+def _temporary_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+
+
+def _write_and_sync(tmp: Path, parts: Sequence[bytes]) -> int:
+    """Write ``parts`` to a new file and fsync it; returns the byte count."""
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
     try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
+        size = 0
+        for part in parts:
+            view = memoryview(part)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+                size += written
         os.fsync(fd)
     except BaseException:
         os.close(fd)
         tmp.unlink(missing_ok=True)
         raise
     os.close(fd)
+    return size
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and durably (tmp + fsync + rename)."""
+    tmp = _temporary_name(path)
+    _write_and_sync(tmp, [data])
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+class PendingWrite:
+    """An instance being written; ``commit`` makes it visible, ``abort`` drops it."""
+
+    def __init__(self, spool: Spool, final: Path, tmp: Path, future: Future[int],
+                 size: int) -> None:
+        self._spool = spool
+        self._final = final
+        self._tmp = tmp
+        self._future = future
+        self.size = size
+        self.relpath = str(final.relative_to(spool.root))
+
+    def commit(self, sha256: str) -> StoredFile:
+        size = self._future.result()  # re-raises the writer's OSError
+        os.replace(self._tmp, self._final)
+        fsync_dir(self._final.parent)
+        return StoredFile(self.relpath, sha256, size)
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):  # the writer already removed its file
+            self._future.result()
+        self._tmp.unlink(missing_ok=True)
 
 
 class Spool:
     """Files of received instances under ``root/objects/<2 hex>/<32 hex>.dcm``."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, writers: int = 4) -> None:
         self.root = Path(root)
         self.objects = self.root / "objects"
         self.objects.mkdir(parents=True, exist_ok=True)
-
-    def store(self, data: bytes, sha256: str | None = None) -> StoredFile:
-        """Durably store one encoded instance under a generated name.
-
-        ``sha256`` may be passed when the caller already hashed ``data``.
-        """
-        name = secrets.token_hex(16)
-        shard = self.objects / name[:2]
-        if not shard.is_dir():
+        # All 256 shards exist up front, so no instance pays for creating one.
+        missing = [d for d in (self.objects / f"{i:02x}" for i in range(256)) if not d.is_dir()]
+        for shard in missing:
             shard.mkdir(exist_ok=True)
+        if missing:
             fsync_dir(self.objects)
-        write_durably(shard / f"{name}.dcm", data)
-        return StoredFile(
-            relpath=f"objects/{name[:2]}/{name}.dcm",
-            sha256=sha256 or hashlib.sha256(data).hexdigest(),
-            size=len(data),
-        )
+        self._pool = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="spool-writer")
+
+    def _new_path(self) -> Path:
+        name = secrets.token_hex(16)
+        return self.objects / name[:2] / f"{name}.dcm"
+
+    def begin(self, parts: Sequence[bytes]) -> PendingWrite:
+        """Start writing one encoded instance (given in parts) under a generated name."""
+        final = self._new_path()
+        tmp = _temporary_name(final)
+        return PendingWrite(self, final, tmp, self._pool.submit(_write_and_sync, tmp, parts),
+                            sum(len(p) for p in parts))
+
+    def store(self, data: bytes) -> StoredFile:
+        """Durably store one encoded instance and wait for it."""
+        return self.begin([data]).commit(hashlib.sha256(data).hexdigest())
 
     def path(self, relpath: str) -> Path:
         """Absolute path of a stored file; refuses anything outside the spool."""
