@@ -199,7 +199,7 @@ class Ledger:
                 raise
             self._db.execute("COMMIT")
 
-    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+    def _query(self, sql: str, args: Sequence[Any] | dict[str, Any] = ()) -> list[sqlite3.Row]:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
 
@@ -275,6 +275,9 @@ class Ledger:
     def known_relpaths(self) -> set[str]:
         return {r["relpath"] for r in self._query("SELECT relpath FROM instances")}
 
+    def relpath_known(self, relpath: str) -> bool:
+        return bool(self._query("SELECT 1 FROM instances WHERE relpath = ? LIMIT 1", (relpath,)))
+
     def close_series(self, series_uid: str) -> int | None:
         """Close a quiet series into a job; returns the new job id, or None.
 
@@ -305,6 +308,45 @@ class Ledger:
                 (series_uid, version, QUEUED, row["calling_ae"], now, now),
             )
             return int(cursor.lastrowid)
+
+    # -- retention ------------------------------------------------------------
+
+    # A series may be purged only when it has jobs and every one is in one of
+    # these states: delivered, superseded by a newer version, or ended by rule
+    # or operator; held, failed and quarantined jobs still await a person.
+    # "Idle" counts from the later of the last instance and the last job change.
+    _PURGEABLE_SQL = f"""s.state = '{CLOSED}' AND s.last_received_at < :cutoff
+        AND EXISTS (SELECT 1 FROM jobs j WHERE j.series_uid = s.series_uid)
+        AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.series_uid = s.series_uid
+            AND (j.state NOT IN ('{SENT}', '{SUPERSEDED}', '{SKIPPED}', '{DISCARDED}')
+                 OR j.updated_at >= :cutoff))
+        AND NOT EXISTS (SELECT 1 FROM deliveries d JOIN jobs j ON j.id = d.job_id
+            WHERE j.series_uid = s.series_uid AND d.state = '{PENDING}')"""
+
+    def purgeable_series(self, cutoff: float) -> list[str]:
+        """Series idle since before ``cutoff`` whose deliveries are all finished."""
+        rows = self._query(
+            f"SELECT series_uid FROM series s WHERE {self._PURGEABLE_SQL} ORDER BY series_uid",
+            {"cutoff": cutoff})
+        return [r["series_uid"] for r in rows]
+
+    def purge_series(self, series_uid: str, cutoff: float) -> list[str] | None:
+        """Forget a purgeable series' instances; returns their spool relpaths to delete.
+
+        The condition is checked again inside the transaction, so an instance
+        arriving meanwhile (which reopens the series) keeps it. None when the
+        series is no longer purgeable. Jobs and deliveries stay as history.
+        """
+        with self.transaction() as db:
+            if db.execute(f"SELECT 1 FROM series s WHERE s.series_uid = :uid AND "
+                          f"{self._PURGEABLE_SQL}", {"uid": series_uid, "cutoff": cutoff}
+                          ).fetchone() is None:
+                return None
+            relpaths = [r[0] for r in db.execute(
+                "SELECT relpath FROM instances WHERE series_uid = ?", (series_uid,))]
+            db.execute("DELETE FROM instances WHERE series_uid = ?", (series_uid,))
+            db.execute("DELETE FROM series WHERE series_uid = ?", (series_uid,))
+            return relpaths
 
     # -- jobs -----------------------------------------------------------------
 

@@ -1,0 +1,180 @@
+"""QA snapshot: PNG encoding, the three planes, radiological orientation, true proportions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset
+
+from oncoseg_node.qa import (
+    BACKGROUND,
+    GAP_PX,
+    Overlay,
+    encode_png,
+    qa_relpath,
+    render_qa,
+    write_qa_snapshot,
+)
+from oncoseg_node.volume import Volume
+from tests.pngread import chunks, decode
+
+GREEN, RED, BLUE = (0, 255, 0), (255, 0, 0), (0, 0, 255)
+SPACING_MM, THICKNESS_MM = 2.0, 5.0
+ROWS = COLS = 64
+SLICES = 24
+
+
+def supine_phantom() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """HU and masks in HFS array order: (z up the table, y posterior, x patient's left).
+
+    A water box (body) with a dense "heart" on the patient's left, anterior and
+    in the upper third, and a small "cord" posterior on the midline.
+    """
+    hu = np.full((SLICES, ROWS, COLS), -1000.0, dtype=np.float32)
+    body = np.zeros(hu.shape, dtype=bool)
+    body[:, 12:52, 8:56] = True
+    hu[body] = 0.0
+    z, y, x = np.indices(hu.shape)
+    heart = (((z - 16) * THICKNESS_MM) ** 2 + ((y - 22) * SPACING_MM) ** 2
+             + ((x - 42) * SPACING_MM) ** 2) <= 14.0 ** 2
+    hu[heart] = 60.0
+    cord = (np.abs(y - 46) <= 1) & (np.abs(x - 32) <= 1) & (z >= 2) & (z <= 21)
+    return hu, body, heart, cord
+
+
+def make_volume(hu: np.ndarray, row_dir, col_dir, first_ipp, z_step) -> Volume:
+    positions = np.array([np.asarray(first_ipp, float) + k * np.asarray(z_step, float)
+                          for k in range(hu.shape[0])])
+    return Volume(
+        hu=hu, positions=positions, row_direction=np.asarray(row_dir, float),
+        col_direction=np.asarray(col_dir, float), pixel_spacing=(SPACING_MM, SPACING_MM),
+        sop_instance_uids=tuple(f"1.2.3.{k}" for k in range(hu.shape[0])),
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2", study_instance_uid="1.2.3",
+        series_instance_uid="1.2.3.4", frame_of_reference_uid="1.2.3.5",
+        patient_position="HFS", header=Dataset(),
+    )
+
+
+def overlays(body, heart, cord) -> list[Overlay]:
+    return [Overlay("External", body, GREEN, external=True), Overlay("Heart", heart, RED),
+            Overlay("SpinalCord", cord, BLUE)]
+
+
+def hfs() -> tuple[Volume, list[Overlay]]:
+    hu, body, heart, cord = supine_phantom()
+    volume = make_volume(hu, (1, 0, 0), (0, 1, 0), (-63.0, -63.0, -60.0), (0, 0, THICKNESS_MM))
+    return volume, overlays(body, heart, cord)
+
+
+def panels(image: np.ndarray) -> list[np.ndarray]:
+    """Split the snapshot at the background gaps into its three panels."""
+    content = (image != BACKGROUND).any(axis=2).any(axis=0)
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], content.astype(int), [0]])))
+    spans = list(zip(edges[::2], edges[1::2], strict=True))
+    assert len(spans) == 3, spans
+    out = []
+    for left, right in spans:
+        block = image[:, left:right]
+        rows = np.flatnonzero((block != BACKGROUND).any(axis=2).any(axis=1))
+        out.append(block[rows[0]:rows[-1] + 1])
+    return out
+
+
+def where(image: np.ndarray, color) -> tuple[np.ndarray, np.ndarray]:
+    return np.nonzero((image == np.array(color, np.uint8)).all(axis=2))
+
+
+def test_png_round_trips_exactly_with_valid_chunks():
+    rng = np.random.default_rng(7)
+    image = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    data = encode_png(image)
+    assert [tag for tag, _ in chunks(data)] == [b"IHDR", b"IDAT", b"IEND"]
+    assert np.array_equal(decode(data), image)
+
+
+def test_png_refuses_what_it_cannot_encode():
+    with pytest.raises(ValueError):
+        encode_png(np.zeros((4, 4), np.uint8))
+    with pytest.raises(ValueError):
+        encode_png(np.zeros((4, 4, 3), np.float32))
+
+
+def test_planes_show_each_structure_in_its_colour_in_radiological_orientation():
+    volume, layers = hfs()
+    axial, coronal, sagittal = panels(render_qa(volume, layers, panel_px=200))
+    for panel in (axial, coronal, sagittal):
+        assert where(panel, GREEN)[0].size > 0
+        assert where(panel, RED)[0].size > 0  # the planes cross at the organs, not the body
+    # The heart is on the patient's left: the right half of the axial and coronal views.
+    for panel in (axial, coronal):
+        _, xs = where(panel, RED)
+        assert xs.min() > panel.shape[1] / 2
+    # ...anterior: the top of the axial view, the left of the sagittal view...
+    assert where(axial, RED)[0].max() < axial.shape[0] / 2
+    assert where(sagittal, RED)[1].max() < sagittal.shape[1] / 2
+    # ...and superior (slices ascend toward the head): the top of coronal and sagittal.
+    for panel in (coronal, sagittal):
+        assert where(panel, RED)[0].max() < panel.shape[0] / 2
+    # The cord is posterior on the midline: the bottom centre of the axial view.
+    ys, xs = where(axial, BLUE)
+    assert ys.min() > axial.shape[0] / 2
+    assert abs(xs.mean() - axial.shape[1] / 2) < 3
+
+
+def test_planes_keep_true_proportions():
+    volume, layers = hfs()
+    axial, coronal, sagittal = panels(render_qa(volume, layers, panel_px=200))
+    extent_x = (COLS - 1) * SPACING_MM
+    extent_z = (SLICES - 1) * THICKNESS_MM
+    assert coronal.shape[1] == axial.shape[1]
+    assert coronal.shape[0] / coronal.shape[1] == pytest.approx(extent_z / extent_x, rel=0.03)
+    assert sagittal.shape == coronal.shape  # square in-plane field of view
+
+
+@pytest.mark.parametrize("position", ["HFP", "FFS"])
+def test_prone_and_feet_first_series_look_like_supine(position):
+    """Same patient, scanned another way: direction cosines, not array order, decide."""
+    hu, body, heart, cord = supine_phantom()
+    if position == "HFP":  # columns run to the patient's right, rows anterior
+        def flip(a):
+            return a[:, ::-1, ::-1]
+        row_dir, col_dir = (-1, 0, 0), (0, -1, 0)
+        first, step = (63.0, 63.0, -60.0), (0, 0, THICKNESS_MM)
+    else:  # FFS: columns to the patient's right, slices ascend toward the feet
+        def flip(a):
+            return a[::-1, :, ::-1]
+        row_dir, col_dir = (-1, 0, 0), (0, 1, 0)
+        first, step = (63.0, -63.0, -60.0 + (SLICES - 1) * THICKNESS_MM), (0, 0, -THICKNESS_MM)
+    volume = make_volume(np.ascontiguousarray(flip(hu)), row_dir, col_dir, first, step)
+    reference, layers = hfs()
+    turned = overlays(*(np.ascontiguousarray(flip(m)) for m in (body, heart, cord)))
+    assert np.array_equal(render_qa(volume, turned, panel_px=200),
+                          render_qa(reference, layers, panel_px=200))
+
+
+def test_planes_cross_at_the_structures_centroid():
+    volume, layers = hfs()
+    heart_only = [layers[1]]
+    axial, coronal, sagittal = panels(render_qa(volume, heart_only, panel_px=200))
+    # Centred on the heart, every plane cuts it: red in all three panels.
+    for panel in (axial, coronal, sagittal):
+        assert where(panel, RED)[0].size > 0
+
+
+def test_no_structures_still_renders_the_volume_centre():
+    volume, _ = hfs()
+    image = render_qa(volume, [], panel_px=120)
+    assert len(panels(image)) == 3
+    assert where(image, GREEN)[0].size == 0
+
+
+def test_snapshot_file_is_written_under_a_generated_name(tmp_path):
+    volume, layers = hfs()
+    relpath = qa_relpath(12, 3)
+    assert relpath == "outbox/job12-v3-qa.png"
+    path = tmp_path / relpath
+    write_qa_snapshot(path, volume, layers, panel_px=160)
+    image = decode(path.read_bytes())
+    assert image.shape[0] > 160 / 2 and image.shape[1] > 3 * 80
+    assert image[GAP_PX // 2, GAP_PX // 2].tolist() == list(BACKGROUND)
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left
