@@ -10,6 +10,7 @@ up deliveries made due from outside (``oncoseg-node retry``) or at start.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -21,6 +22,7 @@ from pydicom.uid import generate_uid
 from .config import Config, DestinationConfig, RetryConfig
 from .dicom.sender import SendOutcome, request_commitment, send_file
 from .jobqueue import DELIVERED, FAILED, PENDING, Ledger
+from .metrics import NodeMetrics
 
 log = structlog.get_logger("oncoseg_node.delivery")
 
@@ -35,8 +37,10 @@ def backoff_delay(retry: RetryConfig, attempts: int) -> float:
 class DeliveryScheduler:
     def __init__(self, config: Config, ledger: Ledger, *, sender: Sender = send_file,
                  committer: Callable[..., SendOutcome] = request_commitment,
-                 reconcile_interval_s: float = 1.0) -> None:
+                 reconcile_interval_s: float = 1.0,
+                 metrics: NodeMetrics | None = None) -> None:
         self.config = config
+        self.metrics = metrics or NodeMetrics()
         self.ledger = ledger
         self.sender = sender
         self.committer = committer
@@ -101,6 +105,7 @@ class DeliveryScheduler:
         ae_title = self.config.node.ae_title
         attempts = delivery.attempts + 1
         commitment = None
+        started = time.monotonic()
         try:
             if delivery.awaiting_commitment:
                 # Stored, but no commitment report within the backoff delay: ask again.
@@ -116,6 +121,10 @@ class DeliveryScheduler:
                                transaction_uid=commitment[0])
         except Exception as exc:  # a broken file or socket error must not kill the scheduler
             outcome = SendOutcome(False, True, None, f"{type(exc).__name__}: {exc}")
+        self.metrics.delivery_attempt_seconds.observe(
+            time.monotonic() - started, destination=dest.name,
+            outcome="delivered" if outcome.delivered else
+            "retry" if outcome.transient else "failed")
         if commitment is not None and (outcome.delivered or outcome.transient):
             # Committed only when the N-EVENT-REPORT arrives; until then the
             # request is repeated on the backoff schedule.
@@ -128,6 +137,9 @@ class DeliveryScheduler:
         elif outcome.delivered:
             self.ledger.record_attempt(delivery_id, state=DELIVERED, status=outcome.status,
                                        reason=outcome.reason)
+            if job is not None:  # from series complete to accepted: what the planners wait
+                self.metrics.delivery_latency_seconds.observe(
+                    max(self.ledger.clock() - job.created_at, 0.0), destination=dest.name)
             bound.info("rtstruct_delivered", attempts=attempts, status=outcome.reason, audit=True)
         elif outcome.transient:
             delay = backoff_delay(dest.retry, attempts)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 
@@ -20,23 +21,44 @@ from .dicom.spool import Spool
 from .engines.registry import EngineSet
 from .errors import GeometryError, RTStructError, SeriesLoadError
 from .jobqueue import FAILED, HELD, QUEUED, SKIPPED, Job, Ledger
-from .pipeline import contour, load_ct_series, write_structure_set
+from .metrics import NodeMetrics
+from .pipeline import Contoured, contour, load_ct_series, write_structure_set
 from .profiles import get_profile
 from .protocols import ProtocolSet
+from .qa import overlays_of, qa_relpath, write_qa_snapshot
 
 log = structlog.get_logger("oncoseg_node.worker")
+
+# The idle loop claims every quarter second; a claim blocked this long means
+# the ledger is stuck (SQLite's own busy timeout is 30 s), not a busy queue.
+IDLE_STALL_S = 60.0
+# Longest a single job may run before the worker counts as hung. Generous:
+# SAM3 on many structures can take minutes, and a false alarm restarts the node.
+JOB_STALL_S = 3600.0
 
 
 class Worker:
     def __init__(self, config: Config, ledger: Ledger, spool: Spool, engines: EngineSet,
-                 protocols: Callable[[], ProtocolSet]) -> None:
+                 protocols: Callable[[], ProtocolSet], *,
+                 metrics: NodeMetrics | None = None) -> None:
         self.config = config
         self.ledger = ledger
         self.spool = spool
         self.engines = engines
         self.protocols = protocols
+        self.metrics = metrics or NodeMetrics()
         self.busy = threading.Event()
+        self.current: Job | None = None  # the job in flight, for the shutdown log
         self.last_progress = time.monotonic()
+
+    def is_progressing(self, idle_stall_s: float = IDLE_STALL_S,
+                       job_stall_s: float = JOB_STALL_S) -> bool:
+        """Whether the loop moved recently: a claim while idle, or a job not yet overdue.
+
+        The service pets the systemd watchdog and answers ``/healthz`` with it.
+        """
+        limit = job_stall_s if self.busy.is_set() else idle_stall_s
+        return time.monotonic() - self.last_progress < limit
 
     def run_once(self) -> Job | None:
         """Claim and process one job; returns it, or None when the queue is empty."""
@@ -44,13 +66,18 @@ class Worker:
         self.last_progress = time.monotonic()
         if job is None:
             return None
+        self.current = job
         self.busy.set()
         try:
             self._process(job)
         finally:
             self.busy.clear()
+            self.current = None
             self.last_progress = time.monotonic()
-        return self.ledger.job(job.id)
+        done = self.ledger.job(job.id)
+        if done is not None:
+            self.metrics.jobs_finished.inc(state=done.state)
+        return done
 
     def run(self, stop: threading.Event, idle_wait_s: float = 0.25) -> None:
         while not stop.is_set():
@@ -79,7 +106,9 @@ class Worker:
                 return
             self.ledger.update_job(job.id, protocol=protocol.name,
                                    protocol_version=protocols.version)
+            segment_started = time.monotonic()
             contoured = contour(volume, report, protocol, self.engines)
+            self.metrics.segmentation_seconds.observe(time.monotonic() - segment_started)
             targets = []
             written: dict[str, tuple[str, str]] = {}
             for dest in self.config.destinations:
@@ -93,7 +122,10 @@ class Worker:
                 uid, relpath = written[dest.profile]
                 targets.append((dest.name, uid, relpath))
             first_uid, first_path = next(iter(written.values()), (None, None))
-            self.ledger.update_job(job.id, results=contoured.summary(),
+            self._write_snapshot(job, contoured, bound)
+            colors = {s.name: list(s.color) for s in protocol.structures}
+            results = [{**row, "color": colors.get(row["name"])} for row in contoured.summary()]
+            self.ledger.update_job(job.id, results=results,
                                    rtstruct_uid=first_uid, rtstruct_relpath=first_path)
             self.ledger.start_deliveries(job.id, targets)
             bound.info("job_contoured", protocol=protocol.name,
@@ -112,3 +144,14 @@ class Worker:
         except Exception as exc:  # unknown: retry, quarantined after max_attempts
             self.ledger.update_job(job.id, state=QUEUED, reason=f"{type(exc).__name__}: {exc}")
             bound.exception("job_error_requeued")
+
+    def _write_snapshot(self, job: Job, contoured: Contoured, bound: Any) -> None:
+        """The QA picture for the job page, next to the job's outbox files.
+
+        For reviewers only: a failure is logged and never holds up the delivery.
+        """
+        try:
+            write_qa_snapshot(self.config.state_dir / qa_relpath(job.id, job.version),
+                              contoured.volume, overlays_of(contoured))
+        except Exception:
+            bound.exception("qa_snapshot_failed")

@@ -476,6 +476,11 @@ class Receiver:
         assert self.server is not None
         return int(self.server.server_address[1])
 
+    @property
+    def listening(self) -> bool:
+        """Whether the accept loop runs (False once stopped or if it died)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def start(self) -> None:
         server = self.ae.make_server(
             (self.node.host, self.node.port),
