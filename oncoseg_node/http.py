@@ -135,7 +135,8 @@ section.job h2 { font-size: 16px; margin: 0 0 6px; }
 .state-held, .state-failed, .state-quarantined { background: #f6d3c9; }
 dl { display: grid; grid-template-columns: max-content auto; gap: 2px 12px; margin: 0 0 8px; }
 dt { color: #555; } dd { margin: 0; word-break: break-all; }
-img.qa { display: block; margin: 8px 0; image-rendering: pixelated; }
+img.qa { display: block; margin: 8px 0; max-width: 100%; height: auto;
+  image-rendering: pixelated; }
 table { border-collapse: collapse; }
 th, td { text-align: left; padding: 3px 10px 3px 0; border-bottom: 1px solid #eee; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }

@@ -85,7 +85,7 @@ def overlays_of(contoured: Contoured) -> list[Overlay]:
 
 
 def write_qa_snapshot(path: Path, volume: Volume, overlays: Sequence[Overlay], *,
-                      panel_px: int = 400) -> None:
+                      panel_px: int = 360) -> None:
     """Render and write the snapshot atomically (a reader never sees half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     write_durably(path, encode_png(render_qa(volume, overlays, panel_px=panel_px)))
@@ -209,7 +209,7 @@ def _panel(hu2d: np.ndarray, masks2d: Sequence[np.ndarray], colors: Sequence[tup
     return image
 
 
-def render_qa(volume: Volume, overlays: Sequence[Overlay], *, panel_px: int = 400,
+def render_qa(volume: Volume, overlays: Sequence[Overlay], *, panel_px: int = 360,
               window: tuple[float, float] = DEFAULT_WINDOW) -> np.ndarray:
     """The snapshot as an ``(height, width, 3)`` uint8 RGB array.
 

@@ -14,6 +14,7 @@ import threading
 import time
 
 import pydicom
+import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
@@ -26,7 +27,7 @@ from oncoseg_node.service import Service
 from tests.conftest import write_config
 from tests.ctfactory import ct_slice
 from tests.daemon import Daemon, wait_until
-from tests.peers import free_port, storescp
+from tests.peers import free_port, storescp, storescu
 
 SUCCESS = 0x0000
 
@@ -169,3 +170,82 @@ def test_association_outlasting_the_deadline_is_aborted_without_losing_acknowled
     # is stored without an acknowledgement (the scanner sends it again: a duplicate).
     acknowledged = {str(ds.SOPInstanceUID) for ds in sender.acknowledged}
     assert acknowledged <= recorded and len(recorded - acknowledged) <= 1
+
+
+def phantom_files(directory) -> list:
+    from oncoseg_node.phantom import write_phantom  # the realistic series: a job takes a while
+
+    directory.mkdir()
+    write_phantom(directory, slices=96, rows=512, columns=512)
+    return sorted(directory.iterdir())
+
+
+def test_sigterm_during_a_job_finishes_it_and_delivers_once(tmp_path):
+    port = free_port()
+    tps = tmp_path / "tps"
+    files = phantom_files(tmp_path / "phantom")
+    with storescp(tps) as tps_port:
+        config = write_config(
+            tmp_path, node={"port": port}, series={"quiet_period_s": 1},
+            destinations=[{"name": "tps", "ae_title": "TPS", "host": "127.0.0.1",
+                           "port": tps_port, "retry": {"first_delay_s": 1, "max_delay_s": 5}}])
+        daemon = Daemon(config, port, tmp_path / "daemon.log").start()
+        assert storescu(files, port).returncode == 0
+        wait_until(lambda: '"job_started"' in daemon.log(), 60, "the job to start")
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.proc.wait(timeout=120) == 0, daemon.log()
+        records = events(daemon)
+        stopping = index_of(records, "stopping")
+        # The job in flight was finished within the deadline, not abandoned.
+        assert index_of(records, "job_contoured") > stopping
+        assert not any(r["event"] == "job_in_flight_left_for_requeue" for r in records)
+        daemon.start()
+        try:
+            wait_until(lambda: list(tps.iterdir()), 60, f"the RTSTRUCT\n{daemon.log()}")
+            (job,) = wait_until(lambda: [j for j in daemon.status() if j["state"] == "sent"],
+                                30, "the job sent")
+            time.sleep(3)
+        finally:
+            assert daemon.stop() == 0, daemon.log()
+    assert job["attempts"] == 1 and len(list(tps.iterdir())) == 1
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_job_still_running_at_the_deadline_is_requeued_and_delivered_once(tmp_path):
+    """A job that outlasts the deadline is left as it is and done again at next start.
+
+    In a daemon the process exits and takes the worker thread with it; here,
+    in one test process, the abandoned worker runs on until it finds the
+    ledger closed, and its traceback is expected (hence the filter above).
+    """
+    files = phantom_files(tmp_path / "phantom")
+    tps = tmp_path / "tps"
+    with storescp(tps) as tps_port:
+        config = load_config(write_config(
+            tmp_path, series={"quiet_period_s": 1},
+            destinations=[{"name": "tps", "ae_title": "TPS", "host": "127.0.0.1",
+                           "port": tps_port, "retry": {"first_delay_s": 1, "max_delay_s": 5}}]))
+        first = Service(config, shutdown_deadline_s=0.0)
+        first.start()
+        assert storescu(files, first.receiver.port).returncode == 0
+        wait_until(lambda: first.worker.current is not None, 60, "the job to start",
+                   interval=0.01)
+        first.stop_requested.set()
+        first.run_until_stopped()
+        ledger = Ledger(config.ledger_path)
+        (job,) = ledger.jobs()
+        assert job.state == "running" and job.attempts == 1  # left for the next start
+        ledger.close()
+        abandoned = next(t for t in first._threads if t.name == "worker")
+        abandoned.join(timeout=120)
+
+        second = Service(config)
+        second.start()
+        try:
+            wait_until(lambda: list(tps.iterdir()), 120, "the RTSTRUCT after restart")
+            wait_until(lambda: second.ledger.job(job.id).state == "sent", 30, "job sent")
+            time.sleep(3)
+            assert second.ledger.job(job.id).attempts == 2
+        finally:
+            second.shutdown()
+    assert len(list(tps.iterdir())) == 1
