@@ -80,6 +80,8 @@ class Sam3Config:
     score_threshold: float = 0.5
     low_score_flag: float = 0.6
     max_queries: int = 200
+    max_instances: int = 4
+    track_gap_slices: int = 2
 
 
 @dataclass(frozen=True)
@@ -296,6 +298,10 @@ def _semantic_checks(cfg: Config, problems: list[str]) -> None:
         problems.append(f"engine.sam3.device: {sam3.device!r} is not cpu, cuda or cuda:N")
     if sam3.dtype not in ("float32", "bfloat16", "float16"):
         problems.append(f"engine.sam3.dtype: {sam3.dtype!r} is not float32, bfloat16 or float16")
+    for key in ("batch_size", "max_queries", "max_instances"):
+        _check_positive(getattr(sam3, key), f"engine.sam3.{key}", problems)
+    if isinstance(sam3.track_gap_slices, int) and sam3.track_gap_slices < 0:
+        problems.append(f"engine.sam3.track_gap_slices: {sam3.track_gap_slices} is negative")
     names = set()
     for i, dest in enumerate(cfg.destinations):
         if dest is None:
