@@ -38,8 +38,9 @@ DEFAULT_WINDOW = (-100.0, 700.0)  # (level, width) in HU
 BACKGROUND = (16, 16, 16)
 LETTER_COLOR = (225, 225, 225)  # neutral: no structure colour is mistaken for a letter
 LINE_PX = 2
-GAP_PX = 8
-PAD_PX = 4
+LABEL_PX = 22  # margin around each panel for its orientation letters
+CROP_MARGIN_MM = 15.0
+GAP_PX = 4  # between panels, whose letter margins already separate them
 LETTER_SCALE = 2
 
 # 5x7 glyphs for the orientation letters only.
@@ -144,11 +145,32 @@ def _nearest(coords: np.ndarray, positions: np.ndarray) -> np.ndarray:
     return np.searchsorted(midpoints, positions)
 
 
-def _axis_samples(coords: np.ndarray, step_mm: float) -> np.ndarray:
-    """Indices sampling one axis every ``step_mm`` over its full extent."""
-    extent = coords[-1] - coords[0]
-    count = max(int(round(extent / step_mm)) + 1, 1)
-    return _nearest(coords, coords[0] + np.arange(count) * step_mm)
+def _axis_samples(span: tuple[float, float], coords: np.ndarray, step_mm: float) -> np.ndarray:
+    """Indices sampling one axis every ``step_mm`` from ``span[0]`` to ``span[1]`` (mm)."""
+    count = max(int(round((span[1] - span[0]) / step_mm)) + 1, 1)
+    return _nearest(coords, span[0] + np.arange(count) * step_mm)
+
+
+def _spans(canon: _Canonical) -> list[tuple[float, float]]:
+    """Per canonical axis, the mm range shown: the structures' extent plus a margin.
+
+    Cropping to what was contoured (the body, when External is among the
+    structures) spends the pixels on anatomy rather than on the air and couch
+    around it. Without structures the whole volume is shown.
+    """
+    union = np.zeros(canon.hu.shape, dtype=bool)
+    for mask in canon.masks:
+        union |= mask
+    spans = []
+    for axis, coords in enumerate(canon.coords):
+        if not union.any():
+            spans.append((float(coords[0]), float(coords[-1])))
+            continue
+        present = np.flatnonzero(union.any(axis=tuple(a for a in range(3) if a != axis)))
+        lo = max(float(coords[present[0]]) - CROP_MARGIN_MM, float(coords[0]))
+        hi = min(float(coords[present[-1]]) + CROP_MARGIN_MM, float(coords[-1]))
+        spans.append((lo, hi))
+    return spans
 
 
 def _center(canon: _Canonical, external: Sequence[bool]) -> tuple[int, int, int]:
@@ -190,14 +212,23 @@ def _letter(image: np.ndarray, char: str, top: int, left: int) -> None:
     region[glyph[:region.shape[0], :region.shape[1]]] = LETTER_COLOR
 
 
-def _label_edges(image: np.ndarray, top: str, bottom: str, left: str, right: str) -> None:
-    """Orientation letters at the middle of each edge of a panel."""
+def _labelled(image: np.ndarray, top: str, bottom: str, left: str, right: str) -> np.ndarray:
+    """The panel framed by a margin holding its orientation letters.
+
+    The letters sit beside the image, never on it, so no anatomy or contour
+    is hidden behind one.
+    """
     h, w = image.shape[:2]
+    out = np.empty((h + 2 * LABEL_PX, w + 2 * LABEL_PX, 3), dtype=np.uint8)
+    out[:] = BACKGROUND
+    out[LABEL_PX:LABEL_PX + h, LABEL_PX:LABEL_PX + w] = image
     gh, gw = 7 * LETTER_SCALE, 5 * LETTER_SCALE
-    _letter(image, top, PAD_PX, (w - gw) // 2)
-    _letter(image, bottom, h - gh - PAD_PX, (w - gw) // 2)
-    _letter(image, left, (h - gh) // 2, PAD_PX)
-    _letter(image, right, (h - gh) // 2, w - gw - PAD_PX)
+    centre_row, centre_col = LABEL_PX + (h - gh) // 2, LABEL_PX + (w - gw) // 2
+    _letter(out, top, (LABEL_PX - gh) // 2, centre_col)
+    _letter(out, bottom, LABEL_PX + h + (LABEL_PX - gh) // 2, centre_col)
+    _letter(out, left, centre_row, (LABEL_PX - gw) // 2)
+    _letter(out, right, centre_row, LABEL_PX + w + (LABEL_PX - gw) // 2)
+    return out
 
 
 def _panel(hu2d: np.ndarray, masks2d: Sequence[np.ndarray], colors: Sequence[tuple[int, ...]],
@@ -209,33 +240,40 @@ def _panel(hu2d: np.ndarray, masks2d: Sequence[np.ndarray], colors: Sequence[tup
     return image
 
 
-def render_qa(volume: Volume, overlays: Sequence[Overlay], *, panel_px: int = 360,
-              window: tuple[float, float] = DEFAULT_WINDOW) -> np.ndarray:
-    """The snapshot as an ``(height, width, 3)`` uint8 RGB array.
+def render_views(volume: Volume, overlays: Sequence[Overlay], *, panel_px: int = 360,
+                 window: tuple[float, float] = DEFAULT_WINDOW) -> list[np.ndarray]:
+    """The axial, coronal and sagittal panels, each framed by its orientation letters.
 
-    Panels, left to right: axial, coronal, sagittal, through the centroid of
-    the structures' union, at one common scale so the largest extent of the
-    volume spans ``panel_px`` pixels. The body outline is left out of the
-    centroid when organs are present: being by far the largest, it would pull
-    the planes to the body's centre and past the organs a reviewer checks.
-    With no structures at all the planes cut the volume's centre.
+    The planes cross at the centroid of the structures' union; each view is
+    cropped to the structures' extent plus a margin, and all share one scale
+    so that the largest cropped extent spans ``panel_px`` pixels. The body
+    outline is left out of the centroid when organs are present: being by far
+    the largest, it would pull the planes to the body's centre and past the
+    organs a reviewer checks. With no structures the planes cut the volume's
+    centre and the whole volume is shown.
     """
     canon = _canonical(volume, [o.mask for o in overlays])
     colors = [o.color for o in overlays]
     cz, cy, cx = _center(canon, [o.external for o in overlays])
-    extents = [c[-1] - c[0] for c in canon.coords]
-    step = max(max(extents) / max(panel_px - 1, 1), 1e-3)
-    zi, yi, xi = (_axis_samples(c, step) for c in canon.coords)
+    spans = _spans(canon)
+    step = max(max(hi - lo for lo, hi in spans) / max(panel_px - 1, 1), 1e-3)
+    zi, yi, xi = (_axis_samples(span, c, step) for span, c in zip(spans, canon.coords,
+                                                                   strict=True))
     zi_top = zi[::-1]  # head at the top of coronal and sagittal views
     axial = _panel(canon.hu[cz], [m[cz] for m in canon.masks], colors, yi, xi, window)
-    _label_edges(axial, "A", "P", "R", "L")
     coronal = _panel(canon.hu[:, cy, :], [m[:, cy, :] for m in canon.masks], colors,
                      zi_top, xi, window)
-    _label_edges(coronal, "S", "I", "R", "L")
     sagittal = _panel(canon.hu[:, :, cx], [m[:, :, cx] for m in canon.masks], colors,
                       zi_top, yi, window)
-    _label_edges(sagittal, "S", "I", "A", "P")
-    panels = [axial, coronal, sagittal]
+    return [_labelled(axial, "A", "P", "R", "L"), _labelled(coronal, "S", "I", "R", "L"),
+            _labelled(sagittal, "S", "I", "A", "P")]
+
+
+def render_qa(volume: Volume, overlays: Sequence[Overlay], *, panel_px: int = 360,
+              window: tuple[float, float] = DEFAULT_WINDOW) -> np.ndarray:
+    """The snapshot as an ``(height, width, 3)`` uint8 RGB array: the three views of
+    :func:`render_views` side by side, top-aligned."""
+    panels = render_views(volume, overlays, panel_px=panel_px, window=window)
     height = max(p.shape[0] for p in panels)
     width = sum(p.shape[1] for p in panels) + GAP_PX * (len(panels) + 1)
     out = np.empty((height + 2 * GAP_PX, width, 3), dtype=np.uint8)

@@ -18,7 +18,7 @@ import pytest
 
 from oncoseg_node.phantom import write_phantom
 from oncoseg_node.protocols import load_protocols
-from tests.conftest import REPO, write_config
+from tests.conftest import write_config
 from tests.daemon import Daemon, wait_until
 from tests.peers import free_port, storescp, storescu
 from tests.pngread import decode
@@ -26,6 +26,22 @@ from tests.test_http_page import screenshot
 from tests.test_metrics import parse
 
 SLICES = 48
+# A thorax protocol as physics would write it; Heart is not something the
+# classical engine contours, so the page must show it as not found.
+PROTOCOLS = """
+structures:
+  External: {color: [0, 255, 0], type: EXTERNAL, engine: classical}
+  Lung_L: {color: [0, 160, 255], type: ORGAN, engine: classical, laterality: left}
+  Lung_R: {color: [255, 160, 0], type: ORGAN, engine: classical, laterality: right}
+  SpinalCanal: {color: [255, 255, 0], type: ORGAN, engine: classical}
+  Bones: {color: [255, 0, 255], type: ORGAN, engine: classical}
+  Heart: {color: [255, 0, 0], type: ORGAN, engine: classical}
+protocols:
+  - name: thorax
+    priority: 0
+    structures: [External, Lung_L, Lung_R, SpinalCanal, Bones, Heart]
+fallback: thorax
+"""
 
 
 def get(port: int, path: str) -> tuple[int, bytes]:
@@ -51,11 +67,15 @@ def contoured_node(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("http_daemon")
     phantom_dir = tmp / "phantom"
     phantom_dir.mkdir()
-    write_phantom(phantom_dir, slices=SLICES, rows=256, columns=256)
+    # 256 pixels of 1.95 mm: the whole 50 cm field of view in a quarter of the data
+    write_phantom(phantom_dir, slices=SLICES, rows=256, columns=256,
+                  pixel_spacing=(1.953125, 1.953125))
+    protocols = tmp / "protocols.yaml"
+    protocols.write_text(PROTOCOLS)
     port, http_port = free_port(), free_port()
     with storescp(tmp / "tps") as tps_port:
         config = write_config(
-            tmp, node={"port": port}, http={"port": http_port},
+            tmp, node={"port": port}, http={"port": http_port}, protocols=str(protocols),
             destinations=[{"name": "tps", "ae_title": "TPS", "host": "127.0.0.1",
                            "port": tps_port, "retry": {"first_delay_s": 1, "max_delay_s": 5}}])
         daemon = Daemon(config, port, tmp / "daemon.log").start()
@@ -69,13 +89,16 @@ def contoured_node(tmp_path_factory):
             shutil.copy(tmp / "screenshot.png", tmp / "jobs-page.png")
         finally:
             assert daemon.stop() == 0, daemon.log()
-    yield {"job": job, "served": served, "screenshot": image, "http_port": http_port}
+    yield {"job": job, "served": served, "screenshot": image, "http_port": http_port,
+           "library": load_protocols(protocols).library}
 
 
-def structure_colors(job: dict) -> dict[str, tuple[int, int, int]]:
-    library = load_protocols(REPO / "config" / "protocols.yaml").library
-    return {row["name"]: library[row["name"]].color for row in job["structures"]
-            if not row["absent"]}
+def structure_colors(node: dict) -> dict[str, tuple[int, int, int]]:
+    """Colours of the structures the job found (all but Heart)."""
+    colors = {row["name"]: node["library"][row["name"]].color
+              for row in node["job"]["structures"] if not row["absent"]}
+    assert set(colors) == {"External", "Lung_L", "Lung_R", "SpinalCanal", "Bones"}
+    return colors
 
 
 def test_healthz_reports_every_part_alive(contoured_node):
@@ -107,21 +130,22 @@ def test_jobs_page_lists_the_job_with_its_snapshot(contoured_node):
     page = body.decode()
     assert status == 200
     assert job["series_uid"] in page and f'src="/jobs/{job["job"]}/qa.png"' in page
-    for name in structure_colors(job):
+    for name in structure_colors(contoured_node):
         assert f"<td>{name}</td>" in page
+    assert "<td>Heart</td>" in page and "not found" in page
 
 
 def test_qa_snapshot_outlines_each_structure_in_its_colour(contoured_node):
     status, body = contoured_node["served"][f"/jobs/{contoured_node['job']['job']}/qa.png"]
     assert status == 200
     image = decode(body)
-    for name, color in structure_colors(contoured_node["job"]).items():
+    for name, color in structure_colors(contoured_node).items():
         assert (image == np.array(color, np.uint8)).all(axis=2).sum() > 20, name
 
 
 def test_browser_shows_the_contours_in_their_colours(contoured_node):
     image = contoured_node["screenshot"]
-    colors = structure_colors(contoured_node["job"])
+    colors = structure_colors(contoured_node)
     for name, color in colors.items():
         ys, xs = np.nonzero((image == np.array(color, np.uint8)).all(axis=2))
         assert ys.size > 20, f"{name} ({color}) not visible on the page"

@@ -8,11 +8,15 @@ from pydicom.dataset import Dataset
 
 from oncoseg_node.qa import (
     BACKGROUND,
+    CROP_MARGIN_MM,
     GAP_PX,
+    LABEL_PX,
+    LETTER_COLOR,
     Overlay,
     encode_png,
     qa_relpath,
     render_qa,
+    render_views,
     write_qa_snapshot,
 )
 from oncoseg_node.volume import Volume
@@ -66,18 +70,10 @@ def hfs() -> tuple[Volume, list[Overlay]]:
     return volume, overlays(body, heart, cord)
 
 
-def panels(image: np.ndarray) -> list[np.ndarray]:
-    """Split the snapshot at the background gaps into its three panels."""
-    content = (image != BACKGROUND).any(axis=2).any(axis=0)
-    edges = np.flatnonzero(np.diff(np.concatenate([[0], content.astype(int), [0]])))
-    spans = list(zip(edges[::2], edges[1::2], strict=True))
-    assert len(spans) == 3, spans
-    out = []
-    for left, right in spans:
-        block = image[:, left:right]
-        rows = np.flatnonzero((block != BACKGROUND).any(axis=2).any(axis=1))
-        out.append(block[rows[0]:rows[-1] + 1])
-    return out
+def panels(volume: Volume, layers: list[Overlay], panel_px: int = 200) -> list[np.ndarray]:
+    """The three views without their letter margins."""
+    return [view[LABEL_PX:-LABEL_PX, LABEL_PX:-LABEL_PX]
+            for view in render_views(volume, layers, panel_px=panel_px)]
 
 
 def where(image: np.ndarray, color) -> tuple[np.ndarray, np.ndarray]:
@@ -101,7 +97,7 @@ def test_png_refuses_what_it_cannot_encode():
 
 def test_planes_show_each_structure_in_its_colour_in_radiological_orientation():
     volume, layers = hfs()
-    axial, coronal, sagittal = panels(render_qa(volume, layers, panel_px=200))
+    axial, coronal, sagittal = panels(volume, layers)
     for panel in (axial, coronal, sagittal):
         assert where(panel, GREEN)[0].size > 0
         assert where(panel, RED)[0].size > 0  # the planes cross at the organs, not the body
@@ -121,14 +117,23 @@ def test_planes_show_each_structure_in_its_colour_in_radiological_orientation():
     assert abs(xs.mean() - axial.shape[1] / 2) < 3
 
 
-def test_planes_keep_true_proportions():
+def test_planes_keep_true_proportions_cropped_to_the_structures():
     volume, layers = hfs()
-    axial, coronal, sagittal = panels(render_qa(volume, layers, panel_px=200))
-    extent_x = (COLS - 1) * SPACING_MM
-    extent_z = (SLICES - 1) * THICKNESS_MM
-    assert coronal.shape[1] == axial.shape[1]
-    assert coronal.shape[0] / coronal.shape[1] == pytest.approx(extent_z / extent_x, rel=0.03)
-    assert sagittal.shape == coronal.shape  # square in-plane field of view
+    axial, coronal, sagittal = panels(volume, layers)
+    # The body spans columns 8-55 and rows 12-51 of the 64 x 64 grid (2 mm pixels)
+    # and every slice; the views show that plus 15 mm, within the volume.
+    span_x = min(55 * SPACING_MM + CROP_MARGIN_MM, (COLS - 1) * SPACING_MM) - (
+        8 * SPACING_MM - CROP_MARGIN_MM)
+    span_y = (51 - 12) * SPACING_MM + 2 * CROP_MARGIN_MM
+    span_z = (SLICES - 1) * THICKNESS_MM
+    assert axial.shape[1] == coronal.shape[1] == 200  # x is the largest span
+    assert axial.shape[0] / axial.shape[1] == pytest.approx(span_y / span_x, rel=0.02)
+    assert coronal.shape[0] / coronal.shape[1] == pytest.approx(span_z / span_x, rel=0.02)
+    assert sagittal.shape[1] / coronal.shape[1] == pytest.approx(span_y / span_x, rel=0.02)
+    # The body outline sits one margin inside the axial view's edges.
+    step = span_x / 199
+    _, xs = where(axial, GREEN)
+    assert xs.min() == pytest.approx(CROP_MARGIN_MM / step, abs=2)
 
 
 @pytest.mark.parametrize("position", ["HFP", "FFS"])
@@ -155,17 +160,27 @@ def test_prone_and_feet_first_series_look_like_supine(position):
 def test_planes_cross_at_the_structures_centroid():
     volume, layers = hfs()
     heart_only = [layers[1]]
-    axial, coronal, sagittal = panels(render_qa(volume, heart_only, panel_px=200))
+    axial, coronal, sagittal = panels(volume, heart_only)
     # Centred on the heart, every plane cuts it: red in all three panels.
     for panel in (axial, coronal, sagittal):
         assert where(panel, RED)[0].size > 0
 
 
-def test_no_structures_still_renders_the_volume_centre():
+def test_no_structures_still_renders_the_whole_volume():
     volume, _ = hfs()
-    image = render_qa(volume, [], panel_px=120)
-    assert len(panels(image)) == 3
-    assert where(image, GREEN)[0].size == 0
+    axial, coronal, sagittal = panels(volume, [], panel_px=120)
+    assert axial.shape[:2] == (120, 120)  # 64 x 64 pixels of 2 mm, cropped to nothing
+    assert coronal.shape[1] == 120 and sagittal.shape[1] == 120
+    assert where(render_qa(volume, []), GREEN)[0].size == 0
+
+
+def test_orientation_letters_sit_beside_the_image():
+    volume, layers = hfs()
+    for view in render_views(volume, layers, panel_px=120):
+        margin = np.ones(view.shape[:2], dtype=bool)
+        margin[LABEL_PX:-LABEL_PX, LABEL_PX:-LABEL_PX] = False
+        letters = (view == LETTER_COLOR).all(axis=2)
+        assert letters.sum() > 4 * 20 and not (letters & ~margin).any()
 
 
 def test_snapshot_file_is_written_under_a_generated_name(tmp_path):

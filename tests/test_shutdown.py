@@ -50,7 +50,10 @@ class PacedSender(threading.Thread):
         assoc = ae.associate("127.0.0.1", self.port, ae_title="ONCOSEG")
         assert assoc.is_established
         for ds in self.datasets:
-            response = assoc.send_c_store(ds)
+            try:
+                response = assoc.send_c_store(ds)
+            except RuntimeError:  # aborted by the node between two instances
+                break
             status = getattr(response, "Status", None)
             self.statuses.append(status)
             if status != SUCCESS:
