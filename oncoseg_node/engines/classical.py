@@ -43,43 +43,69 @@ def _largest_component_2d(mask: np.ndarray) -> np.ndarray:
     return labels == int(sizes.argmax())
 
 
+def _upsample2(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    return np.repeat(np.repeat(mask, 2, axis=0), 2, axis=1)[:shape[0], :shape[1]]
+
+
+def _fill_holes_cropped(mask: np.ndarray) -> np.ndarray:
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return mask
+    cols = np.flatnonzero(mask.any(axis=0))
+    out = mask.copy()
+    window = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    out[window] = ndimage.binary_fill_holes(mask[window])
+    return out
+
+
 def external(volume: Volume) -> np.ndarray:
-    """Body outline: largest opened component per slice, holes filled."""
-    radius = int(round(COUCH_OPENING_MM / 2 / min(volume.pixel_spacing)))
+    """Body outline: largest opened component per slice, holes filled.
+
+    The opening that cuts the couch and thin immobilisation shells away runs
+    at half resolution (4x fewer pixels, a 2x smaller disk); the outline
+    itself is then taken from the full-resolution threshold next to it.
+    """
+    radius = max(int(round(COUCH_OPENING_MM / 4 / min(volume.pixel_spacing))), 1)
     footprint = _disk(radius)
     body = np.zeros(volume.shape, dtype=bool)
+    shape = volume.shape[1:]
     for z in range(volume.shape[0]):
         candidate = volume.hu[z] > BODY_HU
         if not candidate.any():
             continue
-        opened = ndimage.binary_opening(candidate, structure=footprint)
-        core = _largest_component_2d(opened)
+        small = candidate[::2, ::2]
+        core = _largest_component_2d(ndimage.binary_opening(small, structure=footprint))
         if not core.any():
             continue
         # Give back the skin the opening shaved off, but not the couch:
         # only thresholded pixels next to the kept core.
-        grown = ndimage.binary_dilation(core, structure=footprint) & candidate
-        body[z] = ndimage.binary_fill_holes(_largest_component_2d(grown | core))
+        near = _upsample2(ndimage.binary_dilation(core, structure=footprint, iterations=1),
+                          shape)
+        body[z] = _fill_holes_cropped(_largest_component_2d(candidate & near))
     return body
-
-
-def _airways(volume: Volume, body: np.ndarray) -> np.ndarray:
-    """Trachea and main bronchi: air inside the body that is not parenchyma."""
-    air = (volume.hu < AIRWAY_HU) & body
-    return ndimage.binary_dilation(air, iterations=1) & body
 
 
 def lungs(volume: Volume, body: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(left, right) lungs in the patient's sense; empty when no lung is in view."""
-    aerated = (volume.hu < LUNG_HU) & body & ~_airways(volume, body)
-    aerated = ndimage.binary_opening(aerated, iterations=1)
-    labels, count = ndimage.label(aerated)
     empty = np.zeros(volume.shape, dtype=bool)
+    if not body.any():
+        return empty, empty.copy()
+    # Work inside the body's bounding box: the air around it is most of the grid.
+    box = tuple(slice(int(ix[0]), int(ix[-1]) + 1) for ix in (
+        np.flatnonzero(body.any(axis=(1, 2))), np.flatnonzero(body.any(axis=(0, 2))),
+        np.flatnonzero(body.any(axis=(0, 1)))))
+    inner = body[box]
+    aerated = (volume.hu[box] < LUNG_HU) & inner
+    # Trachea and main bronchi: air that is not parenchyma, widened by a voxel
+    # so the partial-volume rim of the airway wall is not taken as lung.
+    air = ndimage.binary_dilation((volume.hu[box] < AIRWAY_HU) & inner, iterations=1)
+    aerated = ndimage.binary_opening(aerated & ~air, iterations=1)
+    cropped, count = ndimage.label(aerated)
     if count == 0:
         return empty, empty.copy()
-    voxel_cc = volume.voxel_volume_mm3 / 1000.0
-    sizes = ndimage.sum_labels(np.ones(volume.shape) * voxel_cc[:, None, None], labels,
-                               index=np.arange(1, count + 1))
+    labels = np.zeros(volume.shape, dtype=cropped.dtype)
+    labels[box] = cropped
+    sizes = _component_cc(volume, labels, count)
     keep = [i + 1 for i in np.argsort(sizes)[::-1][:2] if sizes[i] >= MIN_LUNG_CC]
     if not keep:
         return empty, empty.copy()
@@ -100,16 +126,30 @@ def lungs(volume: Volume, body: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return _drop_small(volume, left), _drop_small(volume, right)
 
 
+def _component_cc(volume: Volume, labels: np.ndarray, count: int) -> np.ndarray:
+    """Volume in cc of labels 1..count, each slice weighted by its own voxel volume."""
+    voxel_cc = volume.voxel_volume_mm3 / 1000.0
+    sizes = np.zeros(count + 1)
+    for z in np.flatnonzero(labels.any(axis=(1, 2))):
+        sizes += np.bincount(labels[z].ravel(), minlength=count + 1) * voxel_cc[z]
+    return sizes[1:]
+
+
 def _drop_small(volume: Volume, mask: np.ndarray) -> np.ndarray:
     return mask if volume.mask_volume_cc(mask) >= MIN_LUNG_CC else np.zeros_like(mask)
 
 
 def _patient_x(volume: Volume, mask: np.ndarray) -> float:
-    """Mean patient x (mm) of a mask, evaluated per slice with its own geometry."""
+    """Mean patient x (mm) of a mask, each slice mapped with its own geometry.
+
+    The index-to-patient map is affine within a slice, so a slice's centroid
+    maps to the centroid of its points: one point per slice suffices.
+    """
     total, count = 0.0, 0
     for z in np.flatnonzero(mask.any(axis=(1, 2))):
         ys, xs = np.nonzero(mask[z])
-        total += float(volume.index_to_patient(int(z), ys, xs)[:, 0].sum())
+        point = volume.index_to_patient(int(z), np.array([ys.mean()]), np.array([xs.mean()]))
+        total += float(point[0, 0]) * len(xs)
         count += len(xs)
     return total / max(count, 1)
 
@@ -134,9 +174,7 @@ def bones(volume: Volume, body: np.ndarray) -> np.ndarray:
     labels, count = ndimage.label(mask)
     if count == 0:
         return mask
-    voxel_cc = volume.voxel_volume_mm3 / 1000.0
-    sizes = ndimage.sum_labels(np.ones(volume.shape) * voxel_cc[:, None, None], labels,
-                               index=np.arange(1, count + 1))
+    sizes = _component_cc(volume, labels, count)
     keep = np.zeros(count + 1, dtype=bool)
     keep[1:] = sizes >= MIN_BONE_CC
     return keep[labels]
@@ -147,7 +185,7 @@ def spinal_canal(volume: Volume, body: np.ndarray, bone: np.ndarray) -> np.ndarr
     canal = np.zeros(volume.shape, dtype=bool)
     pixel_mm2 = volume.pixel_spacing[0] * volume.pixel_spacing[1]
     for z in np.flatnonzero(bone.any(axis=(1, 2))):
-        enclosed = ndimage.binary_fill_holes(bone[z]) & ~bone[z] & body[z]
+        enclosed = _fill_holes_cropped(bone[z]) & ~bone[z] & body[z]
         labels, count = ndimage.label(enclosed)
         best, best_score = None, None
         for label in range(1, count + 1):
