@@ -153,6 +153,17 @@ def test_low_mean_score_raises_a_flag(tiny_dir: Path):
     assert results[0].flags == (f"low SAM3 score {results[0].score:.2f} < 0.60",)
 
 
+def test_protocol_postprocessing_applies_to_sam3_masks(engine: Sam3Engine):
+    from scipy import ndimage
+
+    from oncoseg_node.protocols import PostProcess
+
+    one = replace(STRUCTURES[0], postprocess=PostProcess(keep_components=1))
+    result = engine.segment(phantom(), [one])[0]
+    assert result.mask is not None
+    assert ndimage.label(result.mask)[1] == 1
+
+
 # -- encode once, prompt many; NMS ------------------------------------------------------
 
 

@@ -193,3 +193,27 @@ def test_feature_store_serves_one_slice_and_refuses_to_encode():
         store.get_vision_features(5)
     with pytest.raises(RuntimeError):
         store.cache_vision_features(0, {})
+
+
+# -- packaging and configuration ----------------------------------------------------
+
+
+def test_no_torchvision_patch_ships_in_the_package():
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "oncoseg_node"
+    offenders = [p.name for p in package.rglob("*.py") if "torchvision" in p.read_text()]
+    assert offenders == []
+
+
+def test_sam3_settings_parse_and_are_checked(make_config):
+    from oncoseg_node.errors import ConfigError
+
+    sam3 = {"device": "cpu", "max_instances": 3, "track_gap_slices": 0, "batch_size": 2}
+    config = make_config(engine={"name": "classical", "sam3": sam3})
+    assert (config.engine.sam3.max_instances, config.engine.sam3.track_gap_slices) == (3, 0)
+    with pytest.raises(ConfigError) as err:
+        make_config(engine={"name": "classical",
+                            "sam3": {**sam3, "max_instances": 0, "track_gap_slices": -1}})
+    assert "engine.sam3.max_instances" in str(err.value)
+    assert "engine.sam3.track_gap_slices" in str(err.value)

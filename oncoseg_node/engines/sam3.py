@@ -37,6 +37,7 @@ from ..protocols import Structure
 from ..sanity import body_midline_x
 from ..volume import Volume
 from .base import StructureResult
+from .postprocess import postprocess
 from .sam3_load import (
     DTYPES,
     AdapterInfo,
@@ -312,6 +313,8 @@ class Sam3Engine:
             mask = np.zeros(volume.shape, dtype=bool)
             for z, logits in track.logits.items():
                 mask[z] = frame.logits_to_ct(torch.from_numpy(logits)[None])[0]
+            # the physicists' clean-up applies to every engine; judge the volume after it
+            mask = postprocess(volume, mask, structure.postprocess)
             cc = volume.mask_volume_cc(mask)
             tried.append((track, mask, cc))
             if _fits(structure, cc):
