@@ -81,6 +81,19 @@ class DeliveryScheduler:
                 replace_existing=True,
             )
 
+    def observe_delivered(self, delivery_id: int) -> None:
+        """Record a delivery's latency: from series complete (job created) to accepted.
+
+        Called when the C-STORE succeeds, or for a destination with Storage
+        Commitment when its report confirms the object (see the listener).
+        """
+        delivery = self.ledger.delivery(delivery_id)
+        job = self.ledger.job(delivery.job_id) if delivery is not None else None
+        if delivery is None or job is None or delivery.delivered_at is None:
+            return
+        self.metrics.delivery_latency_seconds.observe(
+            max(delivery.delivered_at - job.created_at, 0.0), destination=delivery.destination)
+
     def attempt(self, delivery_id: int) -> None:
         with self._lock:
             self._in_flight.add(delivery_id)
@@ -137,9 +150,7 @@ class DeliveryScheduler:
         elif outcome.delivered:
             self.ledger.record_attempt(delivery_id, state=DELIVERED, status=outcome.status,
                                        reason=outcome.reason)
-            if job is not None:  # from series complete to accepted: what the planners wait
-                self.metrics.delivery_latency_seconds.observe(
-                    max(self.ledger.clock() - job.created_at, 0.0), destination=dest.name)
+            self.observe_delivered(delivery_id)
             bound.info("rtstruct_delivered", attempts=attempts, status=outcome.reason, audit=True)
         elif outcome.transient:
             delay = backoff_delay(dest.retry, attempts)

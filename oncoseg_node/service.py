@@ -84,7 +84,8 @@ class Service:
         self.delivery.start()
         self.retention = Retention(cfg.retention, self.ledger, spool)
         self.retention.start()
-        handlers = StoreHandlers(cfg.node, cfg.series, spool, self.ledger)
+        handlers = StoreHandlers(cfg.node, cfg.series, spool, self.ledger,
+                                 on_committed=self.delivery.observe_delivered)
         assembler = Assembler(self.ledger, cfg.series.quiet_period_s,
                               association_open=handlers.associations.is_open)
         self.worker = Worker(cfg, self.ledger, spool, engines, self.current_protocols,

@@ -7,6 +7,8 @@ import re
 
 import pytest
 
+from oncoseg_node.delivery import DeliveryScheduler
+from oncoseg_node.jobqueue import DELIVERED, Ledger
 from oncoseg_node.metrics import Counter, Histogram, NodeMetrics, Registry
 
 NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
@@ -143,3 +145,30 @@ def test_node_metrics_page_is_valid_exposition_format():
     latency = families["oncoseg_delivery_latency_seconds"]["samples"]
     assert ("oncoseg_delivery_latency_seconds_count", {"destination": "tps"}, 1.0) in latency
     assert ("oncoseg_jobs", {"state": "sent"}, 7.0) in families["oncoseg_jobs"]["samples"]
+
+
+def test_delivery_latency_runs_from_series_complete_to_accepted(make_config):
+    """Observed from the ledger's own times, whichever way the delivery was confirmed."""
+    config = make_config()
+    now = [1000.0]
+    ledger = Ledger(config.ledger_path, clock=lambda: now[0])
+    ledger.record_instance(sop_instance_uid="1.1", series_uid="1", study_uid="2",
+                           sop_class_uid="1.2.840.10008.5.1.4.1.1.2", relpath="objects/a.dcm",
+                           sha256="0" * 64, size=1, calling_ae="CTSIM")
+    now[0] = 1010.0
+    job_id = ledger.close_series("1")  # series complete at t = 1010
+    ledger.claim(3)
+    ledger.start_deliveries(job_id, [("tps", "9.9", "outbox/x.dcm")])
+    (delivery,) = ledger.deliveries(job_id=job_id)
+    metrics = NodeMetrics()
+    scheduler = DeliveryScheduler(config, ledger, metrics=metrics)
+    scheduler.observe_delivered(delivery.id)  # still pending: nothing to observe
+    assert metrics.delivery_latency_seconds.count(destination="tps") == 0
+    now[0] = 1052.5
+    ledger.record_attempt(delivery.id, state=DELIVERED, status=0, reason="committed")
+    scheduler.observe_delivered(delivery.id)
+    text = metrics.render()
+    assert 'oncoseg_delivery_latency_seconds_sum{destination="tps"} 42.5\n' in text
+    assert 'oncoseg_delivery_latency_seconds_bucket{destination="tps",le="30"} 0\n' in text
+    assert 'oncoseg_delivery_latency_seconds_bucket{destination="tps",le="60"} 1\n' in text
+    ledger.close()

@@ -191,12 +191,15 @@ class StoreHandlers:
     """The event handlers bound to the listener."""
 
     def __init__(self, node: NodeConfig, series: SeriesConfig, spool: Spool,
-                 ledger: Ledger, on_activity: Callable[[], None] | None = None) -> None:
+                 ledger: Ledger, on_activity: Callable[[], None] | None = None,
+                 on_committed: Callable[[int], None] | None = None) -> None:
         self.node = node
         self.series = series
         self.spool = spool
         self.ledger = ledger
         self.on_activity = on_activity or (lambda: None)
+        # told the delivery id a destination committed to (delivery latency)
+        self.on_committed = on_committed or (lambda delivery_id: None)
         self.min_free_bytes = node.min_free_disk_mb * 1024 * 1024
         self.received = 0
         self._counter_lock = threading.Lock()
@@ -226,6 +229,8 @@ class StoreHandlers:
         log.info("storage_commitment_report", transaction_uid=transaction_uid,
                  committed=committed, delivery_id=delivery_id, reason=reason,
                  calling_ae=str(event.assoc.requestor.ae_title).strip(), audit=committed)
+        if committed and delivery_id is not None:
+            self.on_committed(delivery_id)
         return status.SUCCESS, None
 
     def handle_association_end(self, event: Any) -> None:
