@@ -120,6 +120,19 @@ def test_engine_identity_and_supports(engine: Sam3Engine, tiny_dir: Path):
     assert engine.supports(STRUCTURES[0]) and not engine.supports(STRUCTURES[3])
 
 
+def test_node_config_builds_the_engine_beside_the_classical_one(tiny_dir: Path):
+    """Plumbing only (random weights): the registry's sam3 path, as the daemon uses it."""
+    from oncoseg_node.config import EngineConfig
+    from oncoseg_node.engines.registry import build_engines
+
+    engines = build_engines(EngineConfig(name="sam3", sam3=cpu_config(tiny_dir)))
+    assert set(engines.engines) == {"classical", "sam3"}
+    structures = [STRUCTURES[0], Structure("External", (1, 2, 3))]
+    results = engines.segment(phantom(), structures)
+    assert [r.name for r in results] == ["Liver", "External"]
+    assert engines.describe_for(structures[:1]).startswith(f"sam3: SAM3 {tiny_dir.name} ")
+
+
 def test_results_are_on_the_ct_grid_one_per_structure(engine: Sam3Engine):
     """Shapes only: the model is random, so what it contours means nothing."""
     volume = phantom()

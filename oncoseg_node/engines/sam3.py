@@ -18,6 +18,12 @@ one seeds the tracker, which runs both ways until the structure ends. When
 the result misses the expected volume, the next unexplained detection is
 tried. A structure without any detection over the threshold is reported
 absent with its best score: nothing is drawn from noise.
+
+Geometric prompts: a ``box_prompter`` (slice -> CT pixel boxes for a
+structure, e.g. intensity-based boxes from the classical engine) can be
+given to :meth:`Sam3Engine.from_config`; those slices are prompted with text
+and boxes together. ``registry.build_engines`` passes none until the
+classical engine publishes its box prompts (``engines/prompts.py``).
 """
 
 from __future__ import annotations
@@ -77,6 +83,10 @@ class _Prompt:
     boxes: Mapping[int, Sequence[Box]] | None = None
 
 
+def _concepts(structure: Structure) -> list[str]:
+    return [c for c in structure.concepts if c.strip()]
+
+
 def _fits(structure: Structure, cc: float) -> bool:
     """Whether ``cc`` lies in the structure's expected volume range (always, without one)."""
     return structure.volume_cc is None or structure.volume_cc[0] <= cc <= structure.volume_cc[1]
@@ -128,12 +138,13 @@ class Sam3Engine:
 
     def supports(self, structure: Structure) -> bool:
         """Any structure with a text concept; the concept is the prompt."""
-        return any(c.strip() for c in structure.concepts)
+        return bool(_concepts(structure))
 
     # -- the job ---------------------------------------------------------------
 
     @torch.inference_mode()
     def segment(self, volume: Volume, structures: Sequence[Structure]) -> list[StructureResult]:
+        """One result per structure, in order; masks are boolean ``(z, y, x)`` on the CT grid."""
         results: list[StructureResult | None] = [None] * len(structures)
         groups: dict[tuple[float, float], list[int]] = {}
         for i, structure in enumerate(structures):
@@ -167,10 +178,10 @@ class Sam3Engine:
                  boxes: Sequence[Mapping[int, Sequence[Box]] | None]) -> list[_Prompt]:
         prompts: dict[tuple[str, str | None], _Prompt] = {}
         for structure, sboxes in zip(structures, boxes, strict=True):
-            for concept in structure.concepts:
+            for concept in _concepts(structure):
                 key = (concept, structure.name if sboxes else None)
                 prompts.setdefault(key, _Prompt(key, concept, sboxes))
-            for concept in structure.negative_concepts:
+            for concept in (c for c in structure.negative_concepts if c.strip()):
                 prompts.setdefault((concept, None), _Prompt((concept, None), concept))
         return list(prompts.values())
 
@@ -270,14 +281,15 @@ class Sam3Engine:
         n = volume.shape[0]
         out: list[list[Detection]] = []
         for z in range(n):
-            dets = [d for c in structure.concepts
+            dets = [d for c in _concepts(structure)
                     for d in hits[(c, structure.name if boxed else None)][z]]
-            if len(structure.concepts) > 1 and len(dets) > 1:
+            if len(dets) > 1:
                 keep = mask_nms(torch.stack([d.mask for d in dets]),
                                 torch.tensor([d.score for d in dets]), self.nms_iou,
                                 max_keep=self.config.max_instances, max_candidates=len(dets))
                 dets = [dets[k] for k in keep.tolist()]
-            negatives = [d for c in structure.negative_concepts for d in hits[(c, None)][z]]
+            negatives = [d for c in structure.negative_concepts if c.strip()
+                         for d in hits[(c, None)][z]]
             if negatives and dets:
                 iou = pairwise_mask_iou(torch.stack([d.mask for d in dets]),
                                         torch.stack([d.mask for d in negatives]))
@@ -303,7 +315,7 @@ class Sam3Engine:
         threshold = float(self.config.score_threshold)
         candidates = self._candidates(volume, frame, structure, boxed, hits, midline)
         top = max((float(best[(c, structure.name if boxed else None)].max())
-                   for c in structure.concepts), default=0.0)
+                   for c in _concepts(structure)), default=0.0)
         tried: list[tuple[Track, np.ndarray, float]] = []
         for _ in range(SEED_ATTEMPTS):
             seed = next_seed(candidates, [t for t, _, _ in tried], self.assoc_iou)
