@@ -29,6 +29,21 @@ def restore_structlog():
     structlog.configure(**saved)
 
 
+def drain(leader: int) -> str:
+    """Everything written to a pseudo-terminal whose other end is closed."""
+    data = b""
+    while select.select([leader], [], [], 2.0)[0]:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: the writer's end is closed and all was read
+            break
+        if not chunk:
+            break
+        data += chunk
+    os.close(leader)
+    return data.decode(errors="replace")
+
+
 def emit(config: LoggingConfig, stream) -> None:
     configure_logging(config, stream)
     log = structlog.get_logger("oncoseg_node.test").bind(job_id=7, series_uid="1.2.3",
@@ -52,9 +67,7 @@ def test_readable_lines_on_a_terminal():
     with os.fdopen(follower, "w") as terminal:
         emit(LoggingConfig(format="auto", level="debug"), terminal)
         terminal.flush()
-    text = os.read(leader, 65536).decode()
-    os.close(leader)
-    lines = text.splitlines()
+    lines = drain(leader).splitlines()
     assert len(lines) == 2 and "job_started" in lines[0] and "hidden_at_info" in lines[1]
     assert "job_id=7" in lines[0] and "series_uid=1.2.3" in lines[0]
     with pytest.raises(json.JSONDecodeError):
@@ -68,8 +81,7 @@ def test_format_can_be_forced_either_way():
     leader, follower = os.openpty()
     with os.fdopen(follower, "w") as terminal:
         emit(LoggingConfig(format="json", level="info"), terminal)
-    assert json.loads(os.read(leader, 65536).decode().splitlines()[0])["job_id"] == 7
-    os.close(leader)
+    assert json.loads(drain(leader).splitlines()[0])["job_id"] == 7
 
 
 def test_contextvars_are_merged_into_every_line():
