@@ -473,7 +473,9 @@ class Ledger:
 
         ``commitment`` (transaction UID, time stored) marks an object the
         destination stored but has yet to commit to; a failed commitment
-        clears it so the next attempt stores the object again.
+        clears it so the next attempt stores the object again. Only a pending
+        delivery changes: a commitment report can arrive (and deliver it)
+        before the attempt that asked for it is recorded.
         """
         now = self.clock()
         with self.transaction() as db:
@@ -481,7 +483,8 @@ class Ledger:
                 """UPDATE deliveries SET state = ?, attempts = attempts + ?, last_status = ?,
                    reason = ?, next_attempt_at = COALESCE(?, next_attempt_at),
                    delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END,
-                   transaction_uid = ?, stored_at = ?, updated_at = ? WHERE id = ?""",
+                   transaction_uid = ?, stored_at = ?, updated_at = ?
+                   WHERE id = ? AND state = 'pending'""",
                 (state, int(count_attempt), status, reason, next_attempt_at, state, now,
                  commitment[0] if commitment else None, commitment[1] if commitment else None,
                  now, delivery_id),

@@ -87,14 +87,18 @@ def write_structure_set(contoured: Contoured, protocols: ProtocolSet, engines: E
     by_name = {s.name: s for s in contoured.protocol.structures}
     rois = [
         RoiMask(name=r.name, color=by_name[r.name].color,
-                interpreted_type=by_name[r.name].interpreted_type, mask=r.mask)
+                interpreted_type=by_name[r.name].interpreted_type, mask=r.mask,
+                engine=by_name[r.name].engine)
         for r in contoured.results if not r.absent
     ]
+    used = sorted({by_name[r.name].engine for r in contoured.results})
     info = GenerationInfo(
-        engine=",".join(sorted({by_name[r.name].engine for r in contoured.results})),
+        engine=",".join(used),
         model=engines.describe_for(contoured.protocol.structures),
         protocol_name=contoured.protocol.name,
         protocol_version=protocols.version,
+        models={name: engines.engines[name].description for name in used
+                if name in engines.engines},
     )
     ds = build_rtstruct(contoured.volume, rois, info, profile)
     save_verified(ds, path, contoured.volume, profile)

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import io
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -61,21 +61,35 @@ class RoiMask:
     color: tuple[int, int, int]
     interpreted_type: str
     mask: np.ndarray
+    engine: str | None = None  # which engine drew it, for its ROIGenerationDescription
 
 
 @dataclass(frozen=True)
 class GenerationInfo:
-    """What made the contours, for ROIGenerationDescription."""
+    """What made the contours: engine, model identity, protocol and its version.
+
+    ``models`` maps engine name to model identity (weights hash, adapter) when
+    several engines contributed; ``model`` is used for any engine not in it.
+    """
 
     engine: str
     model: str
     protocol_name: str
     protocol_version: str
+    models: Mapping[str, str] = field(default_factory=dict)
 
-    def describe(self, limit: int = 64) -> str:
-        text = (f"oncoseg-node {__version__} {self.engine}; protocol "
-                f"{self.protocol_name} {self.protocol_version}; {self.model}")
-        return text[:limit]
+    def describe(self, engine: str | None = None, limit: int = 64) -> str:
+        """ROIGenerationDescription (LO, 64 characters): the protocol version always fits."""
+        engine = engine or self.engine
+        suffix = f"; protocol {self.protocol_name}@{self.protocol_version}"
+        head = f"{engine}: {self.models.get(engine, self.model)}"
+        return head[:max(limit - len(suffix), 8)] + suffix[:limit]
+
+    def full(self) -> str:
+        models = "; ".join(f"{k}: {v}" for k, v in sorted(self.models.items())) or \
+            f"{self.engine}: {self.model}"
+        return (f"oncoseg-node {__version__}; protocol {self.protocol_name} version "
+                f"{self.protocol_version}; {models}")
 
 
 def encode_ds(values: np.ndarray) -> bytes:
@@ -183,7 +197,7 @@ def build_rtstruct(volume: Volume, rois: Sequence[RoiMask], info: GenerationInfo
     ds.StructureSetLabel = STRUCTURE_SET_LABEL
     ds.StructureSetName = "AUTO DRAFT FOR REVIEW"
     ds.StructureSetDescription = ("Automatic contours, not approved: review and edit every "
-                                  "structure before clinical use.")
+                                  "structure before clinical use. " + info.full())[:1024]
     ds.StructureSetDate, ds.StructureSetTime = date, time
     ds.ApprovalStatus = "UNAPPROVED"
 
@@ -209,7 +223,7 @@ def build_rtstruct(volume: Volume, rois: Sequence[RoiMask], info: GenerationInfo
         item.ReferencedFrameOfReferenceUID = volume.frame_of_reference_uid
         item.ROIName = roi.name
         item.ROIGenerationAlgorithm = "AUTOMATIC"
-        item.ROIGenerationDescription = info.describe()
+        item.ROIGenerationDescription = info.describe(roi.engine)[:64]
         structure_rois.append(item)
 
         contours = []

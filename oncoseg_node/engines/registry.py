@@ -59,7 +59,8 @@ def build_engines(config: EngineConfig) -> EngineSet:
 
     engines: dict[str, Engine] = {"classical": ClassicalEngine()}
     if config.name == "sam3":
+        from .prompts import box_prompts
         from .sam3 import Sam3Engine  # torch and transformers load only on this path
 
-        engines["sam3"] = Sam3Engine.from_config(config.sam3)
+        engines["sam3"] = Sam3Engine.from_config(config.sam3, box_prompter=box_prompts)
     return EngineSet(engines)
