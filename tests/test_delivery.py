@@ -8,7 +8,7 @@ import threading
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import CTImageStorage
+from pynetdicom.sop_class import CTImageStorage, RTStructureSetStorage
 
 from oncoseg_node.config import RetryConfig, load_config
 from oncoseg_node.delivery import DeliveryScheduler, backoff_delay
@@ -117,6 +117,7 @@ class FailingScp:
         self.received: list[str] = []
         self.ae = AE(ae_title="TPS")
         self.ae.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian])
+        self.ae.add_supported_context(RTStructureSetStorage, [ExplicitVRLittleEndian])
         self.port = free_port()
         self.lock = threading.Lock()
 
@@ -234,3 +235,47 @@ def test_storage_commitment_with_a_real_orthanc_confirms_the_delivery(tmp_path, 
         assert delivery.reason == "committed by destination"
         instances = tps.get("/instances?expand")
         assert [i["MainDicomTags"]["SOPInstanceUID"] for i in instances] == [uid]
+
+
+def test_permanent_failure_shows_in_status_and_cli_retry_delivers(tmp_path):
+    """Through the daemon and its CLI: the reason is visible, `retry` sends again."""
+    from oncoseg_node.phantom import write_phantom
+    from tests.daemon import Daemon
+    from tests.peers import storescu
+
+    write_phantom(tmp_path / "ct", slices=8, rows=96, columns=96, pixel_spacing=(4.0, 4.0))
+    port = free_port()
+    with FailingScp(status.DATASET_DOES_NOT_MATCH_SOP_CLASS) as tps:
+        config = write_config(tmp_path, node={"port": port},
+                              destinations=[destination("tps", tps.port)])
+        daemon = Daemon(config, port, tmp_path / "daemon.log").start()
+        try:
+            assert storescu(tmp_path / "ct", port).returncode == 0
+            (job,) = wait_until(lambda: [j for j in daemon.status() if j["state"] == "failed"],
+                                90, "failed job")
+            text = daemon.cli("status").stdout
+            assert "failed" in text and "0xA900" in text
+            assert job["deliveries"][0]["status"] == status.DATASET_DOES_NOT_MATCH_SOP_CLASS
+            tps.answer = status.SUCCESS
+            proc = daemon.cli("retry", str(job["job"]))
+            assert proc.returncode == 0, proc.stderr
+            wait_until(lambda: [j for j in daemon.status() if j["state"] == "sent"], 30,
+                       "job sent after retry")
+            refused = daemon.cli("retry", str(job["job"]))
+            assert refused.returncode == 1 and "no failed or pending" in refused.stderr
+        finally:
+            daemon.stop()
+    assert len(tps.received) == 2 and tps.received[0] == tps.received[1]
+
+
+def test_destination_refusing_the_sop_class_is_a_permanent_failure(tmp_path):
+    from oncoseg_node.dicom.sender import send_file
+
+    scp = FailingScp(status.SUCCESS)
+    scp.ae = AE(ae_title="TPS")
+    scp.ae.add_supported_context(RTStructureSetStorage, [ExplicitVRLittleEndian])
+    with scp:
+        cfg, _, _, _ = queued_delivery(tmp_path, [destination("tps", scp.port)])
+        outcome = send_file(cfg.state_dir / "outbox" / "rs.dcm", cfg.destinations[0], "ONCOSEG")
+    assert not outcome.delivered and not outcome.transient
+    assert "CT Image Storage" in outcome.reason and "rejected" in outcome.reason

@@ -54,6 +54,11 @@ def send_file(path: Path, dest: DestinationConfig, calling_ae_title: str) -> Sen
             primitive = getattr(acceptor, "primitive", None)
             if primitive is not None and primitive.result_str:
                 reason += f" ({primitive.result_str}, {primitive.reason_str})"
+        elif assoc.is_aborted and assoc.rejected_contexts and not assoc.accepted_contexts:
+            # The destination refuses the SOP class itself: retrying cannot help.
+            return SendOutcome(False, False, None,
+                               f"destination does not accept {ds.SOPClassUID.name} "
+                               "(presentation context rejected)")
         elif assoc.is_aborted:
             reason = "association aborted during negotiation"
         else:
