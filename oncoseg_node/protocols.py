@@ -138,13 +138,39 @@ def _structure(name: str, raw: Mapping[str, Any], problems: list[str]) -> Struct
     engine = str(raw.get("engine", "classical"))
     if engine not in ENGINES:
         problems.append(f"structures.{name}.engine: {engine!r} is not one of {sorted(ENGINES)}")
+    known = {"color", "type", "engine", "concepts", "negative_concepts", "laterality",
+             "volume_cc", "hu_window", "postprocess"}
+    for key in sorted(set(raw) - known):
+        problems.append(f"structures.{name}.{key}: unknown key")
+    laterality = raw.get("laterality")
+    if laterality not in (None, "left", "right"):
+        problems.append(f"structures.{name}.laterality: {laterality!r} is not left or right")
+    ranges = {}
+    for key in ("volume_cc", "hu_window"):
+        value = raw.get(key)
+        if value is None:
+            ranges[key] = None
+        elif (isinstance(value, (list, tuple)) and len(value) == 2
+              and all(isinstance(v, (int, float)) for v in value) and value[0] < value[1]):
+            ranges[key] = (float(value[0]), float(value[1]))
+        else:
+            problems.append(f"structures.{name}.{key}: {value!r} is not [low, high]")
+            ranges[key] = None
+    post_raw = raw.get("postprocess") or {}
+    post_keys = {"keep_components", "fill_holes", "smoothing_mm", "min_island_cc"}
+    for key in sorted(set(post_raw) - post_keys):
+        problems.append(f"structures.{name}.postprocess.{key}: unknown key")
     return Structure(
         name=name,
         color=(color[0], color[1], color[2]),
         interpreted_type=itype,
         engine=engine,
         concepts=tuple(raw.get("concepts", ()) or ()),
-        laterality=raw.get("laterality"),
+        negative_concepts=tuple(raw.get("negative_concepts", ()) or ()),
+        laterality=laterality,
+        volume_cc=ranges["volume_cc"],
+        hu_window=ranges["hu_window"],
+        postprocess=PostProcess(**{k: v for k, v in post_raw.items() if k in post_keys}),
     )
 
 
@@ -162,6 +188,7 @@ def load_protocols(path: Path) -> ProtocolSet:
         if structure is not None:
             library[str(name)] = structure
     protocols = []
+    seen: set[str] = set()
     for index, entry in enumerate(raw.get("protocols") or []):
         pname = str(entry.get("name", f"#{index}"))
         attributes = {}
@@ -177,11 +204,28 @@ def load_protocols(path: Path) -> ProtocolSet:
                 problems.append(f"protocols.{pname}.structures: unknown structure {sname!r}")
             else:
                 structures.append(library[sname])
+        for key in sorted(set(match_raw) - {"attributes", "calling_aets", "slice_thickness_mm"}):
+            problems.append(f"protocols.{pname}.match.{key}: unknown key")
+        thickness = match_raw.get("slice_thickness_mm")
+        if thickness is not None and not (
+                isinstance(thickness, list) and len(thickness) == 2
+                and all(isinstance(v, (int, float)) for v in thickness)
+                and thickness[0] <= thickness[1]):
+            problems.append(f"protocols.{pname}.match.slice_thickness_mm: {thickness!r} is not "
+                            "[min, max] with min <= max (the rule could never match)")
+            thickness = None
+        if pname in seen:
+            problems.append(f"protocols.{pname}: name used twice")
+        seen.add(pname)
         protocols.append(
             Protocol(
                 name=pname,
                 priority=int(entry.get("priority", 0)),
-                match=MatchRules(attributes=attributes),
+                match=MatchRules(
+                    attributes=attributes,
+                    calling_aets=tuple(match_raw.get("calling_aets") or ()),
+                    slice_thickness_mm=(float(thickness[0]), float(thickness[1]))
+                    if thickness else None),
                 structures=tuple(structures),
             )
         )
