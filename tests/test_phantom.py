@@ -2,37 +2,134 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
+from oncoseg_node.errors import GeometryError
+from oncoseg_node.geometry import check_series
 from oncoseg_node.phantom import make_phantom, write_phantom
 from tests.peers import dciodvfy
 
+SMALL = {"slices": 24, "rows": 128, "columns": 128, "pixel_spacing": (3.9, 3.9)}
+FINE = {"slices": 16, "rows": 256, "columns": 256, "pixel_spacing": (1.95, 1.95)}
+POSITIONS = ["HFS", "HFP", "FFS", "FFP"]
 
-def test_written_phantom_passes_dciodvfy(tmp_path):
-    write_phantom(tmp_path, slices=4, rows=128, columns=128, pixel_spacing=(3.9, 3.9))
-    for path in sorted(tmp_path.iterdir()):
+
+def patient_points(volume, mask: np.ndarray) -> np.ndarray:
+    """LPS coordinates (n, 3) of a mask's voxel centres, each slice with its own geometry."""
+    points = [volume.index_to_patient(int(z), *np.nonzero(mask[z]))
+              for z in np.flatnonzero(mask.any(axis=(1, 2)))]
+    return np.concatenate(points)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"slices": 3},
+    {"slices": 3, "patient_position": "FFP", "gantry_tilt_deg": 12.0, "site": "pelvis"},
+    {"slices": 3, "patient_position": "HFP", "site": "head", "pixel_spacing": (3.0, 4.2)},
+])
+def test_written_phantom_passes_dciodvfy(tmp_path, kwargs):
+    write_phantom(tmp_path, rows=128, columns=128, **{"pixel_spacing": (3.9, 3.9), **kwargs})
+    paths = sorted(tmp_path.iterdir())
+    assert [p.name for p in paths] == ["CT000001.dcm", "CT000002.dcm", "CT000003.dcm"]
+    for path in paths:
         errors, output = dciodvfy(path)
         assert errors == [], output
 
 
-@pytest.mark.parametrize("position", ["HFS", "HFP", "FFS", "FFP"])
-def test_left_lung_truth_lies_at_positive_patient_x(position):
-    p = make_phantom(slices=8, rows=96, columns=96, pixel_spacing=(4.0, 4.0),
-                     patient_position=position)
-    z, ys, xs = np.nonzero(p.truth["Lung_L"])
-    k = int(np.median(z))
-    sel = z == k
-    assert p.volume.index_to_patient(k, ys[sel], xs[sel])[:, 0].mean() > 40
+@pytest.mark.parametrize("position", POSITIONS)
+def test_truth_is_the_analytic_anatomy_in_patient_coordinates(position):
+    """Independent of the grid: the canal's voxels lie in its ellipse, the left lung at +x."""
+    p = make_phantom(**SMALL, patient_position=position)
+    canal = patient_points(p.volume, p.truth["SpinalCanal"])
+    assert np.all((canal[:, 0] / 8.0) ** 2 + ((canal[:, 1] - 84.0) / 7.0) ** 2 <= 1.0 + 1e-9)
+    left = patient_points(p.volume, p.truth["Lung_L"])
+    right = patient_points(p.volume, p.truth["Lung_R"])
+    assert left[:, 0].min() > 0 > right[:, 0].max()
+    # The spine is posterior (+y) whichever way the patient lies.
+    assert canal[:, 1].mean() > left[:, 1].mean()
+
+
+def test_anatomy_does_not_depend_on_the_patient_position():
+    volumes = {pos: make_phantom(**SMALL, patient_position=pos) for pos in POSITIONS}
+    for name in ("Lung_L", "Lung_R", "Bones", "External"):
+        cc = [v.volume.mask_volume_cc(v.truth[name]) for v in volumes.values()]
+        assert max(cc) / min(cc) < 1.01, (name, cc)
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+def test_couch_lies_against_the_body_on_the_side_it_lies_on(position):
+    p = make_phantom(**FINE, patient_position=position)
+    body = p.truth["External"]
+    dense_outside = (p.volume.hu > -350) & ~body
+    couch = patient_points(p.volume, dense_outside)
+    # Posterior when supine, anterior when prone: the couch is what gravity points at.
+    assert np.sign(np.median(couch[:, 1])) == (1 if position.endswith("S") else -1)
+    touching = ndimage.binary_dilation(body, structure=np.ones((1, 3, 3))) & dense_outside
+    assert touching.sum() > 20
+
+
+def test_thorax_has_air_filled_airways_outside_the_lungs_and_textured_lung():
+    p = make_phantom(**FINE)
+    hu, t = p.volume.hu, p.truth
+    airways = t["Trachea"] | t["Bronchus"]
+    assert not (airways & t["Lungs"]).any()
+    assert np.median(hu[ndimage.binary_erosion(t["Trachea"], iterations=2)]) < -900
+    lung = hu[t["Lungs"] & (hu < -400)]
+    assert -880 < np.median(lung) < -800 and lung.std() > 15
+    # Vessels: soft tissue inside the lung truth.
+    assert (t["Lungs"] & (hu > -300)).sum() > 50
+    assert t["Lungs"].sum() == (t["Lung_L"] | t["Lung_R"]).sum()
+    assert np.all(t["Lungs"] <= t["External"])
+
+
+@pytest.mark.parametrize("site", ["head", "pelvis"])
+def test_head_and_pelvis_have_no_lungs(site):
+    p = make_phantom(**SMALL, site=site)
+    assert not {"Lung_L", "Lung_R", "Lungs"} & set(p.truth)
+    assert p.truth["External"].any() and p.truth["Bones"].any()
+
+
+def test_pelvis_has_bowel_gas_as_large_as_a_small_lung():
+    p = make_phantom(**SMALL, site="pelvis")
+    gas = (p.volume.hu < -900) & p.truth["External"]
+    assert p.volume.mask_volume_cc(gas) > 30
 
 
 def test_slices_are_sorted_along_the_normal_and_truth_matches_shape():
     p = make_phantom(slices=6, rows=64, columns=64, pixel_spacing=(6.0, 6.0),
-                     slice_offsets=[0, 2, 4, 9, 14, 19])
-    assert np.all(np.diff(p.volume.slice_offsets) > 0)
+                     slice_offsets=[9, 0, 2, 4, 14, 19])
     assert np.allclose(np.diff(p.volume.slice_offsets), [2, 2, 5, 5, 5])
+    assert [int(ds.InstanceNumber) for ds in p.datasets] == [1, 2, 3, 4, 5, 6]
     for mask in p.truth.values():
-        assert mask.shape == p.volume.shape
+        assert mask.shape == p.volume.shape and mask.dtype == bool
+    check_series(p.datasets)  # non-uniform spacing is allowed
 
 
-def test_head_phantom_has_no_lungs():
-    p = make_phantom(slices=6, rows=64, columns=64, pixel_spacing=(4.0, 4.0), site="head")
-    assert "Lung_L" not in p.truth and p.truth["External"].any()
+def test_gantry_tilt_tilts_the_plane_and_the_geometry_gate_refuses_it():
+    p = make_phantom(slices=6, rows=64, columns=64, pixel_spacing=(6.0, 6.0),
+                     gantry_tilt_deg=15.0)
+    iop = [float(v) for v in p.datasets[0].ImageOrientationPatient]
+    assert iop[:3] == [1, 0, 0] and iop[5] == pytest.approx(np.sin(np.radians(15.0)))
+    with pytest.raises(GeometryError, match="gantry tilt"):
+        check_series(p.datasets)
+    check_series(make_phantom(slices=6, rows=64, columns=64, pixel_spacing=(6.0, 6.0)).datasets)
+
+
+def test_same_arguments_give_the_same_series_and_another_seed_another():
+    a = make_phantom(slices=4, rows=64, columns=64, pixel_spacing=(6.0, 6.0))
+    b = make_phantom(slices=4, rows=64, columns=64, pixel_spacing=(6.0, 6.0))
+    c = make_phantom(slices=4, rows=64, columns=64, pixel_spacing=(6.0, 6.0), seed=1)
+    assert a.volume.series_instance_uid == b.volume.series_instance_uid
+    assert a.volume.sop_instance_uids == b.volume.sop_instance_uids
+    assert np.array_equal(a.volume.hu, b.volume.hu)
+    assert c.volume.series_instance_uid != a.volume.series_instance_uid
+    assert len(set(a.volume.sop_instance_uids)) == 4
+    assert not np.array_equal(a.volume.hu, c.volume.hu)
+
+
+def test_pixel_data_is_hounsfield_through_the_rescale():
+    p = make_phantom(slices=2, rows=64, columns=64, pixel_spacing=(6.0, 6.0))
+    ds = p.datasets[0]
+    rescale = (float(ds.RescaleIntercept), float(ds.RescaleSlope))
+    assert rescale == (-1024.0, 1.0) and ds.PixelRepresentation == 0
+    corner = p.volume.hu[0, :3, :3]
+    assert np.all(np.abs(corner + 1000) < 80)  # air outside, with noise

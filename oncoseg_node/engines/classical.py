@@ -1,10 +1,15 @@
 """The weight-free CT engine: structures that CT physics alone defines well.
 
 External (body outline without couch, immobilisation or air), Lung_L,
-Lung_R and Lungs (airways excluded), Bones and SpinalCanal, from Hounsfield
-thresholds and morphology on numpy/scipy. Left and right are decided in
-patient coordinates (LPS: +x is the patient's left), so HFS, HFP, FFS and
-FFP series all come out right. Masks are ``(z, y, x)`` on the volume's grid.
+Lung_R and Lungs (trachea and main bronchi excluded), Bones and SpinalCanal,
+from Hounsfield thresholds and slice-wise morphology on numpy/scipy. Masks
+are ``(z, y, x)`` on the volume's grid. Left and right are decided in patient
+coordinates (LPS: +x is the patient's left) through each slice's own
+geometry, and the couch side from PatientPosition (supine: posterior, prone:
+anterior), so HFS, HFP, FFS and FFP series all come out right.
+
+Each step works inside the bounding box of what it looks at, so a pelvis
+costs nothing for lungs and a 150-slice 512x512 thorax takes a few seconds.
 """
 
 from __future__ import annotations
@@ -17,190 +22,297 @@ from scipy import ndimage
 from ..protocols import Structure
 from ..volume import Volume
 from .base import StructureResult
-from .postprocess import postprocess
+from .postprocess import (
+    IN_PLANE,
+    bbox,
+    component_sizes_cc,
+    dilate,
+    fill_holes,
+    opening,
+    postprocess,
+    radius_px,
+)
 
-BODY_HU = -350.0        # skin/air boundary; couch foam and air stay below
-LUNG_HU = -400.0        # aerated lung parenchyma is below this
-AIRWAY_HU = -950.0      # air in trachea and bronchi; parenchyma stays above
-BONE_HU = 200.0
-MIN_LUNG_CC = 30.0      # smaller air pockets (bowel gas, oesophagus) are not lung
-MIN_BONE_CC = 0.05
-COUCH_OPENING_MM = 6.0  # thin shells (couch, mask frames) vanish under this opening
+BODY_HU = -350.0       # skin/air edge; couch foam, headrests and vacuum bags stay below
+LUNG_HU = -400.0       # half way between aerated lung (~-850) and soft tissue (~40)
+GAS_HU = -950.0        # pure air (airways, bowel, oesophagus); parenchyma stays above
+BONE_HU = 180.0        # above any unenhanced soft tissue, below cancellous bone
+SOFT_HU = 40.0         # what bone borders; its edge lies half way to the bone's peak
+PEAK_MM = 2.0
+MARROW_HU = 100.0      # a hole in the bone mask denser than this is marrow, not canal
+CANAL_HU = (-50.0, 100.0)
+CANAL_MM2 = (50.0, 600.0)  # a spinal canal's cross-section is 0.5 to 6 cm^2
+CANAL_GAP_MM = 20.0    # discs open the bony ring; bridge gaps up to this long
+OPEN_MM = 3.0          # thinner than 2x this (masks, straps, cables) is not patient
+WALL_MM = 3.0          # airway wall (and blurred lumen edge) excluded from lung with the air
+COUCH_STEP_MM = 30.0   # a couch top is this much wider than the body just above it
+MIN_LUNG_CC = 30.0     # smaller aerated pockets are not a lung
+MIN_BODY_FRACTION = 0.05  # body parts smaller than this share of the largest are devices
+SUPINE, PRONE = frozenset({"HFS", "FFS"}), frozenset({"HFP", "FFP"})
 
 
-def _disk(radius_px: int) -> np.ndarray:
-    r = max(int(radius_px), 1)
-    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
-    return (xx * xx + yy * yy) <= r * r
+def _couch_rows(volume: Volume, candidate: np.ndarray) -> slice | None:
+    """Image rows at and beyond the couch top, or None when no couch is found.
 
-
-def _largest_component_2d(mask: np.ndarray) -> np.ndarray:
-    labels, count = ndimage.label(mask)
-    if count <= 1:
-        return mask
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == int(sizes.argmax())
-
-
-def _upsample2(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    return np.repeat(np.repeat(mask, 2, axis=0), 2, axis=1)[:shape[0], :shape[1]]
-
-
-def _fill_holes_cropped(mask: np.ndarray) -> np.ndarray:
-    rows = np.flatnonzero(mask.any(axis=1))
-    if rows.size == 0:
-        return mask
-    cols = np.flatnonzero(mask.any(axis=0))
-    out = mask.copy()
-    window = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
-    out[window] = ndimage.binary_fill_holes(mask[window])
-    return out
+    The couch is on the patient's posterior side when supine and anterior
+    when prone: a plate wider than the body on it, the same on every slice.
+    Following the lateral extent of dense material row by row (median over
+    slices) from the body's middle toward the couch, the extent shrinks with
+    the body's curve and jumps at the couch top, whether or not the patient
+    touches it. Opening cannot do this: a plate pressed flat against the
+    skin survives any opening.
+    """
+    col_y = float(volume.col_direction[1])
+    if volume.patient_position not in SUPINE | PRONE or abs(col_y) < 0.5:
+        return None  # decubitus or an oblique image: leave it to the opening
+    down = int(np.sign(col_y)) * (1 if volume.patient_position in SUPINE else -1)
+    any_row = candidate.any(axis=2)
+    per_row = any_row.sum(axis=0)
+    if not per_row.any():
+        return None
+    first = np.argmax(candidate, axis=2)
+    last = candidate.shape[2] - np.argmax(candidate[:, :, ::-1], axis=2)
+    extent = np.median((last - first) * any_row, axis=0) * volume.pixel_spacing[1]
+    middle = int(np.searchsorted(np.cumsum(per_row), per_row.sum() / 2))
+    widest = extent[middle]
+    stop = len(extent) if down > 0 else -1
+    for r in range(middle + 2 * down, stop, down):
+        before = min(extent[r - down], extent[r - 2 * down])
+        if extent[r] - before >= COUCH_STEP_MM and extent[r] > widest:
+            return slice(r, None) if down > 0 else slice(0, r + 1)
+        widest = max(widest, extent[r])
+    return None
 
 
 def external(volume: Volume) -> np.ndarray:
-    """Body outline: largest opened component per slice, holes filled.
-
-    The opening that cuts the couch and thin immobilisation shells away runs
-    at half resolution (4x fewer pixels, a 2x smaller disk); the outline
-    itself is then taken from the full-resolution threshold next to it.
-    """
-    radius = max(int(round(COUCH_OPENING_MM / 4 / min(volume.pixel_spacing))), 1)
-    footprint = _disk(radius)
+    """Body outline: couch cut, thin devices opened away, main parts kept, holes filled."""
+    candidate = volume.hu > BODY_HU
+    couch = _couch_rows(volume, candidate)
+    if couch is not None:
+        candidate[:, couch, :] = False
+    box = bbox(candidate, pad=2)
     body = np.zeros(volume.shape, dtype=bool)
-    shape = volume.shape[1:]
-    for z in range(volume.shape[0]):
-        candidate = volume.hu[z] > BODY_HU
-        if not candidate.any():
-            continue
-        small = candidate[::2, ::2]
-        core = _largest_component_2d(ndimage.binary_opening(small, structure=footprint))
-        if not core.any():
-            continue
-        # Give back the skin the opening shaved off, but not the couch:
-        # only thresholded pixels next to the kept core.
-        near = _upsample2(ndimage.binary_dilation(core, structure=footprint, iterations=1),
-                          shape)
-        body[z] = _fill_holes_cropped(_largest_component_2d(candidate & near))
+    if box is None:
+        return body
+    cand = candidate[box]
+    ry, rx = radius_px(volume, OPEN_MM)
+    core = opening(cand, ry, rx) if ry or rx else cand
+    labels, count = ndimage.label(core)
+    if count == 0:
+        return body
+    sizes = np.bincount(labels.ravel())[1:]
+    keep = np.concatenate([[False], sizes >= MIN_BODY_FRACTION * sizes.max()])
+    core = keep[labels]
+    # Give back the skin detail the opening shaved off, not what lies beyond it.
+    body[box] = fill_holes(cand & dilate(core, ry, rx) | core)
     return body
 
 
-def lungs(volume: Volume, body: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(left, right) lungs in the patient's sense; empty when no lung is in view."""
-    empty = np.zeros(volume.shape, dtype=bool)
-    if not body.any():
-        return empty, empty.copy()
-    # Work inside the body's bounding box: the air around it is most of the grid.
-    box = tuple(slice(int(ix[0]), int(ix[-1]) + 1) for ix in (
-        np.flatnonzero(body.any(axis=(1, 2))), np.flatnonzero(body.any(axis=(0, 2))),
-        np.flatnonzero(body.any(axis=(0, 1)))))
-    inner = body[box]
-    aerated = (volume.hu[box] < LUNG_HU) & inner
-    # Trachea and main bronchi: air that is not parenchyma, widened by a voxel
-    # so the partial-volume rim of the airway wall is not taken as lung.
-    air = ndimage.binary_dilation((volume.hu[box] < AIRWAY_HU) & inner, iterations=1)
-    aerated = ndimage.binary_opening(aerated & ~air, iterations=1)
-    cropped, count = ndimage.label(aerated)
-    if count == 0:
-        return empty, empty.copy()
-    labels = np.zeros(volume.shape, dtype=cropped.dtype)
-    labels[box] = cropped
-    sizes = _component_cc(volume, labels, count)
-    keep = [i + 1 for i in np.argsort(sizes)[::-1][:2] if sizes[i] >= MIN_LUNG_CC]
-    if not keep:
-        return empty, empty.copy()
-    midline = _patient_x_midline(volume, body)
-    left, right = empty.copy(), empty.copy()
-    for label in keep:
-        component = labels == label
-        side = _patient_x(volume, component)
-        if len(keep) == 1:
-            # Both lungs joined (or one lung only): split at the body's midline.
-            on_left = _patient_left_of(volume, midline)
-            left |= component & on_left
-            right |= component & ~on_left
-        elif side > midline:
-            left |= component
-        else:
-            right |= component
-    return _drop_small(volume, left), _drop_small(volume, right)
+def _x_of(volume: Volume, box: tuple[slice, ...]) -> np.ndarray:
+    """Patient x (mm) of the voxel centres in ``box``, broadcastable to its shape."""
+    x = (volume.positions[box[0], 0][:, None, None]
+         + volume.pixel_spacing[1] * volume.row_direction[0]
+         * np.arange(box[2].start, box[2].stop)[None, None, :])
+    if volume.col_direction[0] != 0:  # only oblique images: keep axial cases (z, 1, x)
+        x = x + (volume.pixel_spacing[0] * volume.col_direction[0]
+                 * np.arange(box[1].start, box[1].stop)[None, :, None])
+    return x
 
 
-def _component_cc(volume: Volume, labels: np.ndarray, count: int) -> np.ndarray:
-    """Volume in cc of labels 1..count, each slice weighted by its own voxel volume."""
-    voxel_cc = volume.voxel_volume_mm3 / 1000.0
-    sizes = np.zeros(count + 1)
-    for z in np.flatnonzero(labels.any(axis=(1, 2))):
-        sizes += np.bincount(labels[z].ravel(), minlength=count + 1) * voxel_cc[z]
-    return sizes[1:]
+def midlines(volume: Volume, body: np.ndarray) -> np.ndarray:
+    """Mean patient x (mm) of the body on each slice; NaN where there is none."""
+    count = body.sum(axis=(1, 2)).astype(float)
+    rows = body.sum(axis=2) @ np.arange(body.shape[1])
+    cols = body.sum(axis=1) @ np.arange(body.shape[2])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (volume.positions[:, 0]
+                + volume.pixel_spacing[0] * volume.col_direction[0] * rows / count
+                + volume.pixel_spacing[1] * volume.row_direction[0] * cols / count)
 
 
-def _drop_small(volume: Volume, mask: np.ndarray) -> np.ndarray:
-    return mask if volume.mask_volume_cc(mask) >= MIN_LUNG_CC else np.zeros_like(mask)
+def _split_merged(volume: Volume, part: np.ndarray, box: tuple[slice, ...],
+                  mid: np.ndarray) -> np.ndarray:
+    """Left (patient) share of two lungs joined at a junction; ``part`` given on ``box``.
 
-
-def _patient_x(volume: Volume, mask: np.ndarray) -> float:
-    """Mean patient x (mm) of a mask, each slice mapped with its own geometry.
-
-    The index-to-patient map is affine within a slice, so a slice's centroid
-    maps to the centroid of its points: one point per slice suffices.
+    On axial images each slice is cut at the column within 40 mm of the
+    body's midline where the joined lungs are thinnest (the junction line,
+    which is often off the midline); on oblique images voxels go by side.
     """
-    total, count = 0.0, 0
-    for z in np.flatnonzero(mask.any(axis=(1, 2))):
-        ys, xs = np.nonzero(mask[z])
-        point = volume.index_to_patient(int(z), np.array([ys.mean()]), np.array([xs.mean()]))
-        total += float(point[0, 0]) * len(xs)
-        count += len(xs)
-    return total / max(count, 1)
+    x_of = _x_of(volume, box) - mid[box[0], None, None]
+    if x_of.shape[1] != 1:
+        return part & (x_of > 0)
+    left = np.zeros_like(part)
+    for k in np.flatnonzero(part.any(axis=(1, 2))):
+        col_x = x_of[k, 0]
+        profile = part[k].sum(axis=0).astype(float)
+        profile[np.abs(col_x) > 40.0] = np.inf
+        cut = col_x[int(np.argmin(profile))] if np.isfinite(profile).any() else 0.0
+        left[k] = part[k] & (col_x > cut)[None, :]
+    return left
 
 
-def _patient_x_midline(volume: Volume, body: np.ndarray) -> float:
-    return _patient_x(volume, body) if body.any() else 0.0
+def _airways(volume: Volume, aerated: np.ndarray, hu: np.ndarray) -> np.ndarray:
+    """Trachea, bronchi and other gas outside the lungs, with a wall's width around it.
+
+    Pure air that some slice shows outside the aerated lung's outline (the
+    trachea in the mediastinum, gas in oesophagus or bowel) is airway or gas,
+    and so is all pure air connected to it in 3D: the main bronchi inside the
+    lungs. Pure air enclosed by lung throughout (bullae, noise) stays lung.
+    """
+    gas = (hu < GAS_HU) & aerated
+    if not gas.any():
+        return gas
+    labels, _ = ndimage.label(gas, structure=np.ones((3, 3, 3)))  # bronchi run obliquely
+    # Leave out the air's own blurred rim, or every airway would look enclosed by "lung".
+    outside = labels[gas & ~fill_holes(aerated & ~dilate(gas, 1, 1))]
+    tree = np.isin(labels, np.unique(outside[outside > 0]))
+    return dilate(tree, *radius_px(volume, WALL_MM)) if tree.any() else tree
 
 
-def _patient_left_of(volume: Volume, midline: float) -> np.ndarray:
-    """Boolean (z, y, x): voxel centre lies on the patient's left of ``midline``."""
-    rows, cols = volume.shape[1:]
-    out = np.empty(volume.shape, dtype=bool)
-    ys, xs = np.mgrid[0:rows, 0:cols]
-    for z in range(volume.shape[0]):
-        px = volume.index_to_patient(z, ys.ravel(), xs.ravel())[:, 0]
-        out[z] = (px > midline).reshape(rows, cols)
+def lungs(volume: Volume, body: np.ndarray, mid: np.ndarray
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """(left, right) lungs in the patient's sense; empty when no lung is in view.
+
+    ``mid`` is the body's midline (patient x) per slice, from :func:`midlines`.
+    """
+    empty = np.zeros(volume.shape, dtype=bool)
+    box = bbox((volume.hu < LUNG_HU) & body, pad=2)
+    if box is None:
+        return empty, empty.copy()
+    aerated = (volume.hu[box] < LUNG_HU) & body[box]
+    airway = _airways(volume, aerated, volume.hu[box])
+    labels, count = ndimage.label(aerated & ~airway)
+    sizes = component_sizes_cc(volume, labels, count, box[0].start)
+    x_of = _x_of(volume, box) - np.nan_to_num(mid[box[0]])[:, None, None]
+    left, right = np.zeros_like(aerated), np.zeros_like(aerated)
+    for label in np.flatnonzero(sizes >= MIN_LUNG_CC) + 1:
+        part = labels == label
+        share_left = float((part & (x_of > 0)).sum() / part.sum())
+        if share_left >= 0.8:
+            left |= part
+        elif share_left <= 0.2:
+            right |= part
+        else:  # both lungs in one component: joined at the anterior junction
+            part_box = bbox(part)
+            on_left = np.zeros_like(part)
+            on_left[part_box] = _split_merged(volume, part[part_box],
+                                              _abs_box(box, part_box), np.nan_to_num(mid))
+            left |= on_left
+            right |= part & ~on_left
+    out = []
+    for side in (left, right):
+        full = np.zeros(volume.shape, dtype=bool)
+        # Vessels inside a lung are lung; airways stay out even where a lung encloses them.
+        full[box] = fill_holes(side) & ~airway
+        out.append(full if volume.mask_volume_cc(full) >= MIN_LUNG_CC else empty.copy())
+    return out[0], out[1]
+
+
+def _abs_box(outer: tuple[slice, ...], inner: tuple[slice, ...]) -> tuple[slice, ...]:
+    return tuple(slice(o.start + i.start, o.start + i.stop)
+                 for o, i in zip(outer, inner, strict=True))
+
+
+def bones_and_canal(volume: Volume, body: np.ndarray, mid: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Skeleton (marrow included) and the spinal canal it encloses."""
+    bones = np.zeros(volume.shape, dtype=bool)
+    canal = np.zeros(volume.shape, dtype=bool)
+    box = bbox((volume.hu > BONE_HU) & body, pad=1)
+    if box is None:
+        return bones, canal
+    hu = volume.hu[box]
+    # Edges at half maximum: a voxel is bone only if it is denser than half way
+    # between soft tissue and the densest bone within 2 mm. A fixed threshold
+    # would put a dense cortex's blurred edge too far out and close the canal.
+    peak = _local_max(hu, *radius_px(volume, PEAK_MM))
+    bone = (hu > BONE_HU) & (hu > (peak + SOFT_HU) / 2) & body[box]
+    holes = _Holes(bone, hu)
+    if holes.count:
+        bone |= np.concatenate([[False], holes.mean_hu > MARROW_HU])[holes.labels]
+        canal[box] = _canal(volume, holes, box, mid)
+    bones[box] = bone
+    return bones, canal
+
+
+class _Holes:
+    """Background enclosed by bone on a slice, with per-hole statistics.
+
+    Statistics come from the few hole voxels only (bincount on their flat
+    indices), never from passes over the whole box.
+    """
+
+    def __init__(self, bone: np.ndarray, hu: np.ndarray) -> None:
+        self.labels, self.count = ndimage.label(fill_holes(bone) & ~bone, structure=IN_PLANE)
+        self.flat = np.flatnonzero(self.labels)
+        lab = self.labels.ravel()[self.flat]
+        values = hu.ravel()[self.flat]
+        n = self.count + 1
+        self.size = np.bincount(lab, minlength=n)[1:]
+        # Judge a hole by its inside: the ring next to bone is blurred toward bone.
+        # Holes never touch a slice edge, so the four neighbours are in the slice.
+        b, cols = bone.ravel(), bone.shape[2]
+        inside = ~(b[self.flat - 1] | b[self.flat + 1] | b[self.flat - cols]
+                   | b[self.flat + cols])
+        n_in = np.bincount(lab[inside], minlength=n)[1:]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean_all = np.bincount(lab, weights=values, minlength=n)[1:] / self.size
+            mean_in = np.bincount(lab[inside], weights=values[inside], minlength=n)[1:] / n_in
+        self.mean_hu = np.where(n_in > 0, mean_in, mean_all)
+
+    def centres(self) -> np.ndarray:
+        """(count, 3) mean (z, row, col) index of each hole."""
+        lab = self.labels.ravel()[self.flat]
+        idx = np.unravel_index(self.flat, self.labels.shape)
+        n = self.count + 1
+        return np.stack([np.bincount(lab, weights=i, minlength=n)[1:] for i in idx],
+                        axis=1) / self.size[:, None]
+
+
+def _local_max(hu: np.ndarray, ry: int, rx: int) -> np.ndarray:
+    out = hu.copy()
+    for axis, radius in ((1, max(ry, 1)), (2, max(rx, 1))):
+        lo = [slice(None)] * 3
+        hi = [slice(None)] * 3
+        lo[axis], hi[axis] = slice(None, -1), slice(1, None)
+        for _ in range(radius):
+            np.maximum(out[tuple(hi)], out[tuple(lo)], out=out[tuple(hi)])
+        for _ in range(radius):
+            np.maximum(out[tuple(lo)], out[tuple(hi)], out=out[tuple(lo)])
     return out
 
 
-def bones(volume: Volume, body: np.ndarray) -> np.ndarray:
-    mask = (volume.hu > BONE_HU) & body
-    labels, count = ndimage.label(mask)
-    if count == 0:
-        return mask
-    sizes = _component_cc(volume, labels, count)
-    keep = np.zeros(count + 1, dtype=bool)
-    keep[1:] = sizes >= MIN_BONE_CC
-    return keep[labels]
-
-
-def spinal_canal(volume: Volume, body: np.ndarray, bone: np.ndarray) -> np.ndarray:
-    """Soft tissue enclosed by a vertebra's bony ring, near the posterior midline."""
-    canal = np.zeros(volume.shape, dtype=bool)
-    pixel_mm2 = volume.pixel_spacing[0] * volume.pixel_spacing[1]
-    for z in np.flatnonzero(bone.any(axis=(1, 2))):
-        enclosed = _fill_holes_cropped(bone[z]) & ~bone[z] & body[z]
-        labels, count = ndimage.label(enclosed)
-        best, best_score = None, None
-        for label in range(1, count + 1):
-            component = labels == label
-            area = component.sum() * pixel_mm2
-            if not 50.0 <= area <= 600.0:  # a spinal canal is 0.5 to 6 cm^2
-                continue
-            ys, xs = np.nonzero(component)
-            point = volume.index_to_patient(int(z), ys, xs).mean(axis=0)
-            score = abs(point[0])  # closest to the midline wins
-            if best_score is None or score < best_score:
-                best, best_score = component, score
-        if best is not None:
-            canal[z] = best
-    return canal
+def _canal(volume: Volume, holes: _Holes, box: tuple[slice, ...], mid: np.ndarray
+           ) -> np.ndarray:
+    """Per slice, the soft-tissue hole in bone nearest the midline; short gaps bridged."""
+    area = holes.size * volume.pixel_spacing[0] * volume.pixel_spacing[1]
+    ok = (holes.mean_hu >= CANAL_HU[0]) & (holes.mean_hu <= CANAL_HU[1]) \
+        & (area >= CANAL_MM2[0]) & (area <= CANAL_MM2[1])
+    out = np.zeros(holes.labels.shape, dtype=bool)
+    if not ok.any():
+        return out
+    chosen: dict[int, tuple[float, int]] = {}
+    centres = holes.centres()
+    for label in np.flatnonzero(ok) + 1:
+        zf, rf, cf = centres[label - 1]
+        z = int(round(zf))
+        point = volume.index_to_patient(box[0].start + z, np.array([rf + box[1].start]),
+                                        np.array([cf + box[2].start]))[0]
+        off_midline = abs(point[0] - mid[box[0].start + z])
+        if off_midline <= 30.0 and (z not in chosen or off_midline < chosen[z][0]):
+            chosen[z] = (off_midline, int(label))
+    for z, (_, label) in chosen.items():
+        out[z] = holes.labels[z] == label
+    found = sorted(chosen)
+    offsets = volume.slice_offsets[box[0]]
+    for prev, nxt in zip(found, found[1:], strict=False):
+        if nxt - prev > 1 and offsets[nxt] - offsets[prev] <= CANAL_GAP_MM:
+            for z in range(prev + 1, nxt):
+                near = prev if offsets[z] - offsets[prev] <= offsets[nxt] - offsets[z] else nxt
+                # The ring is open here (a disc): carry the neighbour's canal over soft tissue.
+                hu = volume.hu[box[0].start + z, box[1], box[2]]
+                out[z] = out[near] & (hu >= CANAL_HU[0] - 100) & (hu <= CANAL_HU[1] + 100)
+    return out
 
 
 class ClassicalEngine:
@@ -219,27 +331,33 @@ class ClassicalEngine:
     def segment(self, volume: Volume, structures: Sequence[Structure]) -> list[StructureResult]:
         cache: dict[str, np.ndarray] = {}
 
-        def get(name: str, build: Callable[[], np.ndarray]) -> np.ndarray:
-            if name not in cache:
-                cache[name] = build()
-            return cache[name]
-
         def body() -> np.ndarray:
-            return get("External", lambda: external(volume))
+            if "External" not in cache:
+                cache["External"] = external(volume)
+            return cache["External"]
+
+        def mid() -> np.ndarray:
+            if "midline" not in cache:
+                cache["midline"] = midlines(volume, body())
+            return cache["midline"]
 
         def lung_pair() -> tuple[np.ndarray, np.ndarray]:
             if "Lung_L" not in cache:
-                cache["Lung_L"], cache["Lung_R"] = lungs(volume, body())
+                cache["Lung_L"], cache["Lung_R"] = lungs(volume, body(), mid())
             return cache["Lung_L"], cache["Lung_R"]
+
+        def skeleton() -> tuple[np.ndarray, np.ndarray]:
+            if "Bones" not in cache:
+                cache["Bones"], cache["SpinalCanal"] = bones_and_canal(volume, body(), mid())
+            return cache["Bones"], cache["SpinalCanal"]
 
         builders: dict[str, Callable[[], np.ndarray]] = {
             "External": body,
             "Lung_L": lambda: lung_pair()[0],
             "Lung_R": lambda: lung_pair()[1],
             "Lungs": lambda: lung_pair()[0] | lung_pair()[1],
-            "Bones": lambda: get("Bones", lambda: bones(volume, body())),
-            "SpinalCanal": lambda: spinal_canal(
-                volume, body(), get("Bones", lambda: bones(volume, body()))),
+            "Bones": lambda: skeleton()[0],
+            "SpinalCanal": lambda: skeleton()[1],
         }
         results = []
         for structure in structures:
