@@ -108,7 +108,7 @@ def external(volume: Volume) -> np.ndarray:
     return body
 
 
-def _x_of(volume: Volume, box: tuple[slice, ...]) -> np.ndarray:
+def patient_x(volume: Volume, box: tuple[slice, ...]) -> np.ndarray:
     """Patient x (mm) of the voxel centres in ``box``, broadcastable to its shape."""
     x = (volume.positions[box[0], 0][:, None, None]
          + volume.pixel_spacing[1] * volume.row_direction[0]
@@ -138,7 +138,7 @@ def _split_merged(volume: Volume, part: np.ndarray, box: tuple[slice, ...],
     body's midline where the joined lungs are thinnest (the junction line,
     which is often off the midline); on oblique images voxels go by side.
     """
-    x_of = _x_of(volume, box) - mid[box[0], None, None]
+    x_of = patient_x(volume, box) - mid[box[0], None, None]
     if x_of.shape[1] != 1:
         return part & (x_of > 0)
     left = np.zeros_like(part)
@@ -183,7 +183,7 @@ def lungs(volume: Volume, body: np.ndarray, mid: np.ndarray
     airway = _airways(volume, aerated, volume.hu[box])
     labels, count = ndimage.label(aerated & ~airway)
     sizes = component_sizes_cc(volume, labels, count, box[0].start)
-    x_of = _x_of(volume, box) - np.nan_to_num(mid[box[0]])[:, None, None]
+    x_of = patient_x(volume, box) - np.nan_to_num(mid[box[0]])[:, None, None]
     left, right = np.zeros_like(aerated), np.zeros_like(aerated)
     for label in np.flatnonzero(sizes >= MIN_LUNG_CC) + 1:
         part = labels == label
