@@ -57,7 +57,7 @@ def main() -> None:
             "lungs": best_of(1, classical.lungs, volume, body, mid)[0],
             "bones+canal": best_of(1, classical.bones_and_canal, volume, body, mid)[0],
         }
-        boxes, _ = best_of(1, prompt_boxes, IntensityBoxPrompter(), volume)
+        boxes, _ = best_of(1, prompt_boxes, IntensityBoxPrompter(defaults=True), volume)
         print(f"{position} {args.slices} x 512 x 512: {ours:.2f} s for {len(structures)} "
               f"structures (numpy threshold floor {floor:.3f} s, {ours / floor:.0f}x); "
               + ", ".join(f"{k} {v:.2f} s" for k, v in stages.items())
