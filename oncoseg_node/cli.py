@@ -173,6 +173,48 @@ def cmd_resend(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_protocols_list(args: argparse.Namespace) -> int:
+    from .protocols import load_protocols
+
+    protocols = load_protocols(load_config(args.config).protocols)
+    print(f"{protocols.source} (version {protocols.version}, fallback: "
+          f"{protocols.fallback or 'skip'})")
+    for protocol in sorted(protocols.protocols, key=lambda p: -p.priority):
+        rules = [f"{k} ~ /{v.pattern}/" for k, v in protocol.match.attributes.items()]
+        if protocol.match.calling_aets:
+            rules.append(f"calling AE in {list(protocol.match.calling_aets)}")
+        if protocol.match.slice_thickness_mm:
+            rules.append(f"slice thickness in {list(protocol.match.slice_thickness_mm)} mm")
+        print(f"\n{protocol.name} (priority {protocol.priority}): "
+              f"{'; '.join(rules) or 'matches every series'}")
+        for s in protocol.structures:
+            side = f" {s.laterality}" if s.laterality else ""
+            print(f"  {s.name:<16} {s.interpreted_type:<9} {s.engine:<9} "
+                  f"rgb{s.color}{side}  {', '.join(s.concepts)}".rstrip())
+    return 0
+
+
+def cmd_protocols_explain(args: argparse.Namespace) -> int:
+    from .protocols import load_protocols
+    from .volume import read_ct_slices
+
+    protocols = load_protocols(load_config(args.config).protocols)
+    paths = sorted(p for p in Path(args.series_dir).iterdir() if p.is_file())
+    if not paths:
+        raise OncosegError(f"{args.series_dir}: no files")
+    header = read_ct_slices(paths[:1])[0]
+    chosen = protocols.match(header, args.calling_ae)
+    for protocol in sorted(protocols.protocols, key=lambda p: -p.priority):
+        reasons = protocol.match.explain(header, args.calling_ae)
+        verdict = "matches" if not reasons else "does not match: " + "; ".join(reasons)
+        print(f"{protocol.name} (priority {protocol.priority}) {verdict}")
+    if chosen is None:
+        print("=> no protocol: the series would be skipped")
+    else:
+        print(f"=> {chosen.name}: {', '.join(s.name for s in chosen.structures)}")
+    return 0
+
+
 def cmd_phantom(args: argparse.Namespace) -> int:
     from .phantom import write_phantom
 
@@ -235,6 +277,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", help="only this destination")
     _config_arg(p)
     p.set_defaults(func=cmd_resend)
+
+    p = sub.add_parser("protocols", help="list protocols, or explain which one a series gets")
+    psub = p.add_subparsers(dest="protocols_command", required=True)
+    q = psub.add_parser("list", help="protocols and their structures")
+    _config_arg(q)
+    q.set_defaults(func=cmd_protocols_list)
+    q = psub.add_parser("explain", help="which protocol matches a series, and why not the others")
+    q.add_argument("series_dir", type=Path)
+    q.add_argument("--calling-ae", help="the scanner's AE title, for calling-AE rules")
+    _config_arg(q)
+    q.set_defaults(func=cmd_protocols_explain)
 
     p = sub.add_parser("phantom", help="write a synthetic CT series with known organs")
     p.add_argument("out_dir", type=Path)

@@ -229,6 +229,9 @@ def load_protocols(path: Path) -> ProtocolSet:
                 structures=tuple(structures),
             )
         )
+    if not protocols:
+        # Also what a file caught mid-write looks like: never run with nothing.
+        problems.append("protocols: no protocol defined")
     fallback = raw.get("fallback")
     if fallback is not None and fallback not in {p.name for p in protocols}:
         problems.append(f"fallback: {fallback!r} is not a protocol")

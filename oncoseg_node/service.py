@@ -1,7 +1,7 @@
 """The daemon's lifecycle: builds every part, starts and stops them in a fixed order.
 
 Start: ledger (interrupted jobs requeued) -> spool (partial files removed)
--> protocols -> engines (model loaded once; failures are fatal here) ->
+-> protocols (watched for edits) -> engines (model loaded once; failures are fatal here) ->
 delivery scheduler -> retention -> assembler and worker -> HTTP server ->
 listener -> READY=1. The HTTP port is bound before the DICOM one so that a
 port conflict stops the node before it has acknowledged any instance.
@@ -36,7 +36,8 @@ from .http import HttpServer, StatusSite
 from .jobqueue import JOB_STATES, PENDING, QUEUED, Ledger
 from .metrics import NodeMetrics
 from .notify import Notifier
-from .protocols import ProtocolSet, load_protocols
+from .protocol_watch import ProtocolWatcher
+from .protocols import ProtocolSet
 from .retention import Retention
 from .worker import Worker
 
@@ -63,11 +64,12 @@ class Service:
         self.retention: Retention | None = None
         self.http: HttpServer | None = None
         self.metrics = NodeMetrics()
-        self._protocols: ProtocolSet | None = None
+        self._protocols: ProtocolWatcher | None = None
 
     def current_protocols(self) -> ProtocolSet:
+        """The last valid protocol set (hot-reloaded when the file changes)."""
         assert self._protocols is not None
-        return self._protocols
+        return self._protocols.current()
 
     def start(self) -> None:
         cfg = self.config
@@ -78,7 +80,8 @@ class Service:
         partials = spool.clean_partials()
         log.info("ledger_open", path=str(cfg.ledger_path), requeued_jobs=requeued,
                  partial_files_removed=partials)
-        self._protocols = load_protocols(cfg.protocols)
+        self._protocols = ProtocolWatcher(cfg.protocols)
+        self._protocols.start()
         engines = self._engines or build_engines(cfg.engine)
         self.delivery = DeliveryScheduler(cfg, self.ledger, metrics=self.metrics)
         self.delivery.start()
@@ -103,7 +106,8 @@ class Service:
             status = f"; http on {cfg.http.host}:{self.http.port}"
         self.receiver.start()
         self.notifier.ready(f"listening on {cfg.node.host}:{self.receiver.port}{status}")
-        log.info("started", engines=engines.description, protocols_version=self._protocols.version)
+        log.info("started", engines=engines.description,
+                 protocols_version=self.current_protocols().version)
 
     def health(self) -> dict[str, bool]:
         """Each part's liveness, for ``/healthz`` and the watchdog."""
@@ -196,6 +200,8 @@ class Service:
         if job is not None:
             log.warning("job_in_flight_left_for_requeue", job_id=job.id,
                         series_uid=job.series_uid, calling_ae=job.calling_ae)
+        if self._protocols is not None:
+            self._protocols.stop()
         if self.retention is not None:
             self.retention.stop(wait=True)
         if self.delivery is not None:

@@ -50,3 +50,56 @@ def test_every_problem_is_listed(tmp_path):
                      "slice_thickness_mm", "unknown structure 'Kidney'",
                      "protocols.a: name used twice", "fallback: 'nowhere'"):
         assert expected in text, expected
+
+
+def run_cli(*args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "oncoseg_node.cli", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_protocols_list_and_explain_cli(tmp_path):
+    from oncoseg_node.phantom import write_phantom
+
+    config = str(REPO / "config" / "oncoseg-node.yaml")
+    listed = run_cli("protocols", "list", "--config", config)
+    assert listed.returncode == 0, listed.stderr
+    assert "head-and-neck (priority 30)" in listed.stdout
+    assert "Parotid_L" in listed.stdout and "left parotid gland" in listed.stdout
+    write_phantom(tmp_path, slices=2, rows=32, columns=32, pixel_spacing=(10.0, 10.0),
+                  site="pelvis")
+    explained = run_cli("protocols", "explain", str(tmp_path), "--config", config)
+    assert explained.returncode == 0, explained.stderr
+    assert "pelvis (priority 20) matches" in explained.stdout
+    assert "thorax (priority 20) does not match: SeriesDescription" in explained.stdout
+    assert explained.stdout.strip().splitlines()[-1].startswith("=> pelvis: External")
+
+
+def test_hot_reload_swaps_valid_edits_and_keeps_the_last_good_set(tmp_path):
+    import time
+
+    from oncoseg_node.protocol_watch import ProtocolWatcher
+
+    path = tmp_path / "protocols.yaml"
+    good = ("structures:\n  External: {color: [0, 255, 0], type: EXTERNAL}\n"
+            "  Bones: {color: [255, 255, 0]}\n"
+            "protocols:\n  - name: default\n    structures: [External]\nfallback: default\n")
+    path.write_text(good)
+    watcher = ProtocolWatcher(path)
+    watcher.start()
+    try:
+        first = watcher.current()
+        path.write_text(good.replace("structures: [External]", "structures: [External, Bones]"))
+        deadline = time.monotonic() + 10
+        while watcher.current().version == first.version and time.monotonic() < deadline:
+            time.sleep(0.05)
+        second = watcher.current()
+        assert [s.name for s in second.by_name("default").structures] == ["External", "Bones"]
+        path.write_text(good.replace("[0, 255, 0]", "[0, 999, 0]"))  # invalid colour
+        time.sleep(1.0)
+        assert watcher.reload() is False
+        assert watcher.current() is second
+    finally:
+        watcher.stop()
