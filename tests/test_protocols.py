@@ -103,3 +103,44 @@ def test_hot_reload_swaps_valid_edits_and_keeps_the_last_good_set(tmp_path):
         assert watcher.current() is second
     finally:
         watcher.stop()
+
+
+def test_hot_reload_on_a_running_daemon_changes_the_next_job(tmp_path):
+    import time
+
+    from oncoseg_node.phantom import write_phantom
+    from tests.conftest import write_config
+    from tests.daemon import Daemon, wait_until
+    from tests.peers import free_port, storescu
+
+    protocols = tmp_path / "protocols.yaml"
+    good = ("structures:\n  External: {color: [0, 255, 0], type: EXTERNAL}\n"
+            "  Bones: {color: [255, 255, 0]}\n"
+            "protocols:\n  - name: default\n    structures: [External]\nfallback: default\n")
+    protocols.write_text(good)
+    port = free_port()
+    daemon = Daemon(write_config(tmp_path, node={"port": port}, protocols=str(protocols)),
+                    port, tmp_path / "daemon.log").start()
+
+    def contour_new_series(seed: int) -> list[str]:
+        folder = tmp_path / f"ct{seed}"
+        phantom = write_phantom(folder, slices=4, rows=64, columns=64,
+                                pixel_spacing=(8.0, 8.0), seed=seed,
+                                patient_id=f"HOT{seed}")
+        assert storescu(folder, port).returncode == 0
+        uid = phantom.volume.series_instance_uid
+        (job,) = wait_until(lambda: [j for j in daemon.status() if j["series_uid"] == uid
+                                     and j["state"] not in ("queued", "running")], 60, "job")
+        return [s["name"] for s in job["structures"]]
+
+    try:
+        assert contour_new_series(1) == ["External"]
+        protocols.write_text(good.replace("[External]", "[External, Bones]"))
+        wait_until(lambda: "protocols_reloaded" in daemon.log(), 10, "reload")
+        assert contour_new_series(2) == ["External", "Bones"]
+        protocols.write_text(good.replace("[0, 255, 0]", "[0, 999, 0]"))
+        wait_until(lambda: "protocols_reload_rejected" in daemon.log(), 10, "rejection")
+        time.sleep(0.5)
+        assert contour_new_series(3) == ["External", "Bones"]
+    finally:
+        daemon.stop()
