@@ -44,10 +44,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from .profiles import PROFILES
     from .protocols import load_protocols
 
     config = load_config(args.config)
-    protocols = load_protocols(config.protocols)
+    limits = [PROFILES[d.profile].max_roi_name_length for d in config.destinations]
+    protocols = load_protocols(config.protocols, min(limits) if limits else None)
     print(f"{args.config}: valid ({len(protocols.protocols)} protocols, "
           f"{len(config.destinations)} destinations, engine {config.engine.name})")
     return 0

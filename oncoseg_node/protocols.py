@@ -174,8 +174,73 @@ def _structure(name: str, raw: Mapping[str, Any], problems: list[str]) -> Struct
     )
 
 
-def load_protocols(path: Path) -> ProtocolSet:
-    """Parse and validate a protocols file; every problem is collected."""
+TG263_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_^]{0,15}$")
+
+
+def _line_index(text: str) -> dict[str, int]:
+    """Dotted key path -> 1-based line; protocol list items are keyed by their name."""
+    index: dict[str, int] = {}
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                path = f"{prefix}.{key.value}" if prefix else str(key.value)
+                index.setdefault(path, key.start_mark.line + 1)  # first of duplicates
+                walk(value, path)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                name = None
+                if isinstance(item, yaml.MappingNode):
+                    name = next((v.value for k, v in item.value if k.value == "name"), None)
+                path = f"{prefix}.{name}" if name is not None else f"{prefix}[{i}]"
+                index.setdefault(path, item.start_mark.line + 1)
+                walk(item, path)
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return index
+    if root is not None:
+        walk(root, "")
+    return index
+
+
+def _located(problems: list[str], path: Path, lines: dict[str, int]) -> list[str]:
+    """Prefix each problem with FILE:LINE of the deepest key it names."""
+    located = []
+    for problem in problems:
+        key = problem.split(": ", 1)[0]
+        while key and key not in lines:
+            key = key.rsplit(".", 1)[0] if "." in key else ""
+        line = lines.get(key, 1)
+        located.append(f"{path}:{line}: {problem}")
+    return located
+
+
+def _shadowing(protocols: list[Protocol]) -> list[str]:
+    """Protocols that can never be chosen because another one always wins first."""
+    problems = []
+    ranked = sorted(protocols, key=lambda p: -p.priority)
+    for i, later in enumerate(ranked):
+        for earlier in ranked[:i]:
+            earlier_rules = ({k: v.pattern for k, v in earlier.match.attributes.items()},
+                             earlier.match.calling_aets, earlier.match.slice_thickness_mm)
+            later_rules = ({k: v.pattern for k, v in later.match.attributes.items()},
+                           later.match.calling_aets, later.match.slice_thickness_mm)
+            if earlier_rules == ({}, (), None) or earlier_rules == later_rules:
+                problems.append(f"protocols.{later.name}: can never match, protocol "
+                                f"{earlier.name!r} (priority {earlier.priority}) always wins "
+                                "first with the same or no rules")
+                break
+    return problems
+
+
+def load_protocols(path: Path, max_roi_name_length: int | None = None) -> ProtocolSet:
+    """Parse and validate a protocols file; every problem is collected.
+
+    Each problem is reported as ``FILE:LINE: key: message``.
+    ``max_roi_name_length`` is the tightest limit among the destinations.
+    """
     text = Path(path).read_text(encoding="utf-8")
     try:
         raw = yaml.safe_load(text) or {}
@@ -183,6 +248,15 @@ def load_protocols(path: Path) -> ProtocolSet:
         raise ConfigError([f"not valid YAML: {exc}"], source=str(path)) from exc
     problems: list[str] = []
     library: dict[str, Structure] = {}
+    for key in sorted(set(raw) - {"structures", "protocols", "fallback"}):
+        problems.append(f"{key}: unknown key")
+    for name in (raw.get("structures") or {}):
+        if not TG263_NAME.match(str(name)):
+            problems.append(f"structures.{name}: {name!r} breaks TG-263 naming (a letter, then "
+                            "letters, digits, _ or ^, at most 16 characters)")
+        elif max_roi_name_length is not None and len(str(name)) > max_roi_name_length:
+            problems.append(f"structures.{name}: longer than {max_roi_name_length} characters, "
+                            "the limit of a configured destination")
     for name, spec in (raw.get("structures") or {}).items():
         structure = _structure(str(name), spec or {}, problems)
         if structure is not None:
@@ -199,7 +273,12 @@ def load_protocols(path: Path) -> ProtocolSet:
             except re.error as exc:
                 problems.append(f"protocols.{pname}.match.attributes.{keyword}: {exc}")
         structures = []
-        for sname in entry.get("structures") or []:
+        listed = entry.get("structures") or []
+        for sname in sorted({n for n in listed if listed.count(n) > 1}):
+            problems.append(f"protocols.{pname}.structures: {sname!r} listed twice")
+        for key in sorted(set(entry) - {"name", "priority", "match", "structures"}):
+            problems.append(f"protocols.{pname}.{key}: unknown key")
+        for sname in listed:
             if sname not in library:
                 problems.append(f"protocols.{pname}.structures: unknown structure {sname!r}")
             else:
@@ -232,11 +311,12 @@ def load_protocols(path: Path) -> ProtocolSet:
     if not protocols:
         # Also what a file caught mid-write looks like: never run with nothing.
         problems.append("protocols: no protocol defined")
+    problems.extend(_shadowing(protocols))
     fallback = raw.get("fallback")
     if fallback is not None and fallback not in {p.name for p in protocols}:
         problems.append(f"fallback: {fallback!r} is not a protocol")
     if problems:
-        raise ConfigError(problems, source=str(path))
+        raise ConfigError(_located(problems, Path(path), _line_index(text)), source=str(path))
     return ProtocolSet(
         protocols=tuple(protocols),
         library=library,

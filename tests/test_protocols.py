@@ -29,27 +29,60 @@ def test_phantom_sites_match_their_protocol(site, protocol):
         phantom.volume.header).name == protocol
 
 
-def test_every_problem_is_listed(tmp_path):
+def test_every_problem_is_listed_with_file_and_line(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "structures:\n"                                                          # 1
+        "  Heart: {color: [300, 0, 0], engine: magic}\n"                         # 2
+        "  Liver: {color: [1, 2, 3], volume_cc: [10]}\n"                         # 3
+        "  Left Parotid: {color: [1, 2, 3]}\n"                                   # 4
+        "protocols:\n"                                                           # 5
+        "  - name: a\n"                                                          # 6
+        "    match:\n"                                                           # 7
+        "      attributes: {SeriesDescription: '(unclosed'}\n"                   # 8
+        "      slice_thickness_mm: [5, 1]\n"                                     # 9
+        "    structures: [Liver, Kidney, Liver]\n"                               # 10
+        "  - name: a\n"                                                          # 11
+        "    structures: [Liver]\n"                                              # 12
+        "fallback: nowhere\n"                                                    # 13
+        "colour: red\n")                                                         # 14
+    with pytest.raises(ConfigError) as info:
+        load_protocols(path)
+    problems = info.value.problems
+    expected = [
+        (2, "structures.Heart.color: [300, 0, 0] is not [R, G, B]"),
+        (3, "structures.Liver.volume_cc: [10] is not [low, high]"),
+        (4, "structures.Left Parotid: 'Left Parotid' breaks TG-263 naming"),
+        (8, "protocols.a.match.attributes.SeriesDescription: missing )"),
+        (9, "protocols.a.match.slice_thickness_mm: [5, 1] is not [min, max]"),
+        (10, "protocols.a.structures: 'Liver' listed twice"),
+        (10, "protocols.a.structures: unknown structure 'Kidney'"),
+        (13, "fallback: 'nowhere' is not a protocol"),
+        (14, "colour: unknown key"),
+    ]
+    for line, message in expected:
+        assert any(p.startswith(f"{path}:{line}: {message}") for p in problems), (line, message)
+
+
+def test_shadowed_protocol_and_destination_name_limit(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text(
         "structures:\n"
-        "  Heart: {color: [300, 0, 0], engine: magic, laterality: up, colour: red}\n"
-        "  Liver: {color: [1, 2, 3], volume_cc: [10]}\n"
+        "  External: {color: [0, 255, 0], type: EXTERNAL}\n"
+        "  Glnd_Submand_L: {color: [1, 2, 3]}\n"
         "protocols:\n"
-        "  - name: a\n"
-        "    match: {attributes: {SeriesDescription: '(unclosed'}, slice_thickness_mm: [5, 1]}\n"
-        "    structures: [Liver, Kidney]\n"
-        "  - name: a\n"
-        "    structures: [Liver]\n"
-        "fallback: nowhere\n")
+        "  - name: catch-all\n"
+        "    priority: 10\n"
+        "    structures: [External]\n"
+        "  - name: thorax\n"
+        "    priority: 5\n"
+        "    match: {attributes: {SeriesDescription: thorax}}\n"
+        "    structures: [Glnd_Submand_L]\n")
     with pytest.raises(ConfigError) as info:
-        load_protocols(path)
+        load_protocols(path, max_roi_name_length=12)
     text = "\n".join(info.value.problems)
-    for expected in ("structures.Heart.color", "structures.Liver.volume_cc",
-                     "protocols.a.match.attributes.SeriesDescription",
-                     "slice_thickness_mm", "unknown structure 'Kidney'",
-                     "protocols.a: name used twice", "fallback: 'nowhere'"):
-        assert expected in text, expected
+    assert f"{path}:8: protocols.thorax: can never match, protocol 'catch-all'" in text
+    assert f"{path}:3: structures.Glnd_Submand_L: longer than 12 characters" in text
 
 
 def run_cli(*args: str):
