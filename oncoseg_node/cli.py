@@ -217,6 +217,70 @@ def cmd_protocols_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate_case(series_dir: Path, reference: Path, ours: Path | None, case: str,
+                   config_path: Path, aliases: dict[str, str]) -> list:
+    import pydicom
+
+    from .evaluate import compare_sets
+    from .pipeline import contour, load_ct_series
+    from .rtstruct_reader import rasterize_rtstruct
+
+    paths = sorted(p for p in series_dir.iterdir() if p.is_file())
+    volume, report = load_ct_series(paths)
+    reference_masks = rasterize_rtstruct(pydicom.dcmread(reference), volume)
+    if ours is not None:
+        our_masks = rasterize_rtstruct(pydicom.dcmread(ours), volume)
+    else:
+        from .engines.registry import build_engines
+        from .protocols import load_protocols
+
+        config = load_config(config_path)
+        protocols = load_protocols(config.protocols)
+        protocol = protocols.match(volume.header, None)
+        if protocol is None:
+            raise OncosegError(f"{series_dir}: no protocol matches and no fallback is set")
+        results = contour(volume, report, protocol, build_engines(config.engine)).results
+        our_masks = {r.name: r.mask for r in results if not r.absent}
+    return compare_sets(volume, our_masks, reference_masks, case=case, aliases=aliases)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .evaluate import aggregate, to_csv, to_html, to_table
+
+    aliases = yaml.safe_load(Path(args.alias_map).read_text()) if args.alias_map else {}
+    if not isinstance(aliases, dict):
+        raise OncosegError(f"{args.alias_map}: expected a mapping of reference name -> TG-263")
+    rows = []
+    if args.cases:
+        cases = sorted(d for d in Path(args.cases).iterdir() if d.is_dir())
+        if not cases:
+            raise OncosegError(f"{args.cases}: no case folders")
+        for case in cases:
+            ours = case / "ours.dcm"
+            rows += _evaluate_case(case / "ct", case / "reference.dcm",
+                                   ours if ours.exists() else None, case.name, args.config,
+                                   aliases)
+    else:
+        if not (args.series and args.reference):
+            raise OncosegError("give --series and --reference, or --cases")
+        rows = _evaluate_case(Path(args.series), Path(args.reference),
+                              Path(args.ours) if args.ours else None, "", args.config, aliases)
+    print(to_table(rows))
+    if args.cases:
+        print("\nper structure over cases: median [IQR]")
+        for entry in aggregate(rows):
+            d, h = entry["dice"], entry["hd95_mm"]
+            print(f"  {entry['structure']:<16} n={entry['cases']}  Dice {d[0]:.3f} "
+                  f"[{d[1]:.3f}-{d[2]:.3f}]  HD95 {h[0]:.2f} [{h[1]:.2f}-{h[2]:.2f}] mm")
+    if args.csv:
+        Path(args.csv).write_text(to_csv(rows))
+    if args.html:
+        Path(args.html).write_text(to_html(rows))
+    return 0
+
+
 def cmd_phantom(args: argparse.Namespace) -> int:
     from .phantom import write_phantom
 
@@ -290,6 +354,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calling-ae", help="the scanner's AE title, for calling-AE rules")
     _config_arg(q)
     q.set_defaults(func=cmd_protocols_explain)
+
+    p = sub.add_parser("evaluate", help="compare our contours with reference contours")
+    p.add_argument("--series", help="folder of the CT series")
+    p.add_argument("--reference", help="reference RT Structure Set (e.g. manual contours)")
+    p.add_argument("--ours", help="our RT Structure Set (default: contour the series now)")
+    p.add_argument("--cases", help="folder of cases, each with ct/, reference.dcm, [ours.dcm]")
+    p.add_argument("--alias-map", help="YAML: reference ROI name -> TG-263 name")
+    p.add_argument("--csv", help="write per-structure metrics as CSV")
+    p.add_argument("--html", help="write an HTML report")
+    _config_arg(p)
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("phantom", help="write a synthetic CT series with known organs")
     p.add_argument("out_dir", type=Path)
