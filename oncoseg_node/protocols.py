@@ -95,6 +95,7 @@ class Protocol:
     priority: int
     match: MatchRules
     structures: tuple[Structure, ...]
+    shadow: bool = False  # sent only to destinations marked shadow
 
 
 @dataclass(frozen=True)
@@ -276,7 +277,7 @@ def load_protocols(path: Path, max_roi_name_length: int | None = None) -> Protoc
         listed = entry.get("structures") or []
         for sname in sorted({n for n in listed if listed.count(n) > 1}):
             problems.append(f"protocols.{pname}.structures: {sname!r} listed twice")
-        for key in sorted(set(entry) - {"name", "priority", "match", "structures"}):
+        for key in sorted(set(entry) - {"name", "priority", "match", "structures", "shadow"}):
             problems.append(f"protocols.{pname}.{key}: unknown key")
         for sname in listed:
             if sname not in library:
@@ -306,6 +307,7 @@ def load_protocols(path: Path, max_roi_name_length: int | None = None) -> Protoc
                     slice_thickness_mm=(float(thickness[0]), float(thickness[1]))
                     if thickness else None),
                 structures=tuple(structures),
+                shadow=bool(entry.get("shadow", False)),
             )
         )
     if not protocols:

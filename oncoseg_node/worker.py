@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 
-from .config import Config
+from .config import Config, DestinationConfig
 from .dicom.spool import Spool
 from .engines.registry import EngineSet
 from .errors import GeometryError, RTStructError, SeriesLoadError
@@ -24,7 +24,7 @@ from .jobqueue import FAILED, HELD, QUEUED, SKIPPED, Job, Ledger
 from .metrics import NodeMetrics
 from .pipeline import Contoured, contour, load_ct_series, write_structure_set
 from .profiles import get_profile
-from .protocols import ProtocolSet
+from .protocols import Protocol, ProtocolSet
 from .qa import overlays_of, qa_relpath, write_qa_snapshot
 
 log = structlog.get_logger("oncoseg_node.worker")
@@ -35,6 +35,14 @@ IDLE_STALL_S = 60.0
 # Longest a single job may run before the worker counts as hung. Generous:
 # SAM3 on many structures can take minutes, and a false alarm restarts the node.
 JOB_STALL_S = 3600.0
+
+
+def destinations_for(config: Config, protocol: Protocol) -> list[DestinationConfig]:
+    """Shadow mode: a protocol marked ``shadow`` (a new protocol or model under
+    evaluation) is sent only to destinations marked ``shadow``, and a normal
+    protocol never to them, so a trial runs for weeks beside clinical work
+    without reaching the clinical planning system."""
+    return [d for d in config.destinations if d.shadow == protocol.shadow]
 
 
 class Worker:
@@ -111,7 +119,7 @@ class Worker:
             self.metrics.segmentation_seconds.observe(time.monotonic() - segment_started)
             targets = []
             written: dict[str, tuple[str, str]] = {}
-            for dest in self.config.destinations:
+            for dest in destinations_for(self.config, protocol):
                 if dest.profile not in written:
                     relpath = f"outbox/job{job.id}-v{job.version}-{dest.profile}.dcm"
                     path = self.config.state_dir / relpath
