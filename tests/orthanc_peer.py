@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.peers import DCMTK_ENV, free_port, require, wait_for_port
+from tests.peers import DCMTK_ENV, free_port, require, stop_process, wait_for_port
 
 
 @dataclass
@@ -74,9 +74,4 @@ def orthanc(workdir: Path, *, aet: str = "ORTHANC",
                 time.sleep(0.1)
         yield peer
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, grace=10)

@@ -58,12 +58,17 @@ def storescp(out_dir: Path, *, aet: str = "TPS", extra: Sequence[str] = (),
         wait_for_port(port)
         yield port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, grace=5)
+
+
+def stop_process(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM, then SIGKILL if the peer has not exited within ``grace`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def storescu(files: Sequence[Path] | Path, port: int, *, called: str = "ONCOSEG",
