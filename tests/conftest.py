@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from oncoseg_node.config import Config, load_config
+from tests.daemon import Daemon
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,3 +40,9 @@ def make_config(tmp_path: Path):
         return load_config(write_config(tmp_path, **overrides))
 
     return factory
+
+
+@pytest.fixture(autouse=True)
+def no_daemon_outlives_its_test():
+    yield
+    Daemon.kill_leftovers()

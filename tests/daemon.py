@@ -16,6 +16,8 @@ from tests.peers import wait_for_port
 
 
 class Daemon:
+    running: set[Daemon] = set()  # started and not yet reaped: killed after each test
+
     def __init__(self, config_path: Path, port: int, log_path: Path) -> None:
         self.config_path = config_path
         self.port = port
@@ -29,6 +31,7 @@ class Daemon:
             [sys.executable, "-m", "oncoseg_node.cli", "run", "--config", str(self.config_path)],
             stdout=log, stderr=subprocess.STDOUT, env=env,
         )
+        Daemon.running.add(self)
         try:
             wait_for_port(self.port, timeout)
         except TimeoutError:
@@ -48,6 +51,14 @@ class Daemon:
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait()
+
+    @classmethod
+    def kill_leftovers(cls) -> None:
+        """Kill daemons a failed test left running, so they cannot load the next test."""
+        for daemon in list(cls.running):
+            if daemon.proc is not None and daemon.proc.poll() is None:
+                daemon.kill()
+        cls.running.clear()
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
