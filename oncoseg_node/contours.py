@@ -17,10 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
+from scipy.spatial import cKDTree
 
 # Boundary edges are walked with the inside on the walker's right (y grows
-# downwards in image space).
+# downwards in image space). A whole 3D mask is traced at once: every step
+# below is an array operation over all slices, so Python does work per loop,
+# never per edge or per pixel.
 
 
 @dataclass(frozen=True)
@@ -38,44 +40,66 @@ def signed_area(loop: np.ndarray) -> float:
     return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))
 
 
-def _boundary_edges(mask: np.ndarray, labels: np.ndarray
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All boundary edges as start corners (x, y), directions and the inside pixel's label."""
-    padded = np.pad(mask, 1)
-    inside = padded[1:-1, 1:-1]
-    starts, dirs, owners = [], [], []
-    # (neighbour offset, start corner offset (dx, dy), direction)
-    for (dr, dc), (sx, sy), d in (
-        ((-1, 0), (0, 0), (1, 0)),   # top edge, walking +x
-        ((0, 1), (1, 0), (0, 1)),    # right edge, walking +y
-        ((1, 0), (1, 1), (-1, 0)),   # bottom edge, walking -x
-        ((0, -1), (0, 1), (0, -1)),  # left edge, walking -y
-    ):
-        neighbour = padded[1 + dr:padded.shape[0] - 1 + dr, 1 + dc:padded.shape[1] - 1 + dc]
-        rows, cols = np.nonzero(inside & ~neighbour)
-        starts.append(np.stack([cols + sx, rows + sy], axis=1))
-        dirs.append(np.tile(np.array(d), (len(rows), 1)))
-        owners.append(labels[rows, cols])
-    return np.concatenate(starts), np.concatenate(dirs), np.concatenate(owners)
+def _boundary_edges(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every boundary edge of a (z, y, x) mask: slice, start corner (x, y) and direction.
+
+    The mask is framed by one outside pixel on every side of each slice, so
+    that neighbours along x and along y are a fixed distance apart in the
+    flat array: two contiguous comparisons find every edge, borders
+    included, and a pair never spans two rows or two slices with a
+    difference.
+    """
+    depth, height, width = mask.shape
+    framed = np.zeros((depth, height + 2, width + 2), dtype=bool)
+    framed[:, 1:-1, 1:-1] = mask
+    flat = framed.ravel()
+    row_length, plane = width + 2, (height + 2) * (width + 2)
+    slices, starts, dirs = [], [], []
+
+    def add(first: np.ndarray, inside_first: tuple[int, int, tuple[int, int]],
+            inside_second: tuple[int, int, tuple[int, int]]) -> None:
+        """Edges after flat pixels ``first``: start offset and direction by which side is in."""
+        z, rest = np.divmod(first, plane)
+        row, col = np.divmod(rest, row_length)  # framed coordinates = corner coordinates
+        first_in = flat[first]
+        for selected, (dx, dy, direction) in ((first_in, inside_first),
+                                              (~first_in, inside_second)):
+            slices.append(z[selected])
+            starts.append(np.stack([col[selected] + dx, row[selected] + dy], axis=1))
+            dirs.append(np.broadcast_to(np.array(direction), (int(selected.sum()), 2)))
+
+    # Pixel (row r, column c) of the framed slice spans corners x in [c, c + 1],
+    # y in [r, r + 1]. Between columns c and c + 1: the right edge of an
+    # inside pixel on the left walks +y from (c + 1, r), the left edge of one
+    # on the right walks -y from (c + 1, r + 1).
+    add(np.flatnonzero(flat[1:] != flat[:-1]), (1, 0, (0, 1)), (1, 1, (0, -1)))
+    # Between rows r and r + 1: the bottom edge of an inside pixel above walks
+    # -x from (c + 1, r + 1), the top edge of one below walks +x from (c, r + 1).
+    add(np.flatnonzero(flat[row_length:] != flat[:-row_length]), (1, 1, (-1, 0)),
+        (0, 1, (1, 0)))
+    return np.concatenate(slices), np.concatenate(starts), np.concatenate(dirs)
 
 
-def _successors(starts: np.ndarray, dirs: np.ndarray, width: int) -> np.ndarray:
+def _successors(slices: np.ndarray, starts: np.ndarray, dirs: np.ndarray,
+                shape: tuple[int, int]) -> np.ndarray:
     """For each edge, the edge that continues its loop.
 
     Every corner has one outgoing edge, except where two regions touch only
     diagonally: there the walker turns towards the inside (right), so the
     regions stay separate loops.
     """
-    key_start = starts[:, 1] * width + starts[:, 0]
-    ends = starts + dirs
-    key_end = ends[:, 1] * width + ends[:, 0]
+    corners_y, corners_x = shape[0] + 1, shape[1] + 1
+
+    def key(points: np.ndarray) -> np.ndarray:
+        return (slices * corners_y + points[:, 1]) * corners_x + points[:, 0]
+
+    key_start, key_end = key(starts), key(starts + dirs)
     order = np.argsort(key_start, kind="stable")
     sorted_keys = key_start[order]
     pos = np.searchsorted(sorted_keys, key_end)
     nxt = order[pos]
     second = np.minimum(pos + 1, len(order) - 1)
-    pinch = sorted_keys[second] == key_end
-    pinch &= second != pos
+    pinch = (sorted_keys[second] == key_end) & (second != pos)
     if pinch.any():
         right = np.stack([-dirs[:, 1], dirs[:, 0]], axis=1)
         alternative = order[second]
@@ -84,58 +108,126 @@ def _successors(starts: np.ndarray, dirs: np.ndarray, width: int) -> np.ndarray:
     return nxt
 
 
-def _loops(nxt: np.ndarray) -> list[np.ndarray]:
-    successor = nxt.tolist()
-    visited = [False] * len(successor)
-    loops = []
-    for first in range(len(successor)):
-        if visited[first]:
-            continue
-        loop = []
-        edge = first
-        while not visited[edge]:
-            visited[edge] = True
-            loop.append(edge)
-            edge = successor[edge]
-        loops.append(np.asarray(loop))
-    return loops
+def _loop_order(nxt: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Split the successor permutation into loops, by pointer doubling.
+
+    Returns the edges in loop order, each loop's first position in that
+    order and each loop's leader (its lowest edge index, where it starts).
+    Cost is O(n log L) array work for loops of at most L edges.
+    """
+    n = len(nxt)
+    index = np.arange(n)
+    # leader: the lowest edge index on each loop; the minimum over a window
+    # of 2^k successors doubles its window each round and stops changing
+    # once the window covers the loop.
+    leader, jump = index, nxt
+    while True:
+        wider = np.minimum(leader, leader[jump])
+        if np.array_equal(wider, leader):
+            break
+        leader, jump = wider, jump[jump]
+    # rank: steps from the leader along the loop (list ranking, walking
+    # predecessors, with each leader's link cut).
+    is_leader = leader == index
+    previous = np.empty_like(nxt)
+    previous[nxt] = index
+    rank = (~is_leader).astype(np.int64)
+    back = np.where(is_leader, index, previous)
+    while not is_leader[back].all():
+        rank = rank + rank[back]
+        back = back[back]
+    sizes = np.bincount(leader, minlength=n)
+    offsets = np.cumsum(sizes) - sizes
+    order = np.empty_like(nxt)
+    order[offsets[leader] + rank] = index
+    leaders = np.flatnonzero(sizes)
+    return order, offsets[leaders], leaders
 
 
-def _trace_crop(mask: np.ndarray, min_pixels: int) -> list[Region]:
-    labels, count = ndimage.label(mask)  # default structure: 4-connectivity
-    starts, dirs, owners = _boundary_edges(mask, labels)
-    nxt = _successors(starts, dirs, mask.shape[1] + 2)
+def _inside(point: np.ndarray, start: np.ndarray, end: np.ndarray) -> bool:
+    """Even-odd test of a pixel centre against a loop's edges (``start`` -> ``end`` vertices).
+
+    Only vertical edges cross a horizontal ray, and a pixel centre's y is
+    never a corner's, so no crossing is ambiguous.
+    """
+    x0, y0, x1, y1 = start[:, 0], start[:, 1], end[:, 0], end[:, 1]
+    crosses = (x0 == x1) & ((y0 < point[1]) != (y1 < point[1])) & (x0 > point[0])
+    return bool(np.count_nonzero(crosses) % 2)
+
+
+def trace_volume(mask: np.ndarray, min_pixels: int = 1) -> dict[int, list[Region]]:
+    """Regions of every slice of a (z, y, x) mask with their outer loop and holes.
+
+    Keys are slice indices with at least one region of ``min_pixels`` or
+    more; coordinates are corner coordinates of the slice. Each 4-connected
+    region has exactly one loop with positive area (its outer boundary); a
+    hole belongs to the smallest outer loop around the region pixel beside it.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    occupied = np.flatnonzero(mask.any(axis=(1, 2)))
+    if occupied.size == 0:
+        return {}
+    z0, z1 = int(occupied[0]), int(occupied[-1])
+    footprint = mask[z0:z1 + 1].any(axis=0)
+    rows, cols = np.flatnonzero(footprint.any(axis=1)), np.flatnonzero(footprint.any(axis=0))
+    r0, r1, c0, c1 = int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
+    crop = mask[z0:z1 + 1, r0:r1 + 1, c0:c1 + 1]
+    slices, starts, dirs = _boundary_edges(crop)
+    nxt = _successors(slices, starts, dirs, (crop.shape[1] + 2, crop.shape[2] + 2))
+    order, loop_starts, leaders = _loop_order(nxt)
+    # Only corners where the boundary turns are vertices.
     previous = np.empty_like(nxt)
     previous[nxt] = np.arange(len(nxt))
-    turning = np.any(dirs != dirs[previous], axis=1)
-    pixels = np.bincount(labels.ravel(), minlength=count + 1)
-    outer: dict[int, np.ndarray] = {}
-    holes: dict[int, list[np.ndarray]] = {}
-    for loop in _loops(nxt):
-        vertices = starts[loop[turning[loop]]].astype(np.float64)
-        if len(vertices) < 3:
-            continue
-        owner = int(owners[loop[0]])
-        if signed_area(vertices) > 0:
-            if owner not in outer or signed_area(vertices) > signed_area(outer[owner]):
-                outer[owner] = vertices
-        else:
-            holes.setdefault(owner, []).append(vertices)
-    return [Region(outer[o], tuple(holes.get(o, ())), int(pixels[o]))
-            for o in sorted(outer) if pixels[o] >= min_pixels]
+    turning = np.any(dirs != dirs[previous], axis=1)[order]
+    counts = np.add.reduceat(turning.astype(np.int64), loop_starts)
+    vertices = (starts[order[turning]] + np.array([c0 - 1, r0 - 1])).astype(np.float64)
+    ends = np.cumsum(counts)
+    firsts = ends - counts
+    # Shoelace area of every loop at once: each vertex's successor wraps
+    # to its loop's first vertex.
+    successor = np.arange(1, len(vertices) + 1)
+    successor[ends - 1] = firsts
+    x, y = vertices[:, 0], vertices[:, 1]
+    areas = 0.5 * np.add.reduceat(x * y[successor] - x[successor] * y, firsts)
+    # Raster order of regions: by the top-left corner of their first pixel,
+    # the lowest (y, x) vertex of their outer loop.
+    top = np.minimum.reduceat(y, firsts)
+    left = np.minimum.reduceat(np.where(y == np.repeat(top, counts), x, np.inf), firsts)
+    # The pixel on the inside of each loop's first edge (inside is on the right).
+    right = np.stack([-dirs[leaders, 1], dirs[leaders, 0]], axis=1)
+    beside = starts[leaders] + np.array([c0 - 1, r0 - 1]) + 0.5 * (dirs[leaders] + right)
+    loop_slices = (slices[leaders] + z0).tolist()
+
+    # Per slice: outer loops (positive area) smallest first, each with its holes.
+    outers: dict[int, list[list]] = {}
+    for k in np.flatnonzero(areas > 0).tolist():
+        outers.setdefault(loop_slices[k], []).append([k, []])
+    for candidates in outers.values():
+        candidates.sort(key=lambda item: areas[item[0]])
+    for k in np.flatnonzero(areas < 0).tolist():
+        candidates = outers[loop_slices[k]]
+        owner = candidates[0] if len(candidates) == 1 else next(
+            c for c in candidates
+            if _inside(beside[k], vertices[firsts[c[0]]:ends[c[0]]],
+                       vertices[successor[firsts[c[0]]:ends[c[0]]]]))
+        owner[1].append(k)
+
+    def loop(k: int) -> np.ndarray:
+        return vertices[firsts[k]:ends[k]]
+
+    regions: dict[int, list[Region]] = {}
+    for z in sorted(outers):
+        kept = [Region(loop(k), tuple(loop(h) for h in holes), pixels)
+                for k, holes in sorted(outers[z], key=lambda c: (top[c[0]], left[c[0]]))
+                if (pixels := round(areas[k] + sum(areas[h] for h in holes))) >= min_pixels]
+        if kept:
+            regions[z] = kept
+    return regions
 
 
 def trace_regions(mask: np.ndarray, min_pixels: int = 1) -> list[Region]:
     """Regions of a 2D mask with their outer loop and holes, in corner coordinates."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    if rows.size == 0:
-        return []
-    cols = np.flatnonzero(mask.any(axis=0))
-    r0, c0 = int(rows[0]), int(cols[0])
-    crop = mask[r0:int(rows[-1]) + 1, c0:int(cols[-1]) + 1]
-    shift = np.array([c0, r0], dtype=np.float64)
-    return [Region(r.outer + shift, tuple(h + shift for h in r.holes), r.pixels)
-            for r in _trace_crop(crop, min_pixels)]
+    return trace_volume(np.asarray(mask, dtype=bool)[None], min_pixels).get(0, [])
 
 
 def keyhole(outer: np.ndarray, holes: tuple[np.ndarray, ...]) -> np.ndarray:
@@ -145,10 +237,14 @@ def keyhole(outer: np.ndarray, holes: tuple[np.ndarray, ...]) -> np.ndarray:
     region with its holes, for planning systems that read one contour per
     region.
     """
+    if not holes:
+        return outer
     merged = outer
     for hole in sorted(holes, key=lambda h: -abs(signed_area(h))):
-        distance = ((merged[:, None, :] - hole[None, :, :]) ** 2).sum(axis=2)
-        i, j = np.unravel_index(int(distance.argmin()), distance.shape)
+        # Nearest merged vertex to each hole vertex, then the closest pair.
+        distance, nearest = cKDTree(merged).query(hole)
+        j = int(distance.argmin())
+        i = int(nearest[j])
         merged = np.concatenate([
             merged[:i + 1], hole[j:], hole[:j + 1], merged[i:],
         ])

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import io
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +29,8 @@ from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from . import __version__
-from .contours import corners_to_index, keyhole, trace_regions
+from .contours import corners_to_index, keyhole, trace_volume
+from .dicom import explicit_le as le
 from .dicom.filemeta import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from .dicom.spool import write_durably
 from .errors import RTStructError
@@ -38,7 +41,15 @@ RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 # RT Referenced Study Sequence items reference the study by this SOP class
 # (Study Component Management), as planning systems expect.
 STUDY_COMPONENT_MANAGEMENT = "1.2.840.10008.3.1.2.3.2"
-CONTOUR_DATA = Tag(0x3006, 0x0050)
+CONTOUR_IMAGE_SEQUENCE = 0x30060016
+CONTOUR_SEQUENCE = 0x30060040
+CONTOUR_GEOMETRIC_TYPE = 0x30060042
+NUMBER_OF_CONTOUR_POINTS = 0x30060046
+CONTOUR_NUMBER = 0x30060048
+CONTOUR_DATA = 0x30060050
+REFERENCED_SOP_CLASS_UID = 0x00081150
+REFERENCED_SOP_INSTANCE_UID = 0x00081155
+MAX_DS_LENGTH = 16
 MANUFACTURER = "oncoseg-node"
 STRUCTURE_SET_LABEL = "AUTO DRAFT"
 SERIES_DESCRIPTION = "AUTOMATIC CONTOURS - DRAFT FOR REVIEW"
@@ -92,42 +103,49 @@ class GenerationInfo:
                 f"{self.protocol_version}; {models}")
 
 
-def encode_ds(values: np.ndarray) -> bytes:
-    """Backslash-separated DS text, 0.001 mm resolution, built without per-value Python.
+def encode_ds_groups(values: np.ndarray, counts: Sequence[int] | np.ndarray) -> list[bytes]:
+    """Backslash-separated DS text for consecutive groups of ``counts`` values each.
 
-    Each value is laid out in a fixed-width row (sign, six integer digits,
-    point, three decimals), then the padding spaces are squeezed out: the
-    result reads like ``-123.456\\7.000``, every value at most 11 characters.
+    0.001 mm resolution, built without per-value Python: each value is laid
+    out in a fixed-width row (sign, six integer digits, point, three
+    decimals, separator), the padding spaces are squeezed out and the text
+    is cut at group ends. Values read like ``-123.456``, at most 11
+    characters.
     """
     milli = np.round(np.asarray(values, dtype=np.float64).ravel() * 1000.0).astype(np.int64)
     magnitude = np.abs(milli)
     whole, frac = magnitude // 1000, magnitude % 1000
     if whole.size and int(whole.max()) >= 10**6:
         raise RTStructError("a contour coordinate exceeds 999999 mm")
-    rows = np.full((milli.size, 12), ord(" "), dtype=np.uint8)
+    # Columns: 0 sign, 1-6 integer digits, 7 point, 8-10 decimals, 11 separator.
     digits = np.ones(milli.size, dtype=np.int64)
     for power in range(1, 6):
         digits += whole >= 10**power
-    for j in range(6):
-        shown = j < digits
-        rows[shown, 6 - j] = ord("0") + (whole[shown] // 10**j) % 10
-    negative = milli < 0
-    rows[np.flatnonzero(negative), 6 - digits[negative]] = ord("-")
+    integer_columns = np.arange(1, 7)
+    shown = (whole[:, None] // 10 ** (6 - integer_columns)) % 10
+    rows = np.empty((milli.size, 12), dtype=np.uint8)
+    rows[:, 0] = ord(" ")
+    rows[:, 1:7] = np.where(integer_columns < 7 - digits[:, None], ord(" "), ord("0") + shown)
     rows[:, 7] = ord(".")
     rows[:, 8] = ord("0") + frac // 100
     rows[:, 9] = ord("0") + (frac // 10) % 10
     rows[:, 10] = ord("0") + frac % 10
     rows[:, 11] = ord("\\")
-    flat = rows.ravel()[:-1]
-    return flat[flat != ord(" ")].tobytes()
+    negative = np.flatnonzero(milli < 0)
+    rows[negative, 6 - digits[negative]] = ord("-")
+    kept = rows != ord(" ")
+    text = rows[kept].tobytes()
+    value_ends = np.cumsum(kept.sum(axis=1))
+    group_ends = value_ends[np.cumsum(counts) - 1].tolist()
+    group_starts = [0, *group_ends[:-1]]
+    # Each group drops its last separator.
+    return [text[start:end - 1] for start, end in zip(group_starts, group_ends, strict=True)]
 
 
-def _contour_data(points: np.ndarray) -> RawDataElement:
-    """ContourData encoded directly: thousands of DS values without per-value objects."""
-    text = encode_ds(points)
-    if len(text) % 2:
-        text += b" "
-    return RawDataElement(CONTOUR_DATA, "DS", len(text), text, 0, False, True)
+def encode_ds(values: np.ndarray) -> bytes:
+    """Backslash-separated DS text of ``values`` (see :func:`encode_ds_groups`)."""
+    values = np.asarray(values)
+    return encode_ds_groups(values, [values.size])[0] if values.size else b""
 
 
 def _now() -> tuple[str, str]:
@@ -135,19 +153,63 @@ def _now() -> tuple[str, str]:
     return now.strftime("%Y%m%d"), now.strftime("%H%M%S")
 
 
-def slice_contours(volume: Volume, z: int, mask2d: np.ndarray, hole_style: str,
-                   min_pixels: int) -> list[np.ndarray]:
-    """Closed contours of one slice as (n, 3) LPS points."""
-    out = []
-    for region in trace_regions(mask2d, min_pixels=min_pixels):
-        loops = ([keyhole(region.outer, region.holes)] if hole_style == "keyhole"
-                 else [region.outer, *region.holes])
-        for loop in loops:
-            if len(loop) < 3:
-                continue
-            rows, cols = corners_to_index(loop)
-            out.append(volume.index_to_patient(z, rows, cols))
-    return out
+def contour_image_references(volume: Volume) -> list[bytes]:
+    """The encoded ContourImageSequence element of each slice, shared by every ROI."""
+    sop_class = volume.sop_class_uid.encode("ascii")
+    return [le.element(CONTOUR_IMAGE_SEQUENCE, "SQ", le.item(
+        le.element(REFERENCED_SOP_CLASS_UID, "UI", sop_class)
+        + le.element(REFERENCED_SOP_INSTANCE_UID, "UI", uid.encode("ascii"))))
+        for uid in volume.sop_instance_uids]
+
+
+CLOSED_PLANAR = le.element(CONTOUR_GEOMETRIC_TYPE, "CS", b"CLOSED_PLANAR")
+
+
+def roi_loops(mask: np.ndarray, hole_style: str, min_pixels: int
+              ) -> tuple[list[int], list[np.ndarray]]:
+    """Slice index and closed loop (corner coordinates) of every contour of one ROI.
+
+    Holes are joined to their region by keyhole cuts or kept as separate
+    inner loops, as the destination's profile says.
+    """
+    slices, loops = [], []
+    for z, regions in trace_volume(mask, min_pixels).items():
+        for region in regions:
+            for loop in ([keyhole(region.outer, region.holes)] if hole_style == "keyhole"
+                         else [region.outer, *region.holes]):
+                slices.append(z)
+                loops.append(loop)
+    return slices, loops
+
+
+def contour_sequence(volume: Volume, roi: RoiMask, hole_style: str, min_pixels: int,
+                     image_references: list[bytes]) -> RawDataElement:
+    """The ROI's ContourSequence, encoded directly (Explicit VR Little Endian).
+
+    Every point is placed with its own slice's position; the items carry
+    their image reference, CLOSED_PLANAR, point count, number and data.
+    """
+    slices, loops = roi_loops(roi.mask, hole_style, min_pixels)
+    parts = []
+    if loops:
+        counts = np.fromiter(map(len, loops), dtype=np.int64, count=len(loops))
+        rows, cols = corners_to_index(np.concatenate(loops))
+        points = volume.index_to_patient(np.repeat(slices, counts), rows, cols)
+        texts = encode_ds_groups(points, 3 * counts)
+        for number, (z, n, text) in enumerate(zip(slices, counts.tolist(), texts, strict=True),
+                                              start=1):
+            try:
+                data = le.element(CONTOUR_DATA, "DS", text)
+            except le.EncodingError:
+                raise RTStructError(
+                    f"ROI {roi.name}: its contour on slice {z + 1} has {n} points, more "
+                    "than one ContourData value can hold") from None
+            parts.append(le.item(image_references[z] + CLOSED_PLANAR
+                                 + le.element(NUMBER_OF_CONTOUR_POINTS, "IS", str(n).encode())
+                                 + le.element(CONTOUR_NUMBER, "IS", str(number).encode())
+                                 + data))
+    body = b"".join(parts)
+    return RawDataElement(Tag(CONTOUR_SEQUENCE), "SQ", len(body), body, 0, False, True)
 
 
 def build_rtstruct(volume: Volume, rois: Sequence[RoiMask], info: GenerationInfo,
@@ -217,6 +279,13 @@ def build_rtstruct(volume: Volume, rois: Sequence[RoiMask], info: GenerationInfo
     pixel_mm2 = volume.pixel_spacing[0] * volume.pixel_spacing[1]
     min_pixels = max(1, int(np.ceil(min_island_mm2 / pixel_mm2))) if min_island_mm2 else 1
     structure_rois, contour_rois, observations = [], [], []
+    image_references = contour_image_references(volume)
+    # ROIs are traced and encoded in parallel: the work is array operations
+    # that release the interpreter lock.
+    with ThreadPoolExecutor(max_workers=max(1, min(len(rois), os.cpu_count() or 1))) as pool:
+        sequences = list(pool.map(
+            lambda roi: contour_sequence(volume, roi, profile.hole_style, min_pixels,
+                                         image_references), rois))
     for number, roi in enumerate(rois, start=1):
         item = Dataset()
         item.ROINumber = number
@@ -226,25 +295,10 @@ def build_rtstruct(volume: Volume, rois: Sequence[RoiMask], info: GenerationInfo
         item.ROIGenerationDescription = info.describe(roi.engine)[:64]
         structure_rois.append(item)
 
-        contours = []
-        for z in np.flatnonzero(roi.mask.any(axis=(1, 2))):
-            for points in slice_contours(volume, int(z), roi.mask[z], profile.hole_style,
-                                         min_pixels):
-                contour = Dataset()
-                contour.ContourImageSequence = DicomSequence([_image_ref(
-                    volume, volume.sop_instance_uids[int(z)])])
-                contour.ContourGeometricType = "CLOSED_PLANAR"
-                contour.NumberOfContourPoints = len(points)
-                contour.ContourNumber = len(contours) + 1
-                contour[CONTOUR_DATA] = _contour_data(points)
-                # Declared as already Explicit VR Little Endian, so the writer
-                # copies the encoded ContourData instead of decoding it.
-                contour.set_original_encoding(False, True, contour._character_set)
-                contours.append(contour)
         roi_contour = Dataset()
         roi_contour.ROIDisplayColor = list(roi.color)
         roi_contour.ReferencedROINumber = number
-        roi_contour.ContourSequence = DicomSequence(contours)
+        roi_contour[CONTOUR_SEQUENCE] = sequences[number - 1]
         contour_rois.append(roi_contour)
 
         observation = Dataset()
@@ -257,6 +311,12 @@ def build_rtstruct(volume: Volume, rois: Sequence[RoiMask], info: GenerationInfo
     ds.StructureSetROISequence = DicomSequence(structure_rois)
     ds.ROIContourSequence = DicomSequence(contour_rois)
     ds.RTROIObservationsSequence = DicomSequence(observations)
+    # Declared as already Explicit VR Little Endian in their own character
+    # set, so pydicom copies the encoded contour items as they are instead of
+    # decoding every one to look for ambiguous VRs (there are none: every
+    # element here was set by keyword or copied decoded from the CT).
+    for dataset in (ds, *contour_rois):
+        dataset.set_original_encoding(False, True, dataset._character_set)
     return ds
 
 
@@ -296,22 +356,60 @@ def check_rtstruct(ds: Dataset, volume: Volume, profile: DestinationProfile) -> 
         if len(name) > profile.max_roi_name_length:
             problems.append(f"ROI name {name!r} longer than {profile.max_roi_name_length}")
     for roi in ds.get("ROIContourSequence", []):
-        for contour in roi.get("ContourSequence", []):
-            raw = contour.get_item(CONTOUR_DATA)
-            values = (raw.value.split(b"\\") if isinstance(raw, RawDataElement)
-                      else [str(v).encode() for v in contour.ContourData])
-            if max(map(len, values)) > 16:
-                problems.append(f"ROI {roi.ReferencedROINumber}: a DS value exceeds 16 characters")
-                break
-            if len(values) != 3 * int(contour.NumberOfContourPoints) or len(values) < 9:
-                problems.append(f"ROI {roi.ReferencedROINumber}: contour with "
-                                f"{len(values) // 3} points or a wrong point count")
-                break
-            ref = contour.ContourImageSequence[0].ReferencedSOPInstanceUID
-            if ref not in images:
-                problems.append(f"ROI {roi.ReferencedROINumber}: contour on an unknown image")
-                break
+        problem = _contour_problem(roi, images)
+        if problem:
+            problems.append(f"ROI {roi.get('ReferencedROINumber', '?')}: {problem}")
     return problems
+
+
+def _contours(roi: Dataset) -> Iterator[tuple[int, bytes, str]]:
+    """(declared point count, ContourData text, referenced image) of each contour of an ROI.
+
+    Read from the encoded items where the sequence is still as written, from
+    pydicom's datasets where it was already decoded.
+    """
+    element = roi.get_item(CONTOUR_SEQUENCE)
+    if element is None:
+        return
+    if isinstance(element, RawDataElement):
+        for content in le.items(element.value or b""):
+            found = le.elements(content)
+            image = le.elements(next(le.items(found[CONTOUR_IMAGE_SEQUENCE][1])))
+            yield (int(bytes(found[NUMBER_OF_CONTOUR_POINTS][1])),
+                   bytes(found[CONTOUR_DATA][1]),
+                   bytes(image[REFERENCED_SOP_INSTANCE_UID][1]).rstrip(b"\0 ").decode())
+        return
+    for contour in element.value:
+        data = contour.get_item(CONTOUR_DATA)
+        text = (data.value if isinstance(data, RawDataElement)
+                else "\\".join(map(str, contour.ContourData)).encode())
+        yield (int(contour.NumberOfContourPoints), text,
+               contour.ContourImageSequence[0].ReferencedSOPInstanceUID)
+
+
+def _contour_problem(roi: Dataset, images: set[str]) -> str | None:
+    """The first problem with an ROI's contours: value length, point count, image."""
+    try:
+        contours = list(_contours(roi))
+    except (le.EncodingError, KeyError, StopIteration, ValueError, AttributeError,
+            IndexError) as exc:
+        return f"contour items not as written ({type(exc).__name__}: {exc})"
+    if not contours:
+        return None
+    texts = [text.rstrip(b" ") for _, text, _ in contours]
+    # All of the ROI's values at once: their lengths between separators.
+    chars = np.frombuffer(b"\\".join(texts), dtype=np.uint8)
+    separators = np.flatnonzero(chars == ord("\\"))
+    bounds = np.concatenate(([-1], separators, [chars.size]))
+    if int((np.diff(bounds) - 1).max()) > MAX_DS_LENGTH:
+        return f"a DS value exceeds {MAX_DS_LENGTH} characters"
+    for (points, _, image), text in zip(contours, texts, strict=True):
+        values = text.count(b"\\") + 1
+        if values != 3 * points or values < 9:
+            return f"contour with {values // 3} points or a wrong point count"
+        if image not in images:
+            return "contour on an unknown image"
+    return None
 
 
 def save_verified(ds: Dataset, path: Path, volume: Volume, profile: DestinationProfile) -> None:

@@ -83,16 +83,18 @@ class Volume:
         per_slice = mask.reshape(mask.shape[0], -1).sum(axis=1)
         return float((per_slice * self.voxel_volume_mm3).sum() / 1000.0)
 
-    def index_to_patient(self, z: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    def index_to_patient(self, z: int | np.ndarray, rows: np.ndarray,
+                         cols: np.ndarray) -> np.ndarray:
         """Map (fractional) pixel indices of slice ``z`` to LPS points, shape (n, 3).
 
-        Index (row 0, column 0) is the centre of the first pixel; a pixel's
-        edge lies at index -0.5.
+        ``z`` is one slice index or one per point; each point is placed with
+        its own slice's position. Index (row 0, column 0) is the centre of
+        the first pixel; a pixel's edge lies at index -0.5.
         """
         rows = np.asarray(rows, dtype=np.float64)
         cols = np.asarray(cols, dtype=np.float64)
         return (
-            self.positions[z][None, :]
+            np.atleast_2d(self.positions[z])
             + cols[:, None] * self.pixel_spacing[1] * self.row_direction[None, :]
             + rows[:, None] * self.pixel_spacing[0] * self.col_direction[None, :]
         )

@@ -199,3 +199,32 @@ def test_orthanc_accepts_the_structure_set_and_lists_its_rois(tmp_path):
     names = sorted(item["ROIName"] for item in tags["StructureSetROISequence"])
     assert names == sorted(phantom.truth)
     assert tags["ApprovalStatus"] == "UNAPPROVED"
+
+
+def test_check_reads_the_written_contour_items_and_finds_a_wrong_point_count(tmp_path):
+    phantom, path = written(tmp_path, "HFS")
+    data = bytearray(path.read_bytes())
+    # The first NumberOfContourPoints (3006,0046) IS: claim one point more.
+    at = data.index(b"\x06\x30\x46\x00IS")
+    length = int.from_bytes(data[at + 6:at + 8], "little")
+    value = data[at + 8:at + 8 + length]
+    wrong = str(int(value) + 1).encode().ljust(length)
+    assert len(wrong) == length
+    data[at + 8:at + 8 + length] = wrong
+    path.write_bytes(bytes(data))
+    problems = check_rtstruct(pydicom.dcmread(path), phantom.volume, PROFILES["generic"])
+    assert any("wrong point count" in p for p in problems), problems
+
+
+def test_a_contour_too_long_for_one_contour_data_value_is_refused_by_name(tmp_path):
+    phantom = write_phantom(tmp_path / "ct", slices=2, rows=512, columns=512,
+                            pixel_spacing=(1.0, 1.0))
+    mask = np.zeros(phantom.volume.shape, dtype=bool)
+    mask[0, 2:510, 2:510] = True
+    # One-pixel teeth on every side: thousands of corners on one outline,
+    # more values than a DS element's 16-bit length can carry.
+    mask[0, 1, 2:510:2] = mask[0, 510, 2:510:2] = True
+    mask[0, 2:510:2, 1] = mask[0, 2:510:2, 510] = True
+    with pytest.raises(RTStructError, match="Comb.*slice 1"):
+        build_rtstruct(phantom.volume, [RoiMask("Comb", (1, 2, 3), "ORGAN", mask)], INFO,
+                       PROFILES["generic"])
