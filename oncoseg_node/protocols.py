@@ -38,6 +38,9 @@ class PostProcess:
     fill_holes: bool = False
     smoothing_mm: float = 0.0
     min_island_cc: float = 0.0
+    # Fragments of a slice smaller than this (mm^2) are dropped: specks a
+    # planning system would show as separate contours to review.
+    min_slice_island_mm2: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -158,9 +161,16 @@ def _structure(name: str, raw: Mapping[str, Any], problems: list[str]) -> Struct
             problems.append(f"structures.{name}.{key}: {value!r} is not [low, high]")
             ranges[key] = None
     post_raw = raw.get("postprocess") or {}
-    post_keys = {"keep_components", "fill_holes", "smoothing_mm", "min_island_cc"}
-    for key in sorted(set(post_raw) - post_keys):
-        problems.append(f"structures.{name}.postprocess.{key}: unknown key")
+    post = {}
+    if not isinstance(post_raw, dict):
+        problems.append(f"structures.{name}.postprocess: {post_raw!r} is not a mapping")
+        post_raw = {}
+    for key, value in sorted(post_raw.items()):
+        problem = _postprocess_problem(key, value)
+        if problem:
+            problems.append(f"structures.{name}.postprocess.{key}: {problem}")
+        else:
+            post[key] = value
     return Structure(
         name=name,
         color=(color[0], color[1], color[2]),
@@ -171,8 +181,22 @@ def _structure(name: str, raw: Mapping[str, Any], problems: list[str]) -> Struct
         laterality=laterality,
         volume_cc=ranges["volume_cc"],
         hu_window=ranges["hu_window"],
-        postprocess=PostProcess(**{k: v for k, v in post_raw.items() if k in post_keys}),
+        postprocess=PostProcess(**post),
     )
+
+
+def _postprocess_problem(key: str, value: object) -> str | None:
+    """Why a postprocess setting is refused, or None when it is valid."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if key == "keep_components":
+        ok = value is None or (isinstance(value, int) and not isinstance(value, bool)
+                               and value >= 1)
+        return None if ok else f"{value!r} is not a whole number of at least 1"
+    if key == "fill_holes":
+        return None if isinstance(value, bool) else f"{value!r} is not true or false"
+    if key in ("smoothing_mm", "min_island_cc", "min_slice_island_mm2"):
+        return None if is_number and value >= 0 else f"{value!r} is not a number >= 0"
+    return "unknown key"
 
 
 TG263_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_^]{0,15}$")

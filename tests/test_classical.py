@@ -7,7 +7,7 @@ from scipy import ndimage
 from oncoseg_node.engines import classical
 from oncoseg_node.engines.base import Engine
 from oncoseg_node.engines.classical import ClassicalEngine
-from oncoseg_node.engines.postprocess import dilate, erode, fill_holes
+from oncoseg_node.engines.postprocess import dilate, erode, fill_holes, postprocess
 from oncoseg_node.phantom import make_phantom
 from oncoseg_node.protocols import PostProcess, Structure
 
@@ -161,6 +161,20 @@ def test_protocol_postprocess_is_applied():
     labels, count = ndimage.label(bones.mask)
     sizes = ndimage.sum_labels(np.ones_like(labels), labels, np.arange(1, count + 1))
     assert sizes.min() * p.volume.voxel_volume_mm3[0] / 1000 >= 2.0
+
+
+def test_slice_specks_under_the_configured_area_are_dropped():
+    p = make_phantom(slices=4, rows=64, columns=64, pixel_spacing=(2.0, 2.0))
+    mask = np.zeros(p.volume.shape, dtype=bool)
+    mask[1, 10:30, 10:30] = True  # 1600 mm^2
+    mask[1, 40:42, 40:42] = True  # 16 mm^2: a speck on the same slice
+    mask[2, 50, 50] = True        # 4 mm^2 alone on its slice
+    rules = PostProcess(min_slice_island_mm2=20.0)
+    out = postprocess(p.volume, mask, rules)
+    expected = np.zeros_like(mask)
+    expected[1, 10:30, 10:30] = True
+    assert np.array_equal(out, expected)
+    assert np.array_equal(postprocess(p.volume, mask, PostProcess()), mask)
 
 
 def test_segment_is_pure():

@@ -29,6 +29,17 @@ def test_phantom_sites_match_their_protocol(site, protocol):
         phantom.volume.header).name == protocol
 
 
+def assert_refused_with(path, expected: list[tuple[int, str]]) -> list[str]:
+    """Loading ``path`` fails listing each (line, message) as FILE:LINE: message."""
+    with pytest.raises(ConfigError) as info:
+        load_protocols(path)
+    problems = info.value.problems
+    for line, message in expected:
+        assert any(p.startswith(f"{path}:{line}: {message}") for p in problems), \
+            (line, message, problems)
+    return problems
+
+
 def test_every_problem_is_listed_with_file_and_line(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text(
@@ -46,10 +57,7 @@ def test_every_problem_is_listed_with_file_and_line(tmp_path):
         "    structures: [Liver]\n"                                              # 12
         "fallback: nowhere\n"                                                    # 13
         "colour: red\n")                                                         # 14
-    with pytest.raises(ConfigError) as info:
-        load_protocols(path)
-    problems = info.value.problems
-    expected = [
+    assert_refused_with(path, [
         (2, "structures.Heart.color: [300, 0, 0] is not [R, G, B]"),
         (3, "structures.Liver.volume_cc: [10] is not [low, high]"),
         (4, "structures.Left Parotid: 'Left Parotid' breaks TG-263 naming"),
@@ -59,9 +67,29 @@ def test_every_problem_is_listed_with_file_and_line(tmp_path):
         (10, "protocols.a.structures: unknown structure 'Kidney'"),
         (13, "fallback: 'nowhere' is not a protocol"),
         (14, "colour: unknown key"),
-    ]
-    for line, message in expected:
-        assert any(p.startswith(f"{path}:{line}: {message}") for p in problems), (line, message)
+    ])
+
+
+def test_bad_postprocess_settings_are_named_with_their_line(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "structures:\n"                                                          # 1
+        "  Heart:\n"                                                             # 2
+        "    color: [1, 2, 3]\n"                                                 # 3
+        "    postprocess:\n"                                                     # 4
+        "      smoothing_mm: fast\n"                                             # 5
+        "      keep_components: 0\n"                                             # 6
+        "      min_slice_island_mm2: 5\n"                                        # 7
+        "      blur: 1\n"                                                        # 8
+        "protocols:\n"
+        "  - name: a\n"
+        "    structures: [Heart]\n")
+    problems = assert_refused_with(path, [
+        (5, "structures.Heart.postprocess.smoothing_mm: 'fast' is not a number >= 0"),
+        (6, "structures.Heart.postprocess.keep_components: 0 is not a whole number"),
+        (8, "structures.Heart.postprocess.blur: unknown key"),
+    ])
+    assert len(problems) == 3
 
 
 def test_shadowed_protocol_and_destination_name_limit(tmp_path):

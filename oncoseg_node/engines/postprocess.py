@@ -97,7 +97,7 @@ def component_sizes_cc(volume: Volume, labels: np.ndarray, count: int,
 
 
 def postprocess(volume: Volume, mask: np.ndarray, rules: PostProcess) -> np.ndarray:
-    """Fill holes, smooth, drop small islands, keep the N largest 3D components."""
+    """Fill holes, smooth, drop small 3D islands, keep the N largest, drop slice specks."""
     if not mask.any():
         return mask
     out = mask
@@ -120,4 +120,17 @@ def postprocess(volume: Volume, mask: np.ndarray, rules: PostProcess) -> np.ndar
                 largest[np.argsort(sizes)[::-1][:rules.keep_components]] = True
                 keep &= largest
             out = np.concatenate([[False], keep])[labels]
+    if rules.min_slice_island_mm2 > 0:
+        out = drop_slice_islands(volume, out, rules.min_slice_island_mm2)
     return out
+
+
+def drop_slice_islands(volume: Volume, mask: np.ndarray, min_mm2: float) -> np.ndarray:
+    """Remove the 4-connected pieces of each slice whose area is under ``min_mm2``."""
+    labels, count = ndimage.label(mask, structure=IN_PLANE)
+    if not count:
+        return mask
+    area_mm2 = np.bincount(labels.ravel()) * volume.pixel_spacing[0] * volume.pixel_spacing[1]
+    keep = area_mm2 >= min_mm2
+    keep[0] = False
+    return keep[labels]
