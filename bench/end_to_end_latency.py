@@ -2,9 +2,9 @@
 
 The daemon runs as in production (its JSON log gives the stage times); DCMTK
 storescu sends a 96-slice 512x512 phantom and storescp is the TPS. Stages:
-quiet period (last instance -> job claimed), contour (load, gate, segment,
-write, verify: job claimed -> structure set written), send (written ->
-accepted). The peer in the same run is DCMTK storescu sending the very same
+quiet period (last instance -> job claimed), load (read and gate the
+series), segment, write (build, write, read back and verify the structure
+set), send (written -> accepted). The peer in the same run is DCMTK storescu sending the very same
 RTSTRUCT file to the same storescp. Run: python -m bench.end_to_end_latency
 """
 
@@ -25,8 +25,9 @@ from tests.daemon import Daemon, wait_until
 from tests.peers import DCMTK_ENV, free_port, require, storescp, storescu
 
 
-def events(log: str) -> dict[str, float]:
-    found = {}
+def events(log: str) -> tuple[dict[str, float], dict]:
+    """Time stamps of the job's milestones, and the job_contoured record (stage times)."""
+    found, contoured = {}, {}
     for line in log.splitlines():
         if not line.startswith("{"):
             continue
@@ -34,7 +35,9 @@ def events(log: str) -> dict[str, float]:
         if record.get("event") in ("job_started", "job_contoured", "rtstruct_delivered"):
             found.setdefault(record["event"],
                              dt.datetime.fromisoformat(record["timestamp"]).timestamp())
-    return found
+        if record.get("event") == "job_contoured":
+            contoured = record
+    return found, contoured
 
 
 def main() -> None:
@@ -59,7 +62,7 @@ def main() -> None:
                 wait_until(lambda: "rtstruct_delivered" in daemon.log(), 600, "delivery")
             finally:
                 daemon.stop()
-            stamps = events(daemon.log())
+            stamps, stages = events(daemon.log())
             (rtstruct,) = list((tmp_path / "tps").iterdir())
             started = time.perf_counter()
             subprocess.run([require("storescu"), "-aec", "TPS", "127.0.0.1", str(tps),
@@ -71,7 +74,10 @@ def main() -> None:
         total = stamps["rtstruct_delivered"] - acknowledged
         print(f"series: {args.slices} slices of 512x512, quiet period {args.quiet:g} s")
         print(f"quiet period (last instance -> job claimed): {quiet:6.2f} s")
-        print(f"contour (load, gate, segment, write, verify): {contour:6.2f} s")
+        print(f"contour (job claimed -> structure set written): {contour:6.2f} s, of which")
+        print(f"  load (read, sort, geometry gate):           {stages['load_s']:6.2f} s")
+        print(f"  segment:                                    {stages['segment_s']:6.2f} s")
+        print(f"  write (build, write, read back, verify):    {stages['write_s']:6.2f} s")
         print(f"send (written -> accepted by storescp):       {send:6.2f} s")
         print(f"total:                                        {total:6.2f} s")
         print(f"peer: storescu sending the same RTSTRUCT: {peer_send:.2f} s; "

@@ -58,6 +58,11 @@ class DeliveryScheduler:
         self.scheduler.start()
         self.reconcile()
 
+    def wake(self) -> None:
+        """Run a reconcile pass now: new deliveries start at once, not at the next tick."""
+        if self.scheduler.running:
+            self.scheduler.modify_job("reconcile", next_run_time=datetime.now(UTC))
+
     def stop(self, wait: bool = True) -> None:
         if self.scheduler.running:
             self.scheduler.shutdown(wait=wait)

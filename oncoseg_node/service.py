@@ -92,7 +92,7 @@ class Service:
         assembler = Assembler(self.ledger, cfg.series.quiet_period_s,
                               association_open=handlers.associations.is_open)
         self.worker = Worker(cfg, self.ledger, spool, engines, self.current_protocols,
-                             metrics=self.metrics)
+                             metrics=self.metrics, deliveries_started=self.delivery.wake)
         self._spawn("assembler", lambda: assembler.run(self._stop_work))
         self._spawn("worker", lambda: self.worker.run(self._stop_work))
         self.receiver = Receiver(cfg.node, handlers)

@@ -48,8 +48,10 @@ def destinations_for(config: Config, protocol: Protocol) -> list[DestinationConf
 class Worker:
     def __init__(self, config: Config, ledger: Ledger, spool: Spool, engines: EngineSet,
                  protocols: Callable[[], ProtocolSet], *,
-                 metrics: NodeMetrics | None = None) -> None:
+                 metrics: NodeMetrics | None = None,
+                 deliveries_started: Callable[[], None] = lambda: None) -> None:
         self.config = config
+        self.deliveries_started = deliveries_started
         self.ledger = ledger
         self.spool = spool
         self.engines = engines
@@ -116,7 +118,8 @@ class Worker:
                                    protocol_version=protocols.version)
             segment_started = time.monotonic()
             contoured = contour(volume, report, protocol, self.engines)
-            self.metrics.segmentation_seconds.observe(time.monotonic() - segment_started)
+            write_started = time.monotonic()
+            self.metrics.segmentation_seconds.observe(write_started - segment_started)
             targets = []
             written: dict[str, tuple[str, str]] = {}
             for dest in destinations_for(self.config, protocol):
@@ -136,10 +139,14 @@ class Worker:
             self.ledger.update_job(job.id, results=results,
                                    rtstruct_uid=first_uid, rtstruct_relpath=first_path)
             self.ledger.start_deliveries(job.id, targets)
+            self.deliveries_started()
             bound.info("job_contoured", protocol=protocol.name,
                        structures=len(contoured.results),
                        absent=[r.name for r in contoured.results if r.absent],
-                       seconds=round(time.monotonic() - started, 2))
+                       seconds=round(time.monotonic() - started, 2),
+                       load_s=round(segment_started - started, 2),
+                       segment_s=round(write_started - segment_started, 2),
+                       write_s=round(time.monotonic() - write_started, 2))
         except GeometryError as exc:
             self.ledger.update_job(job.id, state=HELD, reason=f"geometry: {exc}")
             bound.warning("job_held", reason=str(exc))
