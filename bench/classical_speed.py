@@ -15,11 +15,11 @@ import time
 import numpy as np
 
 from bench.rtstruct_write import machine
-from oncoseg_node.engines import classical
-from oncoseg_node.engines.classical import ClassicalEngine
-from oncoseg_node.engines.prompts import IntensityBoxPrompter
-from oncoseg_node.phantom import make_phantom
-from oncoseg_node.protocols import Structure
+from oncoseg_node.commissioning.phantom import make_phantom
+from oncoseg_node.contouring.engines import classical
+from oncoseg_node.contouring.engines.classical import ClassicalEngine
+from oncoseg_node.contouring.engines.prompts import IntensityBoxPrompter
+from oncoseg_node.contouring.protocols import Structure
 
 
 def best_of(repeat: int, fn, *args) -> tuple[float, object]:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from bench.rtstruct_write import machine
-from oncoseg_node.phantom import write_phantom
+from oncoseg_node.commissioning.phantom import write_phantom
 from tests.conftest import write_config
 from tests.daemon import Daemon, wait_until
 from tests.peers import DCMTK_ENV, free_port, require, storescp, storescu

@@ -20,8 +20,8 @@ import pydicom
 
 from bench.rtstruct_write import machine
 from oncoseg_node.config import load_config
-from oncoseg_node.dicom.spool import TMP_SUFFIX, Spool
-from oncoseg_node.jobqueue import Ledger
+from oncoseg_node.intake.spool import TMP_SUFFIX, Spool
+from oncoseg_node.ledger.store import Ledger
 from tests.conftest import write_config
 from tests.ctfactory import ct_slice
 from tests.daemon import Daemon, wait_until

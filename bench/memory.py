@@ -15,7 +15,7 @@ import numpy as np
 import pydicom
 
 from bench.rtstruct_write import machine
-from oncoseg_node.phantom import write_phantom
+from oncoseg_node.commissioning.phantom import write_phantom
 from tests.conftest import write_config
 from tests.ctfactory import ct_slice
 from tests.daemon import Daemon

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from bench.rtstruct_write import machine
-from oncoseg_node.phantom import write_phantom
+from oncoseg_node.commissioning.phantom import write_phantom
 from tests.conftest import write_config
 from tests.daemon import Daemon
 from tests.orthanc_peer import orthanc

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from oncoseg_node.phantom import write_phantom
-from oncoseg_node.profiles import PROFILES
-from oncoseg_node.rtstruct import GenerationInfo, RoiMask, build_rtstruct, save_verified
+from oncoseg_node.commissioning.phantom import write_phantom
+from oncoseg_node.rtstruct.profiles import PROFILES
+from oncoseg_node.rtstruct.writer import GenerationInfo, RoiMask, build_rtstruct, save_verified
 
 
 def machine() -> str:

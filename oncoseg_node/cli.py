@@ -14,9 +14,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__
-from .config import DEFAULT_CONFIG, Config, load_config
-from .errors import ConfigError, OncosegError
+from oncoseg_node import __version__
+from oncoseg_node.config import DEFAULT_CONFIG, Config, load_config
+from oncoseg_node.errors import ConfigError, OncosegError
 
 EXIT_FAILURE = 1
 EXIT_INVALID_CONFIG = 2
@@ -31,8 +31,8 @@ def _config_arg(parser: argparse.ArgumentParser, required: bool = False) -> None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .logs import configure_logging
-    from .service import Service
+    from oncoseg_node.ops.logs import configure_logging
+    from oncoseg_node.ops.service import Service
 
     config = load_config(args.config)
     configure_logging(config.logging)
@@ -44,8 +44,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from .profiles import PROFILES
-    from .protocols import load_protocols
+    from oncoseg_node.contouring.protocols import load_protocols
+    from oncoseg_node.rtstruct.profiles import PROFILES
 
     config = load_config(args.config)
     limits = [PROFILES[d.profile].max_roi_name_length for d in config.destinations]
@@ -56,10 +56,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from .engines.registry import build_engines
-    from .pipeline import contour, load_ct_series, write_structure_set
-    from .profiles import get_profile
-    from .protocols import load_protocols
+    from oncoseg_node.contouring.engines.registry import build_engines
+    from oncoseg_node.contouring.pipeline import contour, load_ct_series, write_structure_set
+    from oncoseg_node.contouring.protocols import load_protocols
+    from oncoseg_node.rtstruct.profiles import get_profile
 
     config = load_config(args.config)
     protocols = load_protocols(config.protocols)
@@ -90,7 +90,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def _open_ledger(config: Config):  # noqa: ANN202 - Ledger imported lazily
-    from .jobqueue import Ledger
+    from oncoseg_node.ledger.store import Ledger
 
     if not config.ledger_path.exists():
         raise OncosegError(f"no ledger at {config.ledger_path} (has the node run yet?)")
@@ -176,7 +176,7 @@ def cmd_resend(args: argparse.Namespace) -> int:
 
 
 def cmd_protocols_list(args: argparse.Namespace) -> int:
-    from .protocols import load_protocols
+    from oncoseg_node.contouring.protocols import load_protocols
 
     protocols = load_protocols(load_config(args.config).protocols)
     print(f"{protocols.source} (version {protocols.version}, fallback: "
@@ -197,8 +197,8 @@ def cmd_protocols_list(args: argparse.Namespace) -> int:
 
 
 def cmd_protocols_explain(args: argparse.Namespace) -> int:
-    from .protocols import load_protocols
-    from .volume import read_ct_slices
+    from oncoseg_node.contouring.protocols import load_protocols
+    from oncoseg_node.contouring.volume import read_ct_slices
 
     protocols = load_protocols(load_config(args.config).protocols)
     paths = sorted(p for p in Path(args.series_dir).iterdir() if p.is_file())
@@ -221,9 +221,9 @@ def _evaluate_case(series_dir: Path, reference: Path, ours: Path | None, case: s
                    config_path: Path, aliases: dict[str, str]) -> list:
     import pydicom
 
-    from .evaluate import compare_sets
-    from .pipeline import contour, load_ct_series
-    from .rtstruct_reader import rasterize_rtstruct
+    from oncoseg_node.commissioning.evaluate import compare_sets
+    from oncoseg_node.contouring.pipeline import contour, load_ct_series
+    from oncoseg_node.rtstruct.reader import rasterize_rtstruct
 
     paths = sorted(p for p in series_dir.iterdir() if p.is_file())
     volume, report = load_ct_series(paths)
@@ -231,8 +231,8 @@ def _evaluate_case(series_dir: Path, reference: Path, ours: Path | None, case: s
     if ours is not None:
         our_masks = rasterize_rtstruct(pydicom.dcmread(ours), volume)
     else:
-        from .engines.registry import build_engines
-        from .protocols import load_protocols
+        from oncoseg_node.contouring.engines.registry import build_engines
+        from oncoseg_node.contouring.protocols import load_protocols
 
         config = load_config(config_path)
         protocols = load_protocols(config.protocols)
@@ -247,7 +247,7 @@ def _evaluate_case(series_dir: Path, reference: Path, ours: Path | None, case: s
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import yaml
 
-    from .evaluate import aggregate, to_csv, to_html, to_table
+    from oncoseg_node.commissioning.evaluate import aggregate, to_csv, to_html, to_table
 
     aliases = yaml.safe_load(Path(args.alias_map).read_text()) if args.alias_map else {}
     if not isinstance(aliases, dict):
@@ -282,7 +282,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_phantom(args: argparse.Namespace) -> int:
-    from .phantom import write_phantom
+    from oncoseg_node.commissioning.phantom import write_phantom
 
     phantom = write_phantom(Path(args.out_dir), slices=args.slices, rows=args.size,
                             columns=args.size, patient_position=args.position, site=args.site)

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from oncoseg_node.errors import ConfigError
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
 MIN_PDU = 128 * 1024
@@ -258,7 +258,9 @@ def _check_positive(value: Any, key: str, problems: list[str]) -> None:
 
 
 def _semantic_checks(cfg: Config, problems: list[str]) -> None:
-    from .profiles import PROFILES  # pure data; imported here to keep config import-light
+    from oncoseg_node.rtstruct.profiles import (
+        PROFILES,  # pure data; imported here to keep config import-light
+    )
 
     node = cfg.node
     _check_ae(node.ae_title, "node.ae_title", problems)

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from oncoseg_node.engines import classical
-from oncoseg_node.engines.base import Engine
-from oncoseg_node.engines.classical import ClassicalEngine
-from oncoseg_node.engines.postprocess import dilate, erode, fill_holes, postprocess
-from oncoseg_node.phantom import make_phantom
-from oncoseg_node.protocols import PostProcess, Structure
+from oncoseg_node.commissioning.phantom import make_phantom
+from oncoseg_node.contouring.engines import classical
+from oncoseg_node.contouring.engines.base import Engine
+from oncoseg_node.contouring.engines.classical import ClassicalEngine
+from oncoseg_node.contouring.engines.postprocess import dilate, erode, fill_holes, postprocess
+from oncoseg_node.contouring.protocols import PostProcess, Structure
 
 NAMES = ("External", "Lung_L", "Lung_R", "Lungs", "Bones", "SpinalCanal")
 MEDIUM = {"slices": 40, "rows": 256, "columns": 256, "pixel_spacing": (1.95, 1.95)}

@@ -11,9 +11,9 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, RTStructureSetStorage
 
 from oncoseg_node.config import RetryConfig, load_config
-from oncoseg_node.delivery import DeliveryScheduler, backoff_delay
+from oncoseg_node.delivery.scheduler import DeliveryScheduler, backoff_delay
 from oncoseg_node.dicom import status
-from oncoseg_node.jobqueue import DELIVERED, FAILED, PENDING, SENT, Ledger
+from oncoseg_node.ledger.store import DELIVERED, FAILED, PENDING, SENT, Ledger
 from tests.conftest import write_config
 from tests.ctfactory import encode, series
 from tests.daemon import wait_until
@@ -209,8 +209,10 @@ def test_outage_across_restarts_delivers_once_tps_is_back(tmp_path):
 def test_storage_commitment_with_a_real_orthanc_confirms_the_delivery(tmp_path, make_config):
     """Orthanc as the TPS: it stores the object, accepts the N-ACTION and reports
     the commitment on its own association back to the node's listener."""
-    from oncoseg_node.dicom.receiver import Receiver, StoreHandlers
-    from oncoseg_node.dicom.spool import Spool
+    from oncoseg_node.delivery.commitment import CommitmentReports
+    from oncoseg_node.intake.handlers import StoreHandlers
+    from oncoseg_node.intake.spool import Spool
+    from oncoseg_node.intake.transport import Receiver
     from tests.orthanc_peer import orthanc
 
     node_port = free_port()
@@ -221,7 +223,8 @@ def test_storage_commitment_with_a_real_orthanc_confirms_the_delivery(tmp_path, 
         _, ledger, job_id, uid = queued_delivery(tmp_path, [dest])
         cfg = load_config(write_config(tmp_path, destinations=[dest], node={"port": node_port}))
         receiver = Receiver(cfg.node, StoreHandlers(cfg.node, cfg.series, Spool(cfg.spool_dir),
-                                                    ledger))
+                                                    ledger),
+                            extra=[CommitmentReports(ledger).service()])
         receiver.start()
         scheduler = DeliveryScheduler(cfg, ledger, reconcile_interval_s=0.2)
         scheduler.start()
@@ -239,7 +242,7 @@ def test_storage_commitment_with_a_real_orthanc_confirms_the_delivery(tmp_path, 
 
 def test_permanent_failure_shows_in_status_and_cli_retry_delivers(tmp_path):
     """Through the daemon and its CLI: the reason is visible, `retry` sends again."""
-    from oncoseg_node.phantom import write_phantom
+    from oncoseg_node.commissioning.phantom import write_phantom
     from tests.daemon import Daemon
     from tests.peers import storescu
 
@@ -269,7 +272,7 @@ def test_permanent_failure_shows_in_status_and_cli_retry_delivers(tmp_path):
 
 
 def test_destination_refusing_the_sop_class_is_a_permanent_failure(tmp_path):
-    from oncoseg_node.dicom.sender import send_file
+    from oncoseg_node.delivery.sender import send_file
 
     scp = FailingScp(status.SUCCESS)
     scp.ae = AE(ae_title="TPS")

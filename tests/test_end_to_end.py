@@ -11,8 +11,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from oncoseg_node.phantom import write_phantom
-from oncoseg_node.rtstruct_reader import rasterize_rtstruct
+from oncoseg_node.commissioning.phantom import write_phantom
+from oncoseg_node.rtstruct.reader import rasterize_rtstruct
 from tests.conftest import write_config
 from tests.daemon import Daemon, wait_until
 from tests.peers import dciodvfy, free_port, storescp, storescu

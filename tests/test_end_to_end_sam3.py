@@ -34,7 +34,7 @@ fallback: thorax-sam3
 
 
 def test_random_tiny_sam3_plumbing_delivers_a_structure_set(tmp_path):
-    from oncoseg_node.phantom import write_phantom
+    from oncoseg_node.commissioning.phantom import write_phantom
 
     model = build_tiny_sam3(tmp_path / "facebook-sam3-tiny")
     (tmp_path / "protocols.yaml").write_text(PROTOCOLS)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 
-from oncoseg_node.evaluate import aggregate, compare, to_csv, to_html
-from oncoseg_node.volume import Volume
+from oncoseg_node.commissioning.evaluate import aggregate, compare, to_csv, to_html
+from oncoseg_node.contouring.volume import Volume
 
 
 def grid(n: int = 40, spacing: float = 1.0) -> Volume:
@@ -75,9 +75,9 @@ def test_reports_and_aggregation():
 
 
 def test_evaluate_command_on_the_phantom(tmp_path):
-    from oncoseg_node.phantom import write_phantom
-    from oncoseg_node.profiles import PROFILES
-    from oncoseg_node.rtstruct import GenerationInfo, RoiMask, build_rtstruct, save_verified
+    from oncoseg_node.commissioning.phantom import write_phantom
+    from oncoseg_node.rtstruct.profiles import PROFILES
+    from oncoseg_node.rtstruct.writer import GenerationInfo, RoiMask, build_rtstruct, save_verified
     from tests.conftest import write_config
 
     phantom = write_phantom(tmp_path / "ct", slices=12, rows=128, columns=128,
@@ -105,9 +105,9 @@ def test_evaluate_command_on_the_phantom(tmp_path):
 def test_evaluate_folder_of_cases_aggregates(tmp_path):
     import shutil
 
-    from oncoseg_node.phantom import write_phantom
-    from oncoseg_node.profiles import PROFILES
-    from oncoseg_node.rtstruct import GenerationInfo, RoiMask, build_rtstruct, save_verified
+    from oncoseg_node.commissioning.phantom import write_phantom
+    from oncoseg_node.rtstruct.profiles import PROFILES
+    from oncoseg_node.rtstruct.writer import GenerationInfo, RoiMask, build_rtstruct, save_verified
 
     for seed in (1, 2):
         case = tmp_path / "cases" / f"case{seed}"

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
+from oncoseg_node.contouring.geometry import check_series
 from oncoseg_node.errors import GeometryError
-from oncoseg_node.geometry import check_series
 from tests.ctfactory import ct_slice, series
 
 

@@ -11,12 +11,12 @@ import pytest
 from pydicom.dataset import Dataset
 
 from oncoseg_node.config import HttpConfig
-from oncoseg_node.dicom.spool import Spool
-from oncoseg_node.http import HttpServer, StatusSite
-from oncoseg_node.jobqueue import Ledger
-from oncoseg_node.metrics import NodeMetrics
-from oncoseg_node.qa import Overlay, qa_relpath, write_qa_snapshot
-from oncoseg_node.volume import Volume
+from oncoseg_node.contouring.volume import Volume
+from oncoseg_node.intake.spool import Spool
+from oncoseg_node.ledger.store import Ledger
+from oncoseg_node.ops.http import HttpServer, StatusSite
+from oncoseg_node.ops.metrics import NodeMetrics
+from oncoseg_node.ops.qa import Overlay, qa_relpath, write_qa_snapshot
 from tests.ctfactory import ct_slice, encode
 from tests.pngread import decode
 

@@ -16,8 +16,8 @@ import socket
 import numpy as np
 import pytest
 
-from oncoseg_node.phantom import write_phantom
-from oncoseg_node.protocols import load_protocols
+from oncoseg_node.commissioning.phantom import write_phantom
+from oncoseg_node.contouring.protocols import load_protocols
 from tests.conftest import write_config
 from tests.daemon import Daemon, wait_until
 from tests.peers import free_port, storescp, storescu

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from oncoseg_node.errors import LedgerError
-from oncoseg_node.jobqueue import (
+from oncoseg_node.ledger.store import (
     DELIVERED,
     DELIVERING,
     FAILED,

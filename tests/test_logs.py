@@ -15,7 +15,7 @@ import pytest
 import structlog
 
 from oncoseg_node.config import LoggingConfig
-from oncoseg_node.logs import configure_logging
+from oncoseg_node.ops.logs import configure_logging
 from tests.conftest import write_config
 from tests.ctfactory import series
 from tests.daemon import Daemon, wait_until

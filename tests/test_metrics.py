@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from oncoseg_node.delivery import DeliveryScheduler
-from oncoseg_node.jobqueue import DELIVERED, Ledger
-from oncoseg_node.metrics import Counter, Histogram, NodeMetrics, Registry
+from oncoseg_node.delivery.scheduler import DeliveryScheduler
+from oncoseg_node.ledger.store import DELIVERED, Ledger
+from oncoseg_node.ops.metrics import Counter, Histogram, NodeMetrics, Registry
 
 NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
 LABEL = r'[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\\\|\\"|\\n)*"'

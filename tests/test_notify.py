@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from oncoseg_node.config import load_config
-from oncoseg_node.notify import Notifier
+from oncoseg_node.ops.notify import Notifier
 from tests.conftest import write_config
 from tests.peers import free_port
 

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from oncoseg_node.commissioning.phantom import make_phantom, write_phantom
+from oncoseg_node.contouring.geometry import check_series
 from oncoseg_node.errors import GeometryError
-from oncoseg_node.geometry import check_series
-from oncoseg_node.phantom import make_phantom, write_phantom
 from tests.peers import dciodvfy
 
 SMALL = {"slices": 24, "rows": 128, "columns": 128, "pixel_spacing": (3.9, 3.9)}

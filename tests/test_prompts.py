@@ -3,7 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from oncoseg_node.engines.prompts import (
+from oncoseg_node.commissioning.phantom import make_phantom
+from oncoseg_node.contouring.engines.prompts import (
     IntensityBoxPrompter,
     PixelBox,
     PromptSpec,
@@ -11,8 +12,7 @@ from oncoseg_node.engines.prompts import (
     boxes_from_mask,
     intensity_boxes,
 )
-from oncoseg_node.phantom import make_phantom
-from oncoseg_node.protocols import Structure
+from oncoseg_node.contouring.protocols import Structure
 
 MEDIUM = {"slices": 40, "rows": 256, "columns": 256, "pixel_spacing": (1.95, 1.95)}
 
@@ -133,7 +133,7 @@ def test_spec_margin_zero_gives_the_tight_box():
 def test_smoothing_is_an_in_plane_mean():
     from scipy import ndimage
 
-    from oncoseg_node.engines.prompts import _box_mean
+    from oncoseg_node.contouring.engines.prompts import _box_mean
 
     hu = np.random.default_rng(3).normal(0, 100, (3, 30, 40)).astype(np.float32)
     ours = _box_mean(hu, 2, 1)

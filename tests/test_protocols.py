@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
+from oncoseg_node.commissioning.phantom import make_phantom
+from oncoseg_node.contouring.protocols import load_protocols
 from oncoseg_node.errors import ConfigError
-from oncoseg_node.phantom import make_phantom
-from oncoseg_node.protocols import load_protocols
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,7 +122,7 @@ def run_cli(*args: str):
 
 
 def test_protocols_list_and_explain_cli(tmp_path):
-    from oncoseg_node.phantom import write_phantom
+    from oncoseg_node.commissioning.phantom import write_phantom
 
     config = str(REPO / "config" / "oncoseg-node.yaml")
     listed = run_cli("protocols", "list", "--config", config)
@@ -141,7 +141,7 @@ def test_protocols_list_and_explain_cli(tmp_path):
 def test_hot_reload_swaps_valid_edits_and_keeps_the_last_good_set(tmp_path):
     import time
 
-    from oncoseg_node.protocol_watch import ProtocolWatcher
+    from oncoseg_node.contouring.protocol_watch import ProtocolWatcher
 
     path = tmp_path / "protocols.yaml"
     good = ("structures:\n  External: {color: [0, 255, 0], type: EXTERNAL}\n"
@@ -169,7 +169,7 @@ def test_hot_reload_swaps_valid_edits_and_keeps_the_last_good_set(tmp_path):
 def test_hot_reload_on_a_running_daemon_changes_the_next_job(tmp_path):
     import time
 
-    from oncoseg_node.phantom import write_phantom
+    from oncoseg_node.commissioning.phantom import write_phantom
     from tests.conftest import write_config
     from tests.daemon import Daemon, wait_until
     from tests.peers import free_port, storescu

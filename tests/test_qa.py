@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 
-from oncoseg_node.qa import (
+from oncoseg_node.contouring.volume import Volume
+from oncoseg_node.ops.qa import (
     BACKGROUND,
     CROP_MARGIN_MM,
     GAP_PX,
@@ -19,7 +20,6 @@ from oncoseg_node.qa import (
     render_views,
     write_qa_snapshot,
 )
-from oncoseg_node.volume import Volume
 from tests.pngread import chunks, decode
 
 GREEN, RED, BLUE = (0, 255, 0), (255, 0, 0), (0, 0, 255)

@@ -18,9 +18,10 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage
 
 from oncoseg_node.dicom import status
-from oncoseg_node.dicom.receiver import Receiver, StoreHandlers
-from oncoseg_node.dicom.spool import TMP_SUFFIX, Spool
-from oncoseg_node.jobqueue import Ledger
+from oncoseg_node.intake.handlers import StoreHandlers
+from oncoseg_node.intake.spool import TMP_SUFFIX, Spool
+from oncoseg_node.intake.transport import Receiver
+from oncoseg_node.ledger.store import Ledger
 from tests.ctfactory import encode, series
 from tests.peers import DCMTK_ENV, require, storescu
 
@@ -304,7 +305,7 @@ def test_parse_instance_measures_pixel_bytes_without_reading_them(syntax):
     from pydicom.filewriter import write_dataset
     from pydicom.uid import UID
 
-    from oncoseg_node.dicom.receiver import parse_instance
+    from oncoseg_node.intake.headers import parse_instance
 
     ds = series(1, size=512)[0]
     uid = UID(syntax)

@@ -8,8 +8,8 @@ import time
 import pytest
 
 from oncoseg_node.config import RetentionConfig
-from oncoseg_node.dicom.spool import Spool
-from oncoseg_node.jobqueue import (
+from oncoseg_node.intake.spool import Spool
+from oncoseg_node.ledger.store import (
     DELIVERED,
     FAILED,
     HELD,
@@ -17,7 +17,7 @@ from oncoseg_node.jobqueue import (
     SKIPPED,
     Ledger,
 )
-from oncoseg_node.retention import DAY_S, ORPHAN_GRACE_S, Retention
+from oncoseg_node.ops.retention import DAY_S, ORPHAN_GRACE_S, Retention
 from tests.daemon import wait_until
 
 START = 1_700_000_000.0

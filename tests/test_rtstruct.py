@@ -11,10 +11,11 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 
+from oncoseg_node.commissioning.phantom import write_phantom
 from oncoseg_node.errors import RTStructError
-from oncoseg_node.phantom import write_phantom
-from oncoseg_node.profiles import PROFILES
-from oncoseg_node.rtstruct import (
+from oncoseg_node.rtstruct.profiles import PROFILES
+from oncoseg_node.rtstruct.reader import rasterize_rtstruct
+from oncoseg_node.rtstruct.writer import (
     RT_STRUCTURE_SET_STORAGE,
     GenerationInfo,
     RoiMask,
@@ -22,7 +23,6 @@ from oncoseg_node.rtstruct import (
     check_rtstruct,
     save_verified,
 )
-from oncoseg_node.rtstruct_reader import rasterize_rtstruct
 from tests.orthanc_peer import orthanc
 from tests.peers import dciodvfy
 
@@ -71,7 +71,7 @@ def test_round_trip_and_dicom3tools_for_every_geometry(tmp_path, geometry):
 
 @pytest.mark.parametrize("profile", ["raystation", "eclipse"])
 def test_hole_styles_both_round_trip(tmp_path, profile):
-    from oncoseg_node.contours import trace_regions
+    from oncoseg_node.rtstruct.contours import trace_regions
 
     phantom, path = written(tmp_path, "HFS", profile)
     ds = pydicom.dcmread(path)

@@ -27,14 +27,14 @@ from transformers import Sam3Model, Sam3VideoModel  # noqa: E402
 from transformers.models.sam3_video import modeling_sam3_video  # noqa: E402
 
 from oncoseg_node.config import Sam3Config  # noqa: E402
-from oncoseg_node.engines.base import Engine  # noqa: E402
-from oncoseg_node.engines.sam3 import Sam3Engine  # noqa: E402
-from oncoseg_node.engines.sam3_load import onco_seg_lora_config, sha256_files  # noqa: E402
-from oncoseg_node.engines.sam3_preprocess import DEFAULT_WINDOW, SliceFrame  # noqa: E402
-from oncoseg_node.engines.sam3_track import Detection  # noqa: E402
+from oncoseg_node.contouring.engines.base import Engine  # noqa: E402
+from oncoseg_node.contouring.engines.sam3 import Sam3Engine  # noqa: E402
+from oncoseg_node.contouring.engines.sam3_load import onco_seg_lora_config, sha256_files  # noqa: E402
+from oncoseg_node.contouring.engines.sam3_preprocess import DEFAULT_WINDOW, SliceFrame  # noqa: E402
+from oncoseg_node.contouring.engines.sam3_track import Detection  # noqa: E402
+from oncoseg_node.contouring.protocols import Structure  # noqa: E402
+from oncoseg_node.contouring.volume import Volume  # noqa: E402
 from oncoseg_node.errors import EngineError  # noqa: E402
-from oncoseg_node.protocols import Structure  # noqa: E402
-from oncoseg_node.volume import Volume  # noqa: E402
 from tests.sam3_tiny import build_tiny_sam3  # noqa: E402
 
 VIT_PROJECTION = r"vision_encoder\.backbone\.layers\.\d+\.attention\.(q|k|v|o)_proj"
@@ -123,7 +123,7 @@ def test_engine_identity_and_supports(engine: Sam3Engine, tiny_dir: Path):
 def test_node_config_builds_the_engine_beside_the_classical_one(tiny_dir: Path):
     """Plumbing only (random weights): the registry's sam3 path, as the daemon uses it."""
     from oncoseg_node.config import EngineConfig
-    from oncoseg_node.engines.registry import build_engines
+    from oncoseg_node.contouring.engines.registry import build_engines
 
     engines = build_engines(EngineConfig(name="sam3", sam3=cpu_config(tiny_dir)))
     assert set(engines.engines) == {"classical", "sam3"}
@@ -169,7 +169,7 @@ def test_low_mean_score_raises_a_flag(tiny_dir: Path):
 def test_protocol_postprocessing_applies_to_sam3_masks(engine: Sam3Engine):
     from scipy import ndimage
 
-    from oncoseg_node.protocols import PostProcess
+    from oncoseg_node.contouring.protocols import PostProcess
 
     one = replace(STRUCTURES[0], postprocess=PostProcess(keep_components=1))
     result = engine.segment(phantom(), [one])[0]
@@ -235,7 +235,7 @@ def test_laterality_comes_from_patient_coordinates(engine: Sam3Engine, row_x: fl
     low, high = side_detections(volume, engine)
     hits = {("left parotid gland", None): [[] for _ in range(volume.shape[0])]}
     hits[("left parotid gland", None)][2] = [low, high]
-    from oncoseg_node.sanity import body_midline_x
+    from oncoseg_node.contouring.sanity import body_midline_x
 
     chosen = engine._candidates(volume, frame, STRUCTURES[1], False, hits,
                                 body_midline_x(volume))

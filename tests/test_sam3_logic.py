@@ -8,17 +8,17 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from oncoseg_node.engines.sam3_nms import (  # noqa: E402
+from oncoseg_node.contouring.engines.sam3_nms import (  # noqa: E402
     clean_mask_logits,
     mask_nms,
     pairwise_mask_iou,
 )
-from oncoseg_node.engines.sam3_preprocess import (  # noqa: E402
+from oncoseg_node.contouring.engines.sam3_preprocess import (  # noqa: E402
     SliceFrame,
     mask_centroid_index,
     window_to_unit,
 )
-from oncoseg_node.engines.sam3_track import (  # noqa: E402
+from oncoseg_node.contouring.engines.sam3_track import (  # noqa: E402
     Detection,
     FeatureStore,
     Track,

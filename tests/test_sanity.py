@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 
-from oncoseg_node.engines.base import StructureResult
-from oncoseg_node.protocols import Structure
-from oncoseg_node.sanity import flag_results
-from oncoseg_node.volume import Volume
+from oncoseg_node.contouring.engines.base import StructureResult
+from oncoseg_node.contouring.protocols import Structure
+from oncoseg_node.contouring.sanity import flag_results
+from oncoseg_node.contouring.volume import Volume
 
 ORIENTATIONS = {  # ImageOrientationPatient row and column directions
     "HFS": ((1, 0, 0), (0, 1, 0)),

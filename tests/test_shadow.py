@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pydicom
 
-from oncoseg_node.phantom import write_phantom
+from oncoseg_node.commissioning.phantom import write_phantom
 from tests.conftest import write_config
 from tests.daemon import Daemon, wait_until
 from tests.peers import free_port, storescp, storescu

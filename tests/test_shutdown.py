@@ -20,10 +20,10 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
 from oncoseg_node.config import load_config
-from oncoseg_node.dicom.spool import Spool
-from oncoseg_node.engines.registry import EngineSet
-from oncoseg_node.jobqueue import Ledger
-from oncoseg_node.service import Service
+from oncoseg_node.contouring.engines.registry import EngineSet
+from oncoseg_node.intake.spool import Spool
+from oncoseg_node.ledger.store import Ledger
+from oncoseg_node.ops.service import Service
 from tests.conftest import write_config
 from tests.ctfactory import ct_slice
 from tests.daemon import Daemon, wait_until
@@ -183,7 +183,9 @@ def test_association_outlasting_the_deadline_is_aborted_without_losing_acknowled
 
 
 def phantom_files(directory) -> list:
-    from oncoseg_node.phantom import write_phantom  # the realistic series: a job takes a while
+    from oncoseg_node.commissioning.phantom import (
+        write_phantom,  # the realistic series: a job takes a while
+    )
 
     directory.mkdir()
     write_phantom(directory, slices=96, rows=512, columns=512)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from oncoseg_node.dicom.spool import TMP_SUFFIX, Spool
+from oncoseg_node.intake.spool import TMP_SUFFIX, Spool
 
 
 def test_store_writes_bytes_under_generated_name(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 
 from oncoseg_node.cli import build_parser, cmd_run
 from oncoseg_node.config import DestinationConfig
-from oncoseg_node.service import SHUTDOWN_DEADLINE_S
+from oncoseg_node.ops.service import SHUTDOWN_DEADLINE_S
 from tests.conftest import REPO
 from tests.peers import require
 

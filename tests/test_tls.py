@@ -14,9 +14,10 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
 from oncoseg_node.dicom import status
-from oncoseg_node.dicom.receiver import Receiver, StoreHandlers
-from oncoseg_node.dicom.spool import Spool
-from oncoseg_node.jobqueue import Ledger
+from oncoseg_node.intake.handlers import StoreHandlers
+from oncoseg_node.intake.spool import Spool
+from oncoseg_node.intake.transport import Receiver
+from oncoseg_node.ledger.store import Ledger
 from tests.ctfactory import series
 
 

@@ -1,1 +1,1 @@
-"""The wire and the files: DICOM receiver, durable spool, sender."""
+"""Shared DICOM parts used by several stages: named DIMSE statuses, file meta encoding."""

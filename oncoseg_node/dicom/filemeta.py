@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 
-from .. import __version__
+from oncoseg_node import __version__
 
 # The node's own implementation class UID: a UUID-derived UID (2.25 root).
 IMPLEMENTATION_CLASS_UID = "2.25.209220481959037501040391720405416417782"

@@ -1,0 +1,390 @@
+"""SAM3 engine: text-prompted organs-at-risk through a (LoRA-adapted) detector-tracker.
+
+Imported only when ``engine.name`` is ``sam3`` (torch, transformers and peft
+load here). Onco-Seg deployment pattern B: each structure is prompted by its
+text concepts; SAM3's detector finds it on the slices and its tracker carries
+it through the volume, slices treated as video frames.
+
+Per series and HU window, every slice is encoded once (the ViT, the
+expensive part); the detector runs every concept of the protocol on those
+features, and the tracker features are kept for tracking. Text features are
+cached by concept text, so a protocol's concepts are encoded once per
+engine lifetime and a changed protocol simply brings new keys.
+
+Per structure: detections of its concepts are merged per slice, those
+matching a negative concept or lying on the wrong side of the patient
+(patient coordinates, LPS: +x is the patient's left) are dropped, the best
+one seeds the tracker, which runs both ways until the structure ends. When
+the result misses the expected volume, the next unexplained detection is
+tried. A structure without any detection over the threshold is reported
+absent with its best score: nothing is drawn from noise.
+
+Geometric prompts: a ``box_prompter`` (slice -> CT pixel boxes for a
+structure, e.g. intensity-based boxes from the classical engine) can be
+given to :meth:`Sam3Engine.from_config`; those slices are prompted with text
+and boxes together. ``registry.build_engines`` passes none until the
+classical engine publishes its box prompts (``engines/prompts.py``).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
+
+from oncoseg_node.config import Sam3Config
+from oncoseg_node.contouring.engines.base import StructureResult
+from oncoseg_node.contouring.engines.postprocess import postprocess
+from oncoseg_node.contouring.engines.sam3_load import (
+    DTYPES,
+    AdapterInfo,
+    check_device,
+    load_base,
+    merge_adapter,
+    sha256_files,
+    weight_files,
+)
+from oncoseg_node.contouring.engines.sam3_nms import clean_mask_logits, mask_nms, pairwise_mask_iou
+from oncoseg_node.contouring.engines.sam3_preprocess import (
+    DEFAULT_WINDOW,
+    SliceFrame,
+    mask_centroid_index,
+    window_to_unit,
+)
+from oncoseg_node.contouring.engines.sam3_track import (
+    Detection,
+    FeatureStore,
+    SliceSession,
+    Track,
+    next_seed,
+    propagate,
+    support_score,
+)
+from oncoseg_node.contouring.protocols import Structure
+from oncoseg_node.contouring.sanity import body_midline_x
+from oncoseg_node.contouring.volume import Volume
+
+Box = tuple[float, float, float, float]  # CT pixel indices (row0, col0, row1, col1), inclusive
+# Geometric prompts: slice index -> boxes for a structure (e.g. the classical engine's
+# intensity-based boxes). None or an empty mapping means text only.
+BoxPrompter = Callable[[Volume, Structure], Mapping[int, Sequence[Box]] | None]
+
+TEXT_LENGTH = 32  # SAM3's processors pad every prompt to 32 tokens
+TEXT_CACHE_SIZE = 512
+NEGATIVE_IOU = 0.5  # a negative concept's detection this close to ours outranks it
+SEED_ATTEMPTS = 3  # instances tried when the tracked volume misses the expected range
+
+
+@dataclass(frozen=True)
+class _Prompt:
+    key: tuple[str, str | None]  # (concept, structure name when boxes make it specific)
+    concept: str
+    boxes: Mapping[int, Sequence[Box]] | None = None
+
+
+def _concepts(structure: Structure) -> list[str]:
+    return [c for c in structure.concepts if c.strip()]
+
+
+def _fits(structure: Structure, cc: float) -> bool:
+    """Whether ``cc`` lies in the structure's expected volume range (always, without one)."""
+    return structure.volume_cc is None or structure.volume_cc[0] <= cc <= structure.volume_cc[1]
+
+
+class Sam3Engine:
+    """SAM3 detector + tracker on one device; ``segment()`` is pure after construction."""
+
+    name = "sam3"
+
+    def __init__(self, model, tokenizer, config: Sam3Config, *, weights_sha256: str,
+                 adapter: AdapterInfo | None = None,
+                 box_prompter: BoxPrompter | None = None) -> None:
+        self.device = check_device(config.device)
+        self.dtype = DTYPES[config.dtype]
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.tokenizer = tokenizer
+        self.config = config
+        self.weights_sha256 = weights_sha256
+        self.adapter = adapter
+        self.box_prompter = box_prompter
+        vcfg = model.config
+        self.image_size = int(vcfg.image_size)
+        self.nms_iou = float(vcfg.det_nms_thresh)
+        self.assoc_iou = float(vcfg.assoc_iou_thresh)
+        self.fill_hole_area = int(vcfg.fill_hole_area)
+        self._text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    @classmethod
+    def from_config(cls, config: Sam3Config, *,
+                    box_prompter: BoxPrompter | None = None) -> Sam3Engine:
+        """Load weights (and merge the adapter) from local files; EngineError on any problem."""
+        check_device(config.device)  # before minutes of loading, not after
+        model, tokenizer = load_base(config.model_dir)
+        assert config.model_dir is not None  # load_base raised otherwise
+        weights = sha256_files(weight_files(Path(config.model_dir)))
+        adapter = merge_adapter(model, config.adapter_dir) if config.adapter_dir else None
+        return cls(model, tokenizer, config, weights_sha256=weights, adapter=adapter,
+                   box_prompter=box_prompter)
+
+    @property
+    def description(self) -> str:
+        model_dir = Path(self.config.model_dir or "?")
+        text = f"SAM3 {model_dir.name} sha256:{self.weights_sha256[:12]}"
+        if self.adapter is not None:
+            text += (f" + LoRA {self.adapter.path.name} sha256:{self.adapter.sha256[:12]}"
+                     f" r{self.adapter.rank} merged")
+        return text
+
+    def supports(self, structure: Structure) -> bool:
+        """Any structure with a text concept; the concept is the prompt."""
+        return bool(_concepts(structure))
+
+    # -- the job ---------------------------------------------------------------
+
+    @torch.inference_mode()
+    def segment(self, volume: Volume, structures: Sequence[Structure]) -> list[StructureResult]:
+        """One result per structure, in order; masks are boolean ``(z, y, x)`` on the CT grid."""
+        results: list[StructureResult | None] = [None] * len(structures)
+        groups: dict[tuple[float, float], list[int]] = {}
+        for i, structure in enumerate(structures):
+            if not self.supports(structure):
+                results[i] = StructureResult(structure.name, None, note="no text concept")
+            else:
+                window = tuple(structure.hu_window or DEFAULT_WINDOW)
+                groups.setdefault(window, []).append(i)  # type: ignore[arg-type]
+        midline = (body_midline_x(volume)
+                   if any(s.laterality in ("left", "right") for s in structures) else 0.0)
+        frame = SliceFrame(volume.shape[1], volume.shape[2], self.image_size)
+        # one encoding pass per distinct window: a window changes the pixels the ViT sees
+        for window, members in groups.items():
+            boxes = {i: self._boxes(volume, structures[i]) for i in members}
+            prompts = self._prompts([structures[i] for i in members], boxes.values())
+            store, hits, best = self._encode_and_detect(volume, frame, window, prompts)
+            for i in members:
+                results[i] = self._structure(volume, frame, structures[i], boxes[i] is not None,
+                                             store, hits, best, midline)
+            del store
+        return [r for r in results if r is not None]
+
+    def _boxes(self, volume: Volume, structure: Structure) -> Mapping[int, Sequence[Box]] | None:
+        if self.box_prompter is None:
+            return None
+        boxes = {z: b for z, b in (self.box_prompter(volume, structure) or {}).items() if b}
+        return boxes or None
+
+    @staticmethod
+    def _prompts(structures: Sequence[Structure],
+                 boxes: Sequence[Mapping[int, Sequence[Box]] | None]) -> list[_Prompt]:
+        prompts: dict[tuple[str, str | None], _Prompt] = {}
+        for structure, sboxes in zip(structures, boxes, strict=True):
+            for concept in _concepts(structure):
+                key = (concept, structure.name if sboxes else None)
+                prompts.setdefault(key, _Prompt(key, concept, sboxes))
+            for concept in (c for c in structure.negative_concepts if c.strip()):
+                prompts.setdefault((concept, None), _Prompt((concept, None), concept))
+        return list(prompts.values())
+
+    def _text(self, concept: str) -> tuple[torch.Tensor, torch.Tensor]:
+        cached = self._text_cache.get(concept)
+        if cached is not None:
+            self._text_cache.move_to_end(concept)
+            return cached
+        enc = self.tokenizer([concept], padding="max_length", max_length=TEXT_LENGTH,
+                             truncation=True, return_tensors="pt")
+        ids, attn = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        features = self.model.detector_model.get_text_features(input_ids=ids, attention_mask=attn)
+        self._text_cache[concept] = (features.pooler_output, attn)
+        if len(self._text_cache) > TEXT_CACHE_SIZE:
+            self._text_cache.popitem(last=False)
+        return features.pooler_output, attn
+
+    def _vision(self, pixels: torch.Tensor) -> Sam3VisionEncoderOutput:
+        """ViT + detector neck for a batch of slices (the once-per-slice cost)."""
+        encoder = self.model.detector_model.vision_encoder
+        hidden = encoder.backbone(pixels).last_hidden_state
+        side = self.image_size // encoder.config.backbone_config.patch_size
+        spatial = hidden.view(hidden.shape[0], side, side, -1).permute(0, 3, 1, 2)
+        fpn, pos = encoder.neck(spatial)
+        return Sam3VisionEncoderOutput(last_hidden_state=hidden, fpn_hidden_states=fpn,
+                                       fpn_position_encoding=pos)
+
+    def _encode_and_detect(self, volume: Volume, frame: SliceFrame, window: tuple[float, float],
+                           prompts: Sequence[_Prompt]):
+        n = volume.shape[0]
+        store = FeatureStore(n, self.device)
+        hits = {p.key: [[] for _ in range(n)] for p in prompts}
+        best = {p.key: np.zeros(n) for p in prompts}
+        step = max(1, int(self.config.batch_size))
+        for z0 in range(0, n, step):
+            z1 = min(n, z0 + step)
+            pixels = frame.to_model(window_to_unit(volume.hu[z0:z1], window), self.device,
+                                    self.dtype)
+            vision = self._vision(pixels)
+            feats, pos = self.model.get_vision_features_for_tracker(vision)
+            store.put(z0, feats, pos)
+            for prompt in prompts:
+                boxed = [b for b in range(z1 - z0) if prompt.boxes and prompt.boxes.get(z0 + b)]
+                plain = [b for b in range(z1 - z0) if b not in boxed]
+                for rows, with_boxes in ((plain, False), (boxed, True)):
+                    if rows:
+                        self._detect(vision, rows, z0, frame, prompt, with_boxes,
+                                     hits[prompt.key], best[prompt.key])
+        return store, hits, best
+
+    def _detect(self, vision: Sam3VisionEncoderOutput, rows: list[int], z0: int,
+                frame: SliceFrame, prompt: _Prompt, with_boxes: bool,
+                hits: list[list[Detection]], best: np.ndarray) -> None:
+        text, attn = self._text(prompt.concept)
+        idx = torch.tensor(rows, device=self.device)
+        sub = Sam3VisionEncoderOutput(
+            fpn_hidden_states=tuple(f.index_select(0, idx) for f in vision.fpn_hidden_states),
+            fpn_position_encoding=tuple(p.index_select(0, idx)
+                                        for p in vision.fpn_position_encoding))
+        kwargs = {}
+        if with_boxes:
+            assert prompt.boxes is not None
+            per_row = [[frame.box_to_model(b) for b in prompt.boxes[z0 + r]] for r in rows]
+            width = max(len(b) for b in per_row)
+            boxes = torch.zeros(len(rows), width, 4)
+            labels = torch.full((len(rows), width), -10, dtype=torch.long)  # -10: padding
+            for r, row_boxes in enumerate(per_row):
+                boxes[r, : len(row_boxes)] = torch.tensor(row_boxes)
+                labels[r, : len(row_boxes)] = 1
+            kwargs = {"input_boxes": boxes.to(self.device, self.dtype),
+                      "input_boxes_labels": labels.to(self.device)}
+        out = self.model.detector_model(
+            vision_embeds=sub,
+            text_embeds=BaseModelOutputWithPooling(pooler_output=text.expand(len(rows), -1, -1)),
+            attention_mask=attn.expand(len(rows), -1), **kwargs)
+        # SAM3's detection score: query probability times the image-level presence
+        probs = (out.pred_logits.float().sigmoid() * out.presence_logits.float().sigmoid())
+        threshold = float(self.config.score_threshold)
+        for r, row in enumerate(rows):
+            z = z0 + row
+            best[z] = max(best[z], float(probs[r].max()))
+            candidates = torch.nonzero(probs[r] >= threshold).flatten()
+            if candidates.numel() == 0:
+                continue
+            masks = out.pred_masks[r].index_select(0, candidates) > 0
+            keep = mask_nms(masks, probs[r][candidates], self.nms_iou,
+                            max_keep=self.config.max_instances,
+                            max_candidates=self.config.max_queries)
+            hits[z].extend(Detection(z, float(probs[r][candidates[k]]), masks[k].cpu())
+                           for k in keep.tolist())
+
+    # -- one structure -----------------------------------------------------------
+
+    def _candidates(self, volume: Volume, frame: SliceFrame, structure: Structure,
+                    boxed: bool, hits, midline: float) -> list[list[Detection]]:
+        """Per slice: the structure's instances after merging, negatives and laterality."""
+        n = volume.shape[0]
+        out: list[list[Detection]] = []
+        for z in range(n):
+            dets = [d for c in _concepts(structure)
+                    for d in hits[(c, structure.name if boxed else None)][z]]
+            if len(dets) > 1:
+                keep = mask_nms(torch.stack([d.mask for d in dets]),
+                                torch.tensor([d.score for d in dets]), self.nms_iou,
+                                max_keep=self.config.max_instances, max_candidates=len(dets))
+                dets = [dets[k] for k in keep.tolist()]
+            negatives = [d for c in structure.negative_concepts if c.strip()
+                         for d in hits[(c, None)][z]]
+            if negatives and dets:
+                iou = pairwise_mask_iou(torch.stack([d.mask for d in dets]),
+                                        torch.stack([d.mask for d in negatives]))
+                dets = [d for i, d in enumerate(dets)
+                        if not any(float(iou[i, j]) >= NEGATIVE_IOU and neg.score > d.score
+                                   for j, neg in enumerate(negatives))]
+            if structure.laterality in ("left", "right"):
+                dets = [d for d in dets if self._side(volume, frame, d, midline)
+                        == structure.laterality]
+            out.append(dets)
+        return out
+
+    @staticmethod
+    def _side(volume: Volume, frame: SliceFrame, det: Detection, midline: float) -> str | None:
+        centre = mask_centroid_index(frame, det.mask)
+        if centre is None:
+            return None
+        x = volume.index_to_patient(det.z, np.array([centre[0]]), np.array([centre[1]]))[0, 0]
+        return "left" if x > midline else "right"  # LPS: +x is the patient's left
+
+    def _structure(self, volume: Volume, frame: SliceFrame, structure: Structure, boxed: bool,
+                   store: FeatureStore, hits, best, midline: float) -> StructureResult:
+        threshold = float(self.config.score_threshold)
+        candidates = self._candidates(volume, frame, structure, boxed, hits, midline)
+        top = max((float(best[(c, structure.name if boxed else None)].max())
+                   for c in _concepts(structure)), default=0.0)
+        tried: list[tuple[Track, np.ndarray, float]] = []
+        for _ in range(SEED_ATTEMPTS):
+            seed = next_seed(candidates, [t for t, _, _ in tried], self.assoc_iou)
+            if seed is None:
+                break
+            track = self._track(store, seed, candidates)
+            mask = np.zeros(volume.shape, dtype=bool)
+            for z, logits in track.logits.items():
+                mask[z] = frame.logits_to_ct(torch.from_numpy(logits)[None])[0]
+            # the physicists' clean-up applies to every engine; judge the volume after it
+            mask = postprocess(volume, mask, structure.postprocess)
+            cc = volume.mask_volume_cc(mask)
+            tried.append((track, mask, cc))
+            if _fits(structure, cc):
+                break
+        if not tried:
+            if top >= threshold:  # detected, but every instance was rejected
+                why = (f"all detections (best score {top:.2f}) on the wrong side of the patient"
+                       " or outranked by a negative concept")
+            else:
+                why = f"best detection score {top:.2f} < threshold {threshold:.2f}"
+            return StructureResult(structure.name, None, score=top, note=f"not found: {why}")
+        fits = [t for t in tried if _fits(structure, t[2])]
+        track, mask, cc = (fits or sorted(tried, key=lambda t: -t[0].score))[0]
+        if not mask.any():
+            return StructureResult(structure.name, None, score=track.score,
+                                   note="tracked mask vanished on the CT grid")
+        slices = sorted(track.logits)
+        flags = []
+        if track.score < float(self.config.low_score_flag):
+            flags.append(f"low SAM3 score {track.score:.2f} < {self.config.low_score_flag:.2f}")
+        note = (f"slices {slices[0]}-{slices[-1]}, {len(tried)} seed(s) tried, "
+                f"{cc:.1f} cc")
+        return StructureResult(structure.name, mask, score=track.score, flags=tuple(flags),
+                               note=note)
+
+    def _track(self, store: FeatureStore, seed: Detection,
+               candidates: Sequence[Sequence[Detection]]) -> Track:
+        """Seed the tracker with every instance on the seed slice and propagate both ways."""
+        session = SliceSession(store, self.device, self.dtype)
+        tracker = self.model.tracker_model
+        seeds = [d for d in candidates[seed.z]
+                 if d is seed or float(pairwise_mask_iou(d.mask[None], seed.mask[None])[0, 0])
+                 < self.assoc_iou][: self.config.max_instances]
+        for obj_id, det in enumerate(seeds):
+            session.add_mask_inputs(session.obj_id_to_idx(obj_id), seed.z,
+                                    det.mask[None, None].float())
+        session.obj_with_new_inputs = list(range(len(seeds)))
+
+        def run(z: int, reverse: bool) -> np.ndarray | None:
+            out = tracker(inference_session=session, frame_idx=z, reverse=reverse)
+            present = out.object_score_logits.float().reshape(-1) > 0
+            if not bool(present.any()):
+                return None
+            logits = out.pred_masks.float().reshape(present.shape[0], *out.pred_masks.shape[-2:])
+            combined = logits[present].amax(0).cpu().numpy()
+            return clean_mask_logits(combined, self.fill_hole_area)
+
+        seed_logits = run(seed.z, False)
+        if seed_logits is None:  # a mask prompt is its own output; cannot be absent
+            seed_logits = np.where(seed.mask.numpy(), 10.0, -10.0).astype(np.float32)
+
+        def support(z: int, mask: torch.Tensor) -> float:
+            return support_score(mask, candidates[z], self.assoc_iou)
+
+        return propagate(seed.z, seed_logits, store.n_slices, run, support,
+                         max_gap=self.config.track_gap_slices)

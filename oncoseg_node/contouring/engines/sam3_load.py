@@ -1,0 +1,203 @@
+"""Loading SAM3 (and an optional LoRA adapter) from local files only, or failing loudly.
+
+The node never downloads: the hub is switched off for this process and every
+``from_pretrained`` call is ``local_files_only``. Each way loading can go
+wrong (missing directory or file, a checkpoint of the wrong kind, a CUDA
+device that is not there, an adapter that does not fit) is an
+:class:`~oncoseg_node.errors.EngineError` naming the path or key, raised at
+startup; nothing falls back silently to the CPU or to base weights.
+"""
+
+from __future__ import annotations
+
+import os
+
+# huggingface_hub and transformers read these once, at import: set them first.
+# local_files_only below is the guarantee; these catch any path that forgets it.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import hashlib  # noqa: E402
+import json  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import structlog  # noqa: E402
+import torch  # noqa: E402
+
+from oncoseg_node.errors import EngineError  # noqa: E402
+
+log = structlog.get_logger("oncoseg_node.contouring.engines.sam3")
+
+# Onco-Seg's LoRA: r=16, alpha=32, dropout 0.1 on the ViT attention projections
+# only. The pattern matches exactly the 4 x 32 projections of the vision backbone,
+# whether the adapter was made on the image model or on the video model
+# (``detector_model.`` prefix). A bare list of names would also catch the
+# text encoder, the DETR heads and the tracker.
+LORA_TARGET_MODULES = (
+    r"^(detector_model\.)?vision_encoder\.backbone\.layers\.\d+\.attention\."
+    r"(q_proj|k_proj|v_proj|o_proj)$"
+)
+LORA_R = 16
+LORA_ALPHA = 32
+LORA_DROPOUT = 0.1
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def onco_seg_lora_config():  # -> peft.LoraConfig (peft is imported lazily)
+    """The LoRA configuration Onco-Seg fine-tunes with; adapters we build use it."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT,
+                      target_modules=LORA_TARGET_MODULES)
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What was merged, for the engine description."""
+
+    path: Path
+    sha256: str
+    rank: int
+    modules: int
+
+
+def check_device(device: str) -> torch.device:
+    """The configured device, or EngineError when it asks for a GPU that is not there."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EngineError(
+                f"engine.sam3.device: {device!r} is configured but no CUDA GPU is usable "
+                f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); "
+                "set device: cpu explicitly to run without one")
+        index = dev.index or 0
+        if index >= torch.cuda.device_count():
+            raise EngineError(f"engine.sam3.device: {device!r} but only "
+                              f"{torch.cuda.device_count()} CUDA device(s) are present")
+    elif dev.type != "cpu":
+        raise EngineError(f"engine.sam3.device: {device!r} is not cpu, cuda or cuda:N")
+    return dev
+
+
+def sha256_files(paths: list[Path]) -> str:
+    """One SHA-256 over the given files in order: the identity of a set of weights."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with path.open("rb") as fh:
+            while chunk := fh.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of an HF-format directory; EngineError when there are none."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise EngineError(f"{model_dir}: no *.safetensors weights in the SAM3 model directory")
+    return files
+
+
+def load_base(model_dir: Path | None):  # -> (Sam3VideoModel, tokenizer), float32 on CPU
+    """Load the SAM3 detector + tracker checkpoint and its tokenizer from ``model_dir``."""
+    if model_dir is None:
+        raise EngineError("engine.sam3.model_dir: not set; a local SAM3 directory is required")
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise EngineError(f"{model_dir}: SAM3 model directory does not exist")
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise EngineError(f"{config_path}: missing (not an HF-format SAM3 directory)")
+    try:
+        model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError) as exc:
+        raise EngineError(f"{config_path}: unreadable ({exc})") from exc
+    if model_type != "sam3_video":
+        raise EngineError(f"{config_path}: model_type {model_type!r}; the engine needs the "
+                          "sam3_video checkpoint (detector and tracker), as facebook/sam3 ships")
+    weight_files(model_dir)
+    # without its files AutoTokenizer quietly builds a near-empty CLIP tokenizer
+    if not any(all((model_dir / name).is_file() for name in group) for group in TOKENIZER_FILES):
+        raise EngineError(f"{model_dir}: no tokenizer files "
+                          "(tokenizer.json, or vocab.json and merges.txt)")
+
+    from transformers import AutoTokenizer, Sam3VideoModel
+
+    try:
+        model, info = Sam3VideoModel.from_pretrained(
+            model_dir, local_files_only=True, dtype=torch.float32, output_loading_info=True)
+    except Exception as exc:  # transformers raises OSError, ValueError, RuntimeError, ...
+        raise EngineError(f"{model_dir}: SAM3 weights could not be loaded ({exc})") from exc
+    problems = sorted(info.get("missing_keys", ())) + sorted(
+        str(k) for k in info.get("mismatched_keys", ()))
+    if problems:
+        raise EngineError(f"{model_dir}: checkpoint does not fill the SAM3 model "
+                          f"({len(problems)} missing or mismatched, e.g. {problems[:3]})")
+    if info.get("unexpected_keys"):
+        log.warning("sam3_unexpected_weights", model_dir=str(model_dir),
+                    count=len(info["unexpected_keys"]))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except Exception as exc:  # missing vocab files surface as OSError or ValueError
+        raise EngineError(f"{model_dir}: tokenizer could not be loaded ({exc})") from exc
+    vocab_size = model.config.detector_config.text_config.vocab_size
+    if len(tokenizer) > vocab_size:
+        raise EngineError(f"{model_dir}: tokenizer has {len(tokenizer)} tokens, the text "
+                          f"encoder only {vocab_size}: they do not belong together")
+    return model.eval(), tokenizer
+
+
+def _adapter_weights(adapter_dir: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    if not adapter_dir.is_dir():
+        raise EngineError(f"{adapter_dir}: LoRA adapter directory does not exist")
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise EngineError(f"{adapter_dir / 'adapter_config.json'}: missing")
+    path = adapter_dir / "adapter_model.safetensors"
+    if not path.is_file():
+        raise EngineError(f"{path}: missing (adapters are read as safetensors only)")
+    from safetensors.torch import load_file
+
+    try:
+        return path, load_file(path)
+    except Exception as exc:  # a truncated or foreign file
+        raise EngineError(f"{path}: unreadable ({exc})") from exc
+
+
+def merge_adapter(model, adapter_dir: Path) -> AdapterInfo:
+    """Apply the LoRA adapter in ``adapter_dir`` to ``model`` and merge it into the weights.
+
+    An adapter made on the image model (keys without ``detector_model.``) is
+    applied to the detector inside the video model. Every LoRA tensor in the
+    file must land on a module and every wrapped module must get its
+    tensors; otherwise the adapter does not fit and loading stops.
+    """
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    weights_path, tensors = _adapter_weights(adapter_dir)
+    lora_keys = {k for k in tensors if ".lora_" in k}
+    if not lora_keys:
+        raise EngineError(f"{weights_path}: holds no LoRA tensors")
+    on_video = any(k.startswith("base_model.model.detector_model.") for k in lora_keys)
+    target = model if on_video else model.detector_model
+    try:
+        wrapped = PeftModel.from_pretrained(target, adapter_dir, is_trainable=False,
+                                            local_files_only=True)
+    except Exception as exc:  # peft: ValueError (no target module), RuntimeError (shape)
+        raise EngineError(f"{adapter_dir}: LoRA adapter does not fit the SAM3 model ({exc})"
+                          ) from exc
+    loaded = {name.replace(".default.", ".") for name, _ in wrapped.named_parameters()
+              if ".lora_" in name}
+    if loaded != lora_keys:
+        extra, unfilled = sorted(lora_keys - loaded), sorted(loaded - lora_keys)
+        raise EngineError(
+            f"{adapter_dir}: LoRA adapter does not fit the SAM3 model "
+            f"({len(extra)} adapter tensors match no module, e.g. {extra[:2]}; "
+            f"{len(unfilled)} wrapped modules get no tensors, e.g. {unfilled[:2]})")
+    rank = int(wrapped.peft_config["default"].r)
+    modules = len({k.rsplit(".lora_", 1)[0] for k in lora_keys})
+    merged = wrapped.merge_and_unload()
+    if not on_video:
+        model.detector_model = merged
+    return AdapterInfo(adapter_dir, sha256_files([weights_path]), rank, modules)

@@ -1,0 +1,110 @@
+"""One series through the contouring path, with no network and no ledger.
+
+Used by the worker for every job and by ``oncoseg-node segment`` offline, so
+the two can never drift apart: files -> geometry gate -> volume -> protocol
+-> engines -> RT Structure Set written and verified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from oncoseg_node.contouring.engines.base import StructureResult
+from oncoseg_node.contouring.engines.registry import EngineSet
+from oncoseg_node.contouring.geometry import GeometryReport, check_series
+from oncoseg_node.contouring.protocols import Protocol, ProtocolSet
+from oncoseg_node.contouring.sanity import flag_results
+from oncoseg_node.contouring.volume import (
+    CT_IMAGE_STORAGE,
+    Volume,
+    read_ct_slices,
+    volume_from_datasets,
+)
+from oncoseg_node.errors import GeometryError, SeriesLoadError
+from oncoseg_node.rtstruct.profiles import DestinationProfile
+from oncoseg_node.rtstruct.writer import GenerationInfo, RoiMask, build_rtstruct, save_verified
+
+
+@dataclass(frozen=True)
+class Contoured:
+    """The outcome of contouring one series with one protocol."""
+
+    volume: Volume
+    protocol: Protocol
+    results: list[StructureResult]
+    geometry: GeometryReport
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Per-structure record for the ledger and the QA page."""
+        rows = []
+        for result in self.results:
+            volume_cc = None if result.absent else self.volume.mask_volume_cc(result.mask)
+            rows.append({
+                "name": result.name,
+                "absent": result.absent,
+                "score": result.score,
+                "volume_cc": round(volume_cc, 2) if volume_cc is not None else None,
+                "flags": list(result.flags),
+                "note": result.note,
+            })
+        return rows
+
+
+def load_ct_series(paths: Sequence[Path], spacing_tolerance_mm: float = 0.1, *,
+                   override_geometry: bool = False) -> tuple[Volume, GeometryReport]:
+    """Read, gate and stack one CT series (raises GeometryError / SeriesLoadError).
+
+    ``override_geometry`` is an operator's release of a held series: the gate's
+    findings are kept in the report but do not stop contouring.
+    """
+    datasets = [ds for ds in read_ct_slices(paths)
+                if str(ds.get("SOPClassUID", "")) == CT_IMAGE_STORAGE]
+    if not datasets:
+        raise SeriesLoadError("no CT Image Storage instances found")
+    series = {str(ds.SeriesInstanceUID) for ds in datasets}
+    if len(series) != 1:
+        raise SeriesLoadError(f"files belong to {len(series)} different series")
+    try:
+        report = check_series(datasets, spacing_tolerance_mm=spacing_tolerance_mm)
+    except GeometryError as exc:
+        if not override_geometry:
+            raise
+        report = GeometryReport(len(datasets), 0.0, 0.0, False, overridden=str(exc))
+    return volume_from_datasets(datasets), report
+
+
+def contour(volume: Volume, report: GeometryReport, protocol: Protocol,
+            engines: EngineSet) -> Contoured:
+    results = engines.segment(volume, protocol.structures)
+    return Contoured(volume, protocol, flag_results(volume, protocol.structures, results),
+                     report)
+
+
+def write_structure_set(contoured: Contoured, protocols: ProtocolSet, engines: EngineSet,
+                        profile: DestinationProfile, path: Path) -> Dataset:
+    """Build, write, read back and verify the RT Structure Set for one profile."""
+    by_name = {s.name: s for s in contoured.protocol.structures}
+    rois = [
+        RoiMask(name=r.name, color=by_name[r.name].color,
+                interpreted_type=by_name[r.name].interpreted_type, mask=r.mask,
+                engine=by_name[r.name].engine)
+        for r in contoured.results if not r.absent
+    ]
+    used = sorted({by_name[r.name].engine for r in contoured.results})
+    info = GenerationInfo(
+        engine=",".join(used),
+        model=engines.describe_for(contoured.protocol.structures),
+        protocol_name=contoured.protocol.name,
+        protocol_version=protocols.version,
+        models={name: engines.engines[name].description for name in used
+                if name in engines.engines},
+    )
+    ds = build_rtstruct(contoured.volume, rois, info, profile)
+    save_verified(ds, path, contoured.volume, profile)
+    return pydicom.dcmread(path)

@@ -1,0 +1,180 @@
+"""A CT series as one volume: pixels ``(z, y, x)`` in HU plus per-slice geometry.
+
+Coordinates are DICOM patient coordinates (LPS: +x toward the patient's left,
++y posterior, +z head). Slices are sorted along the slice normal
+(row direction x column direction), and each keeps its own
+ImagePositionPatient, so non-uniform slice spacing and gantry tilt are
+represented exactly rather than through one series matrix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+from oncoseg_node.errors import SeriesLoadError
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+
+
+@dataclass(frozen=True, eq=False)
+class Volume:
+    """A sorted CT series.
+
+    ``hu`` is float32 ``(z, y, x)``: z indexes slices in ascending order along
+    the slice normal, y indexes rows and x columns. ``positions[k]`` is the
+    ImagePositionPatient (centre of the first transmitted pixel) of slice k.
+    ``row_direction`` is the patient-space direction of increasing column
+    index (x); ``col_direction`` that of increasing row index (y); both come
+    from ImageOrientationPatient. ``pixel_spacing`` is DICOM PixelSpacing:
+    (spacing between rows, spacing between columns) in mm.
+    """
+
+    hu: np.ndarray
+    positions: np.ndarray
+    row_direction: np.ndarray
+    col_direction: np.ndarray
+    pixel_spacing: tuple[float, float]
+    sop_instance_uids: tuple[str, ...]
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    frame_of_reference_uid: str
+    patient_position: str
+    header: Dataset = field(repr=False)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.hu.shape)  # type: ignore[return-value]
+
+    @property
+    def normal(self) -> np.ndarray:
+        """Unit slice normal (row direction x column direction)."""
+        n = np.cross(self.row_direction, self.col_direction)
+        return n / np.linalg.norm(n)
+
+    @property
+    def slice_offsets(self) -> np.ndarray:
+        """Position of each slice along the normal, in mm (ascending)."""
+        return self.positions @ self.normal
+
+    @property
+    def voxel_volume_mm3(self) -> np.ndarray:
+        """Per-slice voxel volume in mm^3, using each slice's local thickness."""
+        offsets = self.slice_offsets
+        if len(offsets) == 1:
+            thickness = np.array([float(self.header.get("SliceThickness", 1.0) or 1.0)])
+        else:
+            gaps = np.diff(offsets)
+            thickness = np.empty(len(offsets))
+            thickness[0] = gaps[0]
+            thickness[-1] = gaps[-1]
+            thickness[1:-1] = (gaps[:-1] + gaps[1:]) / 2.0
+        return thickness * self.pixel_spacing[0] * self.pixel_spacing[1]
+
+    def mask_volume_cc(self, mask: np.ndarray) -> float:
+        """Volume of a ``(z, y, x)`` boolean mask in cubic centimetres."""
+        per_slice = mask.reshape(mask.shape[0], -1).sum(axis=1)
+        return float((per_slice * self.voxel_volume_mm3).sum() / 1000.0)
+
+    def index_to_patient(self, z: int | np.ndarray, rows: np.ndarray,
+                         cols: np.ndarray) -> np.ndarray:
+        """Map (fractional) pixel indices of slice ``z`` to LPS points, shape (n, 3).
+
+        ``z`` is one slice index or one per point; each point is placed with
+        its own slice's position. Index (row 0, column 0) is the centre of
+        the first pixel; a pixel's edge lies at index -0.5.
+        """
+        rows = np.asarray(rows, dtype=np.float64)
+        cols = np.asarray(cols, dtype=np.float64)
+        return (
+            np.atleast_2d(self.positions[z])
+            + cols[:, None] * self.pixel_spacing[1] * self.row_direction[None, :]
+            + rows[:, None] * self.pixel_spacing[0] * self.col_direction[None, :]
+        )
+
+    def patient_x_of_columns(self, z: int = 0) -> np.ndarray:
+        """Patient LPS x (mm, + = patient's left) of each column centre on row 0."""
+        cols = np.arange(self.hu.shape[2])
+        return self.index_to_patient(z, np.zeros_like(cols), cols)[:, 0]
+
+
+def _header_without_pixels(ds: Dataset) -> Dataset:
+    header = Dataset()
+    for elem in ds:
+        if elem.tag.group == 0x7FE0:
+            continue
+        header.add(elem)
+    header.file_meta = getattr(ds, "file_meta", Dataset())
+    return header
+
+
+def read_ct_slices(paths: Sequence[Path]) -> list[Dataset]:
+    """Read CT image files; raises :class:`SeriesLoadError` naming a bad file."""
+    datasets = []
+    for path in paths:
+        try:
+            datasets.append(pydicom.dcmread(path))
+        except Exception as exc:  # pydicom raises several unrelated types
+            raise SeriesLoadError(f"{path}: not a readable DICOM file ({exc})") from exc
+    return datasets
+
+
+def volume_from_datasets(datasets: Sequence[Dataset]) -> Volume:
+    """Build a :class:`Volume` from the instances of one CT series.
+
+    Geometry consistency is the gate's job (``geometry.check_series``); this
+    function only requires what it needs to stack the pixels.
+    """
+    if not datasets:
+        raise SeriesLoadError("no instances in series")
+    try:
+        iop = np.array([float(v) for v in datasets[0].ImageOrientationPatient])
+        spacing = tuple(float(v) for v in datasets[0].PixelSpacing)
+    except AttributeError as exc:
+        raise SeriesLoadError(f"series lacks image plane attributes: {exc}") from exc
+    row_dir, col_dir = iop[:3], iop[3:]
+    normal = np.cross(row_dir, col_dir)
+    keyed = []
+    for ds in datasets:
+        ipp = np.array([float(v) for v in ds.ImagePositionPatient])
+        keyed.append((float(ipp @ normal), ipp, ds))
+    keyed.sort(key=lambda item: item[0])
+    slices = []
+    for _, _, ds in keyed:
+        arr = ds.pixel_array.astype(np.float32)
+        slope = float(ds.get("RescaleSlope", 1) or 1)
+        intercept = float(ds.get("RescaleIntercept", 0) or 0)
+        slices.append(arr * slope + intercept)
+    shapes = {s.shape for s in slices}
+    if len(shapes) != 1:
+        raise SeriesLoadError(f"slices have different sizes: {sorted(shapes)}")
+    first = keyed[0][2]
+    return Volume(
+        hu=np.stack(slices).astype(np.float32, copy=False),
+        positions=np.stack([ipp for _, ipp, _ in keyed]),
+        row_direction=row_dir,
+        col_direction=col_dir,
+        pixel_spacing=(spacing[0], spacing[1]),
+        sop_instance_uids=tuple(str(ds.SOPInstanceUID) for _, _, ds in keyed),
+        sop_class_uid=str(first.SOPClassUID),
+        study_instance_uid=str(first.StudyInstanceUID),
+        series_instance_uid=str(first.SeriesInstanceUID),
+        frame_of_reference_uid=str(first.FrameOfReferenceUID),
+        patient_position=str(first.get("PatientPosition", "") or ""),
+        header=_header_without_pixels(first),
+    )
+
+
+def load_series_dir(directory: Path) -> Volume:
+    """Read every DICOM file in ``directory`` (not recursive) as one CT series."""
+    paths = sorted(p for p in Path(directory).iterdir() if p.is_file())
+    if not paths:
+        raise SeriesLoadError(f"{directory}: no files")
+    return volume_from_datasets(read_ct_slices(paths))

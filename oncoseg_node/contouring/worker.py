@@ -1,0 +1,172 @@
+"""The worker: claim a job, contour it, write the structure sets, queue deliveries.
+
+Every failure becomes a job state with its reason: a series that cannot be
+contoured safely is ``held`` (an operator decides), one with no matching
+protocol is ``skipped``, an unexpected error puts the job back in the queue
+(its attempt counter already moved when it was claimed, so a series that
+keeps crashing the worker ends ``quarantined``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from oncoseg_node.config import Config, DestinationConfig
+from oncoseg_node.contouring.engines.registry import EngineSet
+from oncoseg_node.contouring.pipeline import Contoured, contour, load_ct_series, write_structure_set
+from oncoseg_node.contouring.protocols import Protocol, ProtocolSet
+from oncoseg_node.errors import GeometryError, RTStructError, SeriesLoadError
+from oncoseg_node.intake.spool import Spool
+from oncoseg_node.ledger.store import FAILED, HELD, QUEUED, SKIPPED, Job, Ledger
+from oncoseg_node.ops.metrics import NodeMetrics
+from oncoseg_node.ops.qa import overlays_of, qa_relpath, write_qa_snapshot
+from oncoseg_node.rtstruct.profiles import get_profile
+
+log = structlog.get_logger("oncoseg_node.contouring.worker")
+
+# The idle loop claims every quarter second; a claim blocked this long means
+# the ledger is stuck (SQLite's own busy timeout is 30 s), not a busy queue.
+IDLE_STALL_S = 60.0
+# Longest a single job may run before the worker counts as hung. Generous:
+# SAM3 on many structures can take minutes, and a false alarm restarts the node.
+JOB_STALL_S = 3600.0
+
+
+def destinations_for(config: Config, protocol: Protocol) -> list[DestinationConfig]:
+    """Shadow mode: a protocol marked ``shadow`` (a new protocol or model under
+    evaluation) is sent only to destinations marked ``shadow``, and a normal
+    protocol never to them, so a trial runs for weeks beside clinical work
+    without reaching the clinical planning system."""
+    return [d for d in config.destinations if d.shadow == protocol.shadow]
+
+
+class Worker:
+    def __init__(self, config: Config, ledger: Ledger, spool: Spool, engines: EngineSet,
+                 protocols: Callable[[], ProtocolSet], *,
+                 metrics: NodeMetrics | None = None,
+                 deliveries_started: Callable[[], None] = lambda: None) -> None:
+        self.config = config
+        self.deliveries_started = deliveries_started
+        self.ledger = ledger
+        self.spool = spool
+        self.engines = engines
+        self.protocols = protocols
+        self.metrics = metrics or NodeMetrics()
+        self.busy = threading.Event()
+        self.current: Job | None = None  # the job in flight, for the shutdown log
+        self.last_progress = time.monotonic()
+
+    def is_progressing(self, idle_stall_s: float = IDLE_STALL_S,
+                       job_stall_s: float = JOB_STALL_S) -> bool:
+        """Whether the loop moved recently: a claim while idle, or a job not yet overdue.
+
+        The service pets the systemd watchdog and answers ``/healthz`` with it.
+        """
+        limit = job_stall_s if self.busy.is_set() else idle_stall_s
+        return time.monotonic() - self.last_progress < limit
+
+    def run_once(self) -> Job | None:
+        """Claim and process one job; returns it, or None when the queue is empty."""
+        job = self.ledger.claim(self.config.series.max_attempts)
+        self.last_progress = time.monotonic()
+        if job is None:
+            return None
+        self.current = job
+        self.busy.set()
+        try:
+            self._process(job)
+        finally:
+            self.busy.clear()
+            self.current = None
+            self.last_progress = time.monotonic()
+        done = self.ledger.job(job.id)
+        if done is not None:
+            self.metrics.jobs_finished.inc(state=done.state)
+        return done
+
+    def run(self, stop: threading.Event, idle_wait_s: float = 0.25) -> None:
+        while not stop.is_set():
+            if self.run_once() is None:
+                stop.wait(idle_wait_s)
+
+    def _process(self, job: Job) -> None:
+        bound = log.bind(job_id=job.id, series_uid=job.series_uid, calling_ae=job.calling_ae,
+                         version=job.version)
+        bound.info("job_started", attempt=job.attempts)
+        started = time.monotonic()
+        try:
+            paths = [self.spool.path(p) for p in self.ledger.series_instances(job.series_uid)]
+            volume, report = load_ct_series(
+                paths, self.config.series.slice_spacing_tolerance_mm,
+                override_geometry=bool(job.override_geometry))
+            if report.overridden:
+                bound.warning("geometry_gate_overridden", finding=report.overridden, audit=True)
+            protocols = self.protocols()
+            protocol = protocols.match(volume.header, job.calling_ae)
+            if protocol is None:
+                self.ledger.update_job(job.id, state=SKIPPED,
+                                       reason="no protocol matches and no fallback is set",
+                                       protocol_version=protocols.version)
+                bound.info("job_skipped", reason="no protocol matches")
+                return
+            self.ledger.update_job(job.id, protocol=protocol.name,
+                                   protocol_version=protocols.version)
+            segment_started = time.monotonic()
+            contoured = contour(volume, report, protocol, self.engines)
+            write_started = time.monotonic()
+            self.metrics.segmentation_seconds.observe(write_started - segment_started)
+            targets = []
+            written: dict[str, tuple[str, str]] = {}
+            for dest in destinations_for(self.config, protocol):
+                if dest.profile not in written:
+                    relpath = f"outbox/job{job.id}-v{job.version}-{dest.profile}.dcm"
+                    path = self.config.state_dir / relpath
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    ds = write_structure_set(contoured, protocols, self.engines,
+                                             get_profile(dest.profile), path)
+                    written[dest.profile] = (str(ds.SOPInstanceUID), relpath)
+                uid, relpath = written[dest.profile]
+                targets.append((dest.name, uid, relpath))
+            first_uid, first_path = next(iter(written.values()), (None, None))
+            self._write_snapshot(job, contoured, bound)
+            colors = {s.name: list(s.color) for s in protocol.structures}
+            results = [{**row, "color": colors.get(row["name"])} for row in contoured.summary()]
+            self.ledger.update_job(job.id, results=results,
+                                   rtstruct_uid=first_uid, rtstruct_relpath=first_path)
+            self.ledger.start_deliveries(job.id, targets)
+            self.deliveries_started()
+            bound.info("job_contoured", protocol=protocol.name,
+                       structures=len(contoured.results),
+                       absent=[r.name for r in contoured.results if r.absent],
+                       seconds=round(time.monotonic() - started, 2),
+                       load_s=round(segment_started - started, 2),
+                       segment_s=round(write_started - segment_started, 2),
+                       write_s=round(time.monotonic() - write_started, 2))
+        except GeometryError as exc:
+            self.ledger.update_job(job.id, state=HELD, reason=f"geometry: {exc}")
+            bound.warning("job_held", reason=str(exc))
+        except RTStructError as exc:
+            self.ledger.update_job(job.id, state=HELD, reason=f"structure set check: {exc}")
+            bound.error("job_held", reason=str(exc))
+        except SeriesLoadError as exc:
+            self.ledger.update_job(job.id, state=FAILED, reason=f"series: {exc}")
+            bound.error("job_failed", reason=str(exc))
+        except Exception as exc:  # unknown: retry, quarantined after max_attempts
+            self.ledger.update_job(job.id, state=QUEUED, reason=f"{type(exc).__name__}: {exc}")
+            bound.exception("job_error_requeued")
+
+    def _write_snapshot(self, job: Job, contoured: Contoured, bound: Any) -> None:
+        """The QA picture for the job page, next to the job's outbox files.
+
+        For reviewers only: a failure is logged and never holds up the delivery.
+        """
+        try:
+            write_qa_snapshot(self.config.state_dir / qa_relpath(job.id, job.version),
+                              contoured.volume, overlays_of(contoured))
+        except Exception:
+            bound.exception("qa_snapshot_failed")

@@ -1,0 +1,170 @@
+"""Delivery of written structure sets: one record per (job version, destination).
+
+Attempts are scheduled with apscheduler at each delivery's ``next_attempt_at``
+(kept in the ledger, so backoff survives restarts). Every destination has
+its own single-thread executor: one that is down never delays another, and
+one destination never receives two objects at once. A reconcile pass picks
+up deliveries made due from outside (``oncoseg-node retry``) or at start.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import structlog
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+from pydicom.uid import generate_uid
+
+from oncoseg_node.config import Config, DestinationConfig, RetryConfig
+from oncoseg_node.delivery.sender import SendOutcome, request_commitment, send_file
+from oncoseg_node.ledger.store import DELIVERED, FAILED, PENDING, Ledger
+from oncoseg_node.ops.metrics import NodeMetrics
+
+log = structlog.get_logger("oncoseg_node.delivery.scheduler")
+
+Sender = Callable[..., SendOutcome]
+
+
+def backoff_delay(retry: RetryConfig, attempts: int) -> float:
+    """Delay before the next try after ``attempts`` failed ones (capped exponential)."""
+    return min(retry.max_delay_s, retry.first_delay_s * (2 ** max(attempts - 1, 0)))
+
+
+class DeliveryScheduler:
+    def __init__(self, config: Config, ledger: Ledger, *, sender: Sender = send_file,
+                 committer: Callable[..., SendOutcome] = request_commitment,
+                 reconcile_interval_s: float = 1.0,
+                 metrics: NodeMetrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or NodeMetrics()
+        self.ledger = ledger
+        self.sender = sender
+        self.committer = committer
+        self.destinations = {d.name: d for d in config.destinations}
+        executors = {f"dest-{name}": ThreadPoolExecutor(1) for name in self.destinations}
+        executors["default"] = ThreadPoolExecutor(1)
+        self.scheduler = BackgroundScheduler(executors=executors, timezone=UTC)
+        self.reconcile_interval_s = reconcile_interval_s
+        self._in_flight: set[int] = set()
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        self.scheduler.add_job(self.reconcile, "interval", seconds=self.reconcile_interval_s,
+                               id="reconcile", max_instances=1, coalesce=True)
+        self.scheduler.start()
+        self.reconcile()
+
+    def wake(self) -> None:
+        """Run a reconcile pass now: new deliveries start at once, not at the next tick."""
+        if self.scheduler.running:
+            self.scheduler.modify_job("reconcile", next_run_time=datetime.now(UTC))
+
+    def stop(self, wait: bool = True) -> None:
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=wait)
+
+    def reconcile(self) -> None:
+        """Schedule each pending delivery once, at its next attempt time."""
+        for delivery in self.ledger.deliveries(state=PENDING):
+            job_id = f"delivery-{delivery.id}"
+            with self._lock:
+                if delivery.id in self._in_flight or self.scheduler.get_job(job_id):
+                    continue
+            if delivery.destination not in self.destinations:
+                self.ledger.record_attempt(
+                    delivery.id, state=FAILED, status=None,
+                    reason=f"destination {delivery.destination!r} is no longer configured")
+                continue
+            run_at = datetime.fromtimestamp(max(delivery.next_attempt_at, 0), tz=UTC)
+            self.scheduler.add_job(
+                self.attempt, "date", run_date=run_at, args=[delivery.id], id=job_id,
+                executor=f"dest-{delivery.destination}", misfire_grace_time=None,
+                replace_existing=True,
+            )
+
+    def observe_delivered(self, delivery_id: int) -> None:
+        """Record a delivery's latency: from series complete (job created) to accepted.
+
+        Called when the C-STORE succeeds, or for a destination with Storage
+        Commitment when its report confirms the object (see the listener).
+        """
+        delivery = self.ledger.delivery(delivery_id)
+        job = self.ledger.job(delivery.job_id) if delivery is not None else None
+        if delivery is None or job is None or delivery.delivered_at is None:
+            return
+        self.metrics.delivery_latency_seconds.observe(
+            max(delivery.delivered_at - job.created_at, 0.0), destination=delivery.destination)
+
+    def attempt(self, delivery_id: int) -> None:
+        with self._lock:
+            self._in_flight.add(delivery_id)
+        try:
+            self._attempt(delivery_id)
+        finally:
+            with self._lock:
+                self._in_flight.discard(delivery_id)
+
+    def _attempt(self, delivery_id: int) -> None:
+        delivery = self.ledger.delivery(delivery_id)
+        if delivery is None or delivery.state != PENDING:
+            return
+        if delivery.next_attempt_at > self.ledger.clock():
+            return  # rescheduled meanwhile; reconcile schedules it again
+        dest: DestinationConfig = self.destinations[delivery.destination]
+        job = self.ledger.job(delivery.job_id)
+        bound = log.bind(job_id=delivery.job_id, series_uid=job.series_uid if job else None,
+                         calling_ae=job.calling_ae if job else None,
+                         destination=dest.name, sop_instance_uid=delivery.sop_instance_uid)
+        path = self.config.state_dir / delivery.relpath
+        ae_title = self.config.node.ae_title
+        attempts = delivery.attempts + 1
+        commitment = None
+        started = time.monotonic()
+        try:
+            if delivery.awaiting_commitment:
+                # Stored, but no commitment report within the backoff delay: ask again.
+                commitment = (delivery.transaction_uid, delivery.stored_at)
+                outcome = self.committer(path, dest, ae_title, delivery.transaction_uid)
+            else:
+                outcome = self.sender(path, dest, ae_title)
+                if outcome.delivered and dest.storage_commitment:
+                    commitment = (generate_uid(), self.ledger.clock())
+                    stored = outcome
+                    outcome = self.committer(path, dest, ae_title, commitment[0])
+                    bound.info("rtstruct_stored_awaiting_commitment", status=stored.reason,
+                               transaction_uid=commitment[0])
+        except Exception as exc:  # a broken file or socket error must not kill the scheduler
+            outcome = SendOutcome(False, True, None, f"{type(exc).__name__}: {exc}")
+        self.metrics.delivery_attempt_seconds.observe(
+            time.monotonic() - started, destination=dest.name,
+            outcome="delivered" if outcome.delivered else
+            "retry" if outcome.transient else "failed")
+        if commitment is not None and (outcome.delivered or outcome.transient):
+            # Committed only when the N-EVENT-REPORT arrives; until then the
+            # request is repeated on the backoff schedule.
+            delay = backoff_delay(dest.retry, attempts)
+            self.ledger.record_attempt(
+                delivery_id, state=PENDING, status=outcome.status,
+                reason=outcome.reason if not outcome.delivered
+                else "stored; awaiting storage commitment",
+                next_attempt_at=self.ledger.clock() + delay, commitment=commitment)
+        elif outcome.delivered:
+            self.ledger.record_attempt(delivery_id, state=DELIVERED, status=outcome.status,
+                                       reason=outcome.reason)
+            self.observe_delivered(delivery_id)
+            bound.info("rtstruct_delivered", attempts=attempts, status=outcome.reason, audit=True)
+        elif outcome.transient:
+            delay = backoff_delay(dest.retry, attempts)
+            self.ledger.record_attempt(delivery_id, state=PENDING, status=outcome.status,
+                                       reason=outcome.reason,
+                                       next_attempt_at=self.ledger.clock() + delay)
+            bound.warning("delivery_retry_scheduled", attempts=attempts, reason=outcome.reason,
+                          delay_s=delay)
+        else:
+            self.ledger.record_attempt(delivery_id, state=FAILED, status=outcome.status,
+                                       reason=outcome.reason)
+            bound.error("delivery_failed", attempts=attempts, reason=outcome.reason)

@@ -1,0 +1,127 @@
+"""C-STORE SCU: send one stored object to one destination and classify the outcome.
+
+Outcomes are named: delivered (Success, or a Warning which the standard
+counts as stored), transient (association refused or aborted, timeout,
+0xA7xx out of resources: a later retry can succeed) or permanent (0xA9xx,
+0xCxxx and other failures: retrying cannot help).
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+
+from oncoseg_node.config import DestinationConfig
+from oncoseg_node.dicom import status
+
+
+@dataclass(frozen=True)
+class SendOutcome:
+    delivered: bool
+    transient: bool
+    status: int | None
+    reason: str
+
+
+def _set_nodelay(assoc: object) -> None:
+    # Small DIMSE PDUs otherwise wait for the peer's delayed ACK (~40 ms each).
+    sock = getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def send_file(path: Path, dest: DestinationConfig, calling_ae_title: str) -> SendOutcome:
+    """Send the DICOM file at ``path`` to ``dest`` in one association."""
+    ds = pydicom.dcmread(path)
+    ae = AE(ae_title=dest.calling_ae_title or calling_ae_title)
+    ae.add_requested_context(ds.SOPClassUID, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    ae.acse_timeout = dest.timeout_s
+    ae.dimse_timeout = dest.timeout_s
+    ae.network_timeout = dest.timeout_s
+    ae.connection_timeout = dest.timeout_s
+    ae.maximum_pdu_size = dest.max_pdu
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    if not assoc.is_established:
+        if assoc.is_rejected:
+            reason = "association rejected"
+            acceptor = getattr(assoc, "acceptor", None)
+            primitive = getattr(acceptor, "primitive", None)
+            if primitive is not None and primitive.result_str:
+                reason += f" ({primitive.result_str}, {primitive.reason_str})"
+        elif assoc.is_aborted and assoc.rejected_contexts and not assoc.accepted_contexts:
+            # The destination refuses the SOP class itself: retrying cannot help.
+            return SendOutcome(False, False, None,
+                               f"destination does not accept {ds.SOPClassUID.name} "
+                               "(presentation context rejected)")
+        elif assoc.is_aborted:
+            reason = "association aborted during negotiation"
+        else:
+            reason = f"cannot connect to {dest.host}:{dest.port}"
+        return SendOutcome(False, True, None, reason)
+    try:
+        _set_nodelay(assoc)
+        response = assoc.send_c_store(ds)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    code = getattr(response, "Status", None)
+    if code is None:
+        return SendOutcome(False, True, None, "no response (timeout or association aborted)")
+    code = int(code)
+    comment = str(response.get("ErrorComment", "") or "")
+    reason = status.describe(code) + (f": {comment}" if comment else "")
+    if code == status.SUCCESS or status.is_warning(code):
+        return SendOutcome(True, False, code, reason)
+    return SendOutcome(False, status.is_transient(code), code, reason)
+
+
+STORAGE_COMMITMENT_PUSH = "1.2.840.10008.1.20.1"
+STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
+REQUEST_STORAGE_COMMITMENT = 1  # N-ACTION Action Type ID
+
+
+def request_commitment(path: Path, dest: DestinationConfig, calling_ae_title: str,
+                       transaction_uid: str) -> SendOutcome:
+    """Ask ``dest`` to commit to the object at ``path`` (Storage Commitment Push Model).
+
+    ``delivered`` here means the request was accepted; the commitment itself
+    arrives later as an N-EVENT-REPORT on the node's listener.
+    """
+    header = pydicom.dcmread(path, stop_before_pixels=True,
+                             specific_tags=["SOPClassUID", "SOPInstanceUID"])
+    request = Dataset()
+    request.TransactionUID = transaction_uid
+    item = Dataset()
+    item.ReferencedSOPClassUID = header.SOPClassUID
+    item.ReferencedSOPInstanceUID = header.SOPInstanceUID
+    request.ReferencedSOPSequence = [item]
+    ae = AE(ae_title=dest.calling_ae_title or calling_ae_title)
+    ae.add_requested_context(STORAGE_COMMITMENT_PUSH,
+                             [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = dest.timeout_s
+    ae.connection_timeout = dest.timeout_s
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    if not assoc.is_established:
+        return SendOutcome(False, True, None, "storage commitment: association not established")
+    try:
+        _set_nodelay(assoc)
+        response, _reply = assoc.send_n_action(
+            request, REQUEST_STORAGE_COMMITMENT, STORAGE_COMMITMENT_PUSH,
+            STORAGE_COMMITMENT_INSTANCE)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    code = getattr(response, "Status", None)
+    if code is None:
+        return SendOutcome(False, True, None, "storage commitment: no response")
+    code = int(code)
+    reason = "storage commitment request " + status.describe(code)
+    if code == status.SUCCESS:
+        return SendOutcome(True, False, code, reason)
+    return SendOutcome(False, status.is_transient(code), code, reason)

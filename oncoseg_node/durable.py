@@ -1,0 +1,57 @@
+"""Crash-safe file writes shared by every stage that puts patient data on disk.
+
+A file is written to a temporary name in its own folder, fsynced, renamed into
+place and the folder fsynced, so after a crash it is either complete under its
+final name or absent. The spool, the structure set writer and the QA snapshot
+all write through here; it imports nothing of the project.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Sequence
+from pathlib import Path
+
+TMP_SUFFIX = ".partial"
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or unlink in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temporary_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+
+
+def write_and_sync(tmp: Path, parts: Sequence[bytes]) -> int:
+    """Write ``parts`` to a new file and fsync it; returns the byte count."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    try:
+        size = 0
+        for part in parts:
+            view = memoryview(part)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+                size += written
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    return size
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and durably (tmp + fsync + rename)."""
+    tmp = temporary_name(path)
+    write_and_sync(tmp, [data])
+    os.replace(tmp, path)
+    fsync_dir(path.parent)

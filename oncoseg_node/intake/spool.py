@@ -1,0 +1,120 @@
+"""Durable instance store: bytes on disk before anyone is told Success.
+
+Each instance is written to a temporary file in the spool's own filesystem,
+fsynced, renamed into place and the directory fsynced, so after a crash a
+file is either complete under its final name or absent (a leftover
+temporary file is never mistaken for an instance). Names are generated here;
+no received value (UID, patient name, ...) ever becomes part of a path.
+
+The write and fsync of an instance run on a small writer pool while the
+association thread validates and looks up the same instance, because the
+fsync is the largest single cost of receiving and needs no Python.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import secrets
+import shutil
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from oncoseg_node.durable import TMP_SUFFIX, fsync_dir, temporary_name, write_and_sync
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """Where an instance landed; ``relpath`` is relative to the spool root."""
+
+    relpath: str
+    sha256: str
+    size: int
+
+
+class PendingWrite:
+    """An instance being written; ``commit`` makes it visible, ``abort`` drops it."""
+
+    def __init__(self, spool: Spool, final: Path, tmp: Path, future: Future[int],
+                 size: int) -> None:
+        self._spool = spool
+        self._final = final
+        self._tmp = tmp
+        self._future = future
+        self.size = size
+        self.relpath = str(final.relative_to(spool.root))
+
+    def commit(self, sha256: str) -> StoredFile:
+        size = self._future.result()  # re-raises the writer's OSError
+        os.replace(self._tmp, self._final)
+        fsync_dir(self._final.parent)
+        return StoredFile(self.relpath, sha256, size)
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):  # the writer already removed its file
+            self._future.result()
+        self._tmp.unlink(missing_ok=True)
+
+
+class Spool:
+    """Files of received instances under ``root/objects/<2 hex>/<32 hex>.dcm``."""
+
+    def __init__(self, root: Path, writers: int = 4) -> None:
+        self.root = Path(root)
+        self.objects = self.root / "objects"
+        self.objects.mkdir(parents=True, exist_ok=True)
+        # All 256 shards exist up front, so no instance pays for creating one.
+        missing = [d for d in (self.objects / f"{i:02x}" for i in range(256)) if not d.is_dir()]
+        for shard in missing:
+            shard.mkdir(exist_ok=True)
+        if missing:
+            fsync_dir(self.objects)
+        self._pool = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="spool-writer")
+
+    def _new_path(self) -> Path:
+        name = secrets.token_hex(16)
+        return self.objects / name[:2] / f"{name}.dcm"
+
+    def begin(self, parts: Sequence[bytes]) -> PendingWrite:
+        """Start writing one encoded instance (given in parts) under a generated name."""
+        final = self._new_path()
+        tmp = temporary_name(final)
+        return PendingWrite(self, final, tmp, self._pool.submit(write_and_sync, tmp, parts),
+                            sum(len(p) for p in parts))
+
+    def store(self, data: bytes) -> StoredFile:
+        """Durably store one encoded instance and wait for it."""
+        return self.begin([data]).commit(hashlib.sha256(data).hexdigest())
+
+    def path(self, relpath: str) -> Path:
+        """Absolute path of a stored file; refuses anything outside the spool."""
+        candidate = (self.root / relpath).resolve()
+        if self.root.resolve() not in candidate.parents:
+            raise ValueError(f"{relpath!r} is outside the spool")
+        return candidate
+
+    def remove(self, relpath: str) -> None:
+        path = self.path(relpath)
+        path.unlink(missing_ok=True)
+        fsync_dir(path.parent)
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def clean_partials(self) -> int:
+        """Delete temporary files left by a crash mid-write; returns how many."""
+        removed = 0
+        for tmp in self.objects.rglob(f"*{TMP_SUFFIX}"):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+    def all_relpaths(self) -> set[str]:
+        return {
+            str(p.relative_to(self.root))
+            for p in self.objects.rglob("*.dcm")
+            if not p.name.startswith(".")
+        }

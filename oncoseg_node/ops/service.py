@@ -1,0 +1,241 @@
+"""The daemon's lifecycle: builds every part, starts and stops them in a fixed order.
+
+Start: ledger (interrupted jobs requeued) -> spool (partial files removed)
+-> protocols (watched for edits) -> engines (model loaded once; failures are fatal here) ->
+delivery scheduler -> retention -> assembler and worker -> HTTP server ->
+listener -> READY=1. The HTTP port is bound before the DICOM one so that a
+port conflict stops the node before it has acknowledged any instance.
+Stop (SIGTERM/SIGINT only set a flag): stop accepting -> let associations in
+flight finish up to the deadline (those still open then are aborted, so
+their last instance is never acknowledged) -> stop claiming -> wait for the
+job in flight up to the same deadline (an unfinished one is requeued at next
+start) -> stop retention and deliveries -> stop HTTP -> close the ledger.
+
+The systemd watchdog is petted only while :meth:`Service.health` passes:
+listener, ledger, worker (alive and making progress), assembler and
+delivery scheduler. A hung worker thus gets the node restarted.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from oncoseg_node.config import Config
+from oncoseg_node.contouring.engines.registry import EngineSet, build_engines
+from oncoseg_node.contouring.protocol_watch import ProtocolWatcher
+from oncoseg_node.contouring.protocols import ProtocolSet
+from oncoseg_node.contouring.worker import Worker
+from oncoseg_node.delivery.commitment import CommitmentReports
+from oncoseg_node.delivery.scheduler import DeliveryScheduler
+from oncoseg_node.intake.assembly import Assembler
+from oncoseg_node.intake.handlers import StoreHandlers
+from oncoseg_node.intake.spool import Spool
+from oncoseg_node.intake.transport import Receiver
+from oncoseg_node.ledger.store import JOB_STATES, PENDING, QUEUED, Ledger
+from oncoseg_node.ops.http import HttpServer, StatusSite
+from oncoseg_node.ops.metrics import NodeMetrics
+from oncoseg_node.ops.notify import Notifier
+from oncoseg_node.ops.retention import Retention
+
+log = structlog.get_logger("oncoseg_node.ops.service")
+
+SHUTDOWN_DEADLINE_S = 60.0
+
+
+class Service:
+    def __init__(self, config: Config, *, notifier: Notifier | None = None,
+                 engines: EngineSet | None = None,
+                 shutdown_deadline_s: float = SHUTDOWN_DEADLINE_S) -> None:
+        self.config = config
+        self.notifier = notifier or Notifier()
+        self.shutdown_deadline_s = shutdown_deadline_s
+        self._engines = engines
+        self.stop_requested = threading.Event()
+        self._stop_work = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.ledger: Ledger | None = None
+        self.receiver: Receiver | None = None
+        self.worker: Worker | None = None
+        self.delivery: DeliveryScheduler | None = None
+        self.retention: Retention | None = None
+        self.http: HttpServer | None = None
+        self.metrics = NodeMetrics()
+        self._protocols: ProtocolWatcher | None = None
+
+    def current_protocols(self) -> ProtocolSet:
+        """The last valid protocol set (hot-reloaded when the file changes)."""
+        assert self._protocols is not None
+        return self._protocols.current()
+
+    def start(self) -> None:
+        cfg = self.config
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self.ledger = Ledger(cfg.ledger_path)
+        requeued = self.ledger.requeue_interrupted()
+        spool = Spool(cfg.spool_dir)
+        partials = spool.clean_partials()
+        log.info("ledger_open", path=str(cfg.ledger_path), requeued_jobs=requeued,
+                 partial_files_removed=partials)
+        self._protocols = ProtocolWatcher(cfg.protocols)
+        self._protocols.start()
+        engines = self._engines or build_engines(cfg.engine)
+        self.delivery = DeliveryScheduler(cfg, self.ledger, metrics=self.metrics)
+        self.delivery.start()
+        self.retention = Retention(cfg.retention, self.ledger, spool)
+        self.retention.start()
+        handlers = StoreHandlers(cfg.node, cfg.series, spool, self.ledger)
+        commitments = CommitmentReports(self.ledger, on_committed=self.delivery.observe_delivered)
+        assembler = Assembler(self.ledger, cfg.series.quiet_period_s,
+                              association_open=handlers.associations.is_open)
+        self.worker = Worker(cfg, self.ledger, spool, engines, self.current_protocols,
+                             metrics=self.metrics, deliveries_started=self.delivery.wake)
+        self._spawn("assembler", lambda: assembler.run(self._stop_work))
+        self._spawn("worker", lambda: self.worker.run(self._stop_work))
+        self.receiver = Receiver(cfg.node, handlers, extra=[commitments.service()])
+        self._register_gauges(handlers, spool)
+        status = ""
+        if cfg.http.enabled:
+            self.http = HttpServer(cfg.http, StatusSite(
+                ledger=self.ledger, spool=spool, state_dir=cfg.state_dir, health=self.health,
+                metrics=self.metrics.render, title=f"oncoseg-node {cfg.node.ae_title}"))
+            self.http.start()
+            status = f"; http on {cfg.http.host}:{self.http.port}"
+        self.receiver.start()
+        self.notifier.ready(f"listening on {cfg.node.host}:{self.receiver.port}{status}")
+        log.info("started", engines=engines.description,
+                 protocols_version=self.current_protocols().version)
+
+    def health(self) -> dict[str, bool]:
+        """Each part's liveness, for ``/healthz`` and the watchdog."""
+        threads = {t.name: t.is_alive() for t in self._threads}
+        try:
+            assert self.ledger is not None
+            self.ledger.count_jobs_by_state()  # a real query: the file is open and readable
+            ledger_ok = True
+        except Exception:
+            ledger_ok = False
+        return {
+            "listener": self.receiver is not None and self.receiver.listening,
+            "ledger": ledger_ok,
+            "worker": threads.get("worker", False) and self.worker is not None
+            and self.worker.is_progressing(),
+            "assembler": threads.get("assembler", False),
+            "delivery": self.delivery is not None and self.delivery.scheduler.running,
+        }
+
+    def _register_gauges(self, handlers: StoreHandlers, spool: Spool) -> None:
+        """Scrape-time values: read from the parts themselves, so they cannot drift."""
+        assert self.ledger is not None
+        ledger, metrics = self.ledger, self.metrics
+
+        def jobs_by_state() -> list[tuple[dict[str, str], float]]:
+            counts = ledger.count_jobs_by_state()
+            return [({"state": state}, counts.get(state, 0)) for state in JOB_STATES]
+
+        def pending_by_destination() -> list[tuple[dict[str, str], float]]:
+            counts: dict[str, int] = {d.name: 0 for d in self.config.destinations}
+            for delivery in ledger.deliveries(state=PENDING):
+                counts[delivery.destination] = counts.get(delivery.destination, 0) + 1
+            return [({"destination": name}, n) for name, n in sorted(counts.items())]
+
+        metrics.gauge("oncoseg_instances_received_total",
+                      "CT instances stored and acknowledged since the node started.",
+                      lambda: [({}, handlers.received)], kind="counter")
+        metrics.gauge("oncoseg_jobs", "Jobs in the ledger by state.", jobs_by_state)
+        metrics.gauge("oncoseg_queue_depth", "Jobs waiting for the worker (state queued).",
+                      lambda: [({}, ledger.count_jobs_by_state().get(QUEUED, 0))])
+        metrics.gauge("oncoseg_series_open", "Series still arriving or in their quiet period.",
+                      lambda: [({}, len(ledger.open_series()))])
+        metrics.gauge("oncoseg_deliveries_pending",
+                      "Structure sets waiting to be accepted, by destination.",
+                      pending_by_destination)
+        metrics.gauge("oncoseg_disk_free_bytes", "Free bytes on the spool's filesystem.",
+                      lambda: [({}, spool.free_bytes())])
+        metrics.gauge("oncoseg_associations_active", "DICOM associations open now.",
+                      lambda: [({}, len(self._associations()))])
+        metrics.gauge("oncoseg_worker_busy", "1 while the worker is contouring a job.",
+                      lambda: [({}, int(self.worker is not None and self.worker.busy.is_set()))])
+        metrics.gauge("oncoseg_health", "1 when the part passes its liveness check.",
+                      lambda: [({"check": k}, int(v)) for k, v in self.health().items()])
+
+    def _spawn(self, name: str, target: Callable[[], None]) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def install_signal_handlers(self) -> None:
+        def request_stop(signum: int, _frame: object) -> None:
+            self.stop_requested.set()
+
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+
+    def run_until_stopped(self) -> None:
+        """Main loop: pets the systemd watchdog while every part is alive."""
+        interval = Notifier.watchdog_interval_s()
+        tick = min(interval, 1.0) if interval else 1.0
+        while not self.stop_requested.wait(tick):
+            if interval and all(self.health().values()):
+                self.notifier.watchdog()
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        deadline = time.monotonic() + self.shutdown_deadline_s
+        self.notifier.stopping()
+        log.info("stopping", deadline_s=self.shutdown_deadline_s)
+        if self.receiver is not None:
+            self.receiver.stop_accepting()
+            log.info("stopped_accepting", associations_in_flight=len(self._associations()))
+            while self._associations() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self._abort_associations()
+        self._stop_work.set()
+        for thread in self._threads:
+            thread.join(timeout=max(deadline - time.monotonic(), 0.1))
+        job = self.worker.current if self.worker is not None else None
+        if job is not None:
+            log.warning("job_in_flight_left_for_requeue", job_id=job.id,
+                        series_uid=job.series_uid, calling_ae=job.calling_ae)
+        if self._protocols is not None:
+            self._protocols.stop()
+        if self.retention is not None:
+            self.retention.stop(wait=True)
+        if self.delivery is not None:
+            self.delivery.stop(wait=True)
+        if self.http is not None:
+            self.http.stop()  # after the parts it reports on, before the ledger it reads
+        if self.ledger is not None:
+            self.ledger.close()
+        log.info("stopped")
+
+    def _associations(self, *, requested_only: bool = True) -> list[Any]:
+        """Associations on the listener; by default only those a peer asked for.
+
+        A bare TCP connection (a port probe, a load balancer) carries no
+        instance, and pynetdicom keeps it until the ACSE timeout: waiting for
+        it would only delay shutdown.
+        """
+        server = self.receiver.server if self.receiver is not None else None
+        if server is None:
+            return []
+        return [a for a in server.active_associations
+                if not requested_only or a.requestor.primitive is not None]
+
+    def _abort_associations(self) -> None:
+        """Abort every association still open after the wait (at the deadline).
+
+        The scanner gets no Success for an instance in progress, so it sends
+        it again later; an instance already acknowledged is already durable.
+        """
+        remaining = self._associations(requested_only=False)
+        requested = sum(a.requestor.primitive is not None for a in remaining)
+        if requested:
+            log.warning("associations_aborted_at_deadline", count=requested)
+        for assoc in remaining:
+            assoc.abort()

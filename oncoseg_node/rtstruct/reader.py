@@ -1,0 +1,47 @@
+"""An RT Structure Set rasterised back onto its CT volume.
+
+Each contour is matched to its slice through the Contour Image Sequence (or,
+failing that, the nearest slice plane), its LPS points are mapped into that
+slice's own pixel index space, and all contours of one ROI on a slice are
+filled together with the even-odd rule (nested contours are holes). A pixel
+belongs to the ROI when its centre is inside.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from oncoseg_node.contouring.volume import Volume
+from oncoseg_node.rtstruct.contours import fill_polygons
+
+
+def _to_index(volume: Volume, z: int, points: np.ndarray) -> np.ndarray:
+    """(n, 2) fractional (row, column) indices of LPS points on slice ``z``."""
+    delta = points - volume.positions[z][None, :]
+    cols = delta @ volume.row_direction / volume.pixel_spacing[1]
+    rows = delta @ volume.col_direction / volume.pixel_spacing[0]
+    return np.stack([rows, cols], axis=1)
+
+
+def rasterize_rtstruct(ds: Dataset, volume: Volume) -> dict[str, np.ndarray]:
+    """ROI name -> ``(z, y, x)`` boolean mask on ``volume``'s grid."""
+    slice_of = {uid: k for k, uid in enumerate(volume.sop_instance_uids)}
+    offsets = volume.slice_offsets
+    names = {int(item.ROINumber): str(item.ROIName)
+             for item in ds.get("StructureSetROISequence", [])}
+    masks = {}
+    for roi in ds.get("ROIContourSequence", []):
+        per_slice: dict[int, list[np.ndarray]] = {}
+        for contour in roi.get("ContourSequence", []):
+            points = np.asarray(contour.ContourData, dtype=np.float64).reshape(-1, 3)
+            refs = contour.get("ContourImageSequence")
+            z = slice_of.get(refs[0].ReferencedSOPInstanceUID) if refs else None
+            if z is None:
+                z = int(np.argmin(np.abs(offsets - float(points[0] @ volume.normal))))
+            per_slice.setdefault(z, []).append(_to_index(volume, z, points))
+        mask = np.zeros(volume.shape, dtype=bool)
+        for z, polygons in per_slice.items():
+            mask[z] = fill_polygons(polygons, volume.shape[1:])
+        masks[names.get(int(roi.ReferencedROINumber), str(roi.ReferencedROINumber))] = mask
+    return masks
