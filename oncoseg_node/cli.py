@@ -74,9 +74,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
             names = ", ".join(p.name for p in protocols.protocols)
             raise OncosegError(f"no protocol named {args.protocol!r} (have: {names})") from None
     else:
-        protocol = protocols.match(volume.header, None)
-        if protocol is None:
+        matched = protocols.match(volume.header, None)
+        if matched is None:
             raise OncosegError("no protocol matches this series and no fallback is set")
+        protocol = matched
     engines = build_engines(config.engine)
     started = time.monotonic()
     contoured = contour(volume, report, protocol, engines)
@@ -240,7 +241,7 @@ def _evaluate_case(series_dir: Path, reference: Path, ours: Path | None, case: s
         if protocol is None:
             raise OncosegError(f"{series_dir}: no protocol matches and no fallback is set")
         results = contour(volume, report, protocol, build_engines(config.engine)).results
-        our_masks = {r.name: r.mask for r in results if not r.absent}
+        our_masks = {r.name: r.found_mask for r in results if not r.absent}
     return compare_sets(volume, our_masks, reference_masks, case=case, aliases=aliases)
 
 

@@ -198,7 +198,7 @@ class _Parser:
                 return None
             (inner,) = [a for a in args if a is not type(None)]
             return self.value(inner, raw, key)
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             return self.build(hint, raw if raw is not None else {}, key)
         if origin is tuple:
             if raw is None:

@@ -145,7 +145,7 @@ def test_permanent_failure_ends_delivery_with_reason_then_retry_sends(tmp_path):
             delivery = ledger.deliveries(job_id)[0]
             assert delivery.attempts == 1  # no retry loop on a permanent failure
             assert delivery.last_status == status.CANNOT_UNDERSTAND
-            assert "0xC000" in delivery.reason and "cannot understand" in delivery.reason
+            assert "0xC000" in delivery.reason and "cannot understand" in delivery.reason.lower()
             assert "0xC000" in (ledger.job(job_id).reason or "")
             tps.answer = status.SUCCESS
             assert ledger.retry_deliveries(job_id) == 1

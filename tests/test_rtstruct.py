@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage
 from pynetdicom import AE
 
 from oncoseg_node.commissioning.phantom import write_phantom
@@ -16,7 +16,6 @@ from oncoseg_node.errors import RTStructError
 from oncoseg_node.rtstruct.profiles import PROFILES
 from oncoseg_node.rtstruct.reader import rasterize_rtstruct
 from oncoseg_node.rtstruct.writer import (
-    RT_STRUCTURE_SET_STORAGE,
     GenerationInfo,
     RoiMask,
     build_rtstruct,
@@ -187,7 +186,7 @@ def test_orthanc_accepts_the_structure_set_and_lists_its_rois(tmp_path):
     phantom, path = written(tmp_path, "HFS")
     with orthanc(tmp_path / "orthanc") as peer:
         ae = AE(ae_title="ONCOSEG")
-        ae.add_requested_context(RT_STRUCTURE_SET_STORAGE, [ExplicitVRLittleEndian])
+        ae.add_requested_context(RTStructureSetStorage, [ExplicitVRLittleEndian])
         assoc = ae.associate("127.0.0.1", peer.dicom_port, ae_title=peer.aet)
         assert assoc.is_established
         try:

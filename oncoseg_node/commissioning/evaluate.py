@@ -13,6 +13,7 @@ import html
 import io
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -80,12 +81,12 @@ def compare_sets(volume: Volume, ours: Mapping[str, np.ndarray],
             for name in sorted(renamed)]
 
 
-def aggregate(rows: Sequence[StructureMetrics]) -> list[dict[str, object]]:
+def aggregate(rows: Sequence[StructureMetrics]) -> list[dict[str, Any]]:
     """Per structure over cases: median and interquartile range of each metric."""
     out = []
     for name in sorted({r.structure for r in rows}):
         subset = [r for r in rows if r.structure == name]
-        entry: dict[str, object] = {"structure": name, "cases": len(subset)}
+        entry: dict[str, Any] = {"structure": name, "cases": len(subset)}
         for metric in ("dice", "hd95_mm", "msd_mm", "surface_dice", "volume_difference_cc"):
             values = np.array([getattr(r, metric) for r in subset], dtype=float)
             q1, median, q3 = np.percentile(values, [25, 50, 75])

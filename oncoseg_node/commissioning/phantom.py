@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from oncoseg_node import __version__
-from oncoseg_node.contouring.volume import CT_IMAGE_STORAGE, Volume, volume_from_datasets
+from oncoseg_node.contouring.volume import Volume, volume_from_datasets
 from oncoseg_node.dicom.filemeta import IMPLEMENTATION_CLASS_UID
 
 # ImageOrientationPatient (row direction, column direction) per patient position.
@@ -399,12 +399,12 @@ def _slice_dataset(pixels: np.ndarray, index: int, ipp: np.ndarray, row_dir: np.
                    patient_id: str) -> Dataset:
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    ds.SOPClassUID = CT_IMAGE_STORAGE
+    ds.SOPClassUID = CTImageStorage
     date, time = _WHEN.strftime("%Y%m%d"), _WHEN.strftime("%H%M%S")
     ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = date
     ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = time

@@ -14,18 +14,14 @@ from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage
 
 from oncoseg_node.contouring.engines.base import StructureResult
 from oncoseg_node.contouring.engines.registry import EngineSet
 from oncoseg_node.contouring.geometry import GeometryReport, check_series
 from oncoseg_node.contouring.protocols import Protocol, ProtocolSet
 from oncoseg_node.contouring.sanity import flag_results
-from oncoseg_node.contouring.volume import (
-    CT_IMAGE_STORAGE,
-    Volume,
-    read_ct_slices,
-    volume_from_datasets,
-)
+from oncoseg_node.contouring.volume import Volume, read_ct_slices, volume_from_datasets
 from oncoseg_node.errors import GeometryError, SeriesLoadError
 from oncoseg_node.rtstruct.profiles import DestinationProfile
 from oncoseg_node.rtstruct.writer import GenerationInfo, RoiMask, build_rtstruct, save_verified
@@ -44,7 +40,7 @@ class Contoured:
         """Per-structure record for the ledger and the QA page."""
         rows = []
         for result in self.results:
-            volume_cc = None if result.absent else self.volume.mask_volume_cc(result.mask)
+            volume_cc = None if result.absent else self.volume.mask_volume_cc(result.found_mask)
             rows.append({
                 "name": result.name,
                 "absent": result.absent,
@@ -64,7 +60,7 @@ def load_ct_series(paths: Sequence[Path], spacing_tolerance_mm: float = 0.1, *,
     findings are kept in the report but do not stop contouring.
     """
     datasets = [ds for ds in read_ct_slices(paths)
-                if str(ds.get("SOPClassUID", "")) == CT_IMAGE_STORAGE]
+                if str(ds.get("SOPClassUID", "")) == CTImageStorage]
     if not datasets:
         raise SeriesLoadError("no CT Image Storage instances found")
     series = {str(ds.SeriesInstanceUID) for ds in datasets}
@@ -92,7 +88,7 @@ def write_structure_set(contoured: Contoured, protocols: ProtocolSet, engines: E
     by_name = {s.name: s for s in contoured.protocol.structures}
     rois = [
         RoiMask(name=r.name, color=by_name[r.name].color,
-                interpreted_type=by_name[r.name].interpreted_type, mask=r.mask,
+                interpreted_type=by_name[r.name].interpreted_type, mask=r.found_mask,
                 engine=by_name[r.name].engine)
         for r in contoured.results if not r.absent
     ]

@@ -149,7 +149,7 @@ def _structure(name: str, raw: Mapping[str, Any], problems: list[str]) -> Struct
     laterality = raw.get("laterality")
     if laterality not in (None, "left", "right"):
         problems.append(f"structures.{name}.laterality: {laterality!r} is not left or right")
-    ranges = {}
+    ranges: dict[str, tuple[float, float] | None] = {}
     for key in ("volume_cc", "hu_window"):
         value = raw.get(key)
         if value is None:
@@ -187,7 +187,6 @@ def _structure(name: str, raw: Mapping[str, Any], problems: list[str]) -> Struct
 
 def _postprocess_problem(key: str, value: object) -> str | None:
     """Why a postprocess setting is refused, or None when it is valid."""
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if key == "keep_components":
         ok = value is None or (isinstance(value, int) and not isinstance(value, bool)
                                and value >= 1)
@@ -195,7 +194,8 @@ def _postprocess_problem(key: str, value: object) -> str | None:
     if key == "fill_holes":
         return None if isinstance(value, bool) else f"{value!r} is not true or false"
     if key in ("smoothing_mm", "min_island_cc", "min_slice_island_mm2"):
-        return None if is_number and value >= 0 else f"{value!r} is not a number >= 0"
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+        return None if ok else f"{value!r} is not a number >= 0"
     return "unknown key"
 
 

@@ -62,13 +62,13 @@ def flag_results(volume: Volume, structures: list[Structure] | tuple[Structure, 
         flags = list(result.flags)
         if structure.volume_cc is not None:
             lo, hi = structure.volume_cc
-            cc = volume.mask_volume_cc(result.mask)
+            cc = volume.mask_volume_cc(result.found_mask)
             if not lo <= cc <= hi:
                 flags.append(f"volume {cc:.1f} cc outside expected {lo:g}-{hi:g} cc")
         if structure.laterality in ("left", "right"):
             if midline is None:
                 midline = body_midline_x(volume, body)
-            x = float(patient_centroid(volume, result.mask)[0])
+            x = float(patient_centroid(volume, result.found_mask)[0])
             side = "left" if x > midline else "right"
             if side != structure.laterality:
                 flags.append(f"centre lies on the patient's {side} "

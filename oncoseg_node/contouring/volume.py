@@ -15,12 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 
 from oncoseg_node.errors import SeriesLoadError
-
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 
 
 @dataclass(frozen=True, eq=False)
@@ -51,7 +48,8 @@ class Volume:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.hu.shape)  # type: ignore[return-value]
+        z, y, x = self.hu.shape
+        return int(z), int(y), int(x)
 
     @property
     def normal(self) -> np.ndarray:
@@ -111,13 +109,13 @@ def _header_without_pixels(ds: Dataset) -> Dataset:
         if elem.tag.group == 0x7FE0:
             continue
         header.add(elem)
-    header.file_meta = getattr(ds, "file_meta", Dataset())
+    header.file_meta = getattr(ds, "file_meta", FileMetaDataset())
     return header
 
 
 def read_ct_slices(paths: Sequence[Path]) -> list[Dataset]:
     """Read CT image files; raises :class:`SeriesLoadError` naming a bad file."""
-    datasets = []
+    datasets: list[Dataset] = []
     for path in paths:
         try:
             datasets.append(pydicom.dcmread(path))

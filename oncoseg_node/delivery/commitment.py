@@ -15,8 +15,8 @@ from typing import Any
 import structlog
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import evt
+from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 
-from oncoseg_node.delivery.sender import STORAGE_COMMITMENT_PUSH
 from oncoseg_node.dicom import status
 from oncoseg_node.intake.transport import ExtraService
 from oncoseg_node.ledger.store import Ledger
@@ -35,7 +35,7 @@ class CommitmentReports:
 
     def service(self) -> ExtraService:
         return ExtraService(
-            contexts=[(STORAGE_COMMITMENT_PUSH,
+            contexts=[(StorageCommitmentPushModel,
                        [ExplicitVRLittleEndian, ImplicitVRLittleEndian], True, True)],
             bindings=[(evt.EVT_N_EVENT_REPORT, self.handle_report)],
         )

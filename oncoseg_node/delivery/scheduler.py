@@ -122,10 +122,10 @@ class DeliveryScheduler:
         path = self.config.state_dir / delivery.relpath
         ae_title = self.config.node.ae_title
         attempts = delivery.attempts + 1
-        commitment = None
+        commitment: tuple[str, float] | None = None
         started = time.monotonic()
         try:
-            if delivery.awaiting_commitment:
+            if delivery.transaction_uid is not None and delivery.stored_at is not None:
                 # Stored, but no commitment report within the backoff delay: ask again.
                 commitment = (delivery.transaction_uid, delivery.stored_at)
                 outcome = self.committer(path, dest, ae_title, delivery.transaction_uid)

@@ -16,6 +16,10 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StorageCommitmentPushModel,
+    StorageCommitmentPushModelInstance,
+)
 
 from oncoseg_node.config import DestinationConfig
 from oncoseg_node.dicom import status
@@ -81,8 +85,6 @@ def send_file(path: Path, dest: DestinationConfig, calling_ae_title: str) -> Sen
     return SendOutcome(False, status.is_transient(code), code, reason)
 
 
-STORAGE_COMMITMENT_PUSH = "1.2.840.10008.1.20.1"
-STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
 REQUEST_STORAGE_COMMITMENT = 1  # N-ACTION Action Type ID
 
 
@@ -102,7 +104,7 @@ def request_commitment(path: Path, dest: DestinationConfig, calling_ae_title: st
     item.ReferencedSOPInstanceUID = header.SOPInstanceUID
     request.ReferencedSOPSequence = [item]
     ae = AE(ae_title=dest.calling_ae_title or calling_ae_title)
-    ae.add_requested_context(STORAGE_COMMITMENT_PUSH,
+    ae.add_requested_context(StorageCommitmentPushModel,
                              [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = dest.timeout_s
     ae.connection_timeout = dest.timeout_s
@@ -112,8 +114,8 @@ def request_commitment(path: Path, dest: DestinationConfig, calling_ae_title: st
     try:
         _set_nodelay(assoc)
         response, _reply = assoc.send_n_action(
-            request, REQUEST_STORAGE_COMMITMENT, STORAGE_COMMITMENT_PUSH,
-            STORAGE_COMMITMENT_INSTANCE)
+            request, REQUEST_STORAGE_COMMITMENT, StorageCommitmentPushModel,
+            StorageCommitmentPushModelInstance)
     finally:
         if assoc.is_established:
             assoc.release()

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import struct
 
+from pydicom.uid import UID
+
 from oncoseg_node import __version__
 
 # The node's own implementation class UID: a UUID-derived UID (2.25 root).
-IMPLEMENTATION_CLASS_UID = "2.25.209220481959037501040391720405416417782"
+IMPLEMENTATION_CLASS_UID = UID("2.25.209220481959037501040391720405416417782")
 IMPLEMENTATION_VERSION_NAME = f"ONCOSEG_{__version__.replace('.', '')}"[:16]
 PREAMBLE = b"\x00" * 128 + b"DICM"
 

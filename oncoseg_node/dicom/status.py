@@ -1,57 +1,50 @@
-"""Named DIMSE status codes and what they mean (PS3.4 Annex B, PS3.7 Annex C).
+"""Named DIMSE status codes the node answers and reads, and what they mean.
 
 A status is always one of these names in code, never a bare hex literal.
+Categories (success, warning, failure) and meanings come from pynetdicom's
+tables of PS3.4 Annex B and PS3.7 Annex C; this module only gives the codes
+pynetdicom leaves unnamed a name, and says which failures are worth a retry.
 """
 
 from __future__ import annotations
 
-SUCCESS = 0x0000
-# Storage Service Class failures (PS3.4 B.2.3)
+from pynetdicom.status import (
+    STATUS_WARNING,
+    STORAGE_SERVICE_CLASS_STATUS,
+    Status,
+    code_to_category,
+)
+
+SUCCESS = int(Status.SUCCESS)
+# Storage Service Class failures (PS3.4 B.2.3); each names the first code of its range
 OUT_OF_RESOURCES = 0xA700
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
-# General failures (PS3.7 C)
+# General failure (PS3.7 C)
 PROCESSING_FAILURE = 0x0110
-SOP_CLASS_NOT_SUPPORTED = 0x0122
-# Storage warnings
+# Storage warning
 COERCION_OF_DATA_ELEMENTS = 0xB000
-ELEMENTS_DISCARDED = 0xB006
-DATASET_DOES_NOT_MATCH_SOP_CLASS_WARNING = 0xB007
-
-MEANINGS = {
-    SUCCESS: "Success",
-    OUT_OF_RESOURCES: "Refused: out of resources",
-    DATASET_DOES_NOT_MATCH_SOP_CLASS: "Error: data set does not match SOP class",
-    CANNOT_UNDERSTAND: "Error: cannot understand",
-    PROCESSING_FAILURE: "Processing failure",
-    SOP_CLASS_NOT_SUPPORTED: "SOP class not supported",
-    COERCION_OF_DATA_ELEMENTS: "Warning: coercion of data elements",
-    ELEMENTS_DISCARDED: "Warning: elements discarded",
-    DATASET_DOES_NOT_MATCH_SOP_CLASS_WARNING: "Warning: data set does not match SOP class",
-}
+# The low byte of a ranged Storage status is the sender's own detail.
+_RANGE_DETAIL = 0x00FF
 
 
 def describe(status: int) -> str:
     """Human-readable meaning of a status, with its code in hex."""
-    meaning = MEANINGS.get(status)
-    if meaning is None:
-        if 0xA700 <= status <= 0xA7FF:
-            meaning = "Refused: out of resources"
-        elif 0xA900 <= status <= 0xA9FF:
-            meaning = "Error: data set does not match SOP class"
-        elif 0xC000 <= status <= 0xCFFF:
-            meaning = "Error: cannot understand"
-        elif 0xB000 <= status <= 0xBFFF:
-            meaning = "Warning"
-        else:
-            meaning = "Failure"
+    if status == SUCCESS:
+        meaning = "Success"
+    elif status in STORAGE_SERVICE_CLASS_STATUS:
+        meaning = STORAGE_SERVICE_CLASS_STATUS[status][1]
+    else:
+        meaning = code_to_category(status)
     return f"0x{status:04X} ({meaning})"
 
 
 def is_warning(status: int) -> bool:
-    return 0xB000 <= status <= 0xBFFF or status == 0x0107 or status == 0x0116
+    """A Warning status: the standard counts the instance as stored."""
+    return code_to_category(status) == STATUS_WARNING
 
 
 def is_transient(status: int) -> bool:
     """Out-of-resources refusals may succeed later; other failures will not."""
-    return 0xA700 <= status <= 0xA7FF or status == PROCESSING_FAILURE
+    return (OUT_OF_RESOURCES <= status <= OUT_OF_RESOURCES | _RANGE_DETAIL
+            or status == PROCESSING_FAILURE)

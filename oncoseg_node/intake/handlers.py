@@ -15,6 +15,7 @@ import structlog
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, CTImageStorage
 from pynetdicom import evt
+from pynetdicom.events import EventHandlerType
 
 from oncoseg_node.config import NodeConfig, SeriesConfig
 from oncoseg_node.dicom import status
@@ -68,7 +69,7 @@ class StoreHandlers:
         self._counter_lock = threading.Lock()
         self.associations = OpenAssociations()
 
-    def bindings(self) -> list[tuple[Any, Callable[..., Any]]]:
+    def bindings(self) -> list[EventHandlerType]:
         return [
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_C_ECHO, self.handle_echo),
@@ -160,7 +161,7 @@ class StoreHandlers:
                 bound.warning("instance_duplicate_conflict", policy="replace",
                               old_sha256=existing.sha256, new_sha256=digest)
                 replace = True
-            record = dict(
+            record: dict[str, Any] = dict(
                 sop_instance_uid=uid, series_uid=series_uid,
                 study_uid=str(header.StudyInstanceUID), sop_class_uid=sop_class,
                 relpath=pending.relpath, sha256=digest, size=pending.size,

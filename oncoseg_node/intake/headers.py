@@ -14,13 +14,17 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
-from pydicom.tag import Tag
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import (
     UID,
+    ComprehensiveSRStorage,
     CTImageStorage,
+    EnhancedSRStorage,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
+    XRayRadiationDoseSRStorage,
 )
 
 from oncoseg_node.dicom import status
@@ -28,7 +32,7 @@ from oncoseg_node.dicom import status
 UNDEFINED_LENGTH = 0xFFFFFFFF
 # Only what intake decides on is converted from the encoding; the file keeps
 # every element as received.
-HEADER_TAGS = [Tag(keyword) for keyword in (
+HEADER_TAGS: list[BaseTag | int] = [Tag(keyword) for keyword in (
     "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
     "SeriesDescription", "ImageType", "InstanceNumber", "ImagesInAcquisition",
     "Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "NumberOfFrames",
@@ -42,12 +46,10 @@ PIXEL_DATA_TAG_BE = b"\x7f\xe0\x00\x10"
 UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
 # Objects a CT simulator sends alongside the images. They are acknowledged so
 # the scanner's send job completes, logged, and not stored.
-IGNORED_SOP_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.88.67": "X-Ray Radiation Dose SR",
-    "1.2.840.10008.5.1.4.1.1.88.22": "Enhanced SR",
-    "1.2.840.10008.5.1.4.1.1.88.33": "Comprehensive SR",
-    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image",
-}
+IGNORED_SOP_CLASSES: dict[str, str] = {uid: uid.name for uid in (
+    XRayRadiationDoseSRStorage, EnhancedSRStorage, ComprehensiveSRStorage,
+    SecondaryCaptureImageStorage,
+)}
 
 
 @dataclass(frozen=True)

@@ -12,14 +12,15 @@ import socket
 import socketserver
 import ssl
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 from pydicom.uid import CTImageStorage
 from pynetdicom import AE
-from pynetdicom.sop_class import Verification
+from pynetdicom.events import EventHandlerType
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from oncoseg_node.config import NodeConfig
@@ -38,7 +39,7 @@ class ExtraService:
     """
 
     contexts: Sequence[tuple[str, Sequence[str], bool | None, bool | None]] = ()
-    bindings: Sequence[tuple[Any, Callable[..., Any]]] = field(default_factory=list)
+    bindings: Sequence[EventHandlerType] = field(default_factory=list)
 
 
 class BulkReadSocket(AssociationSocket):
@@ -54,6 +55,7 @@ class BulkReadSocket(AssociationSocket):
         view = memoryview(buffer)
         received = 0
         while received < nr_bytes:
+            assert self.socket is not None  # reads happen only on a connected socket
             count = self.socket.recv_into(view[received:], nr_bytes - received)
             if count == 0:  # connection closed: return what arrived, as the base does
                 return buffer[:received]
@@ -192,6 +194,7 @@ class Receiver:
             server_class=NodeServer,
             request_handler=NodeRequestHandler,
         )
+        assert isinstance(server, NodeServer)  # made from server_class
         server.tls_context = build_tls_context(self.node)
         server.tls_handshake_timeout = self.node.tls.handshake_timeout_s
         server.allowed_networks = tuple(

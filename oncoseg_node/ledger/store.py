@@ -307,7 +307,8 @@ class Ledger:
                    updated_at) VALUES (?, ?, ?, ?, ?, ?)""",
                 (series_uid, version, QUEUED, row["calling_ae"], now, now),
             )
-            return int(cursor.lastrowid)
+            assert cursor.lastrowid is not None  # set by every successful INSERT
+            return cursor.lastrowid
 
     # -- retention ------------------------------------------------------------
 
@@ -452,7 +453,7 @@ class Ledger:
             )
 
     def deliveries(self, job_id: int | None = None, state: str | None = None) -> list[Delivery]:
-        sql, args = "SELECT * FROM deliveries WHERE 1=1", []
+        sql, args = "SELECT * FROM deliveries WHERE 1=1", list[object]()
         if job_id is not None:
             sql += " AND job_id = ?"
             args.append(job_id)

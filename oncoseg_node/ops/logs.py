@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TextIO
 
 import structlog
 
 from oncoseg_node.config import LoggingConfig
 
 
-def configure_logging(config: LoggingConfig, stream: object = None) -> None:
+def configure_logging(config: LoggingConfig, stream: TextIO | None = None) -> None:
     """Configure structlog and the standard library (pynetdicom logs through it)."""
     stream = stream or sys.stdout
     use_json = config.format == "json" or (

@@ -180,8 +180,10 @@ def _center(canon: _Canonical, external: Sequence[bool]) -> tuple[int, int, int]
     for mask in chosen or canon.masks:
         union |= mask
     if not union.any():
-        return tuple(s // 2 for s in canon.hu.shape)  # type: ignore[return-value]
-    return tuple(int(round(float(np.mean(i)))) for i in np.nonzero(union))  # type: ignore[return-value]
+        z, y, x = canon.hu.shape
+        return z // 2, y // 2, x // 2
+    iz, iy, ix = (int(round(float(np.mean(i)))) for i in np.nonzero(union))
+    return iz, iy, ix
 
 
 # -- drawing ------------------------------------------------------------------

@@ -93,10 +93,11 @@ class Service:
         commitments = CommitmentReports(self.ledger, on_committed=self.delivery.observe_delivered)
         assembler = Assembler(self.ledger, cfg.series.quiet_period_s,
                               association_open=handlers.associations.is_open)
-        self.worker = Worker(cfg, self.ledger, spool, engines, self.current_protocols,
-                             metrics=self.metrics, deliveries_started=self.delivery.wake)
+        worker = Worker(cfg, self.ledger, spool, engines, self.current_protocols,
+                        metrics=self.metrics, deliveries_started=self.delivery.wake)
+        self.worker = worker
         self._spawn("assembler", lambda: assembler.run(self._stop_work))
-        self._spawn("worker", lambda: self.worker.run(self._stop_work))
+        self._spawn("worker", lambda: worker.run(self._stop_work))
         self.receiver = Receiver(cfg.node, handlers, extra=[commitments.service()])
         self._register_gauges(handlers, spool)
         status = ""

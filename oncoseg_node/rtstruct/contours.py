@@ -168,7 +168,7 @@ def trace_volume(mask: np.ndarray, min_pixels: int = 1) -> dict[int, list[Region
     if occupied.size == 0:
         return {}
     z0, z1 = int(occupied[0]), int(occupied[-1])
-    footprint = mask[z0:z1 + 1].any(axis=0)
+    footprint = np.any(mask[z0:z1 + 1], axis=0)
     rows, cols = np.flatnonzero(footprint.any(axis=1)), np.flatnonzero(footprint.any(axis=0))
     r0, r1, c0, c1 = int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
     crop = mask[z0:z1 + 1, r0:r1 + 1, c0:c1 + 1]

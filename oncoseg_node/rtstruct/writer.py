@@ -26,21 +26,26 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    RTStructureSetStorage,
+    generate_uid,
+)
 
 from oncoseg_node import __version__
 from oncoseg_node.contouring.volume import Volume
 from oncoseg_node.dicom.filemeta import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from oncoseg_node.durable import write_durably
 from oncoseg_node.errors import RTStructError
+from oncoseg_node.rtstruct import encode as le
 from oncoseg_node.rtstruct.contours import corners_to_index, keyhole, trace_volume
 from oncoseg_node.rtstruct.profiles import DestinationProfile
-from oncoseg_node.rtstruct import encode as le
 
-RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 # RT Referenced Study Sequence items reference the study by this SOP class
-# (Study Component Management), as planning systems expect.
+# (Study Component Management), as planning systems expect. It is retired, so
+# neither pydicom nor pynetdicom names it.
 STUDY_COMPONENT_MANAGEMENT = "1.2.840.10008.3.1.2.3.2"
+
 CONTOUR_IMAGE_SEQUENCE = 0x30060016
 CONTOUR_SEQUENCE = 0x30060040
 CONTOUR_GEOMETRIC_TYPE = 0x30060042
@@ -228,7 +233,7 @@ def build_rtstruct(volume: Volume, rois: Sequence[RoiMask], info: GenerationInfo
     header = volume.header
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = RT_STRUCTURE_SET_STORAGE
+    ds.file_meta.MediaStorageSOPClassUID = RTStructureSetStorage
     ds.SOPInstanceUID = sop_instance_uid or generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -237,7 +242,7 @@ def build_rtstruct(volume: Volume, rois: Sequence[RoiMask], info: GenerationInfo
     date, time = _now()
     ds.SpecificCharacterSet = header.get("SpecificCharacterSet", profile.charset)
     ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
-    ds.SOPClassUID = RT_STRUCTURE_SET_STORAGE
+    ds.SOPClassUID = RTStructureSetStorage
     for keyword in PATIENT_STUDY_KEYWORDS:
         if keyword in header:
             ds[keyword] = header[keyword]
@@ -330,7 +335,7 @@ def _image_ref(volume: Volume, uid: str) -> Dataset:
 def check_rtstruct(ds: Dataset, volume: Volume, profile: DestinationProfile) -> list[str]:
     """Problems that would make a planning system refuse or misplace the set."""
     problems = []
-    if ds.get("SOPClassUID") != RT_STRUCTURE_SET_STORAGE:
+    if ds.get("SOPClassUID") != RTStructureSetStorage:
         problems.append("SOPClassUID is not RT Structure Set Storage")
     if ds.get("ApprovalStatus") != "UNAPPROVED":
         problems.append("ApprovalStatus is not UNAPPROVED")
@@ -381,7 +386,7 @@ def _contours(roi: Dataset) -> Iterator[tuple[int, bytes, str]]:
         return
     for contour in element.value:
         data = contour.get_item(CONTOUR_DATA)
-        text = (data.value if isinstance(data, RawDataElement)
+        text = (data.value or b"" if isinstance(data, RawDataElement)
                 else "\\".join(map(str, contour.ContourData)).encode())
         yield (int(contour.NumberOfContourPoints), text,
                contour.ContourImageSequence[0].ReferencedSOPInstanceUID)

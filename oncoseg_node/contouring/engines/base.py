@@ -37,6 +37,13 @@ class StructureResult:
     def absent(self) -> bool:
         return self.mask is None or not bool(self.mask.any())
 
+    @property
+    def found_mask(self) -> np.ndarray:
+        """The mask of a structure that was found; asking an absent one is a bug."""
+        if self.mask is None:
+            raise ValueError(f"{self.name} was not found: it has no mask")
+        return self.mask
+
 
 @runtime_checkable
 class Engine(Protocol):

@@ -194,6 +194,7 @@ def lungs(volume: Volume, body: np.ndarray, mid: np.ndarray
             right |= part
         else:  # both lungs in one component: joined at the anterior junction
             part_box = bbox(part)
+            assert part_box is not None  # a labelled component has voxels
             on_left = np.zeros_like(part)
             on_left[part_box] = _split_merged(volume, part[part_box],
                                               _abs_box(box, part_box), np.nan_to_num(mid))
@@ -301,8 +302,8 @@ def _canal(volume: Volume, holes: _Holes, box: tuple[slice, ...], mid: np.ndarra
         off_midline = abs(point[0] - mid[box[0].start + z])
         if off_midline <= 30.0 and (z not in chosen or off_midline < chosen[z][0]):
             chosen[z] = (off_midline, int(label))
-    for z, (_, label) in chosen.items():
-        out[z] = holes.labels[z] == label
+    for z, (_, chosen_label) in chosen.items():
+        out[z] = holes.labels[z] == chosen_label
     found = sorted(chosen)
     offsets = volume.slice_offsets[box[0]]
     for prev, nxt in zip(found, found[1:], strict=False):

@@ -164,7 +164,7 @@ class Sam3Engine:
         # one encoding pass per distinct window: a window changes the pixels the ViT sees
         for window, members in groups.items():
             boxes = {i: self._boxes(volume, structures[i]) for i in members}
-            prompts = self._prompts([structures[i] for i in members], boxes.values())
+            prompts = self._prompts([structures[i] for i in members], list(boxes.values()))
             store, hits, best = self._encode_and_detect(volume, frame, window, prompts)
             for i in members:
                 results[i] = self._structure(volume, frame, structures[i], boxes[i] is not None,
@@ -218,7 +218,8 @@ class Sam3Engine:
                            prompts: Sequence[_Prompt]):
         n = volume.shape[0]
         store = FeatureStore(n, self.device)
-        hits = {p.key: [[] for _ in range(n)] for p in prompts}
+        hits: dict[tuple[str, str | None], list[list[Detection]]] = {
+            p.key: [[] for _ in range(n)] for p in prompts}
         best = {p.key: np.zeros(n) for p in prompts}
         step = max(1, int(self.config.batch_size))
         for z0 in range(0, n, step):

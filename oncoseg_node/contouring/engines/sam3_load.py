@@ -21,6 +21,7 @@ import hashlib  # noqa: E402
 import json  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any, cast  # noqa: E402
 
 import structlog  # noqa: E402
 import torch  # noqa: E402
@@ -125,8 +126,9 @@ def load_base(model_dir: Path | None):  # -> (Sam3VideoModel, tokenizer), float3
     from transformers import AutoTokenizer, Sam3VideoModel
 
     try:
-        model, info = Sam3VideoModel.from_pretrained(
-            model_dir, local_files_only=True, dtype=torch.float32, output_loading_info=True)
+        # with output_loading_info the call returns (model, info); its hints say model only
+        model, info = cast(tuple[Sam3VideoModel, dict[str, Any]], Sam3VideoModel.from_pretrained(
+            model_dir, local_files_only=True, dtype=torch.float32, output_loading_info=True))
     except Exception as exc:  # transformers raises OSError, ValueError, RuntimeError, ...
         raise EngineError(f"{model_dir}: SAM3 weights could not be loaded ({exc})") from exc
     problems = sorted(info.get("missing_keys", ())) + sorted(
@@ -141,7 +143,7 @@ def load_base(model_dir: Path | None):  # -> (Sam3VideoModel, tokenizer), float3
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except Exception as exc:  # missing vocab files surface as OSError or ValueError
         raise EngineError(f"{model_dir}: tokenizer could not be loaded ({exc})") from exc
-    vocab_size = model.config.detector_config.text_config.vocab_size
+    vocab_size = model.config.detector_config.text_config.vocab_size  # type: ignore[union-attr]
     if len(tokenizer) > vocab_size:
         raise EngineError(f"{model_dir}: tokenizer has {len(tokenizer)} tokens, the text "
                           f"encoder only {vocab_size}: they do not belong together")
@@ -172,7 +174,7 @@ def merge_adapter(model, adapter_dir: Path) -> AdapterInfo:
     file must land on a module and every wrapped module must get its
     tensors; otherwise the adapter does not fit and loading stops.
     """
-    from peft import PeftModel
+    from peft import LoraConfig, PeftModel
 
     adapter_dir = Path(adapter_dir)
     weights_path, tensors = _adapter_weights(adapter_dir)
@@ -195,7 +197,10 @@ def merge_adapter(model, adapter_dir: Path) -> AdapterInfo:
             f"{adapter_dir}: LoRA adapter does not fit the SAM3 model "
             f"({len(extra)} adapter tensors match no module, e.g. {extra[:2]}; "
             f"{len(unfilled)} wrapped modules get no tensors, e.g. {unfilled[:2]})")
-    rank = int(wrapped.peft_config["default"].r)
+    adapter_config = wrapped.peft_config["default"]
+    if not isinstance(adapter_config, LoraConfig):
+        raise EngineError(f"{adapter_dir}: a {type(adapter_config).__name__} adapter, not LoRA")
+    rank = int(adapter_config.r)
     modules = len({k.rsplit(".lora_", 1)[0] for k in lora_keys})
     merged = wrapped.merge_and_unload()
     if not on_video:

@@ -100,7 +100,8 @@ class SliceSession(Sam3TrackerVideoInferenceSession):
     def __init__(self, store: FeatureStore, device: torch.device, dtype: torch.dtype) -> None:
         super().__init__(video=None, inference_device=device, inference_state_device=device,
                          video_storage_device=device, dtype=dtype)
-        self.cache = store
+        # the store stands in for the session's own cache (same methods, see FeatureStore)
+        self.cache = store  # type: ignore[assignment]
         self._n_slices = store.n_slices
 
     @property
@@ -123,7 +124,8 @@ def support_score(mask: torch.Tensor, detections: Sequence[Detection], min_iou: 
     """Best score of a detection overlapping the tracked ``mask`` by at least ``min_iou``."""
     if not detections or not bool(mask.any()):
         return 0.0
-    dets = torch.stack([resize_mask(d.mask, tuple(mask.shape)) for d in detections])
+    height, width = mask.shape
+    dets = torch.stack([resize_mask(d.mask, (height, width)) for d in detections])
     iou = pairwise_mask_iou(mask[None], dets)[0]
     scores = torch.tensor([d.score for d in detections])
     hit = iou >= min_iou
@@ -142,7 +144,8 @@ def next_seed(candidates: Sequence[Sequence[Detection]], tried: Sequence[Track],
             for track in tried:
                 tracked = track.mask_on(det.z)
                 if tracked is not None and bool(tracked.any()):
-                    iou = pairwise_mask_iou(resize_mask(det.mask, tuple(tracked.shape))[None],
+                    height, width = tracked.shape
+                    iou = pairwise_mask_iou(resize_mask(det.mask, (height, width))[None],
                                             tracked[None])[0, 0]
                     covered = covered or float(iou) >= min_iou
             if not covered:
