@@ -18,7 +18,8 @@ import numpy as np
 
 from oncoseg_node.commissioning.phantom import write_phantom
 from oncoseg_node.rtstruct.profiles import PROFILES
-from oncoseg_node.rtstruct.writer import GenerationInfo, RoiMask, build_rtstruct, save_verified
+from oncoseg_node.rtstruct.selfcheck import save_verified
+from oncoseg_node.rtstruct.writer import GenerationInfo, RoiMask, build_rtstruct
 
 
 def machine() -> str:

@@ -77,7 +77,8 @@ def test_reports_and_aggregation():
 def test_evaluate_command_on_the_phantom(tmp_path):
     from oncoseg_node.commissioning.phantom import write_phantom
     from oncoseg_node.rtstruct.profiles import PROFILES
-    from oncoseg_node.rtstruct.writer import GenerationInfo, RoiMask, build_rtstruct, save_verified
+    from oncoseg_node.rtstruct.selfcheck import save_verified
+    from oncoseg_node.rtstruct.writer import GenerationInfo, RoiMask, build_rtstruct
     from tests.conftest import write_config
 
     phantom = write_phantom(tmp_path / "ct", slices=12, rows=128, columns=128,
@@ -107,7 +108,8 @@ def test_evaluate_folder_of_cases_aggregates(tmp_path):
 
     from oncoseg_node.commissioning.phantom import write_phantom
     from oncoseg_node.rtstruct.profiles import PROFILES
-    from oncoseg_node.rtstruct.writer import GenerationInfo, RoiMask, build_rtstruct, save_verified
+    from oncoseg_node.rtstruct.selfcheck import save_verified
+    from oncoseg_node.rtstruct.writer import GenerationInfo, RoiMask, build_rtstruct
 
     for seed in (1, 2):
         case = tmp_path / "cases" / f"case{seed}"

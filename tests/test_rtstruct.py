@@ -15,13 +15,8 @@ from oncoseg_node.commissioning.phantom import write_phantom
 from oncoseg_node.errors import RTStructError
 from oncoseg_node.rtstruct.profiles import PROFILES
 from oncoseg_node.rtstruct.reader import rasterize_rtstruct
-from oncoseg_node.rtstruct.writer import (
-    GenerationInfo,
-    RoiMask,
-    build_rtstruct,
-    check_rtstruct,
-    save_verified,
-)
+from oncoseg_node.rtstruct.selfcheck import check_rtstruct, save_verified
+from oncoseg_node.rtstruct.writer import GenerationInfo, RoiMask, build_rtstruct
 from tests.orthanc_peer import orthanc
 from tests.peers import dciodvfy
 

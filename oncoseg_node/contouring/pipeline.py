@@ -24,7 +24,8 @@ from oncoseg_node.contouring.sanity import flag_results
 from oncoseg_node.contouring.volume import Volume, read_ct_slices, volume_from_datasets
 from oncoseg_node.errors import GeometryError, SeriesLoadError
 from oncoseg_node.rtstruct.profiles import DestinationProfile
-from oncoseg_node.rtstruct.writer import GenerationInfo, RoiMask, build_rtstruct, save_verified
+from oncoseg_node.rtstruct.selfcheck import save_verified
+from oncoseg_node.rtstruct.writer import GenerationInfo, RoiMask, build_rtstruct
 
 
 @dataclass(frozen=True)

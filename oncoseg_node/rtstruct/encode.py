@@ -1,8 +1,8 @@
 """Explicit VR Little Endian elements and sequence items, encoded and walked directly.
 
 A structure set holds thousands of contour items; a pydicom Dataset per item
-costs more than tracing the contours, so the writer encodes those items here
-and the writer's self-check walks them back here. Only defined lengths are
+costs more than tracing the contours, so :mod:`contour_items` encodes those
+items here and :mod:`selfcheck` walks them back here. Only defined lengths are
 written, and only defined lengths are accepted on the way back.
 """
 
