@@ -19,6 +19,41 @@ def test_shipped_library_and_site_protocols():
     assert protocols.library["Parotid_L"].laterality == "left"
     assert protocols.library["Lung_L"].hu_window == (-950.0, -500.0)
     assert len(protocols.version) == 12
+    assert protocols.library["Bowel"].parts == "many"
+    assert protocols.library["Liver"].parts == "one"
+
+
+def test_shipped_sided_sam3_organs_carry_a_side_neutral_concept():
+    """SAM3 reads "left" as image-left; the side comes from patient coordinates instead."""
+    library = load_protocols(REPO / "config" / "protocols.yaml").library
+    sided = [s for s in library.values() if s.engine == "sam3" and s.laterality]
+    assert len(sided) >= 16
+    for structure in sided:
+        assert any(not {"left", "right"} & set(c.split()) for c in structure.concepts), \
+            structure.name
+        assert any(structure.laterality in c.split() for c in structure.concepts), structure.name
+
+
+def test_parts_and_model_window_are_read_and_checked(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "structures:\n"                                                               # 1
+        "  Bowel: {color: [1, 2, 3], engine: sam3, concepts: [bowel], parts: many,\n"  # 2
+        "          model_window: [-160, 240], hu_window: [-100, 200]}\n"               # 3
+        "  Liver: {color: [1, 2, 3], engine: sam3, concepts: [liver]}\n"               # 4
+        "protocols:\n"                                                                 # 5
+        "  - name: a\n"                                                                # 6
+        "    structures: [Bowel, Liver]\n")                                            # 7
+    library = load_protocols(path).library
+    assert (library["Bowel"].parts, library["Bowel"].model_window) == ("many", (-160.0, 240.0))
+    assert library["Bowel"].hu_window == (-100.0, 200.0)
+    assert (library["Liver"].parts, library["Liver"].model_window) == ("one", None)
+    path.write_text(path.read_text().replace("parts: many", "parts: several")
+                    .replace("[-160, 240]", "[240, -160]"))
+    assert_refused_with(path, [
+        (2, "structures.Bowel.parts: 'several' is not one or many"),
+        (3, "structures.Bowel.model_window: [240, -160] is not [low, high]"),
+    ])
 
 
 @pytest.mark.parametrize(("site", "protocol"),

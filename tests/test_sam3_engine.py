@@ -30,7 +30,11 @@ from oncoseg_node.config import Sam3Config  # noqa: E402
 from oncoseg_node.contouring.engines.base import Engine  # noqa: E402
 from oncoseg_node.contouring.engines.sam3 import Sam3Engine  # noqa: E402
 from oncoseg_node.contouring.engines.sam3_load import onco_seg_lora_config, sha256_files  # noqa: E402
-from oncoseg_node.contouring.engines.sam3_preprocess import DEFAULT_WINDOW, SliceFrame  # noqa: E402
+from oncoseg_node.contouring.engines.sam3_preprocess import (  # noqa: E402
+    DEFAULT_WINDOW,
+    SliceFrame,
+    window_to_unit,
+)
 from oncoseg_node.contouring.engines.sam3_track import Detection  # noqa: E402
 from oncoseg_node.contouring.protocols import Structure  # noqa: E402
 from oncoseg_node.contouring.volume import Volume  # noqa: E402
@@ -62,7 +66,7 @@ STRUCTURES = (
               negative_concepts=("spleen",)),
     Structure("Parotid_L", (1, 2, 3), engine="sam3", concepts=("left parotid gland",),
               laterality="left"),
-    Structure("Bones", (1, 2, 3), engine="sam3", concepts=("bone",), hu_window=(-200, 1500)),
+    Structure("Bones", (1, 2, 3), engine="sam3", concepts=("bone",), model_window=(-200, 1500)),
     Structure("External", (1, 2, 3)),
 )
 
@@ -188,7 +192,7 @@ def test_each_slice_is_encoded_once_per_window_and_text_once(tiny_dir: Path):
         lambda m, args, out: vit.append(args[0].shape[0]))
     detector.text_encoder.register_forward_hook(lambda m, args, out: text.append(1))
     engine.segment(phantom(slices=6), STRUCTURES)
-    # 6 slices in batches of 4, for the default window and for the Bones window
+    # 6 slices in batches of 4, for the default window and for the Bones model_window
     assert vit == [4, 2, 4, 2]
     assert len(text) == 5  # liver, hepar, spleen, left parotid gland, bone
     engine.segment(phantom(slices=6), STRUCTURES)
@@ -417,3 +421,76 @@ def test_adapter_that_does_not_fit_names_the_path(tiny_dir: Path, adapter_dir: P
             (bad / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(EngineError, match=str(bad)):
         Sam3Engine.from_config(cpu_config(tiny_dir, adapter_dir=bad))
+
+
+# -- what the model sees, at what precision, and how many instances it follows ----------
+
+
+def test_model_always_sees_the_onco_seg_window_whatever_the_box_window(tiny_dir: Path):
+    """``hu_window`` is for intensity box prompts only: the ViT input stays [-1000, 1000]."""
+    engine = Sam3Engine.from_config(cpu_config(tiny_dir))
+    seen: list[torch.Tensor] = []
+    engine.model.detector_model.vision_encoder.backbone.register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].clone()))
+    trachea = Structure("Trachea", (1, 2, 3), engine="sam3", concepts=("trachea",),
+                        hu_window=(-1100.0, -900.0))
+    volume = phantom(slices=3)
+    engine.segment(volume, [STRUCTURES[0], trachea])
+    assert len(seen) == 1  # one pass over the series for both structures
+    frame = SliceFrame(volume.shape[1], volume.shape[2], engine.image_size)
+    expected = frame.to_model(window_to_unit(volume.hu, DEFAULT_WINDOW), "cpu", torch.float32)
+    assert torch.equal(seen[0], expected)
+
+
+def test_rotary_tables_stay_fp32_after_the_bf16_cast(tiny_dir: Path):
+    """The engine's bf16 model keeps the fp32 rotary buffers ``from_pretrained(dtype)`` keeps."""
+    engine = Sam3Engine.from_config(replace(cpu_config(tiny_dir), dtype="bfloat16"))
+    reference = Sam3VideoModel.from_pretrained(tiny_dir, local_files_only=True,
+                                               dtype=torch.bfloat16)
+    want = {n: b for n, b in reference.named_buffers() if b.dtype == torch.float32}
+    got = {n: b for n, b in engine.model.named_buffers() if b.dtype == torch.float32}
+    assert len(want) == 8  # 2 ViT layers x 3 tables, 2 in the tracker's memory attention
+    assert sorted(got) == sorted(want)
+    for name, buffer in want.items():
+        assert torch.equal(got[name], buffer), name
+    assert engine.model.detector_model.vision_encoder.backbone.layers[0].attention \
+        .q_proj.weight.dtype == torch.bfloat16
+
+
+def _tracked_objects(engine: Sam3Engine) -> list[int]:
+    counts: list[int] = []
+    engine.model.tracker_model.register_forward_pre_hook(
+        lambda m, args, kwargs: counts.append(kwargs["inference_session"].get_obj_num()),
+        with_kwargs=True)
+    return counts
+
+
+def _seed_slice_instances(engine: Sam3Engine, structure: Structure) -> int:
+    volume = phantom()
+    frame = SliceFrame(volume.shape[1], volume.shape[2], engine.image_size)
+    with torch.inference_mode():
+        _, hits, _ = engine._encode_and_detect(volume, frame, DEFAULT_WINDOW,
+                                               engine._prompts([structure], [None]))
+    candidates = engine._candidates(volume, frame, structure, False, hits, 0.0)
+    seed = max((d for dets in candidates for d in dets), key=lambda d: d.score)
+    return len(candidates[seed.z])
+
+
+def test_a_single_organ_tracks_only_its_best_instance(tiny_dir: Path):
+    """Other detections on the seed slice are not merged into a one-part organ."""
+    engine = Sam3Engine.from_config(cpu_config(tiny_dir))
+    liver = replace(STRUCTURES[0], negative_concepts=())
+    assert _seed_slice_instances(engine, liver) >= 2  # the case under test exists
+    counts = _tracked_objects(engine)
+    engine.segment(phantom(), [liver])
+    assert counts and set(counts) == {1}
+
+
+def test_a_multi_part_structure_tracks_every_instance(tiny_dir: Path):
+    engine = Sam3Engine.from_config(cpu_config(tiny_dir))
+    bowel = replace(STRUCTURES[0], negative_concepts=(), parts="many")
+    instances = _seed_slice_instances(engine, bowel)
+    assert instances >= 2
+    counts = _tracked_objects(engine)
+    engine.segment(phantom(), [bowel])
+    assert counts and set(counts) == {instances}

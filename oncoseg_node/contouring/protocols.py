@@ -28,6 +28,7 @@ INTERPRETED_TYPES = frozenset(
     }
 )
 ENGINES = frozenset({"classical", "sam3"})
+PARTS = ("one", "many")
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,11 @@ class Structure:
 
     ``laterality`` ("left"/"right") is the patient's side, resolved from
     patient coordinates (LPS: +x is the patient's left), never from the image.
+    ``hu_window`` is the window of intensity-based box prompts only;
+    ``model_window`` is what a SAM3 model is shown instead of its training
+    window (rarely wanted: each distinct one costs a pass over the series).
+    ``parts`` is ``many`` for a structure made of separate pieces (bowel
+    loops, vertebrae): every instance is followed, not only the best one.
     """
 
     name: str
@@ -60,6 +66,8 @@ class Structure:
     laterality: str | None = None
     volume_cc: tuple[float, float] | None = None
     hu_window: tuple[float, float] | None = None
+    model_window: tuple[float, float] | None = None
+    parts: str = "one"
     postprocess: PostProcess = field(default_factory=PostProcess)
 
 
@@ -143,14 +151,18 @@ def _structure(name: str, raw: Mapping[str, Any], problems: list[str]) -> Struct
     if engine not in ENGINES:
         problems.append(f"structures.{name}.engine: {engine!r} is not one of {sorted(ENGINES)}")
     known = {"color", "type", "engine", "concepts", "negative_concepts", "laterality",
-             "volume_cc", "hu_window", "postprocess"}
+             "volume_cc", "hu_window", "model_window", "parts", "postprocess"}
     for key in sorted(set(raw) - known):
         problems.append(f"structures.{name}.{key}: unknown key")
     laterality = raw.get("laterality")
     if laterality not in (None, "left", "right"):
         problems.append(f"structures.{name}.laterality: {laterality!r} is not left or right")
+    parts = raw.get("parts", "one")
+    if parts not in PARTS:
+        problems.append(f"structures.{name}.parts: {parts!r} is not one or many")
+        parts = "one"
     ranges: dict[str, tuple[float, float] | None] = {}
-    for key in ("volume_cc", "hu_window"):
+    for key in ("volume_cc", "hu_window", "model_window"):
         value = raw.get(key)
         if value is None:
             ranges[key] = None
@@ -181,6 +193,8 @@ def _structure(name: str, raw: Mapping[str, Any], problems: list[str]) -> Struct
         laterality=laterality,
         volume_cc=ranges["volume_cc"],
         hu_window=ranges["hu_window"],
+        model_window=ranges["model_window"],
+        parts=parts,
         postprocess=PostProcess(**post),
     )
 

@@ -5,8 +5,10 @@ load here). Onco-Seg deployment pattern B: each structure is prompted by its
 text concepts; SAM3's detector finds it on the slices and its tracker carries
 it through the volume, slices treated as video frames.
 
-Per series and HU window, every slice is encoded once (the ViT, the
-expensive part); the detector runs every concept of the protocol on those
+Per series, every slice is encoded once (the ViT, the expensive part) in
+Onco-Seg's CT window: a structure's ``hu_window`` shapes its box prompts,
+never what the model sees; only an explicit ``model_window`` adds another
+pass. The detector runs every concept of the protocol on those
 features, and the tracker features are kept for tracking. Text features are
 cached by concept text, so a protocol's concepts are encoded once per
 engine lifetime and a changed protocol simply brings new keys.
@@ -44,6 +46,7 @@ from oncoseg_node.contouring.engines.postprocess import postprocess
 from oncoseg_node.contouring.engines.sam3_load import (
     DTYPES,
     AdapterInfo,
+    cast_model,
     check_device,
     load_base,
     merge_adapter,
@@ -107,7 +110,7 @@ class Sam3Engine:
                  box_prompter: BoxPrompter | None = None) -> None:
         self.device = check_device(config.device)
         self.dtype = DTYPES[config.dtype]
-        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.model = cast_model(model, self.device, self.dtype).eval()
         self.tokenizer = tokenizer
         self.config = config
         self.weights_sha256 = weights_sha256
@@ -156,7 +159,8 @@ class Sam3Engine:
             if not self.supports(structure):
                 results[i] = StructureResult(structure.name, None, note="no text concept")
             else:
-                window = tuple(structure.hu_window or DEFAULT_WINDOW)
+                # hu_window shapes box prompts only; the model sees its training window
+                window = tuple(structure.model_window or DEFAULT_WINDOW)
                 groups.setdefault(window, []).append(i)  # type: ignore[arg-type]
         midline = (body_midline_x(volume)
                    if any(s.laterality in ("left", "right") for s in structures) else 0.0)
@@ -327,7 +331,7 @@ class Sam3Engine:
             seed = next_seed(candidates, [t for t, _, _ in tried], self.assoc_iou)
             if seed is None:
                 break
-            track = self._track(store, seed, candidates)
+            track = self._track(store, seed, candidates, structure)
             mask = np.zeros(volume.shape, dtype=bool)
             for z, logits in track.logits.items():
                 mask[z] = frame.logits_to_ct(torch.from_numpy(logits)[None])[0]
@@ -359,13 +363,20 @@ class Sam3Engine:
                                note=note)
 
     def _track(self, store: FeatureStore, seed: Detection,
-               candidates: Sequence[Sequence[Detection]]) -> Track:
-        """Seed the tracker with every instance on the seed slice and propagate both ways."""
+               candidates: Sequence[Sequence[Detection]], structure: Structure) -> Track:
+        """Seed the tracker on the seed slice and propagate both ways.
+
+        A one-part organ follows only its seed: any other detection above the
+        threshold on that slice is something else. A ``parts: many`` structure
+        follows every distinct instance on the seed slice.
+        """
         session = SliceSession(store, self.device, self.dtype)
         tracker = self.model.tracker_model
-        seeds = [d for d in candidates[seed.z]
-                 if d is seed or float(pairwise_mask_iou(d.mask[None], seed.mask[None])[0, 0])
-                 < self.assoc_iou][: self.config.max_instances]
+        seeds = [seed]
+        if structure.parts == "many":
+            seeds = [d for d in candidates[seed.z]
+                     if d is seed or float(pairwise_mask_iou(d.mask[None], seed.mask[None])[0, 0])
+                     < self.assoc_iou][: self.config.max_instances]
         for obj_id, det in enumerate(seeds):
             session.add_mask_inputs(session.obj_id_to_idx(obj_id), seed.z,
                                     det.mask[None, None].float())

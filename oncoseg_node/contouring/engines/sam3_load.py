@@ -82,6 +82,40 @@ def check_device(device: str) -> torch.device:
     return dev
 
 
+def cast_model(model, device: torch.device, dtype: torch.dtype):
+    """``model`` on ``device`` in ``dtype``, its rotary position tables kept in float32.
+
+    A plain ``.to(dtype)`` also casts the rotary tables (the ViT layers'
+    ``position_ids``, ``inv_freq`` and ``original_inv_freq``, and the
+    tracker's memory-attention ``inv_freq``), which transformers keeps in
+    float32 on purpose: the global ViT layers scale positions by fractions
+    bfloat16 cannot hold. They are recomputed here exactly as the model
+    builds them, so the result matches ``from_pretrained(dtype=...)``.
+    """
+    from transformers.models.sam3.modeling_sam3 import Sam3ViTLayer, Sam3ViTRotaryEmbedding
+    from transformers.models.sam3_tracker_video.modeling_sam3_tracker_video import (
+        Sam3TrackerVideoVisionRotaryEmbedding,
+    )
+
+    model = model.to(device=device, dtype=dtype)
+    for module in model.modules():
+        if isinstance(module, (Sam3ViTRotaryEmbedding, Sam3TrackerVideoVisionRotaryEmbedding)):
+            _refresh_inv_freq(module, device)
+        elif isinstance(module, Sam3ViTLayer):
+            _refresh_positions(module, device)
+    return model
+
+
+def _refresh_inv_freq(rotary: Any, device: torch.device) -> None:
+    inv_freq, _ = rotary.compute_axial_rope_parameters(rotary.config)
+    rotary.inv_freq = inv_freq.to(device)
+    rotary.original_inv_freq = inv_freq.clone().to(device)
+
+
+def _refresh_positions(layer: Any, device: torch.device) -> None:
+    layer.position_ids = layer.precompute_positions(layer.config, layer.window_size).to(device)
+
+
 def sha256_files(paths: list[Path]) -> str:
     """One SHA-256 over the given files in order: the identity of a set of weights."""
     digest = hashlib.sha256()

@@ -2,8 +2,9 @@
 
 Onco-Seg trains on CT windowed to HU [-1000, 1000], scaled to [0, 1] and then
 normalised with (x - 0.5) / 0.5, grey replicated to three channels, at the
-model's square input size. A structure may ask for its own window; that
-changes the pixels the model sees, so its slices are encoded separately.
+model's square input size. Only a structure's explicit ``model_window``
+changes the pixels the model sees (its slices are then encoded separately);
+``hu_window`` is the window of intensity box prompts and never reaches the model.
 
 Slices that are not square are padded (bottom and right, with the window's
 low end, i.e. air in the default window) to a square before resizing, so the
