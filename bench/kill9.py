@@ -21,7 +21,7 @@ import pydicom
 from bench.rtstruct_write import machine
 from oncoseg_node.config import load_config
 from oncoseg_node.intake.spool import TMP_SUFFIX, Spool
-from oncoseg_node.ledger.store import Ledger
+from oncoseg_node.ledger import Ledger
 from tests.conftest import write_config
 from tests.ctfactory import ct_slice
 from tests.daemon import Daemon, wait_until

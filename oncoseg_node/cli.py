@@ -91,7 +91,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def _open_ledger(config: Config):  # noqa: ANN202 - Ledger imported lazily
-    from oncoseg_node.ledger.store import Ledger
+    from oncoseg_node.ledger import Ledger
 
     if not config.ledger_path.exists():
         raise OncosegError(f"no ledger at {config.ledger_path} (has the node run yet?)")
@@ -99,6 +99,8 @@ def _open_ledger(config: Config):  # noqa: ANN202 - Ledger imported lazily
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from oncoseg_node.ledger import DeliveryState
+
     config = load_config(args.config)
     ledger = _open_ledger(config)
     jobs = ledger.jobs(limit=args.limit)
@@ -131,7 +133,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         if row["reason"]:
             print(f"           reason: {row['reason']}")
         for d in row["deliveries"]:
-            extra = f" ({d['reason']})" if d["reason"] and d["state"] != "delivered" else ""
+            delivered = d["state"] == DeliveryState.DELIVERED
+            extra = f" ({d['reason']})" if d["reason"] and not delivered else ""
             print(f"           -> {d['destination']}: {d['state']} after {d['attempts']} "
                   f"attempt(s){extra}")
     return 0

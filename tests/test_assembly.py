@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from oncoseg_node.intake.assembly import Assembler, decide
-from oncoseg_node.ledger.store import Ledger
+from oncoseg_node.ledger import Ledger
 
 
 def test_quiet_period_is_required():

@@ -13,7 +13,7 @@ from pynetdicom.sop_class import CTImageStorage, RTStructureSetStorage
 from oncoseg_node.config import RetryConfig, load_config
 from oncoseg_node.delivery.scheduler import DeliveryScheduler, backoff_delay
 from oncoseg_node.dicom import status
-from oncoseg_node.ledger.store import DELIVERED, FAILED, PENDING, SENT, Ledger
+from oncoseg_node.ledger import DeliveryState, JobState, Ledger
 from tests.conftest import write_config
 from tests.ctfactory import encode, series
 from tests.daemon import wait_until
@@ -45,7 +45,7 @@ def queued_delivery(tmp_path, destinations: list[dict]):
 
 
 def run_until_sent(cfg, ledger, job_id, timeout=30):
-    return wait_until(lambda: ledger.job(job_id).state == SENT, timeout, "job sent")
+    return wait_until(lambda: ledger.job(job_id).state == JobState.SENT, timeout, "job sent")
 
 
 def test_backoff_is_capped_exponential():
@@ -63,7 +63,7 @@ def _fault_then_recover(tmp_path, fault: list[str]):
         wait_until(lambda: ledger.deliveries(job_id)[0].attempts >= 1, 30, "first attempt")
         scheduler.stop()
     delivery = ledger.deliveries(job_id)[0]
-    assert delivery.state == PENDING and delivery.reason
+    assert delivery.state == DeliveryState.PENDING and delivery.reason
     scheduler = DeliveryScheduler(cfg, ledger, reconcile_interval_s=0.2)
     with storescp(tps_dir, port=port):
         scheduler.start()
@@ -79,17 +79,17 @@ def _fault_then_recover(tmp_path, fault: list[str]):
 
 def test_refused_association_is_retried_with_the_same_uid(tmp_path):
     delivery = _fault_then_recover(tmp_path, ["--refuse"])
-    assert delivery.state == DELIVERED and delivery.attempts >= 2
+    assert delivery.state == DeliveryState.DELIVERED and delivery.attempts >= 2
 
 
 def test_abort_after_store_is_retried_and_tps_ends_with_one_object(tmp_path):
     delivery = _fault_then_recover(tmp_path, ["--abort-after"])
-    assert delivery.state == DELIVERED and delivery.attempts >= 2
+    assert delivery.state == DeliveryState.DELIVERED and delivery.attempts >= 2
 
 
 def test_tps_slower_than_our_timeout_is_retried(tmp_path):
     delivery = _fault_then_recover(tmp_path, ["--sleep-during", "4"])
-    assert delivery.state == DELIVERED and delivery.attempts >= 2
+    assert delivery.state == DeliveryState.DELIVERED and delivery.attempts >= 2
 
 
 def test_one_destination_down_does_not_delay_another(tmp_path):
@@ -102,11 +102,12 @@ def test_one_destination_down_does_not_delay_another(tmp_path):
         scheduler.start()
         try:
             wait_until(lambda: {d.destination: d.state for d in ledger.deliveries(job_id)}
-                       .get("up") == DELIVERED, 5, "the healthy destination to receive")
+                       .get("up") == DeliveryState.DELIVERED, 5,
+                       "the healthy destination to receive")
         finally:
             scheduler.stop(wait=False)
     states = {d.destination: d.state for d in ledger.deliveries(job_id)}
-    assert states == {"up": DELIVERED, "down": PENDING}
+    assert states == {"up": DeliveryState.DELIVERED, "down": DeliveryState.PENDING}
 
 
 class FailingScp:
@@ -141,7 +142,7 @@ def test_permanent_failure_ends_delivery_with_reason_then_retry_sends(tmp_path):
         scheduler = DeliveryScheduler(cfg, ledger, reconcile_interval_s=0.2)
         scheduler.start()
         try:
-            wait_until(lambda: ledger.job(job_id).state == FAILED, 10, "job failed")
+            wait_until(lambda: ledger.job(job_id).state == JobState.FAILED, 10, "job failed")
             delivery = ledger.deliveries(job_id)[0]
             assert delivery.attempts == 1  # no retry loop on a permanent failure
             assert delivery.last_status == status.CANNOT_UNDERSTAND
@@ -194,7 +195,7 @@ def test_outage_across_restarts_delivers_once_tps_is_back(tmp_path):
         scheduler.stop()
         ledger.close()
         ledger = Ledger(cfg.ledger_path)
-    assert ledger.deliveries(job_id)[0].state == PENDING
+    assert ledger.deliveries(job_id)[0].state == DeliveryState.PENDING
     scheduler = DeliveryScheduler(cfg, ledger, reconcile_interval_s=0.2)
     with storescp(tmp_path / "tps", port=port):
         scheduler.start()
@@ -254,15 +255,16 @@ def test_permanent_failure_shows_in_status_and_cli_retry_delivers(tmp_path):
         daemon = Daemon(config, port, tmp_path / "daemon.log").start()
         try:
             assert storescu(tmp_path / "ct", port).returncode == 0
-            (job,) = wait_until(lambda: [j for j in daemon.status() if j["state"] == "failed"],
-                                90, "failed job")
+            (job,) = wait_until(
+                lambda: [j for j in daemon.status() if j["state"] == JobState.FAILED],
+                90, "failed job")
             text = daemon.cli("status").stdout
             assert "failed" in text and "0xA900" in text
             assert job["deliveries"][0]["status"] == status.DATASET_DOES_NOT_MATCH_SOP_CLASS
             tps.answer = status.SUCCESS
             proc = daemon.cli("retry", str(job["job"]))
             assert proc.returncode == 0, proc.stderr
-            wait_until(lambda: [j for j in daemon.status() if j["state"] == "sent"], 30,
+            wait_until(lambda: [j for j in daemon.status() if j["state"] == JobState.SENT], 30,
                        "job sent after retry")
             refused = daemon.cli("retry", str(job["job"]))
             assert refused.returncode == 1 and "no failed or pending" in refused.stderr

@@ -12,6 +12,7 @@ import pydicom
 import pytest
 
 from oncoseg_node.commissioning.phantom import write_phantom
+from oncoseg_node.ledger import DeliveryState, JobState
 from oncoseg_node.rtstruct.reader import rasterize_rtstruct
 from tests.conftest import write_config
 from tests.daemon import Daemon, wait_until
@@ -48,12 +49,12 @@ def test_series_from_scanner_arrives_at_tps_as_one_valid_rtstruct(tmp_path, phan
                                   f"an RTSTRUCT at the TPS\n{daemon.log()}")
             time.sleep(2.0)  # nothing else may follow
             received = list((tmp_path / "tps").iterdir())
-            jobs = wait_until(lambda: [j for j in daemon.status() if j["state"] == "sent"],
+            jobs = wait_until(lambda: [j for j in daemon.status() if j["state"] == JobState.SENT],
                               30, "job state sent")
         finally:
             assert daemon.stop() == 0, daemon.log()
     assert len(received) == 1
-    assert len(jobs) == 1 and jobs[0]["deliveries"][0]["state"] == "delivered"
+    assert len(jobs) == 1 and jobs[0]["deliveries"][0]["state"] == DeliveryState.DELIVERED
     ds = pydicom.dcmread(received[0])
     assert ds.SOPClassUID == RTSTRUCT
     errors, output = dciodvfy(received[0])

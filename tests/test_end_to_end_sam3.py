@@ -14,6 +14,7 @@ import pytest
 
 pytest.importorskip("torch", reason="the sam3 extra is part of the test install")
 
+from oncoseg_node.ledger import JobState  # noqa: E402
 from tests.conftest import write_config  # noqa: E402
 from tests.daemon import Daemon, wait_until  # noqa: E402
 from tests.peers import dciodvfy, free_port, storescp, storescu  # noqa: E402
@@ -53,7 +54,7 @@ def test_random_tiny_sam3_plumbing_delivers_a_structure_set(tmp_path):
             assert storescu(tmp_path / "ct", port).returncode == 0
             received = wait_until(lambda: list((tmp_path / "tps").iterdir()), 300,
                                   f"an RTSTRUCT at the TPS\n{daemon.log()}")
-            (job,) = wait_until(lambda: [j for j in daemon.status() if j["state"] == "sent"],
+            (job,) = wait_until(lambda: [j for j in daemon.status() if j["state"] == JobState.SENT],
                                 60, "job sent")
         finally:
             assert daemon.stop() == 0

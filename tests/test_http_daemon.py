@@ -18,6 +18,7 @@ import pytest
 
 from oncoseg_node.commissioning.phantom import write_phantom
 from oncoseg_node.contouring.protocols import load_protocols
+from oncoseg_node.ledger import JobState
 from tests.conftest import write_config
 from tests.daemon import Daemon, wait_until
 from tests.peers import free_port, storescp, storescu
@@ -81,7 +82,7 @@ def contoured_node(tmp_path_factory):
         daemon = Daemon(config, port, tmp / "daemon.log").start()
         try:
             assert storescu(phantom_dir, port).returncode == 0
-            (job,) = wait_until(lambda: [j for j in daemon.status() if j["state"] == "sent"],
+            (job,) = wait_until(lambda: [j for j in daemon.status() if j["state"] == JobState.SENT],
                                 180, f"the job sent\n{daemon.log()}")
             served = {path: get(http_port, path) for path in
                       ("/healthz", "/metrics", "/jobs", f"/jobs/{job['job']}/qa.png")}
@@ -114,8 +115,8 @@ def test_metrics_count_what_happened(contoured_node):
     assert status == 200
     families = parse(body.decode())
     assert sample(families, "oncoseg_instances_received_total") == SLICES
-    assert sample(families, "oncoseg_jobs", state="sent") == 1
-    assert sample(families, "oncoseg_jobs", state="queued") == 0
+    assert sample(families, "oncoseg_jobs", state=JobState.SENT) == 1
+    assert sample(families, "oncoseg_jobs", state=JobState.QUEUED) == 0
     assert sample(families, "oncoseg_queue_depth") == 0
     assert sample(families, "oncoseg_segmentation_seconds_count") == 1
     assert sample(families, "oncoseg_delivery_latency_seconds_count", destination="tps") == 1

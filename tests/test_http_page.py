@@ -12,7 +12,7 @@ from pydicom.dataset import Dataset
 from oncoseg_node.config import HttpConfig
 from oncoseg_node.contouring.volume import Volume
 from oncoseg_node.intake.spool import Spool
-from oncoseg_node.ledger.store import Ledger
+from oncoseg_node.ledger import Ledger
 from oncoseg_node.ops.http import HttpServer, StatusSite
 from oncoseg_node.ops.metrics import NodeMetrics
 from oncoseg_node.ops.qa import Overlay, qa_relpath, write_qa_snapshot

@@ -13,7 +13,7 @@ from pynetdicom.sop_class import CTImageStorage
 
 from oncoseg_node.config import load_config
 from oncoseg_node.intake.spool import TMP_SUFFIX, Spool
-from oncoseg_node.ledger.store import Ledger
+from oncoseg_node.ledger import JobState, Ledger
 from tests.conftest import write_config
 from tests.ctfactory import ct_slice, encode, series
 from tests.daemon import Daemon, wait_until
@@ -43,7 +43,8 @@ def jobs_for(daemon: Daemon, series_uid: str) -> list[dict]:
 def settled(daemon: Daemon, series_uid: str, count: int = 1):
     def done():
         jobs = jobs_for(daemon, series_uid)
-        if len(jobs) >= count and all(j["state"] not in ("queued", "running") for j in jobs):
+        waiting = (JobState.QUEUED, JobState.RUNNING)
+        if len(jobs) >= count and all(j["state"] not in waiting for j in jobs):
             return jobs
         return None
     return done
@@ -118,7 +119,7 @@ def test_missing_slice_holds_the_job_with_its_reason(tmp_path):
         assert storescu(write(datasets, tmp_path / "send"), daemon.port).returncode == 0
         uid = str(datasets[0].SeriesInstanceUID)
         (job,) = wait_until(settled(daemon, uid), 60, "held job")
-        assert job["state"] == "held"
+        assert job["state"] == JobState.HELD
         assert "missing slice" in job["reason"]
         text = daemon.cli("status")
         assert "held" in text.stdout and "missing slice" in text.stdout

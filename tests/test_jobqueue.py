@@ -3,18 +3,7 @@ from __future__ import annotations
 import pytest
 
 from oncoseg_node.errors import LedgerError
-from oncoseg_node.ledger.store import (
-    DELIVERED,
-    DELIVERING,
-    FAILED,
-    PENDING,
-    QUARANTINED,
-    QUEUED,
-    RUNNING,
-    SENT,
-    SUPERSEDED,
-    Ledger,
-)
+from oncoseg_node.ledger import DeliveryState, JobState, Ledger
 
 
 class Clock:
@@ -33,8 +22,8 @@ def record(ledger: Ledger, uid: str, series: str = "1.2.3") -> None:
 
 def test_ledger_uses_wal_and_full_sync(tmp_path):
     ledger = Ledger(tmp_path / "l.db")
-    assert ledger._query("PRAGMA journal_mode")[0][0] == "wal"
-    assert ledger._query("PRAGMA synchronous")[0][0] == 2  # FULL
+    assert ledger.connection.query("PRAGMA journal_mode")[0][0] == "wal"
+    assert ledger.connection.query("PRAGMA synchronous")[0][0] == 2  # FULL
 
 
 def test_series_closes_into_one_job_and_late_instances_make_a_new_version(tmp_path):
@@ -51,7 +40,7 @@ def test_series_closes_into_one_job_and_late_instances_make_a_new_version(tmp_pa
     assert len(ledger.jobs()) == 1
     assert ledger.series_instances("1.2.3") == ["objects/1", "objects/2", "objects/3"]
     job = ledger.claim(max_attempts=3)
-    assert job.id == first and job.state == RUNNING and job.attempts == 1
+    assert job.id == first and job.state == JobState.RUNNING and job.attempts == 1
     # instances after the job started: a new version, never a split series
     record(ledger, "4")
     second = ledger.close_series("1.2.3")
@@ -80,7 +69,7 @@ def test_crashing_series_is_quarantined_after_max_attempts(tmp_path):
         assert ledger.requeue_interrupted() == 1
     assert ledger.claim(max_attempts=2) is None
     job = ledger.job(job_id)
-    assert job.state == QUARANTINED
+    assert job.state == JobState.QUARANTINED
     assert "after 2 attempts" in job.reason
 
 
@@ -98,17 +87,17 @@ def test_deliveries_decide_the_job_state(tmp_path):
     job_id = ledger.close_series("1.2.3")
     ledger.claim(3)
     ledger.start_deliveries(job_id, [("a", "9.1", "outbox/x"), ("b", "9.1", "outbox/x")])
-    assert ledger.job(job_id).state == DELIVERING
+    assert ledger.job(job_id).state == JobState.DELIVERING
     a, b = ledger.deliveries(job_id=job_id)
-    ledger.record_attempt(a.id, state=DELIVERED, status=0, reason="ok")
-    assert ledger.job(job_id).state == DELIVERING
-    ledger.record_attempt(b.id, state=FAILED, status=0xC000, reason="refused")
-    assert ledger.job(job_id).state == FAILED
+    ledger.record_attempt(a.id, state=DeliveryState.DELIVERED, status=0, reason="ok")
+    assert ledger.job(job_id).state == JobState.DELIVERING
+    ledger.record_attempt(b.id, state=DeliveryState.FAILED, status=0xC000, reason="refused")
+    assert ledger.job(job_id).state == JobState.FAILED
     assert ledger.retry_deliveries(job_id) == 1
-    assert ledger.job(job_id).state == DELIVERING
-    assert ledger.delivery(b.id).state == PENDING
-    ledger.record_attempt(b.id, state=DELIVERED, status=0, reason="ok")
-    assert ledger.job(job_id).state == SENT
+    assert ledger.job(job_id).state == JobState.DELIVERING
+    assert ledger.delivery(b.id).state == DeliveryState.PENDING
+    ledger.record_attempt(b.id, state=DeliveryState.DELIVERED, status=0, reason="ok")
+    assert ledger.job(job_id).state == JobState.SENT
 
 
 def test_new_version_supersedes_pending_deliveries(tmp_path):
@@ -121,11 +110,11 @@ def test_new_version_supersedes_pending_deliveries(tmp_path):
     v2 = ledger.close_series("1.2.3")
     ledger.claim(3)
     ledger.start_deliveries(v2, [("tps", "9.2", "outbox/v2")])
-    assert ledger.deliveries(job_id=v1)[0].state == SUPERSEDED
-    assert ledger.job(v1).state == SUPERSEDED
-    assert ledger.deliveries(job_id=v2)[0].state == PENDING
-    assert ledger.job(v2).state == DELIVERING
-    assert QUEUED not in {j.state for j in ledger.jobs()}
+    assert ledger.deliveries(job_id=v1)[0].state == DeliveryState.SUPERSEDED
+    assert ledger.job(v1).state == JobState.SUPERSEDED
+    assert ledger.deliveries(job_id=v2)[0].state == DeliveryState.PENDING
+    assert ledger.job(v2).state == JobState.DELIVERING
+    assert JobState.QUEUED not in {j.state for j in ledger.jobs()}
 
 
 def test_operator_release_and_discard(tmp_path):
@@ -134,13 +123,13 @@ def test_operator_release_and_discard(tmp_path):
     job_id = ledger.close_series("1.2.3")
     ledger.claim(3)
     assert not ledger.release(job_id)  # only held jobs can be released
-    ledger.update_job(job_id, state="held", reason="geometry: missing slice")
+    ledger.update_job(job_id, state=JobState.HELD, reason="geometry: missing slice")
     assert ledger.release(job_id)
     job = ledger.claim(3)
     assert job.id == job_id and job.override_geometry == 1 and job.attempts == 1
-    ledger.update_job(job_id, state="held", reason="again")
+    ledger.update_job(job_id, state=JobState.HELD, reason="again")
     assert ledger.discard(job_id, "discarded by operator: wrong patient")
-    assert ledger.job(job_id).state == "discarded"
+    assert ledger.job(job_id).state == JobState.DISCARDED
     assert not ledger.release(job_id)
 
 
@@ -152,13 +141,13 @@ def test_resend_puts_the_newest_structure_set_back_in_delivery(tmp_path):
     ledger.claim(3)
     ledger.start_deliveries(job_id, [("tps", "9.1", "outbox/x"), ("pacs", "9.1", "outbox/x")])
     for d in ledger.deliveries(job_id):
-        ledger.record_attempt(d.id, state=DELIVERED, status=0, reason="ok")
-    assert ledger.job(job_id).state == SENT
+        ledger.record_attempt(d.id, state=DeliveryState.DELIVERED, status=0, reason="ok")
+    assert ledger.job(job_id).state == JobState.SENT
     assert ledger.resend("1.2.3", "tps") == job_id
     states = {d.destination: d.state for d in ledger.deliveries(job_id)}
-    assert states == {"tps": PENDING, "pacs": DELIVERED}
+    assert states == {"tps": DeliveryState.PENDING, "pacs": DeliveryState.DELIVERED}
     assert ledger.deliveries(job_id)[0].sop_instance_uid == "9.1"
-    assert ledger.job(job_id).state == DELIVERING
+    assert ledger.job(job_id).state == JobState.DELIVERING
 
 
 def test_commitment_report_delivers_or_sends_again(tmp_path):
@@ -169,7 +158,8 @@ def test_commitment_report_delivers_or_sends_again(tmp_path):
     ledger.claim(3)
     ledger.start_deliveries(job_id, [("tps", "9.1", "outbox/x")])
     (d,) = ledger.deliveries(job_id)
-    ledger.record_attempt(d.id, state=PENDING, status=0, reason="stored; awaiting commitment",
+    ledger.record_attempt(d.id, state=DeliveryState.PENDING, status=0,
+                          reason="stored; awaiting commitment",
                           next_attempt_at=clock.now + 60, commitment=("7.7", clock.now))
     assert ledger.delivery(d.id).awaiting_commitment
     assert ledger.commitment_report("unknown", True, "x") is None
@@ -177,9 +167,9 @@ def test_commitment_report_delivers_or_sends_again(tmp_path):
     assert ledger.commitment_report("7.7", False, "destination did not commit") == d.id
     again = ledger.delivery(d.id)
     assert not again.awaiting_commitment and again.next_attempt_at == clock.now
-    assert again.state == PENDING
-    ledger.record_attempt(d.id, state=PENDING, status=0, reason="stored",
+    assert again.state == DeliveryState.PENDING
+    ledger.record_attempt(d.id, state=DeliveryState.PENDING, status=0, reason="stored",
                           next_attempt_at=clock.now + 60, commitment=("7.8", clock.now))
     assert ledger.commitment_report("7.8", True, "committed by destination") == d.id
-    assert ledger.delivery(d.id).state == DELIVERED
-    assert ledger.job(job_id).state == SENT
+    assert ledger.delivery(d.id).state == DeliveryState.DELIVERED
+    assert ledger.job(job_id).state == JobState.SENT

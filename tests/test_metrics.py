@@ -8,7 +8,7 @@ import re
 import pytest
 
 from oncoseg_node.delivery.scheduler import DeliveryScheduler
-from oncoseg_node.ledger.store import DELIVERED, Ledger
+from oncoseg_node.ledger import DeliveryState, Ledger
 from oncoseg_node.ops.metrics import Counter, Histogram, NodeMetrics, Registry
 
 NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
@@ -165,7 +165,7 @@ def test_delivery_latency_runs_from_series_complete_to_accepted(make_config):
     scheduler.observe_delivered(delivery.id)  # still pending: nothing to observe
     assert metrics.delivery_latency_seconds.count(destination="tps") == 0
     now[0] = 1052.5
-    ledger.record_attempt(delivery.id, state=DELIVERED, status=0, reason="committed")
+    ledger.record_attempt(delivery.id, state=DeliveryState.DELIVERED, status=0, reason="committed")
     scheduler.observe_delivered(delivery.id)
     text = metrics.render()
     assert 'oncoseg_delivery_latency_seconds_sum{destination="tps"} 42.5\n' in text

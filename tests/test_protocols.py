@@ -7,6 +7,7 @@ import pytest
 from oncoseg_node.commissioning.phantom import make_phantom
 from oncoseg_node.contouring.protocols import load_protocols
 from oncoseg_node.errors import ConfigError
+from oncoseg_node.ledger import JobState
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -225,8 +226,9 @@ def test_hot_reload_on_a_running_daemon_changes_the_next_job(tmp_path):
                                 patient_id=f"HOT{seed}")
         assert storescu(folder, port).returncode == 0
         uid = phantom.volume.series_instance_uid
+        waiting = (JobState.QUEUED, JobState.RUNNING)
         (job,) = wait_until(lambda: [j for j in daemon.status() if j["series_uid"] == uid
-                                     and j["state"] not in ("queued", "running")], 60, "job")
+                                     and j["state"] not in waiting], 60, "job")
         return [s["name"] for s in job["structures"]]
 
     try:

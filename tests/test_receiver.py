@@ -21,7 +21,7 @@ from oncoseg_node.dicom import status
 from oncoseg_node.intake.handlers import StoreHandlers
 from oncoseg_node.intake.spool import TMP_SUFFIX, Spool
 from oncoseg_node.intake.transport import Receiver
-from oncoseg_node.ledger.store import Ledger
+from oncoseg_node.ledger import Ledger
 from tests.ctfactory import encode, series
 from tests.peers import DCMTK_ENV, require, storescu
 

@@ -9,14 +9,7 @@ import pytest
 
 from oncoseg_node.config import RetentionConfig
 from oncoseg_node.intake.spool import Spool
-from oncoseg_node.ledger.store import (
-    DELIVERED,
-    FAILED,
-    HELD,
-    QUARANTINED,
-    SKIPPED,
-    Ledger,
-)
+from oncoseg_node.ledger import DeliveryState, JobState, Ledger
 from oncoseg_node.ops.retention import DAY_S, ORPHAN_GRACE_S, Retention
 from tests.daemon import wait_until
 
@@ -62,13 +55,14 @@ def job_for(ledger: Ledger, series_uid: str, *, outcome: str) -> int:
     job_id = ledger.close_series(series_uid)
     assert job_id is not None
     ledger.claim(max_attempts=3)
-    if outcome in (HELD, FAILED, QUARANTINED, SKIPPED):
+    if outcome in (JobState.HELD, JobState.FAILED, JobState.QUARANTINED, JobState.SKIPPED):
         ledger.update_job(job_id, state=outcome, reason="test")
         return job_id
     ledger.start_deliveries(job_id, [("tps", f"{series_uid}.rs", f"outbox/job{job_id}.dcm")])
-    if outcome in ("sent", "delivery_failed"):
+    if outcome in (JobState.SENT, "delivery_failed"):
         (delivery,) = ledger.deliveries(job_id=job_id)
-        ledger.record_attempt(delivery.id, state=DELIVERED if outcome == "sent" else FAILED,
+        ledger.record_attempt(delivery.id, state=DeliveryState.DELIVERED if outcome == JobState.SENT
+                              else DeliveryState.FAILED,
                               status=0, reason="test")
     return job_id
 
@@ -80,17 +74,18 @@ def files_exist(spool: Spool, relpaths: list[str]) -> list[bool]:
 def test_old_delivered_series_is_purged_and_its_job_kept(node):
     clock, ledger, spool, retention = node
     relpaths = receive(ledger, spool, "1.1")
-    job_id = job_for(ledger, "1.1", outcome="sent")
+    job_id = job_for(ledger, "1.1", outcome=JobState.SENT)
     clock.now += MAX_AGE_DAYS * DAY_S + 60
     report = retention.purge()
     assert report.series == ["1.1"] and report.instances == 3
     assert files_exist(spool, relpaths) == [False] * 3
     assert ledger.series_instances("1.1") == []
-    assert ledger.job(job_id).state == "sent"  # the record of what was sent stays
+    assert ledger.job(job_id).state == JobState.SENT  # the record of what was sent stays
     assert retention.purge().series == []
 
 
-@pytest.mark.parametrize("outcome", ["delivering", "delivery_failed", HELD, FAILED, QUARANTINED])
+@pytest.mark.parametrize("outcome", [JobState.DELIVERING, "delivery_failed", JobState.HELD,
+                                     JobState.FAILED, JobState.QUARANTINED])
 def test_unfinished_delivery_is_never_purged(node, outcome):
     clock, ledger, spool, retention = node
     relpaths = receive(ledger, spool, "1.2")
@@ -115,7 +110,7 @@ def test_age_counts_from_the_last_activity_of_the_series(node):
     clock, ledger, spool, retention = node
     relpaths = receive(ledger, spool, "1.5")
     clock.now += 20 * DAY_S
-    job_for(ledger, "1.5", outcome="sent")  # delivered 20 days after the last instance
+    job_for(ledger, "1.5", outcome=JobState.SENT)  # delivered 20 days after the last instance
     clock.now += 15 * DAY_S
     assert retention.purge().series == []  # 35 days after receipt, 15 after delivery
     clock.now += 16 * DAY_S
@@ -126,7 +121,7 @@ def test_age_counts_from_the_last_activity_of_the_series(node):
 def test_a_newer_version_in_flight_keeps_the_older_delivered_one(node):
     clock, ledger, spool, retention = node
     receive(ledger, spool, "1.6")
-    job_for(ledger, "1.6", outcome="sent")
+    job_for(ledger, "1.6", outcome=JobState.SENT)
     clock.now += MAX_AGE_DAYS * DAY_S + 60
     receive(ledger, spool, "1.6", count=1, first=3)  # a late instance, a month later
     ledger.close_series("1.6")  # version 2 queued
@@ -138,12 +133,12 @@ def test_a_newer_version_in_flight_keeps_the_older_delivered_one(node):
 def test_superseded_and_skipped_versions_count_as_finished(node):
     clock, ledger, spool, retention = node
     receive(ledger, spool, "1.7")
-    first = job_for(ledger, "1.7", outcome="delivering")
+    first = job_for(ledger, "1.7", outcome=JobState.DELIVERING)
     receive(ledger, spool, "1.7", count=1, first=3)
-    job_for(ledger, "1.7", outcome="sent")  # version 2 supersedes version 1's delivery
-    assert ledger.job(first).state == "superseded"
+    job_for(ledger, "1.7", outcome=JobState.SENT)  # version 2 supersedes version 1's delivery
+    assert ledger.job(first).state == JobState.SUPERSEDED
     receive(ledger, spool, "1.8")
-    job_for(ledger, "1.8", outcome=SKIPPED)
+    job_for(ledger, "1.8", outcome=JobState.SKIPPED)
     clock.now += MAX_AGE_DAYS * DAY_S + 60
     assert sorted(retention.purge().series) == ["1.7", "1.8"]
 
@@ -151,7 +146,7 @@ def test_superseded_and_skipped_versions_count_as_finished(node):
 def test_a_series_reopened_after_the_query_is_kept(node):
     clock, ledger, spool, retention = node
     receive(ledger, spool, "1.9")
-    job_for(ledger, "1.9", outcome="sent")
+    job_for(ledger, "1.9", outcome=JobState.SENT)
     clock.now += MAX_AGE_DAYS * DAY_S + 60
     cutoff = clock.now - MAX_AGE_DAYS * DAY_S
     assert ledger.purgeable_series(cutoff) == ["1.9"]
@@ -177,7 +172,7 @@ def test_old_unreferenced_files_are_removed_and_recent_ones_kept(node):
 def test_scheduler_runs_a_first_pass_at_start(node):
     clock, ledger, spool, retention = node
     relpaths = receive(ledger, spool, "3.1")
-    job_for(ledger, "3.1", outcome="sent")
+    job_for(ledger, "3.1", outcome=JobState.SENT)
     clock.now += MAX_AGE_DAYS * DAY_S + 60
     retention.start()
     wait_until(lambda: not any(files_exist(spool, relpaths)), 10, "the first retention pass")

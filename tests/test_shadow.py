@@ -5,6 +5,7 @@ from __future__ import annotations
 import pydicom
 
 from oncoseg_node.commissioning.phantom import write_phantom
+from oncoseg_node.ledger import JobState
 from tests.conftest import write_config
 from tests.daemon import Daemon, wait_until
 from tests.peers import free_port, storescp, storescu
@@ -43,8 +44,9 @@ def test_shadow_protocol_goes_only_to_the_shadow_destination(tmp_path):
                               pixel_spacing=(8.0, 8.0), series_description=description,
                               patient_id=name.upper())
                 assert storescu(tmp_path / name, port).returncode == 0
-            wait_until(lambda: len([j for j in daemon.status() if j["state"] == "sent"]) == 2,
-                       90, "two jobs sent")
+            wait_until(
+                lambda: len([j for j in daemon.status() if j["state"] == JobState.SENT]) == 2,
+                90, "two jobs sent")
         finally:
             daemon.stop()
     (clinical,) = (tmp_path / "tps").iterdir()

@@ -22,7 +22,7 @@ from pynetdicom.sop_class import CTImageStorage
 from oncoseg_node.config import load_config
 from oncoseg_node.contouring.engines.registry import EngineSet
 from oncoseg_node.intake.spool import Spool
-from oncoseg_node.ledger.store import Ledger
+from oncoseg_node.ledger import JobState, Ledger
 from oncoseg_node.ops.service import Service
 from tests.conftest import write_config
 from tests.ctfactory import ct_slice
@@ -139,8 +139,9 @@ def test_sigterm_during_c_store_finishes_the_association_and_loses_nothing(tmp_p
         daemon.start()
         try:
             wait_until(lambda: list(tps.iterdir()), 120, f"an RTSTRUCT\n{daemon.log()}")
-            jobs = wait_until(lambda: [j for j in daemon.status() if j["state"] == "sent"], 30,
-                              "the job sent")
+            jobs = wait_until(
+                lambda: [j for j in daemon.status() if j["state"] == JobState.SENT], 30,
+                "the job sent")
         finally:
             assert daemon.stop() == 0, daemon.log()
         # And once more: nothing is contoured or sent again.
@@ -215,7 +216,7 @@ def test_sigterm_during_a_job_finishes_it_and_delivers_once(tmp_path):
         daemon.start()
         try:
             wait_until(lambda: list(tps.iterdir()), 60, f"the RTSTRUCT\n{daemon.log()}")
-            (job,) = wait_until(lambda: [j for j in daemon.status() if j["state"] == "sent"],
+            (job,) = wait_until(lambda: [j for j in daemon.status() if j["state"] == JobState.SENT],
                                 30, "the job sent")
             time.sleep(3)
         finally:
@@ -247,7 +248,7 @@ def test_job_still_running_at_the_deadline_is_requeued_and_delivered_once(tmp_pa
         first.run_until_stopped()
         ledger = Ledger(config.ledger_path)
         (job,) = ledger.jobs()
-        assert job.state == "running" and job.attempts == 1  # left for the next start
+        assert job.state == JobState.RUNNING and job.attempts == 1  # left for the next start
         ledger.close()
         abandoned = next(t for t in first._threads if t.name == "worker")
         abandoned.join(timeout=120)
@@ -256,7 +257,7 @@ def test_job_still_running_at_the_deadline_is_requeued_and_delivered_once(tmp_pa
         second.start()
         try:
             wait_until(lambda: list(tps.iterdir()), 120, "the RTSTRUCT after restart")
-            wait_until(lambda: second.ledger.job(job.id).state == "sent", 30, "job sent")
+            wait_until(lambda: second.ledger.job(job.id).state == JobState.SENT, 30, "job sent")
             time.sleep(3)
             assert second.ledger.job(job.id).attempts == 2
         finally:

@@ -17,7 +17,7 @@ from oncoseg_node.dicom import status
 from oncoseg_node.intake.handlers import StoreHandlers
 from oncoseg_node.intake.spool import Spool
 from oncoseg_node.intake.transport import Receiver
-from oncoseg_node.ledger.store import Ledger
+from oncoseg_node.ledger import Ledger
 from tests.ctfactory import series
 
 

@@ -22,7 +22,7 @@ from oncoseg_node.contouring.pipeline import Contoured, contour, load_ct_series,
 from oncoseg_node.contouring.protocols import Protocol, ProtocolSet
 from oncoseg_node.errors import GeometryError, RTStructError, SeriesLoadError
 from oncoseg_node.intake.spool import Spool
-from oncoseg_node.ledger.store import FAILED, HELD, QUEUED, SKIPPED, Job, Ledger
+from oncoseg_node.ledger import Job, JobState, Ledger
 from oncoseg_node.ops.metrics import NodeMetrics
 from oncoseg_node.ops.qa import overlays_of, qa_relpath, write_qa_snapshot
 from oncoseg_node.rtstruct.profiles import get_profile
@@ -109,7 +109,7 @@ class Worker:
             protocols = self.protocols()
             protocol = protocols.match(volume.header, job.calling_ae)
             if protocol is None:
-                self.ledger.update_job(job.id, state=SKIPPED,
+                self.ledger.update_job(job.id, state=JobState.SKIPPED,
                                        reason="no protocol matches and no fallback is set",
                                        protocol_version=protocols.version)
                 bound.info("job_skipped", reason="no protocol matches")
@@ -148,16 +148,18 @@ class Worker:
                        segment_s=round(write_started - segment_started, 2),
                        write_s=round(time.monotonic() - write_started, 2))
         except GeometryError as exc:
-            self.ledger.update_job(job.id, state=HELD, reason=f"geometry: {exc}")
+            self.ledger.update_job(job.id, state=JobState.HELD, reason=f"geometry: {exc}")
             bound.warning("job_held", reason=str(exc))
         except RTStructError as exc:
-            self.ledger.update_job(job.id, state=HELD, reason=f"structure set check: {exc}")
+            self.ledger.update_job(job.id, state=JobState.HELD,
+                                   reason=f"structure set check: {exc}")
             bound.error("job_held", reason=str(exc))
         except SeriesLoadError as exc:
-            self.ledger.update_job(job.id, state=FAILED, reason=f"series: {exc}")
+            self.ledger.update_job(job.id, state=JobState.FAILED, reason=f"series: {exc}")
             bound.error("job_failed", reason=str(exc))
         except Exception as exc:  # unknown: retry, quarantined after max_attempts
-            self.ledger.update_job(job.id, state=QUEUED, reason=f"{type(exc).__name__}: {exc}")
+            self.ledger.update_job(job.id, state=JobState.QUEUED,
+                                   reason=f"{type(exc).__name__}: {exc}")
             bound.exception("job_error_requeued")
 
     def _write_snapshot(self, job: Job, contoured: Contoured, bound: Any) -> None:

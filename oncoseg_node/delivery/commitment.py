@@ -19,7 +19,7 @@ from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr
 
 from oncoseg_node.dicom import status
 from oncoseg_node.intake.transport import ExtraService
-from oncoseg_node.ledger.store import Ledger
+from oncoseg_node.ledger import Ledger
 
 log = structlog.get_logger("oncoseg_node.delivery")
 

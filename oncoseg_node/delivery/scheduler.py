@@ -21,7 +21,7 @@ from pydicom.uid import generate_uid
 
 from oncoseg_node.config import Config, DestinationConfig, RetryConfig
 from oncoseg_node.delivery.sender import SendOutcome, request_commitment, send_file
-from oncoseg_node.ledger.store import DELIVERED, FAILED, PENDING, Ledger
+from oncoseg_node.ledger import DeliveryState, Ledger
 from oncoseg_node.ops.metrics import NodeMetrics
 
 log = structlog.get_logger("oncoseg_node.delivery.scheduler")
@@ -69,14 +69,14 @@ class DeliveryScheduler:
 
     def reconcile(self) -> None:
         """Schedule each pending delivery once, at its next attempt time."""
-        for delivery in self.ledger.deliveries(state=PENDING):
+        for delivery in self.ledger.deliveries(state=DeliveryState.PENDING):
             job_id = f"delivery-{delivery.id}"
             with self._lock:
                 if delivery.id in self._in_flight or self.scheduler.get_job(job_id):
                     continue
             if delivery.destination not in self.destinations:
                 self.ledger.record_attempt(
-                    delivery.id, state=FAILED, status=None,
+                    delivery.id, state=DeliveryState.FAILED, status=None,
                     reason=f"destination {delivery.destination!r} is no longer configured")
                 continue
             run_at = datetime.fromtimestamp(max(delivery.next_attempt_at, 0), tz=UTC)
@@ -110,7 +110,7 @@ class DeliveryScheduler:
 
     def _attempt(self, delivery_id: int) -> None:
         delivery = self.ledger.delivery(delivery_id)
-        if delivery is None or delivery.state != PENDING:
+        if delivery is None or delivery.state != DeliveryState.PENDING:
             return
         if delivery.next_attempt_at > self.ledger.clock():
             return  # rescheduled meanwhile; reconcile schedules it again
@@ -148,23 +148,23 @@ class DeliveryScheduler:
             # request is repeated on the backoff schedule.
             delay = backoff_delay(dest.retry, attempts)
             self.ledger.record_attempt(
-                delivery_id, state=PENDING, status=outcome.status,
+                delivery_id, state=DeliveryState.PENDING, status=outcome.status,
                 reason=outcome.reason if not outcome.delivered
                 else "stored; awaiting storage commitment",
                 next_attempt_at=self.ledger.clock() + delay, commitment=commitment)
         elif outcome.delivered:
-            self.ledger.record_attempt(delivery_id, state=DELIVERED, status=outcome.status,
-                                       reason=outcome.reason)
+            self.ledger.record_attempt(delivery_id, state=DeliveryState.DELIVERED,
+                                       status=outcome.status, reason=outcome.reason)
             self.observe_delivered(delivery_id)
             bound.info("rtstruct_delivered", attempts=attempts, status=outcome.reason, audit=True)
         elif outcome.transient:
             delay = backoff_delay(dest.retry, attempts)
-            self.ledger.record_attempt(delivery_id, state=PENDING, status=outcome.status,
-                                       reason=outcome.reason,
+            self.ledger.record_attempt(delivery_id, state=DeliveryState.PENDING,
+                                       status=outcome.status, reason=outcome.reason,
                                        next_attempt_at=self.ledger.clock() + delay)
             bound.warning("delivery_retry_scheduled", attempts=attempts, reason=outcome.reason,
                           delay_s=delay)
         else:
-            self.ledger.record_attempt(delivery_id, state=FAILED, status=outcome.status,
-                                       reason=outcome.reason)
+            self.ledger.record_attempt(delivery_id, state=DeliveryState.FAILED,
+                                       status=outcome.status, reason=outcome.reason)
             bound.error("delivery_failed", attempts=attempts, reason=outcome.reason)

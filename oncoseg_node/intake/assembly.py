@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from oncoseg_node.ledger.store import Ledger
+from oncoseg_node.ledger import Ledger
 
 log = structlog.get_logger("oncoseg_node.intake.assembly")
 

@@ -28,7 +28,7 @@ from oncoseg_node.intake.headers import (
     parse_instance,
 )
 from oncoseg_node.intake.spool import PendingWrite, Spool
-from oncoseg_node.ledger.store import Ledger
+from oncoseg_node.ledger import Ledger
 
 log = structlog.get_logger("oncoseg_node.receiver")
 

@@ -37,7 +37,7 @@ import structlog
 
 from oncoseg_node.config import HttpConfig
 from oncoseg_node.intake.spool import Spool
-from oncoseg_node.ledger.store import Delivery, Job, Ledger
+from oncoseg_node.ledger import Delivery, Job, Ledger
 from oncoseg_node.ops.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from oncoseg_node.ops.qa import qa_relpath
 

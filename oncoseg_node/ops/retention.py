@@ -29,7 +29,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from oncoseg_node.config import RetentionConfig
 from oncoseg_node.intake.spool import Spool
-from oncoseg_node.ledger.store import Ledger
+from oncoseg_node.ledger import Ledger
 
 log = structlog.get_logger("oncoseg_node.ops.retention")
 

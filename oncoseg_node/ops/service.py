@@ -37,7 +37,7 @@ from oncoseg_node.intake.assembly import Assembler
 from oncoseg_node.intake.handlers import StoreHandlers
 from oncoseg_node.intake.spool import Spool
 from oncoseg_node.intake.transport import Receiver
-from oncoseg_node.ledger.store import JOB_STATES, PENDING, QUEUED, Ledger
+from oncoseg_node.ledger import DeliveryState, JobState, Ledger
 from oncoseg_node.ops.http import HttpServer, StatusSite
 from oncoseg_node.ops.metrics import NodeMetrics
 from oncoseg_node.ops.notify import Notifier
@@ -137,11 +137,11 @@ class Service:
 
         def jobs_by_state() -> list[tuple[dict[str, str], float]]:
             counts = ledger.count_jobs_by_state()
-            return [({"state": state}, counts.get(state, 0)) for state in JOB_STATES]
+            return [({"state": state}, counts.get(state, 0)) for state in JobState]
 
         def pending_by_destination() -> list[tuple[dict[str, str], float]]:
             counts: dict[str, int] = {d.name: 0 for d in self.config.destinations}
-            for delivery in ledger.deliveries(state=PENDING):
+            for delivery in ledger.deliveries(state=DeliveryState.PENDING):
                 counts[delivery.destination] = counts.get(delivery.destination, 0) + 1
             return [({"destination": name}, n) for name, n in sorted(counts.items())]
 
@@ -150,7 +150,7 @@ class Service:
                       lambda: [({}, handlers.received)], kind="counter")
         metrics.gauge("oncoseg_jobs", "Jobs in the ledger by state.", jobs_by_state)
         metrics.gauge("oncoseg_queue_depth", "Jobs waiting for the worker (state queued).",
-                      lambda: [({}, ledger.count_jobs_by_state().get(QUEUED, 0))])
+                      lambda: [({}, ledger.count_jobs_by_state().get(JobState.QUEUED, 0))])
         metrics.gauge("oncoseg_series_open", "Series still arriving or in their quiet period.",
                       lambda: [({}, len(ledger.open_series()))])
         metrics.gauge("oncoseg_deliveries_pending",

@@ -1,0 +1,65 @@
+"""The ledger's SQLite connection: PRAGMAs, one lock, short immediate transactions.
+
+WAL mode with ``synchronous=FULL``: a committed row survives ``kill -9`` and
+power loss. Several processes (the daemon, ``oncoseg-node status``/``retry``)
+may open the file at once; ``BEGIN IMMEDIATE`` makes writers queue on
+SQLite's busy timeout instead of failing half-way through.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+BUSY_TIMEOUT_S = 30.0
+
+
+class Connection:
+    """One SQLite connection shared by the node's threads, guarded by a lock."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_S
+        )
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT; any exception rolls the whole change back."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def query(self, sql: str, args: Sequence[Any] | dict[str, Any] = ()) -> list[sqlite3.Row]:
+        """Run one read statement and return every row."""
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+
+class LedgerPart:
+    """Base of the per-table parts the :class:`~oncoseg_node.ledger.Ledger` is made of.
+
+    Each part holds the statements of one table family; they share the
+    ledger's connection and clock (injectable so tests can move time).
+    """
+
+    connection: Connection
+    clock: Callable[[], float]

@@ -1,0 +1,147 @@
+"""The intake tables: received instances and the series they make up.
+
+A row in ``instances`` is written once the file is durable in the spool; a
+series stays ``open`` while instances keep arriving and is closed into a job
+by :meth:`~oncoseg_node.ledger.jobs.JobRecords.close_series`. Retention asks
+here which series are finished for good and forgets their instances.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+
+from oncoseg_node.ledger.connection import LedgerPart
+from oncoseg_node.ledger.states import JOB_DONE_FOR_GOOD, DeliveryState, SeriesState
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """What the ledger already knows about a SOP Instance UID."""
+
+    relpath: str
+    sha256: str
+    series_uid: str
+
+
+_INSERT_INSTANCE = "INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+# A duplicate with different content replaces the first copy (see the handlers).
+_REPLACE_INSTANCE = "INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_UPSERT_SERIES = """INSERT INTO series VALUES (?, ?, ?, ?, ?, ?, ?, 1)
+    ON CONFLICT(series_uid) DO UPDATE SET
+      state = excluded.state, last_received_at = excluded.last_received_at,
+      instance_count = instance_count + (CASE WHEN ? THEN 0 ELSE 1 END)"""
+
+# A series may be purged only when it has jobs and every one is finished for
+# good (delivered, superseded by a newer version, or ended by rule or
+# operator) with no pending delivery. "Idle" counts from the later of the
+# last instance and the last job change. Built once from our own constants.
+_DONE = ", ".join(f"'{state}'" for state in sorted(JOB_DONE_FOR_GOOD))
+_PURGEABLE_SQL = f"""s.state = '{SeriesState.CLOSED}' AND s.last_received_at < :cutoff
+    AND EXISTS (SELECT 1 FROM jobs j WHERE j.series_uid = s.series_uid)
+    AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.series_uid = s.series_uid
+        AND (j.state NOT IN ({_DONE}) OR j.updated_at >= :cutoff))
+    AND NOT EXISTS (SELECT 1 FROM deliveries d JOIN jobs j ON j.id = d.job_id
+        WHERE j.series_uid = s.series_uid AND d.state = '{DeliveryState.PENDING}')"""
+_PURGEABLE_SERIES = f"SELECT series_uid FROM series s WHERE {_PURGEABLE_SQL} ORDER BY series_uid"
+_STILL_PURGEABLE = f"SELECT 1 FROM series s WHERE s.series_uid = :uid AND {_PURGEABLE_SQL}"
+
+
+class IntakeRecords(LedgerPart):
+    """Instances and series."""
+
+    def find_instance(self, sop_instance_uid: str) -> InstanceRecord | None:
+        rows = self.connection.query(
+            "SELECT relpath, sha256, series_uid FROM instances WHERE sop_instance_uid = ?",
+            (sop_instance_uid,),
+        )
+        return InstanceRecord(**dict(rows[0])) if rows else None
+
+    def record_instance(
+        self,
+        *,
+        sop_instance_uid: str,
+        series_uid: str,
+        study_uid: str,
+        sop_class_uid: str,
+        relpath: str,
+        sha256: str,
+        size: int,
+        calling_ae: str | None,
+        description: str | None = None,
+        replace: bool = False,
+        instance_number: int | None = None,
+        images_in_acquisition: int | None = None,
+    ) -> None:
+        """Record a stored instance and (re)open its series' quiet period."""
+        now = self.clock()
+        with self.connection.transaction() as db:
+            db.execute(
+                _REPLACE_INSTANCE if replace else _INSERT_INSTANCE,
+                (sop_instance_uid, series_uid, study_uid, sop_class_uid, relpath, sha256,
+                 size, calling_ae, now, instance_number, images_in_acquisition),
+            )
+            db.execute(
+                _UPSERT_SERIES,
+                (series_uid, study_uid, calling_ae, description, SeriesState.OPEN, now, now,
+                 replace),
+            )
+
+    def touch_series(self, series_uid: str) -> None:
+        """Restart a series' quiet period (a duplicate re-sent is still activity)."""
+        with self.connection.transaction() as db:
+            db.execute(
+                "UPDATE series SET last_received_at = ? WHERE series_uid = ? AND state = ?",
+                (self.clock(), series_uid, SeriesState.OPEN),
+            )
+
+    def open_series(self) -> list[sqlite3.Row]:
+        return self.connection.query("SELECT * FROM series WHERE state = ?",
+                                     (SeriesState.OPEN,))
+
+    def series_instances(self, series_uid: str) -> list[str]:
+        rows = self.connection.query(
+            "SELECT relpath FROM instances WHERE series_uid = ? ORDER BY received_at",
+            (series_uid,),
+        )
+        return [r["relpath"] for r in rows]
+
+    def series_evidence(self, series_uid: str) -> tuple[list[int], int | None]:
+        """InstanceNumbers received so far and the largest ImagesInAcquisition seen."""
+        rows = self.connection.query(
+            """SELECT instance_number, images_in_acquisition FROM instances
+               WHERE series_uid = ?""", (series_uid,))
+        numbers = sorted(r[0] for r in rows if r[0] is not None)
+        expected = max((r[1] for r in rows if r[1]), default=None)
+        return numbers, expected
+
+    def known_relpaths(self) -> set[str]:
+        return {r["relpath"] for r in self.connection.query("SELECT relpath FROM instances")}
+
+    def relpath_known(self, relpath: str) -> bool:
+        return bool(self.connection.query(
+            "SELECT 1 FROM instances WHERE relpath = ? LIMIT 1", (relpath,)))
+
+    # -- retention ------------------------------------------------------------
+
+    def purgeable_series(self, cutoff: float) -> list[str]:
+        """Series idle since before ``cutoff`` whose deliveries are all finished."""
+        rows = self.connection.query(_PURGEABLE_SERIES, {"cutoff": cutoff})
+        return [r["series_uid"] for r in rows]
+
+    def purge_series(self, series_uid: str, cutoff: float) -> list[str] | None:
+        """Forget a purgeable series' instances; returns their spool relpaths to delete.
+
+        The condition is checked again inside the transaction, so an instance
+        arriving meanwhile (which reopens the series) keeps it. None when the
+        series is no longer purgeable. Jobs and deliveries stay as history.
+        """
+        with self.connection.transaction() as db:
+            if db.execute(_STILL_PURGEABLE, {"uid": series_uid, "cutoff": cutoff}
+                          ).fetchone() is None:
+                return None
+            relpaths = [r[0] for r in db.execute(
+                "SELECT relpath FROM instances WHERE series_uid = ?", (series_uid,))]
+            db.execute("DELETE FROM instances WHERE series_uid = ?", (series_uid,))
+            db.execute("DELETE FROM series WHERE series_uid = ?", (series_uid,))
+            return relpaths
