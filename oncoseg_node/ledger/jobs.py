@@ -118,7 +118,8 @@ class JobRecords(LedgerPart):
                    updated_at) VALUES (?, ?, ?, ?, ?, ?)""",
                 (series_uid, version, JobState.QUEUED, row["calling_ae"], now, now),
             )
-            return int(cursor.lastrowid or 0)
+            assert cursor.lastrowid is not None  # set by every successful INSERT
+            return cursor.lastrowid
 
     def claim(self, max_attempts: int) -> Job | None:
         """Take the oldest queued job whose series is quiet; attempts += 1 atomically."""
