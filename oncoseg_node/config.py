@@ -50,6 +50,7 @@ class NodeConfig:
     allowed_peers: tuple[str, ...] = ()
     require_called_aet: bool = True
     max_associations: int = 16
+    max_associations_per_peer: int = 8
     max_pdu: int = 262144
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
@@ -274,7 +275,8 @@ def _semantic_checks(cfg: Config, problems: list[str]) -> None:
             problems.append(f"node.allowed_peers[{i}]: {peer!r} is not an IP address or network")
     if isinstance(node.max_pdu, int) and node.max_pdu < MIN_PDU:
         problems.append(f"node.max_pdu: {node.max_pdu} is below {MIN_PDU} (128 KiB)")
-    for key in ("max_associations", "acse_timeout_s", "dimse_timeout_s", "network_timeout_s"):
+    for key in ("max_associations", "max_associations_per_peer", "acse_timeout_s",
+                "dimse_timeout_s", "network_timeout_s"):
         _check_positive(getattr(node, key), f"node.{key}", problems)
     if node.tls.enabled:
         for key in ("cert_file", "key_file"):

@@ -11,6 +11,7 @@ import pytest
 
 from oncoseg_node.cli import build_parser, cmd_run
 from oncoseg_node.config import DestinationConfig
+from oncoseg_node.intake.transport import FD_RESERVE
 from oncoseg_node.ops.service import SHUTDOWN_DEADLINE_S
 from tests.conftest import REPO
 from tests.peers import require
@@ -101,6 +102,14 @@ def test_stop_timeout_outlasts_the_shutdown_deadline():
     destination_timeout = DestinationConfig("tps", "TPS", "127.0.0.1", 104).timeout_s
     assert seconds(unit["TimeoutStopSec"][0]) > SHUTDOWN_DEADLINE_S + destination_timeout
     assert unit["KillMode"] == ["mixed"]  # SIGTERM to the daemon, not to its helpers first
+
+
+def test_descriptor_limit_leaves_room_for_hostile_connections_and_the_reserve():
+    unit = directives(UNIT)
+    (limit,) = unit["LimitNOFILE"]
+    # 250 half-open connections, every association slot and the reserve the
+    # listener keeps for the ledger and spool must fit with room to spare.
+    assert limit.isdigit() and int(limit) >= 4 * (250 + FD_RESERVE)
 
 
 def test_unit_is_hardened_but_keeps_the_gpu():

@@ -8,6 +8,7 @@ after intake.
 from __future__ import annotations
 
 import ipaddress
+import resource
 import socket
 import socketserver
 import ssl
@@ -21,13 +22,18 @@ from pydicom.uid import CTImageStorage
 from pynetdicom import AE
 from pynetdicom.events import EventHandlerType
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from oncoseg_node.config import NodeConfig
 from oncoseg_node.intake.handlers import StoreHandlers
 from oncoseg_node.intake.headers import IGNORED_SOP_CLASSES, UNCOMPRESSED
+from oncoseg_node.intake.wire import BoundedSocket, PeerCounter, WireLimits
 
 log = structlog.get_logger("oncoseg_node.receiver")
+
+# Descriptors kept free for the ledger, spool writes, HTTP and logging when
+# the DICOM listener refuses connections near the limit.
+FD_RESERVE = 64
 
 
 @dataclass(frozen=True)
@@ -42,36 +48,21 @@ class ExtraService:
     bindings: Sequence[EventHandlerType] = field(default_factory=list)
 
 
-class BulkReadSocket(AssociationSocket):
-    """Reads a PDU's bytes straight into one buffer.
-
-    The default reads 4 KiB per ``recv`` call and appends: 128 system calls
-    and copies for one 512x512 CT slice. Reading into a preallocated buffer
-    with ``recv_into`` takes as few calls as the kernel allows.
-    """
-
-    def recv(self, nr_bytes: int) -> bytearray:
-        buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
-        received = 0
-        while received < nr_bytes:
-            assert self.socket is not None  # reads happen only on a connected socket
-            count = self.socket.recv_into(view[received:], nr_bytes - received)
-            if count == 0:  # connection closed: return what arrived, as the base does
-                return buffer[:received]
-            received += count
-        return buffer
-
-
 class NodeRequestHandler(RequestHandler):
-    """Creates each association on a :class:`BulkReadSocket`."""
+    """Creates each association on a :class:`BoundedSocket` with the server's limits."""
+
+    server: NodeServer
 
     def _create_association(self) -> Any:
         assoc = super()._create_association()
         # The socket object already carries the connection's state (its
         # constructor queued the transport-connection event), so it is
-        # specialised in place; BulkReadSocket adds behaviour, no state.
-        assoc.dul.socket.__class__ = BulkReadSocket
+        # specialised in place; BoundedSocket adds its limits, nothing else.
+        sock = assoc.dul.socket
+        assert sock is not None  # set by the base from the accepted connection
+        sock.__class__ = BoundedSocket
+        assert isinstance(sock, BoundedSocket)
+        sock.bind_limits(self.server.limits, self.server.peers, str(self.client_address[0]))
         return assoc
 
 
@@ -82,11 +73,16 @@ class NodeServer(ThreadedAssociationServer):
     - The TLS handshake runs on the connection's own thread with a timeout,
       not in the accept loop, so one stalled client cannot block the others.
     - Peers outside ``allowed_peers`` are dropped before any DICOM exchange.
+    - Near the process's file-descriptor limit a new connection is closed at
+      once with a log line, keeping descriptors for the ledger and the spool.
+    - Each connection reads within :class:`WireLimits` (see ``wire``).
     """
 
     tls_context: ssl.SSLContext | None = None
     tls_handshake_timeout: float = 10.0
     allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    limits: WireLimits
+    peers: PeerCounter
 
     def get_request(self) -> tuple[socket.socket, Any]:
         client, address = self.socket.accept()  # type: ignore[union-attr]
@@ -94,6 +90,13 @@ class NodeServer(ThreadedAssociationServer):
         return client, address
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
+        # Descriptors are handed out lowest first, so a new one numbered N
+        # means N are already open.
+        limit = descriptor_limit()
+        if request.fileno() >= limit - FD_RESERVE:
+            log.warning("connection_refused_fd_limit", peer=client_address[0],
+                        open_descriptors=request.fileno(), limit=limit, reserve=FD_RESERVE)
+            return False
         if not self.allowed_networks:
             return True
         peer = ipaddress.ip_address(client_address[0])
@@ -113,6 +116,12 @@ class NodeServer(ThreadedAssociationServer):
                 self.shutdown_request(request)
                 return
         super().process_request_thread(request, client_address)
+
+
+def descriptor_limit() -> int:
+    """The soft RLIMIT_NOFILE of this process (systemd sets it from LimitNOFILE)."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
 
 
 def build_tls_context(node: NodeConfig) -> ssl.SSLContext | None:
@@ -197,6 +206,12 @@ class Receiver:
         assert isinstance(server, NodeServer)  # made from server_class
         server.tls_context = build_tls_context(self.node)
         server.tls_handshake_timeout = self.node.tls.handshake_timeout_s
+        server.limits = WireLimits(
+            max_pdu=self.node.max_pdu, acse_timeout_s=self.node.acse_timeout_s,
+            network_timeout_s=self.node.network_timeout_s,
+            max_per_peer=self.node.max_associations_per_peer,
+        )
+        server.peers = PeerCounter(self.node.max_associations_per_peer)
         server.allowed_networks = tuple(
             ipaddress.ip_network(p, strict=False) for p in self.node.allowed_peers
         )
