@@ -22,7 +22,7 @@ from oncoseg_node.intake import wire
 from oncoseg_node.intake.handlers import StoreHandlers
 from oncoseg_node.intake.spool import Spool
 from oncoseg_node.intake.transport import FD_RESERVE, Receiver
-from oncoseg_node.ledger.store import Ledger
+from oncoseg_node.ledger import Ledger
 from tests import rawpdu
 from tests.ctfactory import encode, series
 from tests.peers import storescu
