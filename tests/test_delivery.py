@@ -12,6 +12,7 @@ from pynetdicom.sop_class import CTImageStorage, RTStructureSetStorage
 
 from oncoseg_node.config import RetryConfig, load_config
 from oncoseg_node.delivery.scheduler import DeliveryScheduler, backoff_delay
+from oncoseg_node.delivery.sender import SendResult
 from oncoseg_node.dicom import status
 from oncoseg_node.ledger import DeliveryState, JobState, Ledger
 from tests.conftest import write_config
@@ -282,5 +283,20 @@ def test_destination_refusing_the_sop_class_is_a_permanent_failure(tmp_path):
     with scp:
         cfg, _, _, _ = queued_delivery(tmp_path, [destination("tps", scp.port)])
         outcome = send_file(cfg.state_dir / "outbox" / "rs.dcm", cfg.destinations[0], "ONCOSEG")
-    assert not outcome.delivered and not outcome.transient
+    assert outcome.result == SendResult.FAILED
     assert "CT Image Storage" in outcome.reason and "rejected" in outcome.reason
+
+
+def test_send_outcome_is_one_named_result(tmp_path):
+    from oncoseg_node.delivery.sender import send_file
+
+    port = free_port()
+    cfg, _, _, uid = queued_delivery(tmp_path, [destination("tps", port)])
+    path, dest = cfg.state_dir / "outbox" / "rs.dcm", cfg.destinations[0]
+    nobody = send_file(path, dest, "ONCOSEG")  # nothing listens yet
+    assert nobody.result == SendResult.RETRY and nobody.status is None
+    with storescp(tmp_path / "tps", port=port):
+        stored = send_file(path, dest, "ONCOSEG")
+    assert stored.result == SendResult.DELIVERED and stored.status == status.SUCCESS
+    for outcome in (nobody, stored):
+        assert not hasattr(outcome, "delivered") and not hasattr(outcome, "transient")

@@ -20,7 +20,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from pydicom.uid import generate_uid
 
 from oncoseg_node.config import Config, DestinationConfig, RetryConfig
-from oncoseg_node.delivery.sender import SendOutcome, request_commitment, send_file
+from oncoseg_node.delivery.sender import SendOutcome, SendResult, request_commitment, send_file
 from oncoseg_node.ledger import DeliveryState, Ledger
 from oncoseg_node.ops.metrics import NodeMetrics
 
@@ -131,33 +131,31 @@ class DeliveryScheduler:
                 outcome = self.committer(path, dest, ae_title, delivery.transaction_uid)
             else:
                 outcome = self.sender(path, dest, ae_title)
-                if outcome.delivered and dest.storage_commitment:
+                if outcome.result == SendResult.DELIVERED and dest.storage_commitment:
                     commitment = (generate_uid(), self.ledger.clock())
                     stored = outcome
                     outcome = self.committer(path, dest, ae_title, commitment[0])
                     bound.info("rtstruct_stored_awaiting_commitment", status=stored.reason,
                                transaction_uid=commitment[0])
         except Exception as exc:  # a broken file or socket error must not kill the scheduler
-            outcome = SendOutcome(False, True, None, f"{type(exc).__name__}: {exc}")
+            outcome = SendOutcome(SendResult.RETRY, None, f"{type(exc).__name__}: {exc}")
         self.metrics.delivery_attempt_seconds.observe(
-            time.monotonic() - started, destination=dest.name,
-            outcome="delivered" if outcome.delivered else
-            "retry" if outcome.transient else "failed")
-        if commitment is not None and (outcome.delivered or outcome.transient):
+            time.monotonic() - started, destination=dest.name, outcome=outcome.result)
+        if commitment is not None and outcome.result != SendResult.FAILED:
             # Committed only when the N-EVENT-REPORT arrives; until then the
             # request is repeated on the backoff schedule.
             delay = backoff_delay(dest.retry, attempts)
             self.ledger.record_attempt(
                 delivery_id, state=DeliveryState.PENDING, status=outcome.status,
-                reason=outcome.reason if not outcome.delivered
+                reason=outcome.reason if outcome.result != SendResult.DELIVERED
                 else "stored; awaiting storage commitment",
                 next_attempt_at=self.ledger.clock() + delay, commitment=commitment)
-        elif outcome.delivered:
+        elif outcome.result == SendResult.DELIVERED:
             self.ledger.record_attempt(delivery_id, state=DeliveryState.DELIVERED,
                                        status=outcome.status, reason=outcome.reason)
             self.observe_delivered(delivery_id)
             bound.info("rtstruct_delivered", attempts=attempts, status=outcome.reason, audit=True)
-        elif outcome.transient:
+        elif outcome.result == SendResult.RETRY:
             delay = backoff_delay(dest.retry, attempts)
             self.ledger.record_attempt(delivery_id, state=DeliveryState.PENDING,
                                        status=outcome.status, reason=outcome.reason,

@@ -1,15 +1,16 @@
 """C-STORE SCU: send one stored object to one destination and classify the outcome.
 
-Outcomes are named: delivered (Success, or a Warning which the standard
-counts as stored), transient (association refused or aborted, timeout,
-0xA7xx out of resources: a later retry can succeed) or permanent (0xA9xx,
-0xCxxx and other failures: retrying cannot help).
+Every attempt ends in one :class:`SendResult`: delivered (Success, or a
+Warning which the standard counts as stored), retry (association refused or
+aborted, timeout, 0xA7xx out of resources: a later attempt can succeed) or
+failed (0xA9xx, 0xCxxx and other failures: retrying cannot help).
 """
 
 from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 import pydicom
@@ -25,12 +26,24 @@ from oncoseg_node.config import DestinationConfig
 from oncoseg_node.dicom import status
 
 
+class SendResult(StrEnum):
+    """What one attempt achieved; also the ``outcome`` label of the attempt metric."""
+
+    DELIVERED = "delivered"  # the destination holds the object (or accepted the request)
+    RETRY = "retry"          # a later attempt can succeed
+    FAILED = "failed"        # retrying cannot help
+
+
 @dataclass(frozen=True)
 class SendOutcome:
-    delivered: bool
-    transient: bool
+    result: SendResult
     status: int | None
     reason: str
+
+
+def _failure(code: int) -> SendResult:
+    """A status that is neither Success nor Warning: retry only when it can pass."""
+    return SendResult.RETRY if status.is_transient(code) else SendResult.FAILED
 
 
 def _set_nodelay(assoc: object) -> None:
@@ -60,14 +73,14 @@ def send_file(path: Path, dest: DestinationConfig, calling_ae_title: str) -> Sen
                 reason += f" ({primitive.result_str}, {primitive.reason_str})"
         elif assoc.is_aborted and assoc.rejected_contexts and not assoc.accepted_contexts:
             # The destination refuses the SOP class itself: retrying cannot help.
-            return SendOutcome(False, False, None,
+            return SendOutcome(SendResult.FAILED, None,
                                f"destination does not accept {ds.SOPClassUID.name} "
                                "(presentation context rejected)")
         elif assoc.is_aborted:
             reason = "association aborted during negotiation"
         else:
             reason = f"cannot connect to {dest.host}:{dest.port}"
-        return SendOutcome(False, True, None, reason)
+        return SendOutcome(SendResult.RETRY, None, reason)
     try:
         _set_nodelay(assoc)
         response = assoc.send_c_store(ds)
@@ -76,13 +89,13 @@ def send_file(path: Path, dest: DestinationConfig, calling_ae_title: str) -> Sen
             assoc.release()
     code = getattr(response, "Status", None)
     if code is None:
-        return SendOutcome(False, True, None, "no response (timeout or association aborted)")
+        return SendOutcome(SendResult.RETRY, None, "no response (timeout or association aborted)")
     code = int(code)
     comment = str(response.get("ErrorComment", "") or "")
     reason = status.describe(code) + (f": {comment}" if comment else "")
     if code == status.SUCCESS or status.is_warning(code):
-        return SendOutcome(True, False, code, reason)
-    return SendOutcome(False, status.is_transient(code), code, reason)
+        return SendOutcome(SendResult.DELIVERED, code, reason)
+    return SendOutcome(_failure(code), code, reason)
 
 
 REQUEST_STORAGE_COMMITMENT = 1  # N-ACTION Action Type ID
@@ -110,7 +123,8 @@ def request_commitment(path: Path, dest: DestinationConfig, calling_ae_title: st
     ae.connection_timeout = dest.timeout_s
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
     if not assoc.is_established:
-        return SendOutcome(False, True, None, "storage commitment: association not established")
+        return SendOutcome(SendResult.RETRY, None,
+                           "storage commitment: association not established")
     try:
         _set_nodelay(assoc)
         response, _reply = assoc.send_n_action(
@@ -121,9 +135,9 @@ def request_commitment(path: Path, dest: DestinationConfig, calling_ae_title: st
             assoc.release()
     code = getattr(response, "Status", None)
     if code is None:
-        return SendOutcome(False, True, None, "storage commitment: no response")
+        return SendOutcome(SendResult.RETRY, None, "storage commitment: no response")
     code = int(code)
     reason = "storage commitment request " + status.describe(code)
     if code == status.SUCCESS:
-        return SendOutcome(True, False, code, reason)
-    return SendOutcome(False, status.is_transient(code), code, reason)
+        return SendOutcome(SendResult.DELIVERED, code, reason)
+    return SendOutcome(_failure(code), code, reason)
