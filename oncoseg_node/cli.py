@@ -56,37 +56,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from oncoseg_node.contouring.engines.registry import build_engines
-    from oncoseg_node.contouring.pipeline import contour, load_ct_series, write_structure_set
-    from oncoseg_node.contouring.protocols import load_protocols
-    from oncoseg_node.rtstruct.profiles import get_profile
+    from oncoseg_node.contouring.offline import segment_folder
 
-    config = load_config(args.config)
-    protocols = load_protocols(config.protocols)
-    paths = sorted(p for p in Path(args.series_dir).iterdir() if p.is_file())
-    if not paths:
-        raise OncosegError(f"{args.series_dir}: no files")
-    volume, report = load_ct_series(paths, config.series.slice_spacing_tolerance_mm)
-    if args.protocol:
-        try:
-            protocol = protocols.by_name(args.protocol)
-        except KeyError:
-            names = ", ".join(p.name for p in protocols.protocols)
-            raise OncosegError(f"no protocol named {args.protocol!r} (have: {names})") from None
-    else:
-        matched = protocols.match(volume.header, None)
-        if matched is None:
-            raise OncosegError("no protocol matches this series and no fallback is set")
-        protocol = matched
-    engines = build_engines(config.engine)
-    started = time.monotonic()
-    contoured = contour(volume, report, protocol, engines)
-    write_structure_set(contoured, protocols, engines, get_profile(args.profile), args.output)
-    for row in contoured.summary():
-        state = "absent" if row["absent"] else f"{row['volume_cc']:.1f} cc"
-        print(f"  {row['name']:<24} {state}  {' '.join(row['flags'])}".rstrip())
-    print(f"{args.output}: {len(contoured.results)} structures, protocol {protocol.name}, "
-          f"{time.monotonic() - started:.1f} s")
+    segment_folder(load_config(args.config), args.series_dir, args.output,
+                   protocol_name=args.protocol, profile_name=args.profile,
+                   series_uid=args.series)
     return 0
 
 
@@ -201,13 +175,12 @@ def cmd_protocols_list(args: argparse.Namespace) -> int:
 
 
 def cmd_protocols_explain(args: argparse.Namespace) -> int:
+    from oncoseg_node.contouring.folder import series_paths
     from oncoseg_node.contouring.protocols import load_protocols
     from oncoseg_node.contouring.volume import read_ct_slices
 
     protocols = load_protocols(load_config(args.config).protocols)
-    paths = sorted(p for p in Path(args.series_dir).iterdir() if p.is_file())
-    if not paths:
-        raise OncosegError(f"{args.series_dir}: no files")
+    paths = series_paths(args.series_dir, args.series)
     header = read_ct_slices(paths[:1])[0]
     chosen = protocols.match(header, args.calling_ae)
     for protocol in sorted(protocols.protocols, key=lambda p: -p.priority):
@@ -222,18 +195,24 @@ def cmd_protocols_explain(args: argparse.Namespace) -> int:
 
 
 def _evaluate_case(series_dir: Path, reference: Path, ours: Path | None, case: str,
-                   config_path: Path, aliases: dict[str, str]) -> list:
-    import pydicom
-
+                   config_path: Path, aliases: dict[str, str],
+                   series_uid: str | None = None) -> list:
     from oncoseg_node.commissioning.evaluate import compare_sets
+    from oncoseg_node.contouring.folder import series_paths
     from oncoseg_node.contouring.pipeline import contour, load_ct_series
-    from oncoseg_node.rtstruct.reader import rasterize_rtstruct
+    from oncoseg_node.rtstruct.reader import (
+        rasterize_rtstruct,
+        read_structure_set,
+        referenced_series_uid,
+    )
 
-    paths = sorted(p for p in series_dir.iterdir() if p.is_file())
+    reference_ds = read_structure_set(reference)
+    ours_ds = read_structure_set(ours) if ours is not None else None
+    paths = series_paths(series_dir, series_uid, referenced_series_uid(reference_ds))
     volume, report = load_ct_series(paths)
-    reference_masks = rasterize_rtstruct(pydicom.dcmread(reference), volume)
-    if ours is not None:
-        our_masks = rasterize_rtstruct(pydicom.dcmread(ours), volume)
+    reference_masks = rasterize_rtstruct(reference_ds, volume)
+    if ours_ds is not None:
+        our_masks = rasterize_rtstruct(ours_ds, volume)
     else:
         from oncoseg_node.contouring.engines.registry import build_engines
         from oncoseg_node.contouring.protocols import load_protocols
@@ -270,7 +249,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if not (args.series and args.reference):
             raise OncosegError("give --series and --reference, or --cases")
         rows = _evaluate_case(Path(args.series), Path(args.reference),
-                              Path(args.ours) if args.ours else None, "", args.config, aliases)
+                              Path(args.ours) if args.ours else None, "", args.config, aliases,
+                              args.series_uid)
     print(to_table(rows))
     if args.cases:
         print("\nper structure over cases: median [IQR]")
@@ -316,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, required=True, help="RTSTRUCT file to write")
     p.add_argument("--protocol", help="protocol name (default: matched from the series)")
     p.add_argument("--profile", default="generic", help="destination profile for the writer")
+    p.add_argument("--series", metavar="UID",
+                   help="the CT series to contour when the folder holds several")
     _config_arg(p)
     p.set_defaults(func=cmd_segment)
 
@@ -356,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = psub.add_parser("explain", help="which protocol matches a series, and why not the others")
     q.add_argument("series_dir", type=Path)
     q.add_argument("--calling-ae", help="the scanner's AE title, for calling-AE rules")
+    q.add_argument("--series", metavar="UID",
+                   help="the CT series to explain when the folder holds several")
     _config_arg(q)
     q.set_defaults(func=cmd_protocols_explain)
 
@@ -363,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--series", help="folder of the CT series")
     p.add_argument("--reference", help="reference RT Structure Set (e.g. manual contours)")
     p.add_argument("--ours", help="our RT Structure Set (default: contour the series now)")
+    p.add_argument("--series-uid", help="the CT series in --series DIR when it holds several "
+                   "(default: the one the reference is drawn on)")
     p.add_argument("--cases", help="folder of cases, each with ct/, reference.dcm, [ours.dcm]")
     p.add_argument("--alias-map", help="YAML: reference ROI name -> TG-263 name")
     p.add_argument("--csv", help="write per-structure metrics as CSV")

@@ -53,5 +53,11 @@ def write_durably(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically and durably (tmp + fsync + rename)."""
     tmp = temporary_name(path)
     write_and_sync(tmp, [data])
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        # e.g. ``path`` is a folder: the data never had a name, so neither
+        # may its temporary file stay behind.
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)

@@ -21,7 +21,7 @@ from oncoseg_node.contouring.engines.registry import EngineSet
 from oncoseg_node.contouring.geometry import GeometryReport, check_series
 from oncoseg_node.contouring.protocols import Protocol, ProtocolSet
 from oncoseg_node.contouring.sanity import flag_results
-from oncoseg_node.contouring.volume import Volume, read_ct_slices, volume_from_datasets
+from oncoseg_node.contouring.volume import Volume, check_type1, read_ct_slices, volume_from_datasets
 from oncoseg_node.errors import GeometryError, SeriesLoadError
 from oncoseg_node.rtstruct.profiles import DestinationProfile
 from oncoseg_node.rtstruct.selfcheck import save_verified
@@ -67,6 +67,7 @@ def load_ct_series(paths: Sequence[Path], spacing_tolerance_mm: float = 0.1, *,
     series = {str(ds.SeriesInstanceUID) for ds in datasets}
     if len(series) != 1:
         raise SeriesLoadError(f"files belong to {len(series)} different series")
+    check_type1(datasets)
     try:
         report = check_series(datasets, spacing_tolerance_mm=spacing_tolerance_mm)
     except GeometryError as exc:
@@ -84,7 +85,8 @@ def contour(volume: Volume, report: GeometryReport, protocol: Protocol,
 
 
 def write_structure_set(contoured: Contoured, protocols: ProtocolSet, engines: EngineSet,
-                        profile: DestinationProfile, path: Path) -> Dataset:
+                        profile: DestinationProfile, path: Path, *,
+                        sop_instance_uid: str | None = None) -> Dataset:
     """Build, write, read back and verify the RT Structure Set for one profile."""
     by_name = {s.name: s for s in contoured.protocol.structures}
     rois = [
@@ -102,6 +104,6 @@ def write_structure_set(contoured: Contoured, protocols: ProtocolSet, engines: E
         models={name: engines.engines[name].description for name in used
                 if name in engines.engines},
     )
-    ds = build_rtstruct(contoured.volume, rois, info, profile)
+    ds = build_rtstruct(contoured.volume, rois, info, profile, sop_instance_uid=sop_instance_uid)
     save_verified(ds, path, contoured.volume, profile)
     return pydicom.dcmread(path)

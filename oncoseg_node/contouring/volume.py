@@ -113,6 +113,33 @@ def _header_without_pixels(ds: Dataset) -> Dataset:
     return header
 
 
+# Type 1 attributes (present and not empty) of the CT Image IOD that the
+# volume and the structure set we derive from it depend on. An anonymiser that
+# blanks a UID produces a structure set that references nothing.
+CT_TYPE1 = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+            "Modality", "FrameOfReferenceUID", "ImagePositionPatient",
+            "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
+
+
+def empty_type1(datasets: Sequence[Dataset]) -> dict[str, int]:
+    """Type 1 attributes missing or empty in the instances: keyword -> how many instances."""
+    found: dict[str, int] = {}
+    for ds in datasets:
+        for keyword in CT_TYPE1:
+            value = ds.get(keyword)
+            if value is None or value == "" or (hasattr(value, "__len__") and len(value) == 0):
+                found[keyword] = found.get(keyword, 0) + 1
+    return found
+
+
+def check_type1(datasets: Sequence[Dataset]) -> None:
+    """Raise :class:`SeriesLoadError` naming every empty Type 1 attribute."""
+    found = empty_type1(datasets)
+    if found:
+        named = ", ".join(f"{k} (in {n} of {len(datasets)})" for k, n in found.items())
+        raise SeriesLoadError(f"empty Type 1 attribute(s): {named}")
+
+
 def read_ct_slices(paths: Sequence[Path]) -> list[Dataset]:
     """Read CT image files; raises :class:`SeriesLoadError` naming a bad file."""
     datasets: list[Dataset] = []

@@ -9,10 +9,14 @@ belongs to the ROI when its centre is inside.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset
 
 from oncoseg_node.contouring.volume import Volume
+from oncoseg_node.errors import RTStructError
 from oncoseg_node.rtstruct.contours import fill_polygons
 
 
@@ -45,3 +49,27 @@ def rasterize_rtstruct(ds: Dataset, volume: Volume) -> dict[str, np.ndarray]:
             mask[z] = fill_polygons(polygons, volume.shape[1:])
         masks[names.get(int(roi.ReferencedROINumber), str(roi.ReferencedROINumber))] = mask
     return masks
+
+
+def read_structure_set(path: Path) -> Dataset:
+    """Read an RT Structure Set file; :class:`RTStructError` names a missing or bad file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RTStructError(f"{path}: no such structure set file")
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as exc:  # pydicom raises several unrelated types
+        raise RTStructError(f"{path}: not a readable DICOM file ({exc})") from None
+    if "ROIContourSequence" not in ds:
+        raise RTStructError(f"{path}: not an RT Structure Set (Modality "
+                            f"{ds.get('Modality', 'unknown')})")
+    return ds
+
+
+def referenced_series_uid(ds: Dataset) -> str | None:
+    """The CT series a structure set is drawn on, when it says."""
+    try:
+        return str(ds.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0]
+                   .RTReferencedSeriesSequence[0].SeriesInstanceUID)
+    except (AttributeError, IndexError):
+        return None

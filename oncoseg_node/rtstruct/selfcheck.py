@@ -30,13 +30,14 @@ from oncoseg_node.rtstruct.contour_items import (
     REFERENCED_SOP_INSTANCE_UID,
 )
 from oncoseg_node.rtstruct.profiles import DestinationProfile
+from oncoseg_node.rtstruct.type1 import type1_problems
 
 MAX_DS_LENGTH = 16
 
 
 def check_rtstruct(ds: Dataset, volume: Volume, profile: DestinationProfile) -> list[str]:
     """Problems that would make a planning system refuse or misplace the set."""
-    problems = []
+    problems = type1_problems(ds)
     if ds.get("SOPClassUID") != RTStructureSetStorage:
         problems.append("SOPClassUID is not RT Structure Set Storage")
     if ds.get("ApprovalStatus") != "UNAPPROVED":
