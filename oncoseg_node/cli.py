@@ -56,7 +56,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from oncoseg_node.contouring.offline import segment_folder
+    from oncoseg_node.ops.offline import segment_folder
 
     segment_folder(load_config(args.config), args.series_dir, args.output,
                    protocol_name=args.protocol, profile_name=args.profile,

@@ -15,6 +15,7 @@ from oncoseg_node.delivery.scheduler import DeliveryScheduler, backoff_delay
 from oncoseg_node.delivery.sender import SendResult
 from oncoseg_node.dicom import status
 from oncoseg_node.ledger import DeliveryState, JobState, Ledger
+from oncoseg_node.ops.metrics import NodeMetrics
 from tests.conftest import write_config
 from tests.ctfactory import encode, series
 from tests.daemon import wait_until
@@ -141,6 +142,8 @@ def test_permanent_failure_ends_delivery_with_reason_then_retry_sends(tmp_path):
     with FailingScp(status.CANNOT_UNDERSTAND) as tps:
         cfg, ledger, job_id, uid = queued_delivery(tmp_path, [destination("tps", tps.port)])
         scheduler = DeliveryScheduler(cfg, ledger, reconcile_interval_s=0.2)
+        metrics = NodeMetrics()
+        metrics.add(scheduler.metrics.collectors())
         scheduler.start()
         try:
             wait_until(lambda: ledger.job(job_id).state == JobState.FAILED, 10, "job failed")
@@ -149,12 +152,15 @@ def test_permanent_failure_ends_delivery_with_reason_then_retry_sends(tmp_path):
             assert delivery.last_status == status.CANNOT_UNDERSTAND
             assert "0xC000" in delivery.reason and "cannot understand" in delivery.reason.lower()
             assert "0xC000" in (ledger.job(job_id).reason or "")
+            assert metrics.value("oncoseg_deliveries_failed_total", destination="tps") == 1
             tps.answer = status.SUCCESS
             assert ledger.retry_deliveries(job_id) == 1
             run_until_sent(cfg, ledger, job_id)
         finally:
             scheduler.stop()
         assert tps.received == [uid, uid]
+        # the resend that succeeded is not a failure
+        assert metrics.value("oncoseg_deliveries_failed_total", destination="tps") == 1
 
 
 def test_warning_counts_as_delivered(tmp_path):

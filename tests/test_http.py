@@ -17,6 +17,7 @@ from oncoseg_node.ledger import Ledger
 from oncoseg_node.ops.http import HttpServer, StatusSite
 from oncoseg_node.ops.metrics import NodeMetrics
 from oncoseg_node.ops.qa import Overlay, qa_relpath, write_qa_snapshot
+from oncoseg_node.ops.worker import WorkerMetrics
 from tests.ctfactory import ct_slice, encode
 from tests.pngread import decode
 
@@ -124,11 +125,13 @@ def test_healthz_is_503_when_a_check_raises(node):
 
 
 def test_metrics_are_served_as_prometheus_text(node):
-    node.metrics.segmentation_seconds.observe(2.0)
+    worker = WorkerMetrics()
+    node.metrics.add(worker.collectors())
+    worker.segmentation_seconds.observe(2.0)
     status, headers, body = get(node.server.port, "/metrics")
     assert status == 200
     assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
-    assert "oncoseg_segmentation_seconds_count 1\n" in body.decode()
+    assert "oncoseg_segmentation_seconds_count 1.0\n" in body.decode()
 
 
 def test_jobs_page_escapes_everything_from_dicom_and_the_ledger(node):

@@ -18,13 +18,16 @@ import pytest
 
 from oncoseg_node.commissioning.phantom import write_phantom
 from oncoseg_node.contouring.protocols import load_protocols
+from oncoseg_node.dicom import status
 from oncoseg_node.ledger import JobState
 from tests.conftest import write_config
+from tests.ctfactory import series
 from tests.daemon import Daemon, wait_until
 from tests.peers import free_port, storescp, storescu
 from tests.pngread import decode
 from tests.test_http_page import screenshot
 from tests.test_metrics import parse
+from tests.test_receiver import scu_store
 
 SLICES = 48
 # A thorax protocol as physics would write it; Heart is not something the
@@ -82,6 +85,9 @@ def contoured_node(tmp_path_factory):
         daemon = Daemon(config, port, tmp / "daemon.log").start()
         try:
             assert storescu(phantom_dir, port).returncode == 0
+            short = series(1)[0]
+            short.PixelData = short.PixelData[:100]  # refused: 0xA900
+            assert scu_store(port, [short]) == [status.DATASET_DOES_NOT_MATCH_SOP_CLASS]
             (job,) = wait_until(lambda: [j for j in daemon.status() if j["state"] == JobState.SENT],
                                 180, f"the job sent\n{daemon.log()}")
             served = {path: get(http_port, path) for path in
@@ -123,6 +129,10 @@ def test_metrics_count_what_happened(contoured_node):
     assert sample(families, "oncoseg_deliveries_pending", destination="tps") == 0
     assert sample(families, "oncoseg_disk_free_bytes") > 0
     assert sample(families, "oncoseg_health", check="worker") == 1
+    assert sample(families, "oncoseg_instances_refused_total", status="0xA900") == 1
+    assert sample(families, "oncoseg_jobs_held") == 0
+    assert families["oncoseg_deliveries_failed_total"]["type"] == "counter"
+    assert not families["oncoseg_deliveries_failed_total"]["samples"]  # nothing failed yet
 
 
 def test_jobs_page_lists_the_job_with_its_snapshot(contoured_node):

@@ -1,4 +1,4 @@
-"""Prometheus text exposition: exact rendering, escaping, and a format check of the whole page."""
+"""The node's /metrics: per-node registry, scrape-time values, and a strict check of the page."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ import math
 import re
 
 import pytest
+from prometheus_client import REGISTRY
 
-from oncoseg_node.delivery.scheduler import DeliveryScheduler
+from oncoseg_node.delivery.scheduler import DeliveryMetrics, DeliveryScheduler
 from oncoseg_node.ledger import DeliveryState, Ledger
-from oncoseg_node.ops.metrics import Counter, Histogram, NodeMetrics, Registry
+from oncoseg_node.ops.metrics import NodeMetrics
+from oncoseg_node.ops.worker import WorkerMetrics
 
 NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
 LABEL = r'[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\\\|\\"|\\n)*"'
@@ -69,82 +71,65 @@ def check_histogram(name: str, samples: list) -> None:
         assert "sum" in entry
 
 
-def test_counter_renders_exactly():
-    registry = Registry()
-    counter = registry.register(Counter("demo_things_total", "Things seen.", ["kind"]))
-    counter.inc(kind="a")
-    counter.inc(2.5, kind='say "hi"\\\n')
-    assert registry.render() == (
-        "# HELP demo_things_total Things seen.\n"
-        "# TYPE demo_things_total counter\n"
-        'demo_things_total{kind="a"} 1\n'
-        'demo_things_total{kind="say \\"hi\\"\\\\\\n"} 2.5\n'
-    )
-    assert counter.value(kind="a") == 1
-
-
-def test_histogram_buckets_are_cumulative_with_sum_and_count():
-    registry = Registry()
-    hist = registry.register(Histogram("demo_seconds", "Durations.", [1, 5, 10]))
-    for value in (0.5, 1.0, 3, 7, 100):
-        hist.observe(value)
-    assert registry.render().splitlines()[2:] == [
-        'demo_seconds_bucket{le="1"} 2',
-        'demo_seconds_bucket{le="5"} 3',
-        'demo_seconds_bucket{le="10"} 4',
-        'demo_seconds_bucket{le="+Inf"} 5',
-        "demo_seconds_sum 111.5",
-        "demo_seconds_count 5",
-    ]
-    assert hist.count() == 5
-
-
-def test_gauge_is_read_at_scrape_time():
-    registry = Registry()
-    state = {"depth": 3}
-    registry.gauge("demo_depth", "Queue depth\nnow.", lambda: [({}, state["depth"])])
-    assert "demo_depth 3\n" in registry.render()
-    state["depth"] = 0
-    text = registry.render()
-    assert "demo_depth 0\n" in text
-    assert "# HELP demo_depth Queue depth\\nnow.\n" in text
-
-
-@pytest.mark.parametrize("make", [
-    lambda: Counter("no_suffix", "x"),
-    lambda: Histogram("h", "x", [5, 1]),
-    lambda: Histogram("h", "x", [1], ["le"]),
-])
-def test_invalid_metrics_are_refused(make):
-    with pytest.raises(ValueError):
-        make()
-
-
-def test_wrong_labels_and_negative_increments_are_refused():
-    counter = Counter("c_total", "x", ["destination"])
-    with pytest.raises(ValueError):
-        counter.inc(state="sent")
-    with pytest.raises(ValueError):
-        counter.inc(-1, destination="tps")
-    registry = Registry()
-    registry.register(Counter("c_total", "x"))
-    with pytest.raises(ValueError):
-        registry.register(Counter("c_total", "x"))
-
-
 def test_node_metrics_page_is_valid_exposition_format():
     metrics = NodeMetrics()
-    metrics.segmentation_seconds.observe(4.2)
-    metrics.delivery_latency_seconds.observe(31.0, destination="tps")
-    metrics.delivery_attempt_seconds.observe(0.3, destination="tps", outcome="delivered")
-    metrics.jobs_finished.inc(state="delivering")
+    worker, delivery = WorkerMetrics(), DeliveryMetrics()
+    metrics.add(worker.collectors())
+    metrics.add(delivery.collectors())
+    worker.segmentation_seconds.observe(4.2)
+    worker.jobs_finished.labels(state="delivering").inc()
+    delivery.delivery_latency_seconds.labels(destination="tps").observe(31.0)
+    delivery.delivery_attempt_seconds.labels(destination="tps", outcome="delivered").observe(0.3)
+    delivery.deliveries_failed.labels(destination="tps").inc()
     metrics.gauge("oncoseg_jobs", "Jobs by state.",
                   lambda: [({"state": "queued"}, 2), ({"state": "sent"}, 7)])
-    families = parse(metrics.render())
+    metrics.gauge("oncoseg_instances_refused_total", "Refused.",
+                  lambda: [({"status": "0xA900"}, 3)], kind="counter")
+    text = metrics.render()
+    families = parse(text)
     assert families["oncoseg_segmentation_seconds"]["type"] == "histogram"
     latency = families["oncoseg_delivery_latency_seconds"]["samples"]
     assert ("oncoseg_delivery_latency_seconds_count", {"destination": "tps"}, 1.0) in latency
     assert ("oncoseg_jobs", {"state": "sent"}, 7.0) in families["oncoseg_jobs"]["samples"]
+    assert families["oncoseg_instances_refused_total"]["type"] == "counter"
+    assert ("oncoseg_instances_refused_total", {"status": "0xA900"}, 3.0) in \
+        families["oncoseg_instances_refused_total"]["samples"]
+    assert metrics.value("oncoseg_deliveries_failed_total", destination="tps") == 1
+    assert metrics.value("oncoseg_jobs_processed_total", state="delivering") == 1
+
+
+def test_gauge_is_read_at_scrape_time():
+    metrics = NodeMetrics()
+    state = {"depth": 3}
+    metrics.gauge("demo_depth", "Queue depth\nnow.", lambda: [({}, state["depth"])])
+    assert "demo_depth 3.0\n" in metrics.render()
+    state["depth"] = 0
+    text = metrics.render()
+    assert "demo_depth 0.0\n" in text
+    assert "# HELP demo_depth Queue depth\\nnow.\n" in text
+    # registered again under the same name: the new reader replaces the old one
+    metrics.gauge("demo_depth", "Queue depth.", lambda: [({}, 9)])
+    assert metrics.value("demo_depth") == 9 and metrics.render().count("# TYPE demo_depth") == 1
+
+
+@pytest.mark.parametrize("kind, name", [("counter", "no_suffix"), ("summary", "x")])
+def test_scrape_time_values_must_be_gauges_or_counters_named_total(kind, name):
+    with pytest.raises(ValueError):
+        NodeMetrics().gauge(name, "x", lambda: [], kind=kind)
+
+
+def test_two_nodes_in_one_process_count_their_own_work():
+    first, second = NodeMetrics(), NodeMetrics()
+    first_worker, second_worker = WorkerMetrics(), WorkerMetrics()
+    first.add(first_worker.collectors())
+    second.add(second_worker.collectors())
+    first_worker.jobs_finished.labels(state="sent").inc()
+    assert first.value("oncoseg_jobs_processed_total", state="sent") == 1
+    assert second.value("oncoseg_jobs_processed_total", state="sent") is None
+    # nothing lands in prometheus_client's process-global registry
+    assert REGISTRY.get_sample_value("oncoseg_jobs_processed_total", {"state": "sent"}) is None
+    with pytest.raises(ValueError):  # one collector cannot be served twice by one node
+        first.add(first_worker.collectors())
 
 
 def test_delivery_latency_runs_from_series_complete_to_accepted(make_config):
@@ -161,14 +146,15 @@ def test_delivery_latency_runs_from_series_complete_to_accepted(make_config):
     ledger.start_deliveries(job_id, [("tps", "9.9", "outbox/x.dcm")])
     (delivery,) = ledger.deliveries(job_id=job_id)
     metrics = NodeMetrics()
-    scheduler = DeliveryScheduler(config, ledger, metrics=metrics)
+    scheduler = DeliveryScheduler(config, ledger)
+    metrics.add(scheduler.metrics.collectors())
     scheduler.observe_delivered(delivery.id)  # still pending: nothing to observe
-    assert metrics.delivery_latency_seconds.count(destination="tps") == 0
+    assert not metrics.value("oncoseg_delivery_latency_seconds_count", destination="tps")
     now[0] = 1052.5
     ledger.record_attempt(delivery.id, state=DeliveryState.DELIVERED, status=0, reason="committed")
     scheduler.observe_delivered(delivery.id)
     text = metrics.render()
     assert 'oncoseg_delivery_latency_seconds_sum{destination="tps"} 42.5\n' in text
-    assert 'oncoseg_delivery_latency_seconds_bucket{destination="tps",le="30"} 0\n' in text
-    assert 'oncoseg_delivery_latency_seconds_bucket{destination="tps",le="60"} 1\n' in text
+    assert 'oncoseg_delivery_latency_seconds_bucket{destination="tps",le="30.0"} 0.0\n' in text
+    assert 'oncoseg_delivery_latency_seconds_bucket{destination="tps",le="60.0"} 1.0\n' in text
     ledger.close()

@@ -145,6 +145,20 @@ def test_hostile_uids_create_nothing_outside_the_spool(node, tmp_path, hostile):
     assert len(ledger.series_instances(hostile)) == 1
 
 
+def test_refusals_are_counted_by_status(node):
+    """What /metrics shows as oncoseg_instances_refused_total, over a real association."""
+    receiver, ledger, spool, handlers = node()
+    good, short, unnamed = series(3)
+    short.PixelData = short.PixelData[:100]
+    del unnamed.SeriesInstanceUID
+    answers = scu_store(receiver.port, [good, short, unnamed, good])
+    assert answers == [status.SUCCESS, status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                       status.CANNOT_UNDERSTAND, status.SUCCESS]
+    assert handlers.refused_counts() == {status.DATASET_DOES_NOT_MATCH_SOP_CLASS: 1,
+                                         status.CANNOT_UNDERSTAND: 1}
+    assert handlers.received == 1  # the identical resend is not a second instance
+
+
 def _assert_nothing_stored(ledger: Ledger, spool: Spool) -> None:
     assert spool.all_relpaths() == set()
     assert ledger.open_series() == []

@@ -1,6 +1,6 @@
-"""Stage 2, series to masks: volume, geometry gate, protocols, engines, sanity, worker.
+"""Stage 2, series to masks: volume, geometry gate, protocols, engines, sanity flags.
 
-Imports ``intake`` (the spool it reads), ``ledger`` and ``rtstruct`` (the
-worker writes the structure set it hands to delivery) and the shared parts;
-never ``delivery`` or ``ops``.
+Imports only the shared parts (``config``, ``errors``); never ``intake``,
+``rtstruct``, ``delivery`` or ``ops``. It neither reads the spool nor writes
+the ledger: the worker (``ops.worker``) hands it files and takes its masks.
 """

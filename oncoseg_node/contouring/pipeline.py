@@ -2,7 +2,7 @@
 
 Used by the worker for every job and by ``oncoseg-node segment`` offline, so
 the two can never drift apart: files -> geometry gate -> volume -> protocol
--> engines -> RT Structure Set written and verified.
+-> engines -> sanity flags. :mod:`oncoseg_node.rtstruct.draft` writes the result.
 """
 
 from __future__ import annotations
@@ -12,20 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pydicom
-from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage
 
 from oncoseg_node.contouring.engines.base import StructureResult
 from oncoseg_node.contouring.engines.registry import EngineSet
 from oncoseg_node.contouring.geometry import GeometryReport, check_series
-from oncoseg_node.contouring.protocols import Protocol, ProtocolSet
+from oncoseg_node.contouring.protocols import Protocol
 from oncoseg_node.contouring.sanity import flag_results
 from oncoseg_node.contouring.volume import Volume, check_type1, read_ct_slices, volume_from_datasets
 from oncoseg_node.errors import GeometryError, SeriesLoadError
-from oncoseg_node.rtstruct.profiles import DestinationProfile
-from oncoseg_node.rtstruct.selfcheck import save_verified
-from oncoseg_node.rtstruct.writer import GenerationInfo, RoiMask, build_rtstruct
 
 
 @dataclass(frozen=True)
@@ -82,28 +77,3 @@ def contour(volume: Volume, report: GeometryReport, protocol: Protocol,
     results = engines.segment(volume, protocol.structures)
     return Contoured(volume, protocol, flag_results(volume, protocol.structures, results),
                      report)
-
-
-def write_structure_set(contoured: Contoured, protocols: ProtocolSet, engines: EngineSet,
-                        profile: DestinationProfile, path: Path, *,
-                        sop_instance_uid: str | None = None) -> Dataset:
-    """Build, write, read back and verify the RT Structure Set for one profile."""
-    by_name = {s.name: s for s in contoured.protocol.structures}
-    rois = [
-        RoiMask(name=r.name, color=by_name[r.name].color,
-                interpreted_type=by_name[r.name].interpreted_type, mask=r.found_mask,
-                engine=by_name[r.name].engine)
-        for r in contoured.results if not r.absent
-    ]
-    used = sorted({by_name[r.name].engine for r in contoured.results})
-    info = GenerationInfo(
-        engine=",".join(used),
-        model=engines.describe_for(contoured.protocol.structures),
-        protocol_name=contoured.protocol.name,
-        protocol_version=protocols.version,
-        models={name: engines.engines[name].description for name in used
-                if name in engines.engines},
-    )
-    ds = build_rtstruct(contoured.volume, rois, info, profile, sop_instance_uid=sop_instance_uid)
-    save_verified(ds, path, contoured.volume, profile)
-    return pydicom.dcmread(path)

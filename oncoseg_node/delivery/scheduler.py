@@ -17,16 +17,47 @@ from datetime import UTC, datetime
 import structlog
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
+from prometheus_client import Counter, Histogram
+from prometheus_client.registry import Collector
 from pydicom.uid import generate_uid
 
 from oncoseg_node.config import Config, DestinationConfig, RetryConfig
 from oncoseg_node.delivery.sender import SendOutcome, SendResult, request_commitment, send_file
 from oncoseg_node.ledger import DeliveryState, Ledger
-from oncoseg_node.ops.metrics import NodeMetrics
 
 log = structlog.get_logger("oncoseg_node.delivery.scheduler")
 
 Sender = Callable[..., SendOutcome]
+# Series complete to accepted by the planning system: seconds when all is
+# well, up to hours when a destination is down and backoff runs.
+DELIVERY_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 900, 1800, 3600, 14400)
+# One C-STORE of one structure set.
+ATTEMPT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class DeliveryMetrics:
+    """What deliveries count; the service serves them on the node's ``/metrics``."""
+
+    def __init__(self) -> None:
+        # registry=None: each scheduler's own, never the library's process-global registry
+        self.delivery_latency_seconds = Histogram(
+            "oncoseg_delivery_latency_seconds",
+            "Seconds from series complete (job created) to the destination accepting its "
+            "RT Structure Set, retries and backoff included.",
+            ["destination"], buckets=DELIVERY_BUCKETS, registry=None)
+        self.delivery_attempt_seconds = Histogram(
+            "oncoseg_delivery_attempt_seconds",
+            "Seconds one delivery attempt (association, C-STORE, release) took.",
+            ["destination", "outcome"], buckets=ATTEMPT_BUCKETS, registry=None)
+        self.deliveries_failed = Counter(
+            "oncoseg_deliveries_failed_total",
+            "Deliveries that ended failed (a permanent refusal, or a destination no longer "
+            "configured): an operator must resend them.",
+            ["destination"], registry=None)
+
+    def collectors(self) -> list[Collector]:
+        return [self.delivery_latency_seconds, self.delivery_attempt_seconds,
+                self.deliveries_failed]
 
 
 def backoff_delay(retry: RetryConfig, attempts: int) -> float:
@@ -37,10 +68,9 @@ def backoff_delay(retry: RetryConfig, attempts: int) -> float:
 class DeliveryScheduler:
     def __init__(self, config: Config, ledger: Ledger, *, sender: Sender = send_file,
                  committer: Callable[..., SendOutcome] = request_commitment,
-                 reconcile_interval_s: float = 1.0,
-                 metrics: NodeMetrics | None = None) -> None:
+                 reconcile_interval_s: float = 1.0) -> None:
         self.config = config
-        self.metrics = metrics or NodeMetrics()
+        self.metrics = DeliveryMetrics()
         self.ledger = ledger
         self.sender = sender
         self.committer = committer
@@ -78,6 +108,7 @@ class DeliveryScheduler:
                 self.ledger.record_attempt(
                     delivery.id, state=DeliveryState.FAILED, status=None,
                     reason=f"destination {delivery.destination!r} is no longer configured")
+                self.metrics.deliveries_failed.labels(destination=delivery.destination).inc()
                 continue
             run_at = datetime.fromtimestamp(max(delivery.next_attempt_at, 0), tz=UTC)
             self.scheduler.add_job(
@@ -96,8 +127,8 @@ class DeliveryScheduler:
         job = self.ledger.job(delivery.job_id) if delivery is not None else None
         if delivery is None or job is None or delivery.delivered_at is None:
             return
-        self.metrics.delivery_latency_seconds.observe(
-            max(delivery.delivered_at - job.created_at, 0.0), destination=delivery.destination)
+        self.metrics.delivery_latency_seconds.labels(destination=delivery.destination).observe(
+            max(delivery.delivered_at - job.created_at, 0.0))
 
     def attempt(self, delivery_id: int) -> None:
         with self._lock:
@@ -139,8 +170,8 @@ class DeliveryScheduler:
                                transaction_uid=commitment[0])
         except Exception as exc:  # a broken file or socket error must not kill the scheduler
             outcome = SendOutcome(SendResult.RETRY, None, f"{type(exc).__name__}: {exc}")
-        self.metrics.delivery_attempt_seconds.observe(
-            time.monotonic() - started, destination=dest.name, outcome=outcome.result)
+        self.metrics.delivery_attempt_seconds.labels(
+            destination=dest.name, outcome=outcome.result).observe(time.monotonic() - started)
         if commitment is not None and outcome.result != SendResult.FAILED:
             # Committed only when the N-EVENT-REPORT arrives; until then the
             # request is repeated on the backoff schedule.
@@ -165,4 +196,5 @@ class DeliveryScheduler:
         else:
             self.ledger.record_attempt(delivery_id, state=DeliveryState.FAILED,
                                        status=outcome.status, reason=outcome.reason)
+            self.metrics.deliveries_failed.labels(destination=dest.name).inc()
             bound.error("delivery_failed", attempts=attempts, reason=outcome.reason)

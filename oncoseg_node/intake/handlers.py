@@ -66,22 +66,37 @@ class StoreHandlers:
         self.on_activity = on_activity or (lambda: None)
         self.min_free_bytes = node.min_free_disk_mb * 1024 * 1024
         self.received = 0
+        self.refused: dict[int, int] = {}  # instances refused, by the status answered
         self._counter_lock = threading.Lock()
         self.associations = OpenAssociations()
 
     def bindings(self) -> list[EventHandlerType]:
         return [
-            (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_C_STORE, self.store_and_count),
             (evt.EVT_C_ECHO, self.handle_echo),
             (evt.EVT_RELEASED, self.handle_association_end),
             (evt.EVT_ABORTED, self.handle_association_end),
         ]
+
+    def refused_counts(self) -> dict[int, int]:
+        """Instances refused since start, by status (a copy: scrapes run on other threads)."""
+        with self._counter_lock:
+            return dict(sorted(self.refused.items()))
 
     def handle_association_end(self, event: Any) -> None:
         self.associations.ended(id(event.assoc))
 
     def handle_echo(self, event: Any) -> int:
         return status.SUCCESS
+
+    def store_and_count(self, event: Any) -> int | Dataset:
+        """:meth:`handle_store`, counting each refusal by the status it answered."""
+        answer = self.handle_store(event)
+        code = int(answer.Status) if isinstance(answer, Dataset) else int(answer)
+        if code != status.SUCCESS and not status.is_warning(code):
+            with self._counter_lock:
+                self.refused[code] = self.refused.get(code, 0) + 1
+        return answer
 
     def handle_store(self, event: Any) -> int | Dataset:
         calling_ae = str(event.assoc.requestor.ae_title).strip()

@@ -30,7 +30,6 @@ from oncoseg_node.config import Config
 from oncoseg_node.contouring.engines.registry import EngineSet, build_engines
 from oncoseg_node.contouring.protocol_watch import ProtocolWatcher
 from oncoseg_node.contouring.protocols import ProtocolSet
-from oncoseg_node.contouring.worker import Worker
 from oncoseg_node.delivery.commitment import CommitmentReports
 from oncoseg_node.delivery.scheduler import DeliveryScheduler
 from oncoseg_node.intake.assembly import Assembler
@@ -42,6 +41,7 @@ from oncoseg_node.ops.http import HttpServer, StatusSite
 from oncoseg_node.ops.metrics import NodeMetrics
 from oncoseg_node.ops.notify import Notifier
 from oncoseg_node.ops.retention import Retention
+from oncoseg_node.ops.worker import Worker
 
 log = structlog.get_logger("oncoseg_node.ops.service")
 
@@ -85,7 +85,8 @@ class Service:
         self._protocols = ProtocolWatcher(cfg.protocols)
         self._protocols.start()
         engines = self._engines or build_engines(cfg.engine)
-        self.delivery = DeliveryScheduler(cfg, self.ledger, metrics=self.metrics)
+        self.delivery = DeliveryScheduler(cfg, self.ledger)
+        self.metrics.add(self.delivery.metrics.collectors())
         self.delivery.start()
         self.retention = Retention(cfg.retention, self.ledger, spool)
         self.retention.start()
@@ -94,7 +95,8 @@ class Service:
         assembler = Assembler(self.ledger, cfg.series.quiet_period_s,
                               association_open=handlers.associations.is_open)
         worker = Worker(cfg, self.ledger, spool, engines, self.current_protocols,
-                        metrics=self.metrics, deliveries_started=self.delivery.wake)
+                        deliveries_started=self.delivery.wake)
+        self.metrics.add(worker.metrics.collectors())
         self.worker = worker
         self._spawn("assembler", lambda: assembler.run(self._stop_work))
         self._spawn("worker", lambda: worker.run(self._stop_work))
@@ -148,7 +150,15 @@ class Service:
         metrics.gauge("oncoseg_instances_received_total",
                       "CT instances stored and acknowledged since the node started.",
                       lambda: [({}, handlers.received)], kind="counter")
+        metrics.gauge("oncoseg_instances_refused_total",
+                      "Instances refused since the node started, by the DIMSE status answered.",
+                      lambda: [({"status": f"0x{code:04X}"}, n)
+                               for code, n in handlers.refused_counts().items()], kind="counter")
         metrics.gauge("oncoseg_jobs", "Jobs in the ledger by state.", jobs_by_state)
+        metrics.gauge("oncoseg_jobs_held",
+                      "Jobs held for an operator (refused by the geometry gate or the structure "
+                      "set check): nothing is sent until one releases them.",
+                      lambda: [({}, ledger.count_jobs_by_state().get(JobState.HELD, 0))])
         metrics.gauge("oncoseg_queue_depth", "Jobs waiting for the worker (state queued).",
                       lambda: [({}, ledger.count_jobs_by_state().get(JobState.QUEUED, 0))])
         metrics.gauge("oncoseg_series_open", "Series still arriving or in their quiet period.",

@@ -1,5 +1,5 @@
-"""The RT Structure Set: contour tracing, encoding, writer, self-check, reader, profiles.
+"""Stage 3, masks to a file: contour tracing and encoding, writer, self-check, reader, profiles.
 
-Imports only the shared parts and ``contouring.volume`` (the CT geometry it
-maps contours into); never ``delivery`` or ``ops``.
+Imports the shared parts and ``contouring`` (the CT geometry it maps contours
+into, the contoured series it writes); never ``delivery`` or ``ops``.
 """

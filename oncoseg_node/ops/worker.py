@@ -15,19 +15,21 @@ from collections.abc import Callable
 from typing import Any
 
 import structlog
+from prometheus_client import Counter, Histogram
+from prometheus_client.registry import Collector
 
 from oncoseg_node.config import Config, DestinationConfig
 from oncoseg_node.contouring.engines.registry import EngineSet
-from oncoseg_node.contouring.pipeline import Contoured, contour, load_ct_series, write_structure_set
+from oncoseg_node.contouring.pipeline import Contoured, contour, load_ct_series
 from oncoseg_node.contouring.protocols import Protocol, ProtocolSet
 from oncoseg_node.errors import GeometryError, RTStructError, SeriesLoadError
 from oncoseg_node.intake.spool import Spool
 from oncoseg_node.ledger import Job, JobState, Ledger
-from oncoseg_node.ops.metrics import NodeMetrics
 from oncoseg_node.ops.qa import overlays_of, qa_relpath, write_qa_snapshot
+from oncoseg_node.rtstruct.draft import write_structure_set
 from oncoseg_node.rtstruct.profiles import get_profile
 
-log = structlog.get_logger("oncoseg_node.contouring.worker")
+log = structlog.get_logger("oncoseg_node.ops.worker")
 
 # The idle loop claims every quarter second; a claim blocked this long means
 # the ledger is stuck (SQLite's own busy timeout is 30 s), not a busy queue.
@@ -35,6 +37,27 @@ IDLE_STALL_S = 60.0
 # Longest a single job may run before the worker counts as hung. Generous:
 # SAM3 on many structures can take minutes, and a false alarm restarts the node.
 JOB_STALL_S = 3600.0
+# Contouring a CT takes seconds on the classical engine and up to minutes
+# with SAM3 on many structures; buckets span both.
+SEGMENTATION_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
+
+
+class WorkerMetrics:
+    """What the worker counts; the service serves them on the node's ``/metrics``."""
+
+    def __init__(self) -> None:
+        # registry=None: each worker's own, never the library's process-global registry
+        self.segmentation_seconds = Histogram(
+            "oncoseg_segmentation_seconds",
+            "Seconds to contour one series (all engines and sanity flags of one job).",
+            buckets=SEGMENTATION_BUCKETS, registry=None)
+        self.jobs_finished = Counter(
+            "oncoseg_jobs_processed_total",
+            "Jobs the worker finished processing, by the state they left the worker in.",
+            ["state"], registry=None)
+
+    def collectors(self) -> list[Collector]:
+        return [self.segmentation_seconds, self.jobs_finished]
 
 
 def destinations_for(config: Config, protocol: Protocol) -> list[DestinationConfig]:
@@ -48,7 +71,6 @@ def destinations_for(config: Config, protocol: Protocol) -> list[DestinationConf
 class Worker:
     def __init__(self, config: Config, ledger: Ledger, spool: Spool, engines: EngineSet,
                  protocols: Callable[[], ProtocolSet], *,
-                 metrics: NodeMetrics | None = None,
                  deliveries_started: Callable[[], None] = lambda: None) -> None:
         self.config = config
         self.deliveries_started = deliveries_started
@@ -56,7 +78,7 @@ class Worker:
         self.spool = spool
         self.engines = engines
         self.protocols = protocols
-        self.metrics = metrics or NodeMetrics()
+        self.metrics = WorkerMetrics()
         self.busy = threading.Event()
         self.current: Job | None = None  # the job in flight, for the shutdown log
         self.last_progress = time.monotonic()
@@ -86,7 +108,7 @@ class Worker:
             self.last_progress = time.monotonic()
         done = self.ledger.job(job.id)
         if done is not None:
-            self.metrics.jobs_finished.inc(state=done.state)
+            self.metrics.jobs_finished.labels(state=done.state).inc()
         return done
 
     def run(self, stop: threading.Event, idle_wait_s: float = 0.25) -> None:

@@ -3,7 +3,7 @@
 Every argument is checked before a pixel is read: the profile, the protocol
 name, the output folder, the input folder and the series chosen in it. Only
 then is the series loaded, contoured and its structure set written through
-the same pipeline the worker uses.
+the same pipeline and writer the worker (:mod:`oncoseg_node.ops.worker`) uses.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from pydicom.uid import generate_uid
 from oncoseg_node.config import Config
 from oncoseg_node.contouring.engines.registry import build_engines
 from oncoseg_node.contouring.folder import output_path, series_paths
-from oncoseg_node.contouring.pipeline import contour, load_ct_series, write_structure_set
+from oncoseg_node.contouring.pipeline import contour, load_ct_series
 from oncoseg_node.contouring.protocols import load_protocols
 from oncoseg_node.errors import OncosegError
+from oncoseg_node.rtstruct.draft import write_structure_set
 from oncoseg_node.rtstruct.profiles import get_profile
 
 
