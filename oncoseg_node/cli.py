@@ -194,84 +194,54 @@ def cmd_protocols_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate_case(series_dir: Path, reference: Path, ours: Path | None, case: str,
-                   config_path: Path, aliases: dict[str, str],
-                   series_uid: str | None = None) -> list:
-    from oncoseg_node.commissioning.evaluate import compare_sets
-    from oncoseg_node.contouring.folder import series_paths
-    from oncoseg_node.contouring.pipeline import contour, load_ct_series
-    from oncoseg_node.rtstruct.reader import (
-        rasterize_rtstruct,
-        read_structure_set,
-        referenced_series_uid,
-    )
-
-    reference_ds = read_structure_set(reference)
-    ours_ds = read_structure_set(ours) if ours is not None else None
-    paths = series_paths(series_dir, series_uid, referenced_series_uid(reference_ds))
-    volume, report = load_ct_series(paths)
-    reference_masks = rasterize_rtstruct(reference_ds, volume)
-    if ours_ds is not None:
-        our_masks = rasterize_rtstruct(ours_ds, volume)
-    else:
-        from oncoseg_node.contouring.engines.registry import build_engines
-        from oncoseg_node.contouring.protocols import load_protocols
-
-        config = load_config(config_path)
-        protocols = load_protocols(config.protocols)
-        protocol = protocols.match(volume.header, None)
-        if protocol is None:
-            raise OncosegError(f"{series_dir}: no protocol matches and no fallback is set")
-        results = contour(volume, report, protocol, build_engines(config.engine)).results
-        our_masks = {r.name: r.found_mask for r in results if not r.absent}
-    return compare_sets(volume, our_masks, reference_masks, case=case, aliases=aliases)
+def _case_name(series_dir: Path) -> str:
+    """A case's name: its folder, or the folder above a ``ct/`` folder."""
+    resolved = series_dir.resolve()
+    return resolved.parent.name if resolved.name.lower() == "ct" else resolved.name
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import yaml
 
-    from oncoseg_node.commissioning.evaluate import aggregate, to_csv, to_html, to_table
+    from oncoseg_node.commissioning.cases import evaluate_case, evaluate_folder
+    from oncoseg_node.commissioning.report import aggregate_lines, to_csv, to_html, to_table
 
     aliases = yaml.safe_load(Path(args.alias_map).read_text()) if args.alias_map else {}
     if not isinstance(aliases, dict):
         raise OncosegError(f"{args.alias_map}: expected a mapping of reference name -> TG-263")
-    rows = []
     if args.cases:
-        cases = sorted(d for d in Path(args.cases).iterdir() if d.is_dir())
-        if not cases:
-            raise OncosegError(f"{args.cases}: no case folders")
-        for case in cases:
-            ours = case / "ours.dcm"
-            rows += _evaluate_case(case / "ct", case / "reference.dcm",
-                                   ours if ours.exists() else None, case.name, args.config,
-                                   aliases)
+        results = evaluate_folder(Path(args.cases), config_path=args.config, aliases=aliases)
+    elif args.series and args.reference:
+        results = [evaluate_case(Path(args.series), Path(args.reference),
+                                 Path(args.ours) if args.ours else None,
+                                 case=_case_name(Path(args.series)), config_path=args.config,
+                                 aliases=aliases, series_uid=args.series_uid)]
     else:
-        if not (args.series and args.reference):
-            raise OncosegError("give --series and --reference, or --cases")
-        rows = _evaluate_case(Path(args.series), Path(args.reference),
-                              Path(args.ours) if args.ours else None, "", args.config, aliases,
-                              args.series_uid)
-    print(to_table(rows))
+        raise OncosegError("give --series and --reference, or --cases")
+    print(to_table(results))
     if args.cases:
         print("\nper structure over cases: median [IQR]")
-        for entry in aggregate(rows):
-            d, h = entry["dice"], entry["hd95_mm"]
-            print(f"  {entry['structure']:<16} n={entry['cases']}  Dice {d[0]:.3f} "
-                  f"[{d[1]:.3f}-{d[2]:.3f}]  HD95 {h[0]:.2f} [{h[1]:.2f}-{h[2]:.2f}] mm")
+        print("\n".join(aggregate_lines(results)))
     if args.csv:
-        Path(args.csv).write_text(to_csv(rows))
+        Path(args.csv).write_text(to_csv(results))
     if args.html:
-        Path(args.html).write_text(to_html(rows))
+        Path(args.html).write_text(to_html(results))
     return 0
 
 
 def cmd_phantom(args: argparse.Namespace) -> int:
     from oncoseg_node.commissioning.phantom import write_phantom
+    from oncoseg_node.commissioning.phantom_files import with_new_uids, write_reference
 
     phantom = write_phantom(Path(args.out_dir), slices=args.slices, rows=args.size,
-                            columns=args.size, patient_position=args.position, site=args.site)
+                            columns=args.size, patient_position=args.position, site=args.site,
+                            renew=with_new_uids if args.new_uids else None)
     print(f"{args.out_dir}: {len(phantom.datasets)} CT slices, series "
           f"{phantom.volume.series_instance_uid}, structures {', '.join(sorted(phantom.truth))}")
+    if args.reference:
+        config = load_config(args.config) if args.config.is_file() else None
+        count = write_reference(phantom, args.reference, config.protocols if config else None)
+        print(f"{args.reference}: reference structure set, {count} structures")
     return 0
 
 
@@ -362,6 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=512, help="rows and columns")
     p.add_argument("--position", default="HFS", choices=["HFS", "HFP", "FFS", "FFP"])
     p.add_argument("--site", default="thorax", choices=["thorax", "head", "pelvis"])
+    p.add_argument("--new-uids", action="store_true",
+                   help="new study, series and instance UIDs (default: the same every time)")
+    p.add_argument("--reference", type=Path, metavar="RS.dcm",
+                   help="also write the known organs as a reference RT Structure Set")
+    _config_arg(p)
     p.set_defaults(func=cmd_phantom)
     return parser
 

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 
-from oncoseg_node.commissioning.evaluate import aggregate, compare, to_csv, to_html
+from oncoseg_node.commissioning.cases import CaseIdentity, CaseResult
+from oncoseg_node.commissioning.evaluate import aggregate, compare
+from oncoseg_node.commissioning.report import to_csv, to_html
 from oncoseg_node.contouring.volume import Volume
 
 
@@ -70,8 +72,15 @@ def test_reports_and_aggregation():
             for s in (0, 1, 2)]
     (entry,) = aggregate(rows)
     assert entry["cases"] == 3 and entry["dice"][0] == pytest.approx(0.9)
-    assert "Liver" in to_csv(rows).splitlines()[1]
-    assert "<svg" in to_html(rows) and "c2" in to_html(rows)
+    results = [CaseResult(CaseIdentity(r.case, f"PAT{i}", f"1.2.{i}", "Thorax 3mm", "ct (40 files)",
+                                       "reference.dcm", "ours.dcm", "0.1.0", "thorax@abc"), [r])
+               for i, r in enumerate(rows)]
+    csv_lines = to_csv(results).splitlines()
+    assert "Liver" in csv_lines[1] and "PAT0" in csv_lines[1] and "thorax@abc" in csv_lines[1]
+    page = to_html(results)
+    assert "<svg" in page and "c2" in page and "PAT2" in page and "<script" not in page
+    # the distribution plot: one dot per case for each of the five metrics
+    assert page.count("<circle") == 3 * 5
 
 
 def test_evaluate_command_on_the_phantom(tmp_path):
@@ -124,3 +133,59 @@ def test_evaluate_folder_of_cases_aggregates(tmp_path):
                            str(tmp_path / "cases")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "External         n=2  Dice 1.000 [1.000-1.000]  HD95 0.00" in proc.stdout
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "oncoseg_node.cli", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_phantom_new_uids_and_reference_walkthrough(tmp_path):
+    """The README walkthrough: phantom with its truth as a structure set, then evaluate it."""
+    import csv
+
+    import pydicom
+
+    from tests.conftest import write_config
+    from tests.peers import dciodvfy
+
+    config = str(write_config(tmp_path))
+    series = {}
+    for run, extra in (("a", []), ("b", []), ("c", ["--new-uids"]), ("d", ["--new-uids"])):
+        proc = _cli("phantom", str(tmp_path / run / "ct"), "--slices", "6", "--size", "128",
+                    "--reference", str(tmp_path / run / "reference.dcm"), "--config", config,
+                    *extra)
+        assert proc.returncode == 0, proc.stderr
+        first = pydicom.dcmread(tmp_path / run / "ct" / "CT000001.dcm")
+        series[run] = (first.SeriesInstanceUID, first.SOPInstanceUID, first.StudyInstanceUID)
+    assert series["a"] == series["b"]        # the same phantom is the same series
+    assert len({series["a"], series["c"], series["d"]}) == 3
+    assert len({s[1] for s in series.values()}) == 3
+    reference = tmp_path / "c" / "reference.dcm"
+    errors, output = dciodvfy(reference)
+    assert errors == [], output
+    rs = pydicom.dcmread(reference)
+    ct = pydicom.dcmread(tmp_path / "c" / "ct" / "CT000001.dcm")
+    assert rs.FrameOfReferenceUID == ct.FrameOfReferenceUID
+    ref_series = (rs.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0]
+                  .RTReferencedSeriesSequence[0].SeriesInstanceUID)
+    assert ref_series == series["c"][0]
+    names = {item.ROIName for item in rs.StructureSetROISequence}
+    assert {"External", "Lung_L", "Lung_R"} <= names
+
+    proc = _cli("evaluate", "--series", str(tmp_path / "c" / "ct"), "--reference", str(reference),
+                "--ours", str(reference), "--csv", str(tmp_path / "m.csv"),
+                "--html", str(tmp_path / "r.html"), "--config", config)
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader((tmp_path / "m.csv").open()))
+    assert {r["structure"] for r in rows} == names
+    for row in rows:
+        assert float(row["dice"]) == 1.0 and float(row["surface_dice"]) == 1.0
+        assert row["case"] == "c" and row["patient_id"] == "PHANTOM001"
+        assert row["series_uid"] == series["c"][0]
+        assert row["series_description"] == "Phantom thorax HFS"
+        assert "6 files" in row["ct_files"] and row["reference_file"] == str(reference)
+        assert row["node_version"] and row["protocol"]
+    page = (tmp_path / "r.html").read_text()
+    assert "PHANTOM001" in page and series["c"][0] in page
+    assert "patient PHANTOM001" in proc.stdout

@@ -1,24 +1,19 @@
 """Commissioning metrics: our contours against the institution's reference contours.
 
-Distances are measured in mm in patient coordinates (LPS), with every
-surface voxel mapped by its own slice's geometry, so anisotropic pixels and
-non-uniform slice spacing are measured as they are. A mask's surface is its
-voxels that touch the outside in-plane or through the slice above or below.
+Volumetric Dice on the voxel grid; surface Dice, mean surface distance and
+HD95 on area-weighted surface elements in patient millimetres, each slice
+placed by its own geometry (see :mod:`oncoseg_node.commissioning.surface`).
 """
 
 from __future__ import annotations
 
-import csv
-import html
-import io
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
-from scipy.spatial import cKDTree
 
+from oncoseg_node.commissioning.surface import bounding_box, surface_scores
 from oncoseg_node.contouring.volume import Volume
 
 
@@ -38,34 +33,26 @@ class StructureMetrics:
         return self.volume_ours_cc - self.volume_reference_cc
 
 
-def surface_points(volume: Volume, mask: np.ndarray) -> np.ndarray:
-    """LPS coordinates (n, 3) of the mask's surface voxels."""
-    eroded = ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(3, 1),
-                                    border_value=0)
-    surface = mask & ~eroded
-    points = [volume.index_to_patient(int(z), *np.nonzero(surface[z]))
-              for z in np.flatnonzero(surface.any(axis=(1, 2)))]
-    return np.concatenate(points) if points else np.zeros((0, 3))
-
-
 def compare(volume: Volume, ours: np.ndarray, reference: np.ndarray, *, case: str = "",
             structure: str = "", tolerance_mm: float = 2.0) -> StructureMetrics:
-    """All metrics for one structure; distances are inf when either mask is empty."""
-    dice = (2.0 * np.logical_and(ours, reference).sum() / (ours.sum() + reference.sum())
-            if ours.any() or reference.any() else 1.0)
-    a, b = surface_points(volume, ours), surface_points(volume, reference)
-    if len(a) and len(b):
-        d_ab = cKDTree(b).query(a)[0]
-        d_ba = cKDTree(a).query(b)[0]
-        both = np.concatenate([d_ab, d_ba])
-        hd95 = float(np.percentile(both, 95))
-        msd = float(both.mean())
-        sdice = float(((d_ab <= tolerance_mm).sum() + (d_ba <= tolerance_mm).sum()) / len(both))
-    else:
-        hd95 = msd = float("inf")
-        sdice = 0.0
-    return StructureMetrics(case, structure, float(dice), hd95, msd, sdice,
-                            volume.mask_volume_cc(ours), volume.mask_volume_cc(reference))
+    """All metrics for one structure (definitions in :mod:`.surface`).
+
+    Distances are inf and surface Dice 0 when exactly one mask is empty.
+    """
+    box = bounding_box(ours | reference)
+    if box is None:  # neither mask has a voxel: nothing to disagree about
+        return StructureMetrics(case, structure, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0)
+    # everything below runs on the crop: most organs fill a small part of the volume
+    a, b = ours[box], reference[box]
+    per_voxel_mm3 = volume.voxel_volume_mm3[box[0]]
+    count_a = a.reshape(len(a), -1).sum(axis=1)
+    count_b = b.reshape(len(b), -1).sum(axis=1)
+    overlap = int(np.logical_and(a, b).sum())
+    dice = 2.0 * overlap / int(count_a.sum() + count_b.sum())
+    scores = surface_scores(volume, a, b, tolerance_mm=tolerance_mm, box=box)
+    return StructureMetrics(case, structure, float(dice), scores.hd95_mm, scores.msd_mm,
+                            scores.surface_dice, float(count_a @ per_voxel_mm3 / 1000.0),
+                            float(count_b @ per_voxel_mm3 / 1000.0))
 
 
 def compare_sets(volume: Volume, ours: Mapping[str, np.ndarray],
@@ -93,49 +80,3 @@ def aggregate(rows: Sequence[StructureMetrics]) -> list[dict[str, Any]]:
             entry[metric] = (float(median), float(q1), float(q3))
         out.append(entry)
     return out
-
-
-def to_csv(rows: Sequence[StructureMetrics]) -> str:
-    buffer = io.StringIO()
-    fields = [*StructureMetrics.__dataclass_fields__, "volume_difference_cc"]
-    writer = csv.DictWriter(buffer, fieldnames=fields)
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({**asdict(row), "volume_difference_cc": row.volume_difference_cc})
-    return buffer.getvalue()
-
-
-def to_table(rows: Sequence[StructureMetrics]) -> str:
-    lines = [f"{'case':<12} {'structure':<16} {'Dice':>6} {'HD95 mm':>8} {'MSD mm':>7} "
-             f"{'sDSC 2mm':>8} {'dV cc':>8}"]
-    for r in rows:
-        lines.append(f"{r.case[:12]:<12} {r.structure[:16]:<16} {r.dice:6.3f} {r.hd95_mm:8.2f} "
-                     f"{r.msd_mm:7.2f} {r.surface_dice:8.3f} {r.volume_difference_cc:8.1f}")
-    return "\n".join(lines)
-
-
-def to_html(rows: Sequence[StructureMetrics], title: str = "oncoseg-node evaluation") -> str:
-    """A self-contained report: a Dice bar per structure (inline SVG) and the full table."""
-    bars = []
-    for i, r in enumerate(rows):
-        width = max(r.dice, 0.0) * 400
-        label = html.escape(f"{r.case} {r.structure}".strip())
-        bars.append(f'<text x="0" y="{i * 22 + 15}" font-size="12">{label}</text>'
-                    f'<rect x="220" y="{i * 22 + 3}" width="{width:.1f}" height="16" '
-                    f'fill="#3a7"/><text x="{225 + width:.1f}" y="{i * 22 + 15}" '
-                    f'font-size="12">{r.dice:.3f}</text>')
-    svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="700" height="{len(rows) * 22 + 8}">'
-           + "".join(bars) + "</svg>")
-    header = "".join(f"<th>{h}</th>" for h in ("case", "structure", "Dice", "HD95 mm", "MSD mm",
-                                                "surface Dice 2 mm", "volume ours cc",
-                                                "volume reference cc", "difference cc"))
-    body = "".join(
-        f"<tr><td>{html.escape(r.case)}</td><td>{html.escape(r.structure)}</td>"
-        f"<td>{r.dice:.3f}</td><td>{r.hd95_mm:.2f}</td><td>{r.msd_mm:.2f}</td>"
-        f"<td>{r.surface_dice:.3f}</td><td>{r.volume_ours_cc:.1f}</td>"
-        f"<td>{r.volume_reference_cc:.1f}</td><td>{r.volume_difference_cc:.1f}</td></tr>"
-        for r in rows)
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
-            f"</title></head><body><h1>{html.escape(title)}</h1><h2>Dice</h2>{svg}"
-            f"<h2>All metrics</h2><table border='1'><tr>{header}</tr>{body}</table>"
-            "</body></html>")

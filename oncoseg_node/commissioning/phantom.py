@@ -20,7 +20,7 @@ get about a pixel of blur (partial volume) and all voxels Gaussian noise.
 from __future__ import annotations
 
 import datetime as _dt
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -458,9 +458,15 @@ def _slice_dataset(pixels: np.ndarray, index: int, ipp: np.ndarray, row_dir: np.
     return ds
 
 
-def write_phantom(out_dir: Path, **kwargs: object) -> Phantom:
-    """Write the phantom as ``CT000001.dcm``... in ``out_dir`` and return it."""
+def write_phantom(out_dir: Path, renew: Callable[[Phantom], Phantom] | None = None,
+                  **kwargs: object) -> Phantom:
+    """Write the phantom as ``CT000001.dcm``... in ``out_dir`` and return it.
+
+    ``renew`` transforms the phantom before it is written (new UIDs, say).
+    """
     phantom = make_phantom(**kwargs)  # type: ignore[arg-type]
+    if renew is not None:
+        phantom = renew(phantom)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for ds in phantom.datasets:

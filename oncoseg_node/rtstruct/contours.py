@@ -256,33 +256,42 @@ def corners_to_index(vertices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return vertices[:, 1] - 0.5, vertices[:, 0] - 0.5
 
 
-def fill_polygons(polygons: list[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
+def fill_polygons(polygons: list[np.ndarray], shape: tuple[int, int],
+                  out: np.ndarray | None = None) -> np.ndarray:
     """Even-odd fill of polygons given as fractional (row, col) index arrays, shape (n, 2).
 
     A pixel is inside when its centre is; contours nested inside another on
     the same slice are holes (the convention of every planning system).
+    ``out``, when given, is a zeroed boolean slice of ``shape`` filled in place
+    (a volume's slice, so a structure set is rasterised without a copy per slice).
     """
     rows, cols = shape
-    crossings: list[list[float]] = [[] for _ in range(rows)]
-    centres_y = np.arange(rows, dtype=np.float64)
-    for poly in polygons:
-        y0, x0 = poly[:, 0], poly[:, 1]
-        y1, x1 = np.roll(y0, -1), np.roll(x0, -1)
-        lo, hi = np.minimum(y0, y1), np.maximum(y0, y1)
-        for k in np.flatnonzero(hi > lo):
-            # rows whose centre y lies in [lo, hi): a vertex shared by two
-            # edges is counted once
-            first, last = max(int(np.ceil(lo[k])), 0), min(int(np.ceil(hi[k])) - 1, rows - 1)
-            if first > last:
-                continue
-            ys = centres_y[first:last + 1]
-            xs = x0[k] + (ys - y0[k]) * (x1[k] - x0[k]) / (y1[k] - y0[k])
-            for row, x in zip(range(first, last + 1), xs.tolist(), strict=True):
-                crossings[row].append(x)
-    out = np.zeros(shape, dtype=bool)
-    centres_x = np.arange(cols, dtype=np.float64)
-    for row, xs in enumerate(crossings):
-        if xs:
-            counts = np.searchsorted(np.sort(xs), centres_x, side="right")
-            out[row] = (counts % 2) == 1
+    if out is None:
+        out = np.zeros(shape, dtype=bool)
+    if not polygons:
+        return out
+    y0 = np.concatenate([p[:, 0] for p in polygons]).astype(np.float64)
+    x0 = np.concatenate([p[:, 1] for p in polygons]).astype(np.float64)
+    y1 = np.concatenate([np.roll(p[:, 0], -1) for p in polygons]).astype(np.float64)
+    x1 = np.concatenate([np.roll(p[:, 1], -1) for p in polygons]).astype(np.float64)
+    lo, hi = np.minimum(y0, y1), np.maximum(y0, y1)
+    # rows whose centre y lies in [lo, hi): a vertex shared by two edges is counted once
+    first = np.maximum(np.ceil(lo), 0).astype(np.int64)
+    last = np.minimum(np.ceil(hi) - 1, rows - 1).astype(np.int64)
+    keep = (hi > lo) & (first <= last)
+    first, last = first[keep], last[keep]
+    y0, x0, y1, x1 = y0[keep], x0[keep], y1[keep], x1[keep]
+    counts = last - first + 1
+    edge = np.repeat(np.arange(len(first)), counts)
+    row = first[edge] + (np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts,
+                                                                  counts))
+    x = x0[edge] + (row - y0[edge]) * (x1[edge] - x0[edge]) / (y1[edge] - y0[edge])
+    # a crossing at x flips every pixel whose centre column c satisfies x <= c
+    start = np.clip(np.ceil(x), 0, cols).astype(np.int64)
+    if not len(row):
+        return out
+    top, bottom = int(row.min()), int(row.max()) + 1  # only the rows the polygons cross
+    toggles = np.zeros((bottom - top, cols + 1), dtype=np.int32)
+    np.add.at(toggles, (row - top, start), 1)
+    out[top:bottom] = (np.cumsum(toggles[:, :cols], axis=1) & 1).astype(bool)
     return out

@@ -28,6 +28,24 @@ def _to_index(volume: Volume, z: int, points: np.ndarray) -> np.ndarray:
     return np.stack([rows, cols], axis=1)
 
 
+def contour_points(contour: Dataset) -> np.ndarray:
+    """A contour item's ContourData as (n, 3) LPS points in mm.
+
+    Parsed from the raw decimal strings when the item has not been decoded
+    yet: a thorax structure set holds about a million numbers, and pydicom's
+    per-value DS objects cost seconds.
+    """
+    raw = contour.get_item("ContourData")
+    if raw is None:
+        return np.zeros((0, 3))
+    value = raw.value
+    if isinstance(value, bytes | bytearray):
+        numbers = np.array(bytes(value).replace(b"\\", b" ").split(), dtype=np.float64)
+    else:
+        numbers = np.asarray(value, dtype=np.float64)
+    return numbers.reshape(-1, 3)
+
+
 def rasterize_rtstruct(ds: Dataset, volume: Volume) -> dict[str, np.ndarray]:
     """ROI name -> ``(z, y, x)`` boolean mask on ``volume``'s grid."""
     slice_of = {uid: k for k, uid in enumerate(volume.sop_instance_uids)}
@@ -38,7 +56,9 @@ def rasterize_rtstruct(ds: Dataset, volume: Volume) -> dict[str, np.ndarray]:
     for roi in ds.get("ROIContourSequence", []):
         per_slice: dict[int, list[np.ndarray]] = {}
         for contour in roi.get("ContourSequence", []):
-            points = np.asarray(contour.ContourData, dtype=np.float64).reshape(-1, 3)
+            points = contour_points(contour)
+            if not len(points):
+                continue
             refs = contour.get("ContourImageSequence")
             z = slice_of.get(refs[0].ReferencedSOPInstanceUID) if refs else None
             if z is None:
@@ -46,7 +66,7 @@ def rasterize_rtstruct(ds: Dataset, volume: Volume) -> dict[str, np.ndarray]:
             per_slice.setdefault(z, []).append(_to_index(volume, z, points))
         mask = np.zeros(volume.shape, dtype=bool)
         for z, polygons in per_slice.items():
-            mask[z] = fill_polygons(polygons, volume.shape[1:])
+            fill_polygons(polygons, volume.shape[1:], out=mask[z])
         masks[names.get(int(roi.ReferencedROINumber), str(roi.ReferencedROINumber))] = mask
     return masks
 
