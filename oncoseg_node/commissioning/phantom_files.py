@@ -18,7 +18,8 @@ from oncoseg_node import __version__
 from oncoseg_node.commissioning.phantom import Phantom
 from oncoseg_node.contouring.protocols import load_protocols
 from oncoseg_node.rtstruct.profiles import PROFILES
-from oncoseg_node.rtstruct.writer import GenerationInfo, RoiMask, build_rtstruct, save_verified
+from oncoseg_node.rtstruct.selfcheck import save_verified
+from oncoseg_node.rtstruct.writer import GenerationInfo, RoiMask, build_rtstruct
 
 FALLBACK_COLOR = (200, 200, 200)
 
@@ -58,7 +59,7 @@ def write_reference(phantom: Phantom, path: Path, protocols_path: Path | None = 
         if not phantom.truth[name].any():
             continue
         known = library.get(name)
-        rois.append(RoiMask(name, tuple(known.color) if known else FALLBACK_COLOR,
+        rois.append(RoiMask(name, known.color if known else FALLBACK_COLOR,
                             "EXTERNAL" if name == "External" else "ORGAN", phantom.truth[name]))
     info = GenerationInfo("phantom truth", f"oncoseg-node {__version__}", "phantom", "truth")
     ds = build_rtstruct(phantom.volume, rois, info, PROFILES["generic"])

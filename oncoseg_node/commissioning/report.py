@@ -66,8 +66,8 @@ def aggregate_lines(results: Sequence[CaseResult]) -> list[str]:
     lines = []
     for entry in aggregate([row for _, row in _rows(results)]):
         d, h = entry["dice"], entry["hd95_mm"]
-        lines.append(f"  {entry['structure']:<16} n={entry['cases']}  Dice {d[0]:.3f} "  # type: ignore[index]
-                     f"[{d[1]:.3f}-{d[2]:.3f}]  HD95 {h[0]:.2f} [{h[1]:.2f}-{h[2]:.2f}] mm")  # type: ignore[index]
+        lines.append(f"  {entry['structure']:<16} n={entry['cases']}  Dice {d[0]:.3f} "
+                     f"[{d[1]:.3f}-{d[2]:.3f}]  HD95 {h[0]:.2f} [{h[1]:.2f}-{h[2]:.2f}] mm")
     return lines
 
 
