@@ -217,3 +217,66 @@ def test_sam3_settings_parse_and_are_checked(make_config):
                             "sam3": {**sam3, "max_instances": 0, "track_gap_slices": -1}})
     assert "engine.sam3.max_instances" in str(err.value)
     assert "engine.sam3.track_gap_slices" in str(err.value)
+
+
+def test_confirmed_slices_are_offered_for_re_anchoring_every_n_from_the_seed():
+    organ = np.where(box_mask((8, 8), 2, 2, 6, 6).numpy(), 4.0, -4.0).astype(np.float32)
+    offered: list[int] = []
+
+    def anchor(z: int) -> bool:
+        offered.append(z)
+        return z != 9  # slice 9 is offered but its detection is not confident enough
+
+    unconfirmed = {4, 13}
+    track = propagate(5, organ, 20, lambda z, r: organ,
+                      lambda z, m: 0.0 if z in unconfirmed else 0.9, max_gap=0,
+                      anchor=anchor, anchor_every=4)
+    # forward 6..12 (13 unconfirmed ends it), backward stops at the unconfirmed slice 4
+    assert sorted(track.logits) == list(range(5, 13))
+    assert offered == [9] and track.anchors == []
+    track = propagate(5, organ, 20, lambda z, r: organ, lambda z, m: 0.9, max_gap=0,
+                      anchor=anchor, anchor_every=4)
+    assert offered[1:] == [9, 13, 17, 1] and track.anchors == [13, 17, 1]
+    offered.clear()
+    propagate(5, organ, 20, lambda z, r: organ, lambda z, m: 0.9, max_gap=0, anchor=anchor,
+              anchor_every=0)
+    assert offered == []  # 0 switches re-anchoring off, as in transformers
+
+
+def test_slices_dropped_past_the_organ_are_forgotten_before_the_reverse_pass():
+    organ = np.where(box_mask((8, 8), 2, 2, 6, 6).numpy(), 4.0, -4.0).astype(np.float32)
+    events: list[tuple[str, object]] = []
+
+    def step(z: int, reverse: bool):
+        events.append(("step", z))
+        return None if z == 0 else organ
+
+    def support(z: int, mask: torch.Tensor) -> float:
+        return 0.8 if 2 <= z <= 6 else 0.0
+
+    track = propagate(4, organ, 12, step, support, max_gap=2,
+                      forget=lambda zs: events.append(("forget", list(zs))))
+    assert sorted(track.logits) == [2, 3, 4, 5, 6]
+    assert events == [("step", 5), ("step", 6), ("step", 7), ("step", 8), ("step", 9),
+                      ("forget", [7, 8, 9]),
+                      ("step", 3), ("step", 2), ("step", 1), ("step", 0),
+                      ("forget", [1, 0])]
+
+
+def test_paired_organs_compete_for_pixels():
+    from oncoseg_node.contouring.engines.sam3_pairs import compete, pair_key
+    from oncoseg_node.contouring.protocols import Structure
+
+    left = Track(logits={3: np.array([[5.0, 2.0, -1.0]], dtype=np.float32),
+                         4: np.array([[1.0, 1.0, 1.0]], dtype=np.float32)})
+    right = Track(logits={3: np.array([[1.0, 3.0, 4.0]], dtype=np.float32)})
+    assert compete([left, right]) == 2
+    assert (left.logits[3] > 0).tolist() == [[True, False, False]]
+    assert (right.logits[3] > 0).tolist() == [[False, True, True]]
+    assert left.logits[3][0, 0] == 5.0 and right.logits[3][0, 2] == 4.0  # winners untouched
+    assert (left.logits[4] > 0).all()  # a slice only one side reaches stays as it is
+    sided = Structure("Parotid_L", (1, 2, 3), laterality="left")
+    assert pair_key(sided) == "Parotid"
+    assert pair_key(Structure("Parotid_R", (1, 2, 3), laterality="right")) == "Parotid"
+    assert pair_key(Structure("Parotid_L", (1, 2, 3))) is None
+    assert pair_key(Structure("Heart", (1, 2, 3), laterality="left")) is None

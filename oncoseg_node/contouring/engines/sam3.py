@@ -16,9 +16,12 @@ engine lifetime and a changed protocol simply brings new keys.
 Per structure: detections of its concepts are merged per slice, those
 matching a negative concept or lying on the wrong side of the patient
 (patient coordinates, LPS: +x is the patient's left) are dropped, the best
-one seeds the tracker, which runs both ways until the structure ends. When
-the result misses the expected volume, the next unexplained detection is
-tried. A structure without any detection over the threshold is reported
+one seeds the tracker (with the other instances of its slice only for a
+``parts: many`` structure), which runs both ways until the structure ends,
+re-anchored on confident detections (``sam3_follow``). When the result
+misses the expected volume, the next unexplained detection is tried. The
+two sides of a paired organ then compete for pixels (``sam3_pairs``).
+A structure without any detection over the threshold is reported
 absent with its best score: nothing is drawn from noise.
 
 Geometric prompts: a ``box_prompter`` (slice -> CT pixel boxes for a
@@ -43,6 +46,7 @@ from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 from oncoseg_node.config import Sam3Config
 from oncoseg_node.contouring.engines.base import StructureResult
 from oncoseg_node.contouring.engines.postprocess import postprocess
+from oncoseg_node.contouring.engines.sam3_follow import FollowSettings, TrackerRun, follow
 from oncoseg_node.contouring.engines.sam3_load import (
     DTYPES,
     AdapterInfo,
@@ -53,21 +57,19 @@ from oncoseg_node.contouring.engines.sam3_load import (
     sha256_files,
     weight_files,
 )
-from oncoseg_node.contouring.engines.sam3_nms import clean_mask_logits, mask_nms, pairwise_mask_iou
+from oncoseg_node.contouring.engines.sam3_nms import mask_nms, pairwise_mask_iou
+from oncoseg_node.contouring.engines.sam3_pairs import compete, pair_key
 from oncoseg_node.contouring.engines.sam3_preprocess import (
     DEFAULT_WINDOW,
     SliceFrame,
-    mask_centroid_index,
     window_to_unit,
 )
+from oncoseg_node.contouring.engines.sam3_select import concepts, instances
 from oncoseg_node.contouring.engines.sam3_track import (
     Detection,
     FeatureStore,
-    SliceSession,
     Track,
     next_seed,
-    propagate,
-    support_score,
 )
 from oncoseg_node.contouring.protocols import Structure
 from oncoseg_node.contouring.sanity import body_midline_x
@@ -80,8 +82,13 @@ BoxPrompter = Callable[[Volume, Structure], Mapping[int, Sequence[Box]] | None]
 
 TEXT_LENGTH = 32  # SAM3's processors pad every prompt to 32 tokens
 TEXT_CACHE_SIZE = 512
-NEGATIVE_IOU = 0.5  # a negative concept's detection this close to ours outranks it
 SEED_ATTEMPTS = 3  # instances tried when the tracked volume misses the expected range
+
+
+@dataclass(frozen=True)
+class _Choice:
+    track: Track
+    seeds_tried: int
 
 
 @dataclass(frozen=True)
@@ -89,10 +96,6 @@ class _Prompt:
     key: tuple[str, str | None]  # (concept, structure name when boxes make it specific)
     concept: str
     boxes: Mapping[int, Sequence[Box]] | None = None
-
-
-def _concepts(structure: Structure) -> list[str]:
-    return [c for c in structure.concepts if c.strip()]
 
 
 def _fits(structure: Structure, cc: float) -> bool:
@@ -120,7 +123,7 @@ class Sam3Engine:
         self.image_size = int(vcfg.image_size)
         self.nms_iou = float(vcfg.det_nms_thresh)
         self.assoc_iou = float(vcfg.assoc_iou_thresh)
-        self.fill_hole_area = int(vcfg.fill_hole_area)
+        self.follow = FollowSettings.from_model(vcfg, config.track_gap_slices)
         self._text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
     @classmethod
@@ -146,14 +149,14 @@ class Sam3Engine:
 
     def supports(self, structure: Structure) -> bool:
         """Any structure with a text concept; the concept is the prompt."""
-        return bool(_concepts(structure))
+        return bool(concepts(structure))
 
     # -- the job ---------------------------------------------------------------
 
     @torch.inference_mode()
     def segment(self, volume: Volume, structures: Sequence[Structure]) -> list[StructureResult]:
         """One result per structure, in order; masks are boolean ``(z, y, x)`` on the CT grid."""
-        results: list[StructureResult | None] = [None] * len(structures)
+        results: dict[int, StructureResult] = {}
         groups: dict[tuple[float, float], list[int]] = {}
         for i, structure in enumerate(structures):
             if not self.supports(structure):
@@ -165,16 +168,36 @@ class Sam3Engine:
         midline = (body_midline_x(volume)
                    if any(s.laterality in ("left", "right") for s in structures) else 0.0)
         frame = SliceFrame(volume.shape[1], volume.shape[2], self.image_size)
-        # one encoding pass per distinct window: a window changes the pixels the ViT sees
+        chosen: dict[int, _Choice] = {}
+        # one encoding pass per distinct model window (almost always just the default)
         for window, members in groups.items():
             boxes = {i: self._boxes(volume, structures[i]) for i in members}
             prompts = self._prompts([structures[i] for i in members], list(boxes.values()))
             store, hits, best = self._encode_and_detect(volume, frame, window, prompts)
             for i in members:
-                results[i] = self._structure(volume, frame, structures[i], boxes[i] is not None,
-                                             store, hits, best, midline)
+                choice = self._choose(volume, frame, structures[i], boxes[i] is not None,
+                                      store, hits, best, midline)
+                if isinstance(choice, StructureResult):
+                    results[i] = choice
+                else:
+                    chosen[i] = choice
             del store
-        return [r for r in results if r is not None]
+        results.update(self._finish(volume, frame, structures, chosen))
+        return [results[i] for i in range(len(structures))]
+
+    def _finish(self, volume: Volume, frame: SliceFrame, structures: Sequence[Structure],
+                chosen: Mapping[int, _Choice]) -> dict[int, StructureResult]:
+        """Results of the tracked structures; both sides of a paired organ compete first."""
+        sides: dict[str, list[int]] = {}
+        for i in chosen:
+            key = pair_key(structures[i])
+            if key is not None:
+                sides.setdefault(key, []).append(i)
+        for members in sides.values():
+            if len(members) > 1:
+                compete([chosen[i].track for i in members])
+        return {i: self._result(volume, frame, structures[i], choice)
+                for i, choice in chosen.items()}
 
     def _boxes(self, volume: Volume, structure: Structure) -> Mapping[int, Sequence[Box]] | None:
         if self.box_prompter is None:
@@ -187,7 +210,7 @@ class Sam3Engine:
                  boxes: Sequence[Mapping[int, Sequence[Box]] | None]) -> list[_Prompt]:
         prompts: dict[tuple[str, str | None], _Prompt] = {}
         for structure, sboxes in zip(structures, boxes, strict=True):
-            for concept in _concepts(structure):
+            for concept in concepts(structure):
                 key = (concept, structure.name if sboxes else None)
                 prompts.setdefault(key, _Prompt(key, concept, sboxes))
             for concept in (c for c in structure.negative_concepts if c.strip()):
@@ -288,57 +311,24 @@ class Sam3Engine:
     def _candidates(self, volume: Volume, frame: SliceFrame, structure: Structure,
                     boxed: bool, hits, midline: float) -> list[list[Detection]]:
         """Per slice: the structure's instances after merging, negatives and laterality."""
-        n = volume.shape[0]
-        out: list[list[Detection]] = []
-        for z in range(n):
-            dets = [d for c in _concepts(structure)
-                    for d in hits[(c, structure.name if boxed else None)][z]]
-            if len(dets) > 1:
-                keep = mask_nms(torch.stack([d.mask for d in dets]),
-                                torch.tensor([d.score for d in dets]), self.nms_iou,
-                                max_keep=self.config.max_instances, max_candidates=len(dets))
-                dets = [dets[k] for k in keep.tolist()]
-            negatives = [d for c in structure.negative_concepts if c.strip()
-                         for d in hits[(c, None)][z]]
-            if negatives and dets:
-                iou = pairwise_mask_iou(torch.stack([d.mask for d in dets]),
-                                        torch.stack([d.mask for d in negatives]))
-                dets = [d for i, d in enumerate(dets)
-                        if not any(float(iou[i, j]) >= NEGATIVE_IOU and neg.score > d.score
-                                   for j, neg in enumerate(negatives))]
-            if structure.laterality in ("left", "right"):
-                dets = [d for d in dets if self._side(volume, frame, d, midline)
-                        == structure.laterality]
-            out.append(dets)
-        return out
+        return instances(volume, frame, structure, hits, boxed=boxed, midline=midline,
+                         nms_iou=self.nms_iou, max_instances=self.config.max_instances)
 
-    @staticmethod
-    def _side(volume: Volume, frame: SliceFrame, det: Detection, midline: float) -> str | None:
-        centre = mask_centroid_index(frame, det.mask)
-        if centre is None:
-            return None
-        x = volume.index_to_patient(det.z, np.array([centre[0]]), np.array([centre[1]]))[0, 0]
-        return "left" if x > midline else "right"  # LPS: +x is the patient's left
-
-    def _structure(self, volume: Volume, frame: SliceFrame, structure: Structure, boxed: bool,
-                   store: FeatureStore, hits, best, midline: float) -> StructureResult:
+    def _choose(self, volume: Volume, frame: SliceFrame, structure: Structure, boxed: bool,
+                store: FeatureStore, hits, best, midline: float) -> _Choice | StructureResult:
+        """The track that best explains the structure, or an absent result saying why."""
         threshold = float(self.config.score_threshold)
         candidates = self._candidates(volume, frame, structure, boxed, hits, midline)
         top = max((float(best[(c, structure.name if boxed else None)].max())
-                   for c in _concepts(structure)), default=0.0)
-        tried: list[tuple[Track, np.ndarray, float]] = []
+                   for c in concepts(structure)), default=0.0)
+        tried: list[tuple[Track, float]] = []
         for _ in range(SEED_ATTEMPTS):
-            seed = next_seed(candidates, [t for t, _, _ in tried], self.assoc_iou)
+            seed = next_seed(candidates, [t for t, _ in tried], self.assoc_iou)
             if seed is None:
                 break
             track = self._track(store, seed, candidates, structure)
-            mask = np.zeros(volume.shape, dtype=bool)
-            for z, logits in track.logits.items():
-                mask[z] = frame.logits_to_ct(torch.from_numpy(logits)[None])[0]
-            # the physicists' clean-up applies to every engine; judge the volume after it
-            mask = postprocess(volume, mask, structure.postprocess)
-            cc = volume.mask_volume_cc(mask)
-            tried.append((track, mask, cc))
+            cc = volume.mask_volume_cc(self._mask(volume, frame, structure, track))
+            tried.append((track, cc))
             if _fits(structure, cc):
                 break
         if not tried:
@@ -348,8 +338,23 @@ class Sam3Engine:
             else:
                 why = f"best detection score {top:.2f} < threshold {threshold:.2f}"
             return StructureResult(structure.name, None, score=top, note=f"not found: {why}")
-        fits = [t for t in tried if _fits(structure, t[2])]
-        track, mask, cc = (fits or sorted(tried, key=lambda t: -t[0].score))[0]
+        fits = [t for t, cc in tried if _fits(structure, cc)]
+        track = (fits or sorted((t for t, _ in tried), key=lambda t: -t.score))[0]
+        return _Choice(track, len(tried))
+
+    @staticmethod
+    def _mask(volume: Volume, frame: SliceFrame, structure: Structure,
+              track: Track) -> np.ndarray:
+        mask = np.zeros(volume.shape, dtype=bool)
+        for z, logits in track.logits.items():
+            mask[z] = frame.logits_to_ct(torch.from_numpy(logits)[None])[0]
+        # the physicists' clean-up applies to every engine; judge the volume after it
+        return postprocess(volume, mask, structure.postprocess)
+
+    def _result(self, volume: Volume, frame: SliceFrame, structure: Structure,
+                choice: _Choice) -> StructureResult:
+        track = choice.track
+        mask = self._mask(volume, frame, structure, track)
         if not mask.any():
             return StructureResult(structure.name, None, score=track.score,
                                    note="tracked mask vanished on the CT grid")
@@ -357,8 +362,8 @@ class Sam3Engine:
         flags = []
         if track.score < float(self.config.low_score_flag):
             flags.append(f"low SAM3 score {track.score:.2f} < {self.config.low_score_flag:.2f}")
-        note = (f"slices {slices[0]}-{slices[-1]}, {len(tried)} seed(s) tried, "
-                f"{cc:.1f} cc")
+        note = (f"slices {slices[0]}-{slices[-1]}, {choice.seeds_tried} seed(s) tried, "
+                f"{volume.mask_volume_cc(mask):.1f} cc")
         return StructureResult(structure.name, mask, score=track.score, flags=tuple(flags),
                                note=note)
 
@@ -370,33 +375,11 @@ class Sam3Engine:
         threshold on that slice is something else. A ``parts: many`` structure
         follows every distinct instance on the seed slice.
         """
-        session = SliceSession(store, self.device, self.dtype)
-        tracker = self.model.tracker_model
         seeds = [seed]
         if structure.parts == "many":
             seeds = [d for d in candidates[seed.z]
                      if d is seed or float(pairwise_mask_iou(d.mask[None], seed.mask[None])[0, 0])
                      < self.assoc_iou][: self.config.max_instances]
-        for obj_id, det in enumerate(seeds):
-            session.add_mask_inputs(session.obj_id_to_idx(obj_id), seed.z,
-                                    det.mask[None, None].float())
-        session.obj_with_new_inputs = list(range(len(seeds)))
-
-        def run(z: int, reverse: bool) -> np.ndarray | None:
-            out = tracker(inference_session=session, frame_idx=z, reverse=reverse)
-            present = out.object_score_logits.float().reshape(-1) > 0
-            if not bool(present.any()):
-                return None
-            logits = out.pred_masks.float().reshape(present.shape[0], *out.pred_masks.shape[-2:])
-            combined = logits[present].amax(0).cpu().numpy()
-            return clean_mask_logits(combined, self.fill_hole_area)
-
-        seed_logits = run(seed.z, False)
-        if seed_logits is None:  # a mask prompt is its own output; cannot be absent
-            seed_logits = np.where(seed.mask.numpy(), 10.0, -10.0).astype(np.float32)
-
-        def support(z: int, mask: torch.Tensor) -> float:
-            return support_score(mask, candidates[z], self.assoc_iou)
-
-        return propagate(seed.z, seed_logits, store.n_slices, run, support,
-                         max_gap=self.config.track_gap_slices)
+            seeds.sort(key=lambda d: d is not seed)  # the seed first
+        run = TrackerRun(self.model.tracker_model, store, self.device, self.dtype, self.follow)
+        return follow(run, seeds, candidates)

@@ -42,6 +42,7 @@ class Track:
 
     logits: dict[int, np.ndarray] = field(default_factory=dict)
     support: dict[int, float] = field(default_factory=dict)
+    anchors: list[int] = field(default_factory=list)  # slices made conditioning frames
 
     @property
     def score(self) -> float:
@@ -155,10 +156,13 @@ def next_seed(candidates: Sequence[Sequence[Detection]], tried: Sequence[Track],
 
 StepFn = Callable[[int, bool], "np.ndarray | None"]
 SupportFn = Callable[[int, torch.Tensor], float]
+AnchorFn = Callable[[int], bool]
+ForgetFn = Callable[[Sequence[int]], None]
 
 
 def propagate(seed_z: int, seed_logits: np.ndarray, n_slices: int, step: StepFn,
-              support: SupportFn, max_gap: int) -> Track:
+              support: SupportFn, max_gap: int, *, anchor: AnchorFn | None = None,
+              anchor_every: int = 0, forget: ForgetFn | None = None) -> Track:
     """Follow a structure from ``seed_z`` both ways until it ends.
 
     ``step(z, reverse)`` returns the tracker's mask logits on slice ``z`` or
@@ -167,12 +171,20 @@ def propagate(seed_z: int, seed_logits: np.ndarray, n_slices: int, step: StepFn,
     unconfirmed slices are kept only when a confirmed slice follows within
     ``max_gap``; a trailing run is dropped, so the structure ends where the
     detector last saw it.
+
+    Every ``anchor_every`` slices from the seed, a confirmed slice is offered
+    to ``anchor(z)``, which may make it a conditioning frame (True when it
+    did), as SAM3's loop re-anchors on confident detections. The slices a pass
+    stepped through but did not keep are given to ``forget`` before the next
+    pass starts, so the reverse pass never draws memory from the drift past
+    the organ's end.
     """
     track = Track()
     track.logits[seed_z] = seed_logits
     track.support[seed_z] = support(seed_z, torch.from_numpy(seed_logits > 0))
     for reverse in (False, True):
         pending: list[tuple[int, np.ndarray]] = []
+        dropped: list[int] = []
         z = seed_z
         while True:
             z += -1 if reverse else 1
@@ -180,6 +192,7 @@ def propagate(seed_z: int, seed_logits: np.ndarray, n_slices: int, step: StepFn,
                 break
             logits = step(z, reverse)
             if logits is None or not bool((logits > 0).any()):
+                dropped.append(z)
                 break
             score = support(z, torch.from_numpy(logits > 0))
             if score > 0.0:
@@ -189,8 +202,13 @@ def propagate(seed_z: int, seed_logits: np.ndarray, n_slices: int, step: StepFn,
                 pending.clear()
                 track.logits[z] = logits
                 track.support[z] = score
+                if (anchor is not None and anchor_every > 0
+                        and abs(z - seed_z) % anchor_every == 0 and anchor(z)):
+                    track.anchors.append(z)
             else:
                 pending.append((z, logits))
                 if len(pending) > max_gap:
                     break
+        if forget is not None:
+            forget([gz for gz, _ in pending] + dropped)
     return track
