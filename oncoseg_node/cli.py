@@ -229,6 +229,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    import yaml
+
+    from oncoseg_node.commissioning.finetune.command import FinetuneRequest, run_finetune
+    from oncoseg_node.commissioning.finetune.trainer import TrainSettings
+
+    aliases = yaml.safe_load(Path(args.alias_map).read_text()) if args.alias_map else {}
+    if not isinstance(aliases, dict):
+        raise OncosegError(f"{args.alias_map}: expected a mapping of reference name -> TG-263")
+    settings = TrainSettings(learning_rate=args.learning_rate, accumulate=args.accumulate,
+                             checkpoint_every=args.checkpoint_every, seed=args.seed)
+    run_finetune(load_config(args.config), FinetuneRequest(
+        cases=Path(args.cases), out=Path(args.out), structures=tuple(args.structures or ()),
+        aliases=aliases, steps=args.steps, resume=args.resume,
+        validation_fraction=args.validation_fraction, settings=settings))
+    return 0
+
+
 def cmd_phantom(args: argparse.Namespace) -> int:
     from oncoseg_node.commissioning.phantom import write_phantom
     from oncoseg_node.commissioning.phantom_files import with_new_uids, write_reference
@@ -325,6 +343,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", help="write an HTML report")
     _config_arg(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("finetune", help="train a LoRA adapter on approved structure sets")
+    p.add_argument("--cases", required=True, help="folder of cases, each with ct/, reference.dcm")
+    p.add_argument("--out", required=True, help="adapter folder to write")
+    p.add_argument("--structures", nargs="+", help="TG-263 names (default: all found)")
+    p.add_argument("--alias-map", help="YAML: reference ROI name -> TG-263 name")
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--learning-rate", type=float, default=1e-4)
+    p.add_argument("--accumulate", type=int, default=4, help="samples per optimiser step")
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--validation-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    _config_arg(p)
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("phantom", help="write a synthetic CT series with known organs")
     p.add_argument("out_dir", type=Path)

@@ -39,6 +39,8 @@ def write_structure_set(contoured: Contoured, protocols: ProtocolSet, engines: E
         protocol_version=protocols.version,
         models={name: engines.engines[name].description for name in used
                 if name in engines.engines},
+        short_models={name: str(getattr(engines.engines[name], "short_id", ""))
+                      for name in used if name in engines.engines},
     )
     ds = build_rtstruct(contoured.volume, rois, info, profile, sop_instance_uid=sop_instance_uid)
     save_verified(ds, path, contoured.volume, profile)

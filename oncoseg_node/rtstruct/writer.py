@@ -78,12 +78,15 @@ class GenerationInfo:
     protocol_name: str
     protocol_version: str
     models: Mapping[str, str] = field(default_factory=dict)
+    # compact identities for the 64-character ROIGenerationDescription (weights and
+    # adapter hashes), where the full ``models`` text would be cut before the adapter
+    short_models: Mapping[str, str] = field(default_factory=dict)
 
     def describe(self, engine: str | None = None, limit: int = 64) -> str:
         """ROIGenerationDescription (LO, 64 characters): the protocol version always fits."""
         engine = engine or self.engine
         suffix = f"; protocol {self.protocol_name}@{self.protocol_version}"
-        head = f"{engine}: {self.models.get(engine, self.model)}"
+        head = f"{engine}: {self.short_models.get(engine) or self.models.get(engine, self.model)}"
         return head[:max(limit - len(suffix), 8)] + suffix[:limit]
 
     def full(self) -> str:

@@ -147,6 +147,13 @@ class Sam3Engine:
                      f" r{self.adapter.rank} merged")
         return text
 
+    @property
+    def short_id(self) -> str:
+        """Weights and adapter hashes, short enough for every ROIGenerationDescription."""
+        if self.adapter is None:
+            return f"SAM3 {self.weights_sha256[:8]}"
+        return f"{self.weights_sha256[:8]}+lora {self.adapter.sha256[:8]}"
+
     def supports(self, structure: Structure) -> bool:
         """Any structure with a text concept; the concept is the prompt."""
         return bool(concepts(structure))
