@@ -27,12 +27,8 @@ from oncoseg_node.commissioning.finetune.cases import (  # noqa: E402
 )
 from oncoseg_node.commissioning.phantom import make_phantom, write_phantom  # noqa: E402
 from oncoseg_node.rtstruct.profiles import get_profile  # noqa: E402
-from oncoseg_node.rtstruct.writer import (  # noqa: E402
-    GenerationInfo,
-    RoiMask,
-    build_rtstruct,
-    save_verified,
-)
+from oncoseg_node.rtstruct.selfcheck import save_verified  # noqa: E402
+from oncoseg_node.rtstruct.writer import GenerationInfo, RoiMask, build_rtstruct  # noqa: E402
 from tests.conftest import write_config  # noqa: E402
 from tests.sam3_tiny import build_tiny_sam3  # noqa: E402
 
