@@ -67,6 +67,10 @@ class SeriesConfig:
     duplicate_policy: str = "keep_first"
     max_attempts: int = 3
     slice_spacing_tolerance_mm: float = 0.1
+    # A job failing in a way a later attempt can pass waits this long
+    # (doubled per attempt, capped) while newer series are contoured.
+    retry_delay_s: float = 30.0
+    retry_max_delay_s: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -289,6 +293,8 @@ def _semantic_checks(cfg: Config, problems: list[str]) -> None:
     series = cfg.series
     _check_positive(series.quiet_period_s, "series.quiet_period_s", problems)
     _check_positive(series.max_attempts, "series.max_attempts", problems)
+    _check_positive(series.retry_delay_s, "series.retry_delay_s", problems)
+    _check_positive(series.retry_max_delay_s, "series.retry_max_delay_s", problems)
     if series.duplicate_policy not in ("keep_first", "replace"):
         problems.append(
             f"series.duplicate_policy: {series.duplicate_policy!r} is not keep_first or replace"

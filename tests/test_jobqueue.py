@@ -173,3 +173,53 @@ def test_commitment_report_delivers_or_sends_again(tmp_path):
     assert ledger.commitment_report("7.8", True, "committed by destination") == d.id
     assert ledger.delivery(d.id).state == DeliveryState.DELIVERED
     assert ledger.job(job_id).state == JobState.SENT
+
+
+def test_deferred_job_lets_newer_series_go_first(tmp_path):
+    clock = Clock()
+    ledger = Ledger(tmp_path / "l.db", clock=clock)
+    record(ledger, "1", series="1.1")
+    crashing = ledger.close_series("1.1")
+    record(ledger, "2", series="1.2")
+    newer = ledger.close_series("1.2")
+    assert ledger.claim(3).id == crashing
+    assert ledger.defer_job(crashing, "OSError: disk full", delay_s=60, max_attempts=3) \
+        == JobState.QUEUED
+    job = ledger.job(crashing)
+    assert job.state == JobState.QUEUED and job.not_before == clock.now + 60
+    assert job.reason == "OSError: disk full"
+    assert ledger.claim(3).id == newer  # not blocked behind the deferred job
+    assert ledger.claim(3) is None  # still in its backoff
+    clock.now += 60
+    assert ledger.claim(3).id == crashing
+
+
+def test_deferral_after_the_last_attempt_quarantines(tmp_path):
+    ledger = Ledger(tmp_path / "l.db")
+    record(ledger, "1")
+    job_id = ledger.close_series("1.2.3")
+    ledger.claim(max_attempts=2)
+    assert ledger.defer_job(job_id, "OSError: x", delay_s=1, max_attempts=2) == JobState.QUEUED
+    with ledger.transaction() as db:  # let the backoff pass
+        db.execute("UPDATE jobs SET not_before = 0 WHERE id = ?", (job_id,))
+    ledger.claim(max_attempts=2)
+    assert ledger.defer_job(job_id, "OSError: x", delay_s=1, max_attempts=2) \
+        == JobState.QUARANTINED
+    job = ledger.job(job_id)
+    assert job.state == JobState.QUARANTINED
+    assert job.reason == "quarantined after 2 attempts: OSError: x"
+
+
+def test_interrupted_job_goes_behind_the_series_already_waiting(tmp_path):
+    clock = Clock()
+    ledger = Ledger(tmp_path / "l.db", clock=clock)
+    record(ledger, "1", series="1.1")
+    interrupted = ledger.close_series("1.1")
+    ledger.claim(3)
+    clock.now += 1
+    record(ledger, "2", series="1.2")
+    waiting = ledger.close_series("1.2")
+    clock.now += 1
+    assert ledger.requeue_interrupted() == 1  # the node restarts
+    assert ledger.claim(3).id == waiting
+    assert ledger.claim(3).id == interrupted  # no backoff: it runs as soon as the queue is free

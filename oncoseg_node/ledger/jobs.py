@@ -2,7 +2,10 @@
 
 Claiming moves the attempt counter in the same transaction, so a series
 that crashes the worker is quarantined after ``max_attempts`` rather than
-crashing it forever. Every state change is checked against
+crashing it forever. Claims go in order of the time a job became ready: its
+creation, or for a deferred or interrupted job the end of its wait
+(``not_before``), so a series that keeps failing never runs ahead of the
+series that arrived meanwhile. Every state change is checked against
 :mod:`oncoseg_node.ledger.states` inside the transaction that makes it.
 """
 
@@ -43,6 +46,7 @@ class Job:
     updated_at: float
     started_at: float | None
     finished_at: float | None
+    not_before: float | None  # a deferred job is not claimed before this time
 
 
 def job_from_row(row: sqlite3.Row) -> Job:
@@ -128,8 +132,10 @@ class JobRecords(LedgerPart):
             while True:
                 row = db.execute(
                     """SELECT j.* FROM jobs j JOIN series s ON s.series_uid = j.series_uid
-                       WHERE j.state = ? AND s.state = ? ORDER BY j.id LIMIT 1""",
-                    (JobState.QUEUED, SeriesState.CLOSED),
+                       WHERE j.state = ? AND s.state = ?
+                       AND (j.not_before IS NULL OR j.not_before <= ?)
+                       ORDER BY COALESCE(j.not_before, j.created_at), j.id LIMIT 1""",
+                    (JobState.QUEUED, SeriesState.CLOSED, now),
                 ).fetchone()
                 if row is None:
                     return None
@@ -147,14 +153,41 @@ class JobRecords(LedgerPart):
                     db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone())
 
     def requeue_interrupted(self) -> int:
-        """At start: jobs left running by a crash go back to the queue."""
+        """At start: jobs left running by a crash go back to the queue.
+
+        Behind the series already waiting (ready from now on): if the job
+        itself crashed the node, the patients queued behind it go first.
+        """
         now = self.clock()
         with self.connection.transaction() as db:
             running = [r[0] for r in db.execute("SELECT id FROM jobs WHERE state = ?",
                                                 (JobState.RUNNING,))]
             for job_id in running:
                 move_job(db, job_id, JobState.QUEUED, now)
+                db.execute("UPDATE jobs SET not_before = ? WHERE id = ?", (now, job_id))
             return len(running)
+
+    def defer_job(self, job_id: int, reason: str, *, delay_s: float,
+                  max_attempts: int) -> JobState:
+        """A running job failed in a way a later attempt can pass: wait ``delay_s``.
+
+        Newer series are claimed meanwhile. After ``max_attempts`` attempts
+        the job is quarantined at once instead. Returns the job's new state.
+        """
+        now = self.clock()
+        with self.connection.transaction() as db:
+            row = db.execute("SELECT attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise LedgerError(f"no job {job_id}")
+            if row["attempts"] >= max_attempts:
+                move_job(db, job_id, JobState.QUARANTINED, now)
+                db.execute("UPDATE jobs SET reason = ? WHERE id = ?",
+                           (f"quarantined after {row['attempts']} attempts: {reason}", job_id))
+                return JobState.QUARANTINED
+            move_job(db, job_id, JobState.QUEUED, now)
+            db.execute("UPDATE jobs SET reason = ?, not_before = ? WHERE id = ?",
+                       (reason, now + delay_s, job_id))
+            return JobState.QUEUED
 
     def update_job(self, job_id: int, *, state: str | None = None, **fields: Any) -> None:
         """Set a job's state (checked against the allowed moves) and named columns.
@@ -203,7 +236,7 @@ class JobRecords(LedgerPart):
                 return False
             move_job(db, job_id, JobState.QUEUED, now)
             db.execute(
-                """UPDATE jobs SET override_geometry = 1, attempts = 0,
+                """UPDATE jobs SET override_geometry = 1, attempts = 0, not_before = NULL,
                    reason = 'released by operator', finished_at = NULL WHERE id = ?""",
                 (job_id,),
             )

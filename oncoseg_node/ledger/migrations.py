@@ -94,6 +94,9 @@ class Migration:
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "instances, series, jobs and deliveries", SCHEMA_1),
+    # A job that failed in a way a later attempt can pass waits until then,
+    # so the series behind it are not blocked (see JobRecords.defer_job).
+    Migration(2, "jobs.not_before", ("ALTER TABLE jobs ADD COLUMN not_before REAL",)),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

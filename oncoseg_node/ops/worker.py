@@ -2,13 +2,18 @@
 
 Every failure becomes a job state with its reason: a series that cannot be
 contoured safely is ``held`` (an operator decides), one with no matching
-protocol is ``skipped``, an unexpected error puts the job back in the queue
-(its attempt counter already moved when it was claimed, so a series that
-keeps crashing the worker ends ``quarantined``).
+protocol is ``skipped``, one that cannot be read or that the engine fails on
+is ``failed`` at once (the same input fails the same way again). A failure of
+the machine rather than the series (disk, memory, I/O: :func:`is_retryable`),
+or an unexpected error outside the engine, defers the job with backoff so the
+series behind it are contoured meanwhile; its attempt counter moved when it
+was claimed, so a job that keeps failing, or keeps crashing the node, ends
+``quarantined`` after ``series.max_attempts``.
 """
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -18,11 +23,17 @@ import structlog
 from prometheus_client import Counter, Histogram
 from prometheus_client.registry import Collector
 
-from oncoseg_node.config import Config, DestinationConfig
+from oncoseg_node.config import Config, DestinationConfig, SeriesConfig
 from oncoseg_node.contouring.engines.registry import EngineSet
 from oncoseg_node.contouring.pipeline import Contoured, contour, load_ct_series
 from oncoseg_node.contouring.protocols import Protocol, ProtocolSet
-from oncoseg_node.errors import GeometryError, RTStructError, SeriesLoadError
+from oncoseg_node.errors import (
+    EngineError,
+    GeometryError,
+    OncosegError,
+    RTStructError,
+    SeriesLoadError,
+)
 from oncoseg_node.intake.spool import Spool
 from oncoseg_node.ledger import Job, JobState, Ledger
 from oncoseg_node.ops.qa import overlays_of, qa_relpath, write_qa_snapshot
@@ -58,6 +69,22 @@ class WorkerMetrics:
 
     def collectors(self) -> list[Collector]:
         return [self.segmentation_seconds, self.jobs_finished]
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Whether a later attempt on the same series can pass: the machine failed, not the input.
+
+    A full or failing disk, memory or GPU memory exhausted by something else,
+    a timeout, a ledger busy beyond its timeout. torch's OutOfMemoryError is
+    a RuntimeError; it is matched by name so the worker never imports torch.
+    """
+    return (isinstance(exc, (OSError, MemoryError, TimeoutError, sqlite3.OperationalError))
+            or type(exc).__name__ == "OutOfMemoryError")
+
+
+def retry_delay(series: SeriesConfig, attempts: int) -> float:
+    """Wait before attempt ``attempts + 1`` of a deferred job (capped exponential)."""
+    return min(series.retry_max_delay_s, series.retry_delay_s * 2 ** max(attempts - 1, 0))
 
 
 def destinations_for(config: Config, protocol: Protocol) -> list[DestinationConfig]:
@@ -139,7 +166,15 @@ class Worker:
             self.ledger.update_job(job.id, protocol=protocol.name,
                                    protocol_version=protocols.version)
             segment_started = time.monotonic()
-            contoured = contour(volume, report, protocol, self.engines)
+            try:
+                contoured = contour(volume, report, protocol, self.engines)
+            except OncosegError:
+                raise
+            except Exception as exc:
+                if is_retryable(exc):
+                    raise
+                # A deterministic engine on the same volume fails the same way.
+                raise EngineError(f"{type(exc).__name__}: {exc}") from exc
             write_started = time.monotonic()
             self.metrics.segmentation_seconds.observe(write_started - segment_started)
             targets = []
@@ -179,10 +214,19 @@ class Worker:
         except SeriesLoadError as exc:
             self.ledger.update_job(job.id, state=JobState.FAILED, reason=f"series: {exc}")
             bound.error("job_failed", reason=str(exc))
-        except Exception as exc:  # unknown: retry, quarantined after max_attempts
-            self.ledger.update_job(job.id, state=JobState.QUEUED,
-                                   reason=f"{type(exc).__name__}: {exc}")
-            bound.exception("job_error_requeued")
+        except EngineError as exc:
+            self.ledger.update_job(job.id, state=JobState.FAILED, reason=f"engine: {exc}")
+            bound.exception("job_failed", reason=f"engine: {exc}")
+        except Exception as exc:  # retryable or unknown: deferred, then quarantined
+            series = self.config.series
+            delay = retry_delay(series, job.attempts)
+            state = self.ledger.defer_job(job.id, f"{type(exc).__name__}: {exc}",
+                                          delay_s=delay, max_attempts=series.max_attempts)
+            if state == JobState.QUARANTINED:
+                bound.exception("job_quarantined", attempts=job.attempts)
+            else:
+                bound.exception("job_deferred", attempts=job.attempts, retry_in_s=delay,
+                                retryable=is_retryable(exc))
 
     def _write_snapshot(self, job: Job, contoured: Contoured, bound: Any) -> None:
         """The QA picture for the job page, next to the job's outbox files.
