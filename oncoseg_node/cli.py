@@ -13,10 +13,14 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from oncoseg_node import __version__
 from oncoseg_node.config import DEFAULT_CONFIG, Config, load_config
 from oncoseg_node.errors import ConfigError, OncosegError
+
+if TYPE_CHECKING:
+    from oncoseg_node.contouring.protocols import ProtocolSet
 
 EXIT_FAILURE = 1
 EXIT_INVALID_CONFIG = 2
@@ -52,7 +56,21 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     protocols = load_protocols(config.protocols, min(limits) if limits else None)
     print(f"{args.config}: valid ({len(protocols.protocols)} protocols, "
           f"{len(config.destinations)} destinations, engine {config.engine.name})")
+    _print_protocol_warnings(config, protocols)
     return 0
+
+
+def _print_protocol_warnings(config: Config, protocols: ProtocolSet,
+                             only: str | None = None) -> None:
+    """What a valid protocols file asks for that this node cannot do (``only``: one protocol)."""
+    from oncoseg_node.contouring.engines.registry import contourable
+    from oncoseg_node.contouring.protocol_checks import absence_warnings, match_warnings
+
+    absent = absence_warnings(protocols, contourable(config.engine))
+    if only is not None:
+        absent = [line for line in absent if line.startswith(f"protocols.{only}:")]
+    for line in match_warnings(protocols) + absent:
+        print(f"warning: {line}")
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
@@ -179,7 +197,8 @@ def cmd_protocols_explain(args: argparse.Namespace) -> int:
     from oncoseg_node.contouring.protocols import load_protocols
     from oncoseg_node.contouring.volume import read_ct_slices
 
-    protocols = load_protocols(load_config(args.config).protocols)
+    config = load_config(args.config)
+    protocols = load_protocols(config.protocols)
     paths = series_paths(args.series_dir, args.series)
     header = read_ct_slices(paths[:1])[0]
     chosen = protocols.match(header, args.calling_ae)
@@ -187,6 +206,7 @@ def cmd_protocols_explain(args: argparse.Namespace) -> int:
         reasons = protocol.match.explain(header, args.calling_ae)
         verdict = "matches" if not reasons else "does not match: " + "; ".join(reasons)
         print(f"{protocol.name} (priority {protocol.priority}) {verdict}")
+    _print_protocol_warnings(config, protocols, chosen.name if chosen else None)
     if chosen is None:
         print("=> no protocol: the series would be skipped")
     else:

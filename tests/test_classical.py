@@ -204,3 +204,20 @@ def test_fill_holes_matches_scipy_per_slice():
     mask = ndimage.binary_dilation(rng.random((4, 60, 60)) > 0.97, np.ones((1, 5, 5)))
     expected = np.stack([ndimage.binary_fill_holes(s) for s in mask])
     assert np.array_equal(fill_holes(mask), expected)
+
+
+@pytest.mark.parametrize("position", ["HFS", "FFP"])
+def test_trachea_and_main_bronchi_come_from_the_airway_tree(position):
+    p = make_phantom(**MEDIUM, patient_position=position)
+    r = run(p, ("Trachea", "Bronchus", "Lungs"))
+    assert dice(r["Trachea"].mask, p.truth["Trachea"]) >= 0.85
+    assert dice(r["Bronchus"].mask, p.truth["Bronchus"]) >= 0.75
+    assert not (r["Trachea"].mask & r["Lungs"].mask).any()
+    # Oesophageal gas is outside the lungs too, but it is not an airway.
+    assert not (r["Trachea"].mask & p.truth["Esophagus"]).any()
+
+
+def test_no_airways_without_lungs():
+    p = make_phantom(**MEDIUM, site="pelvis")  # colon gas as large as a small lung
+    r = run(p, ("Trachea", "Bronchus"))
+    assert r["Trachea"].absent and r["Bronchus"].absent

@@ -170,7 +170,7 @@ def test_protocols_list_and_explain_cli(tmp_path):
     explained = run_cli("protocols", "explain", str(tmp_path), "--config", config)
     assert explained.returncode == 0, explained.stderr
     assert "pelvis (priority 20) matches" in explained.stdout
-    assert "thorax (priority 20) does not match: SeriesDescription" in explained.stdout
+    assert "thorax (priority 22) does not match: SeriesDescription" in explained.stdout
     assert explained.stdout.strip().splitlines()[-1].startswith("=> pelvis: External")
 
 
@@ -242,3 +242,113 @@ def test_hot_reload_on_a_running_daemon_changes_the_next_job(tmp_path):
         assert contour_new_series(3) == ["External", "Bones"]
     finally:
         daemon.stop()
+
+
+SHIPPED = REPO / "config" / "protocols.yaml"
+
+
+@pytest.mark.parametrize(("description", "body_part", "protocol"), [
+    ("Thorax 3mm Schnitt", "CHEST", "thorax"),
+    ("Thorax 3mm Schnitt", "", "thorax"),
+    ("HN Parotis 2mm", "HEAD", "head-and-neck"),
+    ("Becken nativ", "PELVIS", "pelvis"),
+    ("Abd/Becken 3mm", "", "abdomen"),
+    ("Thorax Abdomen KM", "", "thorax"),
+])
+def test_shipped_rules_match_words_not_parts_of_words(description, body_part, protocol):
+    protocols = load_protocols(SHIPPED)
+    header = {"SeriesDescription": description, "BodyPartExamined": body_part}
+    assert protocols.match(header).name == protocol
+
+
+def test_shipped_rules_are_bounded_and_never_tied():
+    from oncoseg_node.contouring.protocol_checks import match_warnings, unbounded_words
+
+    protocols = load_protocols(SHIPPED)
+    for protocol in protocols.protocols:
+        for pattern in protocol.match.attributes.values():
+            assert unbounded_words(pattern) == [], (protocol.name, pattern.pattern)
+    assert match_warnings(protocols) == []
+
+
+def test_unbounded_words_and_ties_that_can_both_match_warn(tmp_path):
+    from oncoseg_node.contouring.protocol_checks import match_warnings
+
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "structures:\n  External: {color: [0, 255, 0], type: EXTERNAL}\n"
+        "protocols:\n"
+        "  - {name: hn, priority: 30, structures: [External],\n"
+        "     match: {attributes: {SeriesDescription: 'head|hn'}}}\n"
+        "  - {name: thorax, priority: 20, structures: [External],\n"
+        "     match: {attributes: {SeriesDescription: '\\bthorax\\b'}}}\n"
+        "  - {name: abdomen, priority: 20, structures: [External],\n"
+        "     match: {attributes: {SeriesDescription: '\\babdomen\\b'}}}\n"
+        "  - {name: thin, priority: 10, structures: [External],\n"
+        "     match: {slice_thickness_mm: [0, 2]}}\n"
+        "  - {name: thick, priority: 10, structures: [External],\n"
+        "     match: {slice_thickness_mm: [2.5, 10]}}\n"
+        "  - {name: ct1, priority: 5, structures: [External],\n"
+        "     match: {attributes: {BodyPartExamined: '^CHEST$'}}}\n"
+        "  - {name: ct2, priority: 5, structures: [External],\n"
+        "     match: {attributes: {BodyPartExamined: '^PELVIS$'}}}\n")
+    warnings = match_warnings(load_protocols(path))
+    assert any(w.startswith("protocols.hn.match.attributes.SeriesDescription: 'hn' is not "
+                            "bounded") for w in warnings), warnings
+    assert not any("'head'" in w for w in warnings)  # 4 letters and more are words enough
+    ties = [w for w in warnings if "same priority" in w]
+    # "thorax abdomen" matches both; disjoint thickness ranges or anchored values cannot.
+    assert ties == ["protocols.abdomen: same priority (20) as 'thorax' and a series can match "
+                    "both; 'thorax' wins by file order alone: give them different priorities"]
+
+
+def test_a_bad_structure_is_one_problem_not_one_per_protocol(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "structures:\n"
+        "  External: {color: [0, 255, 0], type: EXTERNAL}\n"
+        "  Heart: {color: [300, 0, 0]}\n"
+        "protocols:\n"
+        "  - {name: a, priority: 3, structures: [External, Heart], match: {attributes: {X: c}}}\n"
+        "  - {name: b, priority: 2, structures: [Heart], match: {attributes: {X: a}}}\n"
+        "  - {name: c, priority: 1, structures: [Heart, Liver], match: {attributes: {X: b}}}\n")
+    with pytest.raises(ConfigError) as info:
+        load_protocols(path)
+    problems = info.value.problems
+    assert [p for p in problems if "Heart" in p] == [
+        f"{path}:3: structures.Heart.color: [300, 0, 0] is not [R, G, B] in 0..255"]
+    # A structure never defined is still named where it is used.
+    assert [p for p in problems if "Liver" in p] == [
+        f"{path}:7: protocols.c.structures: unknown structure 'Liver'"]
+
+
+def test_structures_no_configured_engine_contours_are_named():
+    from oncoseg_node.config import EngineConfig
+    from oncoseg_node.contouring.engines.registry import contourable
+    from oncoseg_node.contouring.protocol_checks import absent_structures
+
+    thorax = load_protocols(SHIPPED).by_name("thorax")
+    classical = [s.name for s in absent_structures(thorax, contourable(EngineConfig()))]
+    assert classical == ["Heart", "Esophagus", "SpinalCord", "A_Aorta", "Breast_L", "Breast_R"]
+    assert absent_structures(thorax, contourable(EngineConfig(name="sam3"))) == []
+
+
+def test_check_config_and_explain_warn_which_structures_will_be_absent(tmp_path):
+    from oncoseg_node.commissioning.phantom import write_phantom
+
+    config = str(REPO / "config" / "oncoseg-node.yaml")
+    checked = run_cli("check-config", "--config", config)
+    assert checked.returncode == 0, checked.stderr
+    lines = [line for line in checked.stdout.splitlines() if line.startswith("warning: ")]
+    by_protocol = {line.split(":")[1].strip(): line for line in lines}
+    assert set(by_protocol) == {"protocols.head-and-neck", "protocols.thorax",
+                                "protocols.abdomen", "protocols.pelvis"}, lines
+    thorax = by_protocol["protocols.thorax"]
+    assert "6 of its 14 structures" in thorax and "Heart (sam3)" in thorax
+    assert "Trachea" not in thorax and "Lung_L" not in thorax
+    write_phantom(tmp_path, slices=2, rows=32, columns=32, pixel_spacing=(10.0, 10.0))
+    explained = run_cli("protocols", "explain", str(tmp_path), "--config", config)
+    assert explained.returncode == 0, explained.stderr
+    warned = [line for line in explained.stdout.splitlines() if line.startswith("warning: ")]
+    assert len(warned) == 1 and warned[0].startswith("warning: protocols.thorax: no configured "
+                                                     "engine contours 6 of its 14"), warned

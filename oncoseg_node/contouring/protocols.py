@@ -296,10 +296,14 @@ def load_protocols(path: Path, max_roi_name_length: int | None = None) -> Protoc
         elif max_roi_name_length is not None and len(str(name)) > max_roi_name_length:
             problems.append(f"structures.{name}: longer than {max_roi_name_length} characters, "
                             "the limit of a configured destination")
+    # A structure refused above is reported once, not again by each protocol using it.
+    refused: set[str] = set()
     for name, spec in (raw.get("structures") or {}).items():
         structure = _structure(str(name), spec or {}, problems)
         if structure is not None:
             library[str(name)] = structure
+        else:
+            refused.add(str(name))
     protocols = []
     seen: set[str] = set()
     for index, entry in enumerate(raw.get("protocols") or []):
@@ -318,6 +322,8 @@ def load_protocols(path: Path, max_roi_name_length: int | None = None) -> Protoc
         for key in sorted(set(entry) - {"name", "priority", "match", "structures", "shadow"}):
             problems.append(f"protocols.{pname}.{key}: unknown key")
         for sname in listed:
+            if sname in refused:
+                continue
             if sname not in library:
                 problems.append(f"protocols.{pname}.structures: unknown structure {sname!r}")
             else:

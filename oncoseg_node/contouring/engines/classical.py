@@ -1,12 +1,13 @@
 """The weight-free CT engine: structures that CT physics alone defines well.
 
 External (body outline without couch, immobilisation or air), Lung_L,
-Lung_R and Lungs (trachea and main bronchi excluded), Bones and SpinalCanal,
-from Hounsfield thresholds and slice-wise morphology on numpy/scipy. Masks
-are ``(z, y, x)`` on the volume's grid. Left and right are decided in patient
-coordinates (LPS: +x is the patient's left) through each slice's own
-geometry, and the couch side from PatientPosition (supine: posterior, prone:
-anterior), so HFS, HFP, FFS and FFP series all come out right.
+Lung_R and Lungs (trachea and main bronchi excluded), Trachea and Bronchus,
+Bones and SpinalCanal, from Hounsfield thresholds and morphology on
+numpy/scipy. Masks are ``(z, y, x)`` on the volume's grid. Left and right
+are decided in patient coordinates (LPS: +x is the patient's left) through
+each slice's own geometry, and the couch side from PatientPosition, so HFS,
+HFP, FFS and FFP series all come out right. The steps live in ``ct_body``,
+``ct_lungs``, ``ct_bones`` and ``ct_canal``; this module runs each once.
 
 Each step works inside the bounding box of what it looks at, so a pelvis
 costs nothing for lungs and a 150-slice 512x512 thorax takes a few seconds.
@@ -15,27 +16,33 @@ costs nothing for lungs and a 150-slice 512x512 thorax takes a few seconds.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import cached_property
 
 import numpy as np
 from scipy import ndimage
 
 from oncoseg_node.contouring.engines.base import StructureResult
+from oncoseg_node.contouring.engines.ct_body import BODY_HU, external, midlines, patient_x
+from oncoseg_node.contouring.engines.ct_lungs import (
+    GAS_HU,
+    LUNG_HU,
+    MIN_LUNG_CC,
+    LungsAndAirways,
+    lungs,
+)
 from oncoseg_node.contouring.engines.postprocess import (
     IN_PLANE,
     bbox,
-    component_sizes_cc,
-    dilate,
     fill_holes,
-    opening,
     postprocess,
     radius_px,
 )
 from oncoseg_node.contouring.protocols import Structure
 from oncoseg_node.contouring.volume import Volume
 
-BODY_HU = -350.0       # skin/air edge; couch foam, headrests and vacuum bags stay below
-LUNG_HU = -400.0       # half way between aerated lung (~-850) and soft tissue (~40)
-GAS_HU = -950.0        # pure air (airways, bowel, oesophagus); parenchyma stays above
+__all__ = ["BODY_HU", "GAS_HU", "LUNG_HU", "MIN_LUNG_CC", "ClassicalEngine", "bones_and_canal",
+           "external", "lungs", "midlines", "patient_x"]
+
 BONE_HU = 180.0        # above any unenhanced soft tissue, below cancellous bone
 SOFT_HU = 40.0         # what bone borders; its edge lies half way to the bone's peak
 PEAK_MM = 2.0
@@ -43,175 +50,6 @@ MARROW_HU = 100.0      # a hole in the bone mask denser than this is marrow, not
 CANAL_HU = (-50.0, 100.0)
 CANAL_MM2 = (50.0, 600.0)  # a spinal canal's cross-section is 0.5 to 6 cm^2
 CANAL_GAP_MM = 20.0    # discs open the bony ring; bridge gaps up to this long
-OPEN_MM = 3.0          # thinner than 2x this (masks, straps, cables) is not patient
-WALL_MM = 3.0          # airway wall (and blurred lumen edge) excluded from lung with the air
-COUCH_STEP_MM = 30.0   # a couch top is this much wider than the body just above it
-MIN_LUNG_CC = 30.0     # smaller aerated pockets are not a lung
-MIN_BODY_FRACTION = 0.05  # body parts smaller than this share of the largest are devices
-SUPINE, PRONE = frozenset({"HFS", "FFS"}), frozenset({"HFP", "FFP"})
-
-
-def _couch_rows(volume: Volume, candidate: np.ndarray) -> slice | None:
-    """Image rows at and beyond the couch top, or None when no couch is found.
-
-    The couch is on the patient's posterior side when supine and anterior
-    when prone: a plate wider than the body on it, the same on every slice.
-    Following the lateral extent of dense material row by row (median over
-    slices) from the body's middle toward the couch, the extent shrinks with
-    the body's curve and jumps at the couch top, whether or not the patient
-    touches it. Opening cannot do this: a plate pressed flat against the
-    skin survives any opening.
-    """
-    col_y = float(volume.col_direction[1])
-    if volume.patient_position not in SUPINE | PRONE or abs(col_y) < 0.5:
-        return None  # decubitus or an oblique image: leave it to the opening
-    down = int(np.sign(col_y)) * (1 if volume.patient_position in SUPINE else -1)
-    any_row = candidate.any(axis=2)
-    per_row = any_row.sum(axis=0)
-    if not per_row.any():
-        return None
-    first = np.argmax(candidate, axis=2)
-    last = candidate.shape[2] - np.argmax(candidate[:, :, ::-1], axis=2)
-    extent = np.median((last - first) * any_row, axis=0) * volume.pixel_spacing[1]
-    middle = int(np.searchsorted(np.cumsum(per_row), per_row.sum() / 2))
-    widest = extent[middle]
-    stop = len(extent) if down > 0 else -1
-    for r in range(middle + 2 * down, stop, down):
-        before = min(extent[r - down], extent[r - 2 * down])
-        if extent[r] - before >= COUCH_STEP_MM and extent[r] > widest:
-            return slice(r, None) if down > 0 else slice(0, r + 1)
-        widest = max(widest, extent[r])
-    return None
-
-
-def external(volume: Volume) -> np.ndarray:
-    """Body outline: couch cut, thin devices opened away, main parts kept, holes filled."""
-    candidate = volume.hu > BODY_HU
-    couch = _couch_rows(volume, candidate)
-    if couch is not None:
-        candidate[:, couch, :] = False
-    box = bbox(candidate, pad=2)
-    body = np.zeros(volume.shape, dtype=bool)
-    if box is None:
-        return body
-    cand = candidate[box]
-    ry, rx = radius_px(volume, OPEN_MM)
-    core = opening(cand, ry, rx) if ry or rx else cand
-    labels, count = ndimage.label(core)
-    if count == 0:
-        return body
-    sizes = np.bincount(labels.ravel())[1:]
-    keep = np.concatenate([[False], sizes >= MIN_BODY_FRACTION * sizes.max()])
-    core = keep[labels]
-    # Give back the skin detail the opening shaved off, not what lies beyond it.
-    body[box] = fill_holes(cand & dilate(core, ry, rx) | core)
-    return body
-
-
-def patient_x(volume: Volume, box: tuple[slice, ...]) -> np.ndarray:
-    """Patient x (mm) of the voxel centres in ``box``, broadcastable to its shape."""
-    x = (volume.positions[box[0], 0][:, None, None]
-         + volume.pixel_spacing[1] * volume.row_direction[0]
-         * np.arange(box[2].start, box[2].stop)[None, None, :])
-    if volume.col_direction[0] != 0:  # only oblique images: keep axial cases (z, 1, x)
-        x = x + (volume.pixel_spacing[0] * volume.col_direction[0]
-                 * np.arange(box[1].start, box[1].stop)[None, :, None])
-    return x
-
-
-def midlines(volume: Volume, body: np.ndarray) -> np.ndarray:
-    """Mean patient x (mm) of the body on each slice; NaN where there is none."""
-    count = body.sum(axis=(1, 2)).astype(float)
-    rows = body.sum(axis=2) @ np.arange(body.shape[1])
-    cols = body.sum(axis=1) @ np.arange(body.shape[2])
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (volume.positions[:, 0]
-                + volume.pixel_spacing[0] * volume.col_direction[0] * rows / count
-                + volume.pixel_spacing[1] * volume.row_direction[0] * cols / count)
-
-
-def _split_merged(volume: Volume, part: np.ndarray, box: tuple[slice, ...],
-                  mid: np.ndarray) -> np.ndarray:
-    """Left (patient) share of two lungs joined at a junction; ``part`` given on ``box``.
-
-    On axial images each slice is cut at the column within 40 mm of the
-    body's midline where the joined lungs are thinnest (the junction line,
-    which is often off the midline); on oblique images voxels go by side.
-    """
-    x_of = patient_x(volume, box) - mid[box[0], None, None]
-    if x_of.shape[1] != 1:
-        return part & (x_of > 0)
-    left = np.zeros_like(part)
-    for k in np.flatnonzero(part.any(axis=(1, 2))):
-        col_x = x_of[k, 0]
-        profile = part[k].sum(axis=0).astype(float)
-        profile[np.abs(col_x) > 40.0] = np.inf
-        cut = col_x[int(np.argmin(profile))] if np.isfinite(profile).any() else 0.0
-        left[k] = part[k] & (col_x > cut)[None, :]
-    return left
-
-
-def _airways(volume: Volume, aerated: np.ndarray, hu: np.ndarray) -> np.ndarray:
-    """Trachea, bronchi and other gas outside the lungs, with a wall's width around it.
-
-    Pure air that some slice shows outside the aerated lung's outline (the
-    trachea in the mediastinum, gas in oesophagus or bowel) is airway or gas,
-    and so is all pure air connected to it in 3D: the main bronchi inside the
-    lungs. Pure air enclosed by lung throughout (bullae, noise) stays lung.
-    """
-    gas = (hu < GAS_HU) & aerated
-    if not gas.any():
-        return gas
-    labels, _ = ndimage.label(gas, structure=np.ones((3, 3, 3)))  # bronchi run obliquely
-    # Leave out the air's own blurred rim, or every airway would look enclosed by "lung".
-    outside = labels[gas & ~fill_holes(aerated & ~dilate(gas, 1, 1))]
-    tree = np.isin(labels, np.unique(outside[outside > 0]))
-    return dilate(tree, *radius_px(volume, WALL_MM)) if tree.any() else tree
-
-
-def lungs(volume: Volume, body: np.ndarray, mid: np.ndarray
-          ) -> tuple[np.ndarray, np.ndarray]:
-    """(left, right) lungs in the patient's sense; empty when no lung is in view.
-
-    ``mid`` is the body's midline (patient x) per slice, from :func:`midlines`.
-    """
-    empty = np.zeros(volume.shape, dtype=bool)
-    box = bbox((volume.hu < LUNG_HU) & body, pad=2)
-    if box is None:
-        return empty, empty.copy()
-    aerated = (volume.hu[box] < LUNG_HU) & body[box]
-    airway = _airways(volume, aerated, volume.hu[box])
-    labels, count = ndimage.label(aerated & ~airway)
-    sizes = component_sizes_cc(volume, labels, count, box[0].start)
-    x_of = patient_x(volume, box) - np.nan_to_num(mid[box[0]])[:, None, None]
-    left, right = np.zeros_like(aerated), np.zeros_like(aerated)
-    for label in np.flatnonzero(sizes >= MIN_LUNG_CC) + 1:
-        part = labels == label
-        share_left = float((part & (x_of > 0)).sum() / part.sum())
-        if share_left >= 0.8:
-            left |= part
-        elif share_left <= 0.2:
-            right |= part
-        else:  # both lungs in one component: joined at the anterior junction
-            part_box = bbox(part)
-            assert part_box is not None  # a labelled component has voxels
-            on_left = np.zeros_like(part)
-            on_left[part_box] = _split_merged(volume, part[part_box],
-                                              _abs_box(box, part_box), np.nan_to_num(mid))
-            left |= on_left
-            right |= part & ~on_left
-    out = []
-    for side in (left, right):
-        full = np.zeros(volume.shape, dtype=bool)
-        # Vessels inside a lung are lung; airways stay out even where a lung encloses them.
-        full[box] = fill_holes(side) & ~airway
-        out.append(full if volume.mask_volume_cc(full) >= MIN_LUNG_CC else empty.copy())
-    return out[0], out[1]
-
-
-def _abs_box(outer: tuple[slice, ...], inner: tuple[slice, ...]) -> tuple[slice, ...]:
-    return tuple(slice(o.start + i.start, o.start + i.stop)
-                 for o, i in zip(outer, inner, strict=True))
 
 
 def bones_and_canal(volume: Volume, body: np.ndarray, mid: np.ndarray
@@ -316,11 +154,35 @@ def _canal(volume: Volume, holes: _Holes, box: tuple[slice, ...], mid: np.ndarra
     return out
 
 
+class _Steps:
+    """Each step at most once per volume, and only when a structure needs it."""
+
+    def __init__(self, volume: Volume) -> None:
+        self.volume = volume
+
+    @cached_property
+    def body(self) -> np.ndarray:
+        return external(self.volume)
+
+    @cached_property
+    def mid(self) -> np.ndarray:
+        return midlines(self.volume, self.body)
+
+    @cached_property
+    def chest(self) -> LungsAndAirways:
+        return LungsAndAirways(self.volume, self.body, self.mid)
+
+    @cached_property
+    def skeleton(self) -> tuple[np.ndarray, np.ndarray]:
+        return bones_and_canal(self.volume, self.body, self.mid)
+
+
 class ClassicalEngine:
     """Engine protocol implementation with no model weights."""
 
     name = "classical"
-    SUPPORTED = ("External", "Lung_L", "Lung_R", "Lungs", "Bones", "SpinalCanal")
+    SUPPORTED = ("External", "Lung_L", "Lung_R", "Lungs", "Trachea", "Bronchus", "Bones",
+                 "SpinalCanal")
 
     @property
     def description(self) -> str:
@@ -330,35 +192,16 @@ class ClassicalEngine:
         return structure.name in self.SUPPORTED
 
     def segment(self, volume: Volume, structures: Sequence[Structure]) -> list[StructureResult]:
-        cache: dict[str, np.ndarray] = {}
-
-        def body() -> np.ndarray:
-            if "External" not in cache:
-                cache["External"] = external(volume)
-            return cache["External"]
-
-        def mid() -> np.ndarray:
-            if "midline" not in cache:
-                cache["midline"] = midlines(volume, body())
-            return cache["midline"]
-
-        def lung_pair() -> tuple[np.ndarray, np.ndarray]:
-            if "Lung_L" not in cache:
-                cache["Lung_L"], cache["Lung_R"] = lungs(volume, body(), mid())
-            return cache["Lung_L"], cache["Lung_R"]
-
-        def skeleton() -> tuple[np.ndarray, np.ndarray]:
-            if "Bones" not in cache:
-                cache["Bones"], cache["SpinalCanal"] = bones_and_canal(volume, body(), mid())
-            return cache["Bones"], cache["SpinalCanal"]
-
+        steps = _Steps(volume)
         builders: dict[str, Callable[[], np.ndarray]] = {
-            "External": body,
-            "Lung_L": lambda: lung_pair()[0],
-            "Lung_R": lambda: lung_pair()[1],
-            "Lungs": lambda: lung_pair()[0] | lung_pair()[1],
-            "Bones": lambda: skeleton()[0],
-            "SpinalCanal": lambda: skeleton()[1],
+            "External": lambda: steps.body,
+            "Lung_L": lambda: steps.chest.left,
+            "Lung_R": lambda: steps.chest.right,
+            "Lungs": lambda: steps.chest.left | steps.chest.right,
+            "Trachea": lambda: steps.chest.trachea,
+            "Bronchus": lambda: steps.chest.bronchus,
+            "Bones": lambda: steps.skeleton[0],
+            "SpinalCanal": lambda: steps.skeleton[1],
         }
         results = []
         for structure in structures:

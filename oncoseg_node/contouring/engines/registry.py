@@ -7,7 +7,7 @@ GPU) are startup errors, never a silent fallback.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from oncoseg_node.config import EngineConfig
 from oncoseg_node.contouring.engines.base import Engine, StructureResult
@@ -51,6 +51,25 @@ class EngineSet:
             for i, result in zip(indices, outputs, strict=True):
                 results[i] = result
         return [r for r in results if r is not None]
+
+
+def contourable(config: EngineConfig) -> Callable[[Structure], bool]:
+    """Whether a structure would be contoured by the engines ``config`` builds.
+
+    Answers without building any engine (no weights, no torch): the
+    classical engine's fixed list, and for SAM3, configured, any structure
+    with a text concept, which is what it prompts with.
+    """
+    from oncoseg_node.contouring.engines.classical import ClassicalEngine
+
+    def can(structure: Structure) -> bool:
+        if structure.engine == "classical":
+            return structure.name in ClassicalEngine.SUPPORTED
+        if structure.engine == "sam3" and config.name == "sam3":
+            return any(c.strip() for c in structure.concepts)
+        return False
+
+    return can
 
 
 def build_engines(config: EngineConfig) -> EngineSet:

@@ -1,0 +1,183 @@
+"""Lungs (left and right in the patient's sense) and the airway tree between them.
+
+Aerated lung is below LUNG_HU inside the body; pure air (below GAS_HU) that
+reaches outside the lungs' outline on some slice is airway or other gas, and
+the tree it forms in 3D is left out of the lungs. That same tree gives the
+Trachea and the main bronchi. Masks are ``(z, y, x)``; patient coordinates
+are DICOM LPS (+x is the patient's left).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from oncoseg_node.contouring.engines.ct_body import patient_x
+from oncoseg_node.contouring.engines.postprocess import (
+    bbox,
+    component_sizes_cc,
+    dilate,
+    fill_holes,
+    radius_px,
+)
+from oncoseg_node.contouring.volume import Volume
+
+LUNG_HU = -400.0       # half way between aerated lung (~-850) and soft tissue (~40)
+GAS_HU = -950.0        # pure air (airways, bowel, oesophagus); parenchyma stays above
+WALL_MM = 3.0          # airway wall (and blurred lumen edge) excluded from lung with the air
+MIN_LUNG_CC = 30.0     # smaller aerated pockets are not a lung
+AIRWAY_EDGE_HU = -480.0  # half way between air and the airway wall
+AIRWAY_WALL_MM = 1.5   # tracheal and bronchial wall, contoured with the airway
+MAIN_BRONCHUS_MM = 50.0  # main bronchi below the carina; lobar ones are lung
+
+
+def _split_merged(volume: Volume, part: np.ndarray, box: tuple[slice, ...],
+                  mid: np.ndarray) -> np.ndarray:
+    """Left (patient) share of two lungs joined at a junction; ``part`` given on ``box``.
+
+    On axial images each slice is cut at the column within 40 mm of the
+    body's midline where the joined lungs are thinnest (the junction line,
+    which is often off the midline); on oblique images voxels go by side.
+    """
+    x_of = patient_x(volume, box) - mid[box[0], None, None]
+    if x_of.shape[1] != 1:
+        return part & (x_of > 0)
+    left = np.zeros_like(part)
+    for k in np.flatnonzero(part.any(axis=(1, 2))):
+        col_x = x_of[k, 0]
+        profile = part[k].sum(axis=0).astype(float)
+        profile[np.abs(col_x) > 40.0] = np.inf
+        cut = col_x[int(np.argmin(profile))] if np.isfinite(profile).any() else 0.0
+        left[k] = part[k] & (col_x > cut)[None, :]
+    return left
+
+
+def _gas_tree(aerated: np.ndarray, hu: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
+    """Pure air reaching outside the lungs' outline: (labels, count, tree labels).
+
+    Pure air that some slice shows outside the aerated lung's outline (the
+    trachea in the mediastinum, gas in oesophagus or bowel) is airway or gas,
+    and so is all pure air connected to it in 3D: the main bronchi inside the
+    lungs. Pure air enclosed by lung throughout (bullae, noise) stays lung.
+    """
+    gas = (hu < GAS_HU) & aerated
+    if not gas.any():
+        return np.zeros(gas.shape, dtype=np.int32), 0, np.zeros(0, dtype=np.int64)
+    labels, count = ndimage.label(gas, structure=np.ones((3, 3, 3)))  # bronchi run obliquely
+    # Leave out the air's own blurred rim, or every airway would look enclosed by "lung".
+    outside = labels[gas & ~fill_holes(aerated & ~dilate(gas, 1, 1))]
+    return labels, count, np.unique(outside[outside > 0])
+
+
+class LungsAndAirways:
+    """Both lungs and the airway tree; every mask ``(z, y, x)``, empty when not in view."""
+
+    def __init__(self, volume: Volume, body: np.ndarray, mid: np.ndarray) -> None:
+        empty = np.zeros(volume.shape, dtype=bool)
+        self.left, self.right = empty, empty.copy()
+        self.trachea, self.bronchus = empty.copy(), empty.copy()
+        box = bbox((volume.hu < LUNG_HU) & body, pad=2)
+        if box is None:
+            return
+        hu = volume.hu[box]
+        aerated = (hu < LUNG_HU) & body[box]
+        labels, count, tree_labels = _gas_tree(aerated, hu)
+        tree = np.isin(labels, tree_labels) if count else np.zeros_like(aerated)
+        airway = dilate(tree, *radius_px(volume, WALL_MM)) if tree.any() else tree
+        left, right = _lungs(volume, aerated & ~airway, box, mid)
+        for name, side in (("left", left), ("right", right)):
+            full = np.zeros(volume.shape, dtype=bool)
+            # Vessels inside a lung are lung; airways stay out even where a lung encloses them.
+            full[box] = fill_holes(side) & ~airway
+            if volume.mask_volume_cc(full) >= MIN_LUNG_CC:
+                setattr(self, name, full)
+        if self.left.any() and self.right.any() and count:
+            trachea, bronchus = _trachea_and_bronchi(volume, labels, tree_labels, hu, box,
+                                                     self.left[box], self.right[box])
+            self.trachea[box], self.bronchus[box] = trachea, bronchus
+
+
+def _lungs(volume: Volume, aerated: np.ndarray, box: tuple[slice, ...], mid: np.ndarray
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Aerated lung (airways removed) on ``box`` sorted into (left, right) components."""
+    labels, count = ndimage.label(aerated)
+    sizes = component_sizes_cc(volume, labels, count, box[0].start)
+    x_of = patient_x(volume, box) - np.nan_to_num(mid[box[0]])[:, None, None]
+    left, right = np.zeros_like(aerated), np.zeros_like(aerated)
+    for label in np.flatnonzero(sizes >= MIN_LUNG_CC) + 1:
+        part = labels == label
+        share_left = float((part & (x_of > 0)).sum() / part.sum())
+        if share_left >= 0.8:
+            left |= part
+        elif share_left <= 0.2:
+            right |= part
+        else:  # both lungs in one component: joined at the anterior junction
+            part_box = bbox(part)
+            assert part_box is not None  # a labelled component has voxels
+            on_left = np.zeros_like(part)
+            on_left[part_box] = _split_merged(volume, part[part_box],
+                                              _abs_box(box, part_box), np.nan_to_num(mid))
+            left |= on_left
+            right |= part & ~on_left
+    return left, right
+
+
+def _trachea_and_bronchi(volume: Volume, labels: np.ndarray, tree_labels: np.ndarray,
+                         hu: np.ndarray, box: tuple[slice, ...], left: np.ndarray,
+                         right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Trachea above the carina and the main bronchi below it, walls included.
+
+    The airway is the gas tree that reaches both lungs (oesophageal or bowel
+    gas does not). Its lumen edge lies half way between air and the wall; the
+    wall is AIRWAY_WALL_MM thick. The carina is the most cranial slice where
+    the lumen splits in two; bronchi are kept to MAIN_BRONCHUS_MM below it.
+    """
+    near_l = dilate(left, *radius_px(volume, WALL_MM + 3.0))
+    near_r = dilate(right, *radius_px(volume, WALL_MM + 3.0))
+    best, best_size = 0, 0
+    for label in tree_labels:
+        part = labels == label
+        size = int(part.sum())
+        if size > best_size and (part & near_l).any() and (part & near_r).any():
+            best, best_size = int(label), size
+    empty = np.zeros(labels.shape, dtype=bool)
+    if not best:
+        return empty, empty.copy()
+    core = labels == best
+    lumen = dilate(core, 1, 1) & (hu < AIRWAY_EDGE_HU)
+    lumen = core | (lumen & ~(left | right))
+    outer = dilate(lumen, *radius_px(volume, AIRWAY_WALL_MM)) & ~(left | right)
+    # Patient z of each slice: the carina is found from the head down.
+    z_mm = volume.positions[box[0], 2]
+    order = np.argsort(-z_mm)
+    min_px = 10.0 / (volume.pixel_spacing[0] * volume.pixel_spacing[1])
+    carina = None
+    for k in order:
+        if not core[k].any():
+            continue
+        slab, n = ndimage.label(core[k])
+        if n >= 2 and int((np.bincount(slab.ravel())[1:] >= min_px).sum()) >= 2:
+            carina = float(z_mm[k])
+            break
+    if carina is None:
+        return outer, empty
+    above = (z_mm > carina)[:, None, None]
+    bronchial = ((z_mm <= carina) & (z_mm >= carina - MAIN_BRONCHUS_MM))[:, None, None]
+    return outer & above, outer & bronchial
+
+
+def lungs(volume: Volume, body: np.ndarray, mid: np.ndarray
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """(left, right) lungs in the patient's sense; empty when no lung is in view.
+
+    ``mid`` is the body's midline (patient x) per slice, from :func:`midlines`.
+    """
+    found = LungsAndAirways(volume, body, mid)
+    return found.left, found.right
+
+
+def _abs_box(outer: tuple[slice, ...], inner: tuple[slice, ...]) -> tuple[slice, ...]:
+    return tuple(slice(o.start + i.start, o.start + i.stop)
+                 for o, i in zip(outer, inner, strict=True))
+
+
