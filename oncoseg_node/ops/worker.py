@@ -37,7 +37,7 @@ from oncoseg_node.errors import (
 from oncoseg_node.intake.spool import Spool
 from oncoseg_node.ledger import Job, JobState, Ledger
 from oncoseg_node.ops.qa import overlays_of, qa_relpath, write_qa_snapshot
-from oncoseg_node.rtstruct.draft import write_structure_set
+from oncoseg_node.rtstruct.draft import structure_set_label, write_structure_set
 from oncoseg_node.rtstruct.profiles import get_profile
 
 log = structlog.get_logger("oncoseg_node.ops.worker")
@@ -179,13 +179,16 @@ class Worker:
             self.metrics.segmentation_seconds.observe(write_started - segment_started)
             targets = []
             written: dict[str, tuple[str, str]] = {}
+            previous = self._previous_structure_sets(job)
             for dest in destinations_for(self.config, protocol):
                 if dest.profile not in written:
                     relpath = f"outbox/job{job.id}-v{job.version}-{dest.profile}.dcm"
                     path = self.config.state_dir / relpath
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    ds = write_structure_set(contoured, protocols, self.engines,
-                                             get_profile(dest.profile), path)
+                    ds = write_structure_set(
+                        contoured, protocols, self.engines, get_profile(dest.profile), path,
+                        label=structure_set_label(job.id, job.version),
+                        predecessor_uid=previous.get(dest.name, previous.get("")))
                     written[dest.profile] = (str(ds.SOPInstanceUID), relpath)
                 uid, relpath = written[dest.profile]
                 targets.append((dest.name, uid, relpath))
@@ -227,6 +230,22 @@ class Worker:
             else:
                 bound.exception("job_deferred", attempts=job.attempts, retry_in_s=delay,
                                 retryable=is_retryable(exc))
+
+    def _previous_structure_sets(self, job: Job) -> dict[str, str]:
+        """SOP Instance UIDs of the newest earlier version's structure sets, by destination.
+
+        Key "" is that version's first structure set, for a destination it
+        was not sent to. Empty for a series' first version.
+        """
+        earlier = [j for j in self.ledger.jobs_of_series(job.series_uid)
+                   if j.version < job.version and j.rtstruct_uid]
+        if not earlier:
+            return {}
+        newest = max(earlier, key=lambda j: j.version)
+        found = {d.destination: d.sop_instance_uid
+                 for d in self.ledger.deliveries(job_id=newest.id)}
+        found[""] = str(newest.rtstruct_uid)
+        return found
 
     def _write_snapshot(self, job: Job, contoured: Contoured, bound: Any) -> None:
         """The QA picture for the job page, next to the job's outbox files.

@@ -15,15 +15,51 @@ from pydicom.dataset import Dataset
 from oncoseg_node.contouring.engines.registry import EngineSet
 from oncoseg_node.contouring.pipeline import Contoured
 from oncoseg_node.contouring.protocols import ProtocolSet
+from oncoseg_node.errors import RTStructError
 from oncoseg_node.rtstruct.profiles import DestinationProfile
 from oncoseg_node.rtstruct.selfcheck import save_verified
-from oncoseg_node.rtstruct.writer import GenerationInfo, RoiMask, build_rtstruct
+from oncoseg_node.rtstruct.writer import (
+    STRUCTURE_SET_LABEL,
+    GenerationInfo,
+    RoiMask,
+    build_rtstruct,
+)
+
+
+def structure_set_label(job_id: int, version: int) -> str:
+    """StructureSetLabel of a job's version: unique per job and version, within SH's 16 characters.
+
+    A planning system lists structure sets by label; "AUTO DRAFT" for every
+    patient and version let a new version be mistaken for the old one.
+    """
+    for label in (f"AUTO J{job_id} V{version}", f"J{job_id}V{version}"):
+        if len(label) <= 16:
+            return label
+    raise RTStructError(f"job {job_id} version {version} has no StructureSetLabel within "
+                        "16 characters")
+
+
+def description_notes(contoured: Contoured) -> list[str]:
+    """What the reviewer must know before trusting the set: structures not found, overrides."""
+    notes = []
+    absent = [r.name for r in contoured.results if r.absent]
+    if absent:
+        notes.append(f"Not found (not in this set): {', '.join(absent)}.")
+    if contoured.geometry.overridden:
+        notes.append("Released by an operator despite the geometry finding: "
+                     f"{contoured.geometry.overridden}.")
+    return notes
 
 
 def write_structure_set(contoured: Contoured, protocols: ProtocolSet, engines: EngineSet,
                         profile: DestinationProfile, path: Path, *,
-                        sop_instance_uid: str | None = None) -> Dataset:
-    """Build, write, read back and verify the RT Structure Set for one profile."""
+                        sop_instance_uid: str | None = None, label: str | None = None,
+                        predecessor_uid: str | None = None) -> Dataset:
+    """Build, write, read back and verify the RT Structure Set for one profile.
+
+    ``label`` (see :func:`structure_set_label`) and ``predecessor_uid`` (the
+    previous version's structure set for the same profile) come from the job.
+    """
     by_name = {s.name: s for s in contoured.protocol.structures}
     rois = [
         RoiMask(name=r.name, color=by_name[r.name].color,
@@ -42,6 +78,8 @@ def write_structure_set(contoured: Contoured, protocols: ProtocolSet, engines: E
         short_models={name: str(getattr(engines.engines[name], "short_id", ""))
                       for name in used if name in engines.engines},
     )
-    ds = build_rtstruct(contoured.volume, rois, info, profile, sop_instance_uid=sop_instance_uid)
+    ds = build_rtstruct(contoured.volume, rois, info, profile, sop_instance_uid=sop_instance_uid,
+                        label=label or STRUCTURE_SET_LABEL, notes=description_notes(contoured),
+                        predecessor_uid=predecessor_uid)
     save_verified(ds, path, contoured.volume, profile)
     return pydicom.dcmread(path)

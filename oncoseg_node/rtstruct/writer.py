@@ -104,8 +104,19 @@ def _now() -> tuple[str, str]:
 def build_rtstruct(volume: Volume, rois: Sequence[RoiMask], info: GenerationInfo,
                    profile: DestinationProfile, *, sop_instance_uid: str | None = None,
                    series_instance_uid: str | None = None,
-                   min_island_mm2: float = 0.0) -> Dataset:
-    """The RT Structure Set for ``rois`` over ``volume`` (not yet written)."""
+                   min_island_mm2: float = 0.0, label: str = STRUCTURE_SET_LABEL,
+                   notes: Sequence[str] = (), predecessor_uid: str | None = None) -> Dataset:
+    """The RT Structure Set for ``rois`` over ``volume`` (not yet written).
+
+    ``label`` is the StructureSetLabel (SH, 16 characters) a planning system
+    lists the set under; ``notes`` (structures not found, geometry findings an
+    operator overrode) go into the StructureSetDescription ahead of the
+    generation details, so truncation to 1024 characters never drops them;
+    ``predecessor_uid`` is the SOP Instance UID of the structure set this one
+    replaces (Predecessor Structure Set Sequence).
+    """
+    if not label or len(label) > 16:
+        raise RTStructError(f"StructureSetLabel {label!r} must be 1 to 16 characters")
     names = [r.name for r in rois]
     if len(set(names)) != len(names):
         duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -145,10 +156,16 @@ def build_rtstruct(volume: Volume, rois: Sequence[RoiMask], info: GenerationInfo
     ds.ManufacturerModelName = MANUFACTURER
     ds.SoftwareVersions = __version__
     ds.InstanceNumber = 1
-    ds.StructureSetLabel = STRUCTURE_SET_LABEL
+    ds.StructureSetLabel = label
     ds.StructureSetName = "AUTO DRAFT FOR REVIEW"
-    ds.StructureSetDescription = ("Automatic contours, not approved: review and edit every "
-                                  "structure before clinical use. " + info.full())[:1024]
+    warning = ("Automatic contours, not approved: review and edit every structure before "
+               "clinical use. " + " ".join(notes)).strip()
+    ds.StructureSetDescription = (warning + " " + info.full())[:1024]
+    if predecessor_uid:
+        predecessor = Dataset()
+        predecessor.ReferencedSOPClassUID = RTStructureSetStorage
+        predecessor.ReferencedSOPInstanceUID = predecessor_uid
+        ds.PredecessorStructureSetSequence = DicomSequence([predecessor])
     ds.StructureSetDate, ds.StructureSetTime = date, time
     ds.ApprovalStatus = "UNAPPROVED"
 
