@@ -1,7 +1,10 @@
 """Command line: ``oncoseg-node run | check-config | segment | status | retry | ...``.
 
 Every command exits 0 on success and non-zero with a one-line reason on
-failure (2 for an invalid config, listing every problem).
+failure: 2 for an invalid config (listing every problem), 3 when the node
+cannot start and changed nothing (state directory held by another node, a
+port taken). The systemd unit's ``RestartPreventExitStatus`` lists both:
+restarting cannot fix either.
 """
 
 from __future__ import annotations
@@ -17,13 +20,14 @@ from typing import TYPE_CHECKING
 
 from oncoseg_node import __version__
 from oncoseg_node.config import DEFAULT_CONFIG, Config, load_config
-from oncoseg_node.errors import ConfigError, OncosegError
+from oncoseg_node.errors import ConfigError, OncosegError, StartupError
 
 if TYPE_CHECKING:
     from oncoseg_node.contouring.protocols import ProtocolSet
 
 EXIT_FAILURE = 1
 EXIT_INVALID_CONFIG = 2
+EXIT_START_FAILED = 3
 
 
 def _config_arg(parser: argparse.ArgumentParser, required: bool = False) -> None:
@@ -35,12 +39,19 @@ def _config_arg(parser: argparse.ArgumentParser, required: bool = False) -> None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from oncoseg_node.contouring.protocols import load_protocols
     from oncoseg_node.ops.logs import configure_logging
-    from oncoseg_node.ops.service import Service
+    from oncoseg_node.ops.statelock import StateLock
 
     config = load_config(args.config)
+    load_protocols(config.protocols)  # both files valid before anything exists on disk
     configure_logging(config.logging)
-    service = Service(config)
+    # Locked before the heavy imports below: a second node is refused at once.
+    lock = StateLock(config.state_dir)
+    lock.acquire()
+    from oncoseg_node.ops.service import Service
+
+    service = Service(config, lock=lock)
     service.install_signal_handlers()
     service.start()
     service.run_until_stopped()
@@ -140,8 +151,22 @@ def cmd_retry(args: argparse.Namespace) -> int:
     count = ledger.retry_deliveries(args.job, args.to)
     if not count:
         raise OncosegError(f"job {args.job} has no failed or pending delivery to retry")
-    print(f"job {args.job}: {count} delivery(ies) will be retried now")
+    print(f"job {args.job}: {count} delivery(ies) {_when_sent(config)}")
     return 0
+
+
+def _when_sent(config: Config, plural: bool = True) -> str:
+    """When a delivery made due now in the ledger is attempted: by the running node, or later."""
+    from oncoseg_node.ops.statelock import holder_pid
+
+    pid = holder_pid(config.state_dir)
+    they, them = ("they", "them") if plural else ("it", "it")
+    if pid is None:
+        return (f"due now; no node is running on {config.state_dir}, "
+                f"{they} will be sent when it starts")
+    # The node's delivery scheduler reads the ledger every second and replaces
+    # the old backoff timer with one for now.
+    return f"due now; the running node (PID {pid}) sends {them} within about a second"
 
 
 def cmd_release(args: argparse.Namespace) -> int:
@@ -167,7 +192,7 @@ def cmd_resend(args: argparse.Namespace) -> int:
     job_id = _open_ledger(config).resend(args.series_uid, args.to)
     if job_id is None:
         raise OncosegError(f"series {args.series_uid} has no structure set to resend")
-    print(f"job {job_id}: structure set will be sent again")
+    print(f"job {job_id}: structure set {_when_sent(config, plural=False)}")
     return 0
 
 
@@ -405,6 +430,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"  - {problem}", file=sys.stderr)
         return EXIT_INVALID_CONFIG
+    except StartupError as exc:
+        print(f"oncoseg-node: cannot start: {exc}", file=sys.stderr)
+        return EXIT_START_FAILED
     except OncosegError as exc:
         print(f"oncoseg-node: {exc}", file=sys.stderr)
         return EXIT_FAILURE

@@ -63,3 +63,12 @@ class DeliveryError(OncosegError):
 
 class LedgerError(OncosegError):
     """Raised on an impossible job-state transition in the ledger."""
+
+
+class StartupError(OncosegError):
+    """Raised when the node cannot start and nothing was changed.
+
+    Examples: another node holds the state directory, the DICOM or HTTP port
+    is taken. The CLI exits with its own code, which the systemd unit lists
+    in ``RestartPreventExitStatus``: restarting cannot fix it.
+    """

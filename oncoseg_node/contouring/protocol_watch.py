@@ -5,11 +5,17 @@ file and rename it over the old one: both are watched). A valid edit
 replaces the protocol set in one assignment, so a job sees either the old or
 the new set, never a mix; each job records the version it used. An invalid
 edit changes nothing: the last good set keeps running and the problems are
-logged.
+logged. Whatever the file holds (bytes that are not UTF-8, binary, a
+directory in its place, YAML that is not a mapping), the rejection is logged
+and the watcher keeps watching: an exception escaping into watchdog's
+observer thread would end it, and no later edit would ever be applied.
+``last_rejection`` says why the file on disk is not the set in use, for
+``/healthz``.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -30,6 +36,7 @@ class ProtocolWatcher(FileSystemEventHandler):
         self._current = load_protocols(self.path)  # invalid at start: the node does not start
         self._lock = threading.Lock()
         self._observer: Any = None
+        self.last_rejection: str | None = None
 
     def current(self) -> ProtocolSet:
         return self._current
@@ -40,12 +47,20 @@ class ProtocolWatcher(FileSystemEventHandler):
             try:
                 candidate = load_protocols(self.path)
             except ConfigError as exc:
+                self.last_rejection = f"{len(exc.problems)} problem(s) in {self.path}"
                 log.error("protocols_reload_rejected", path=str(self.path),
                           problems=exc.problems, kept_version=self._current.version)
                 return False
-            except OSError as exc:  # mid-rename: the next event retries
+            except FileNotFoundError as exc:  # mid-rename: the next event retries
                 log.warning("protocols_reload_unreadable", path=str(self.path), error=str(exc))
                 return False
+            except Exception as exc:  # anything else: rejected, and the watcher lives on
+                self.last_rejection = f"{self.path}: {type(exc).__name__}: {exc}"
+                log.error("protocols_reload_rejected", path=str(self.path),
+                          problems=[f"{type(exc).__name__}: {exc}"],
+                          kept_version=self._current.version)
+                return False
+            self.last_rejection = None
             if candidate.version == self._current.version:
                 return False
             previous, self._current = self._current.version, candidate
@@ -54,9 +69,15 @@ class ProtocolWatcher(FileSystemEventHandler):
             return True
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        paths = {getattr(event, "src_path", ""), getattr(event, "dest_path", "")}
-        if any(p and Path(p).resolve() == self.path for p in paths):
-            self.reload()
+        try:
+            paths = {getattr(event, "src_path", ""), getattr(event, "dest_path", "")}
+            if any(p and Path(os.fsdecode(p)).resolve() == self.path for p in paths):
+                self.reload()
+        except Exception:  # never let an exception end the observer thread
+            log.exception("protocols_watch_event_failed")
+
+    def alive(self) -> bool:
+        return self._observer is not None and self._observer.is_alive()
 
     def start(self) -> None:
         self._observer = Observer()

@@ -3,8 +3,21 @@
 Attempts are scheduled with apscheduler at each delivery's ``next_attempt_at``
 (kept in the ledger, so backoff survives restarts). Every destination has
 its own single-thread executor: one that is down never delays another, and
-one destination never receives two objects at once. A reconcile pass picks
-up deliveries made due from outside (``oncoseg-node retry``) or at start.
+one destination never receives two objects at once.
+
+The ledger is the source of truth for when an attempt runs. A reconcile
+pass, every ``reconcile_interval_s`` and whenever :meth:`wake` is called,
+compares each pending delivery's ``next_attempt_at`` with the timer it has:
+a new delivery gets one, and a delivery whose time was moved from outside
+(``oncoseg-node retry`` or ``resend`` set it to now) has its old backoff
+timer replaced, so an operator's retry runs within one pass, not after the
+backoff.
+
+The reconcile loop is a thread of its own, never an apscheduler job:
+apscheduler's shutdown holds its job-store lock while it waits for running
+jobs, so a job that adds or looks up timers would deadlock the stop. Stop
+therefore ends the loop first, then shuts the scheduler down; attempts never
+touch the scheduler.
 """
 
 from __future__ import annotations
@@ -81,41 +94,87 @@ class DeliveryScheduler:
         self.reconcile_interval_s = reconcile_interval_s
         self._in_flight: set[int] = set()
         self._lock = threading.Lock()
+        # delivery id -> the next_attempt_at its timer was set for
+        self._timers: dict[int, float] = {}
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._loop: threading.Thread | None = None
+        self.last_reconcile_ok = True
 
     def start(self) -> None:
-        self.scheduler.add_job(self.reconcile, "interval", seconds=self.reconcile_interval_s,
-                               id="reconcile", max_instances=1, coalesce=True)
         self.scheduler.start()
         self.reconcile()
+        self._loop = threading.Thread(target=self._reconcile_loop, name="delivery-reconcile",
+                                      daemon=True)
+        self._loop.start()
+
+    def alive(self) -> bool:
+        """Scheduler running, reconcile loop alive and its last pass succeeded."""
+        return (self.scheduler.running and self._loop is not None and self._loop.is_alive()
+                and self.last_reconcile_ok)
 
     def wake(self) -> None:
         """Run a reconcile pass now: new deliveries start at once, not at the next tick."""
-        if self.scheduler.running:
-            self.scheduler.modify_job("reconcile", next_run_time=datetime.now(UTC))
+        self._wake.set()
 
     def stop(self, wait: bool = True) -> None:
+        """End the reconcile loop, then the scheduler (``wait``: let attempts finish)."""
+        self._stopping.set()
+        self._wake.set()
+        if self._loop is not None:
+            self._loop.join()
         if self.scheduler.running:
             self.scheduler.shutdown(wait=wait)
 
+    def _reconcile_loop(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.wait(self.reconcile_interval_s)
+            self._wake.clear()
+            if self._stopping.is_set():
+                return
+            try:
+                self.reconcile()
+                self.last_reconcile_ok = True
+            except Exception:  # a locked or failing ledger: the next pass tries again
+                self.last_reconcile_ok = False
+                log.exception("delivery_reconcile_failed")
+
     def reconcile(self) -> None:
-        """Schedule each pending delivery once, at its next attempt time."""
-        for delivery in self.ledger.deliveries(state=DeliveryState.PENDING):
+        """Give each pending delivery one timer, at its ``next_attempt_at`` in the ledger."""
+        pending = self.ledger.deliveries(state=DeliveryState.PENDING)
+        due = {d.id for d in pending}
+        for delivery_id in set(self._timers) - due:  # delivered, failed or discarded
+            self._timers.pop(delivery_id, None)
+            if self.scheduler.get_job(f"delivery-{delivery_id}"):
+                self.scheduler.remove_job(f"delivery-{delivery_id}")
+        for delivery in pending:
+            if self._stopping.is_set():
+                return
             job_id = f"delivery-{delivery.id}"
             with self._lock:
-                if delivery.id in self._in_flight or self.scheduler.get_job(job_id):
+                if delivery.id in self._in_flight:
                     continue
+            if (self._timers.get(delivery.id) == delivery.next_attempt_at
+                    and self.scheduler.get_job(job_id)):
+                continue  # its timer is set for the time the ledger says
             if delivery.destination not in self.destinations:
                 self.ledger.record_attempt(
                     delivery.id, state=DeliveryState.FAILED, status=None,
                     reason=f"destination {delivery.destination!r} is no longer configured")
                 self.metrics.deliveries_failed.labels(destination=delivery.destination).inc()
                 continue
+            replaced = self.scheduler.get_job(job_id) is not None  # moved from outside
             run_at = datetime.fromtimestamp(max(delivery.next_attempt_at, 0), tz=UTC)
             self.scheduler.add_job(
                 self.attempt, "date", run_date=run_at, args=[delivery.id], id=job_id,
                 executor=f"dest-{delivery.destination}", misfire_grace_time=None,
                 replace_existing=True,
             )
+            self._timers[delivery.id] = delivery.next_attempt_at
+            if replaced:
+                log.info("delivery_rescheduled", delivery_id=delivery.id, job_id=delivery.job_id,
+                         destination=delivery.destination,
+                         in_s=round(max(delivery.next_attempt_at - self.ledger.clock(), 0), 1))
 
     def observe_delivered(self, delivery_id: int) -> None:
         """Record a delivery's latency: from series complete (job created) to accepted.

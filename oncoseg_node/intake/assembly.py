@@ -28,6 +28,7 @@ from oncoseg_node.ledger import Ledger
 log = structlog.get_logger("oncoseg_node.intake.assembly")
 
 MAX_WAIT_FACTOR = 3.0
+FAILING_AFTER = 2  # polls failed in a row before the assembler counts as failing
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,15 @@ class Assembler:
         self.association_open = association_open or (lambda series_uid: False)
         self.on_job = on_job or (lambda job_id: None)
         self._waiting_logged: set[str] = set()
+        self.failures_in_a_row = 0
+        self.last_failure: str | None = None
+
+    def healthy(self) -> bool:
+        """False while polls keep failing (a full disk, a broken ledger): for ``/healthz``.
+
+        One failed poll may be a passing lock; two in a row is a part that fails.
+        """
+        return self.failures_in_a_row < FAILING_AFTER
 
     def poll(self) -> list[int]:
         """Close every series judged complete; returns new job ids."""
@@ -110,5 +120,8 @@ class Assembler:
         while not stop.wait(interval_s):
             try:
                 self.poll()
-            except Exception:  # keep assembling; the error is logged with its traceback
-                log.exception("assembly_poll_failed")
+                self.failures_in_a_row = 0
+            except Exception as exc:  # keep assembling; the error is logged with its traceback
+                self.failures_in_a_row += 1
+                self.last_failure = f"{type(exc).__name__}: {exc}"
+                log.exception("assembly_poll_failed", failures_in_a_row=self.failures_in_a_row)

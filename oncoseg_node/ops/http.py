@@ -2,8 +2,10 @@
 
 Routes (GET only):
 
-- ``/healthz``: 200 when the DICOM listener, the ledger and the worker are
-  alive, 503 otherwise; a JSON body names each check.
+- ``/healthz``: 200 when every check passes (listener, ledger, worker,
+  assembler and its recent polls, deliveries, protocol watcher and the
+  protocols file, free disk), 503 otherwise; a JSON body names each check
+  and says why a failing one fails.
 - ``/metrics``: Prometheus text format (see :mod:`oncoseg_node.ops.metrics`).
 - ``/jobs``: recent jobs, each with its QA snapshot (contours over three
   planes) and every structure's volume, score and sanity flags.
@@ -66,11 +68,13 @@ class StatusSite:
 
     def __init__(self, *, ledger: Ledger, spool: Spool, state_dir: Path,
                  health: Callable[[], dict[str, bool]], metrics: Callable[[], str],
-                 title: str = "oncoseg-node") -> None:
+                 title: str = "oncoseg-node",
+                 health_detail: Callable[[], dict[str, str]] | None = None) -> None:
         self.ledger = ledger
         self.spool = spool
         self.state_dir = Path(state_dir)
         self.health = health
+        self.health_detail = health_detail
         self.metrics = metrics
         self.title = title
 
@@ -81,7 +85,12 @@ class StatusSite:
             checks = {"health_check": False}
             log.warning("health_check_failed", error=f"{type(exc).__name__}: {exc}")
         healthy = bool(checks) and all(checks.values())
-        body = {"status": "ok" if healthy else "unhealthy", "checks": checks}
+        body: dict[str, Any] = {"status": "ok" if healthy else "unhealthy", "checks": checks}
+        if not healthy and self.health_detail is not None:
+            try:
+                body["detail"] = self.health_detail()
+            except Exception as exc:  # the status code already says unhealthy
+                log.warning("health_detail_failed", error=f"{type(exc).__name__}: {exc}")
         return (HTTPStatus.OK if healthy else HTTPStatus.SERVICE_UNAVAILABLE), body
 
     def snapshot_path(self, job: Job) -> Path:

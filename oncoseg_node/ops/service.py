@@ -1,24 +1,34 @@
 """The daemon's lifecycle: builds every part, starts and stops them in a fixed order.
 
-Start: ledger (interrupted jobs requeued) -> spool (partial files removed)
--> protocols (watched for edits) -> engines (model loaded once; failures are fatal here) ->
-delivery scheduler -> retention -> assembler and worker -> HTTP server ->
-listener -> READY=1. The HTTP port is bound before the DICOM one so that a
-port conflict stops the node before it has acknowledged any instance.
-Stop (SIGTERM/SIGINT only set a flag): stop accepting -> let associations in
-flight finish up to the deadline (those still open then are aborted, so
-their last instance is never acknowledged) -> stop claiming -> wait for the
-job in flight up to the same deadline (an unfinished one is requeued at next
-start) -> stop retention and deliveries -> stop HTTP -> close the ledger.
+Start, in an order where a failure changes nothing: protocols validated ->
+state directory locked (one node per state directory) -> ledger opened and
+checked -> spool (partial files removed) -> engines (model loaded once;
+failures are fatal here) -> HTTP and DICOM ports bound (HTTP first, so a
+conflict stops the node before it has acknowledged any instance) -> only
+then interrupted jobs requeued and the delivery scheduler, retention,
+protocol watcher, assembler and worker started -> READY=1. A start that
+fails before the ports are bound has claimed, requeued or sent nothing:
+systemd restarting it over and over cannot quarantine a good series.
 
-The systemd watchdog is petted only while :meth:`Service.health` passes:
-listener, ledger, worker (alive and making progress), assembler and
-delivery scheduler. A hung worker thus gets the node restarted.
+Stop (SIGTERM/SIGINT only set a flag; a second one exits at once): stop
+accepting -> let associations in flight finish up to the deadline (those
+still open then are aborted, so their last instance is never acknowledged)
+-> stop claiming -> wait for the job in flight up to the same deadline (an
+unfinished one is requeued at next start) -> stop retention and deliveries
+-> stop HTTP -> close the ledger -> release the state directory.
+
+The systemd watchdog is petted only while the parts are alive (listener,
+ledger, worker making progress, assembler, delivery scheduler, protocol
+watcher); ``/healthz`` adds what a restart cannot fix but IT must see: the
+assembler failing its polls, the protocols file rejected, the disk below
+``node.min_free_disk_mb``.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +42,7 @@ from oncoseg_node.contouring.protocol_watch import ProtocolWatcher
 from oncoseg_node.contouring.protocols import ProtocolSet
 from oncoseg_node.delivery.commitment import CommitmentReports
 from oncoseg_node.delivery.scheduler import DeliveryScheduler
+from oncoseg_node.errors import StartupError
 from oncoseg_node.intake.assembly import Assembler
 from oncoseg_node.intake.handlers import StoreHandlers
 from oncoseg_node.intake.spool import Spool
@@ -41,17 +52,23 @@ from oncoseg_node.ops.http import HttpServer, StatusSite
 from oncoseg_node.ops.metrics import NodeMetrics
 from oncoseg_node.ops.notify import Notifier
 from oncoseg_node.ops.retention import Retention
+from oncoseg_node.ops.statelock import StateLock
 from oncoseg_node.ops.worker import Worker
 
 log = structlog.get_logger("oncoseg_node.ops.service")
 
 SHUTDOWN_DEADLINE_S = 60.0
+# Exit status after a second SIGTERM/SIGINT: a job in flight is requeued at next start.
+EXIT_FORCED = 130
+# Liveness: what a restart can fix. The watchdog is petted only while these pass.
+LIVENESS_CHECKS = ("listener", "ledger", "worker", "assembler", "delivery", "protocol_watcher")
 
 
 class Service:
     def __init__(self, config: Config, *, notifier: Notifier | None = None,
                  engines: EngineSet | None = None,
-                 shutdown_deadline_s: float = SHUTDOWN_DEADLINE_S) -> None:
+                 shutdown_deadline_s: float = SHUTDOWN_DEADLINE_S,
+                 lock: StateLock | None = None) -> None:
         self.config = config
         self.notifier = notifier or Notifier()
         self.shutdown_deadline_s = shutdown_deadline_s
@@ -67,6 +84,9 @@ class Service:
         self.http: HttpServer | None = None
         self.metrics = NodeMetrics()
         self._protocols: ProtocolWatcher | None = None
+        self.lock = lock or StateLock(config.state_dir)
+        self.spool: Spool | None = None
+        self.assembler: Assembler | None = None
 
     def current_protocols(self) -> ProtocolSet:
         """The last valid protocol set (hot-reloaded when the file changes)."""
@@ -74,48 +94,97 @@ class Service:
         return self._protocols.current()
 
     def start(self) -> None:
+        """Start every part, or raise with nothing changed (see the module docstring)."""
         cfg = self.config
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        self.ledger = Ledger(cfg.ledger_path)
-        requeued = self.ledger.requeue_interrupted()
-        spool = Spool(cfg.spool_dir)
-        partials = spool.clean_partials()
-        log.info("ledger_open", path=str(cfg.ledger_path), requeued_jobs=requeued,
-                 partial_files_removed=partials)
+        # Validated before the state directory exists: a bad file creates nothing.
         self._protocols = ProtocolWatcher(cfg.protocols)
-        self._protocols.start()
+        if not self.lock.held:
+            self.lock.acquire()
+        try:
+            self._start_locked()
+        except BaseException:
+            self._close_failed_start()
+            raise
+
+    def _start_locked(self) -> None:
+        cfg = self.config
+        self.ledger = Ledger(cfg.ledger_path)
+        self.spool = spool = Spool(cfg.spool_dir)
+        partials = spool.clean_partials()
         engines = self._engines or build_engines(cfg.engine)
         self.delivery = DeliveryScheduler(cfg, self.ledger)
         self.metrics.add(self.delivery.metrics.collectors())
-        self.delivery.start()
         self.retention = Retention(cfg.retention, self.ledger, spool)
-        self.retention.start()
         handlers = StoreHandlers(cfg.node, cfg.series, spool, self.ledger)
         commitments = CommitmentReports(self.ledger, on_committed=self.delivery.observe_delivered)
-        assembler = Assembler(self.ledger, cfg.series.quiet_period_s,
-                              association_open=handlers.associations.is_open)
-        worker = Worker(cfg, self.ledger, spool, engines, self.current_protocols,
-                        deliveries_started=self.delivery.wake)
+        self.assembler = assembler = Assembler(self.ledger, cfg.series.quiet_period_s,
+                                               association_open=handlers.associations.is_open)
+        self.worker = worker = Worker(cfg, self.ledger, spool, engines, self.current_protocols,
+                                      deliveries_started=self.delivery.wake)
         self.metrics.add(worker.metrics.collectors())
-        self.worker = worker
-        self._spawn("assembler", lambda: assembler.run(self._stop_work))
-        self._spawn("worker", lambda: worker.run(self._stop_work))
-        self.receiver = Receiver(cfg.node, handlers, extra=[commitments.service()])
         self._register_gauges(handlers, spool)
         status = ""
         if cfg.http.enabled:
             self.http = HttpServer(cfg.http, StatusSite(
                 ledger=self.ledger, spool=spool, state_dir=cfg.state_dir, health=self.health,
+                health_detail=self.health_detail,
                 metrics=self.metrics.render, title=f"oncoseg-node {cfg.node.ae_title}"))
-            self.http.start()
+            _bind("HTTP", cfg.http.host, cfg.http.port, self.http.start)
             status = f"; http on {cfg.http.host}:{self.http.port}"
-        self.receiver.start()
+        self.receiver = Receiver(cfg.node, handlers, extra=[commitments.service()])
+        _bind("DICOM", cfg.node.host, cfg.node.port, self.receiver.start)
+        # Both ports are ours: only now may jobs change state.
+        requeued = self.ledger.requeue_interrupted()
+        log.info("ledger_open", path=str(cfg.ledger_path), requeued_jobs=requeued,
+                 partial_files_removed=partials)
+        self.delivery.start()
+        self.retention.start()
+        assert self._protocols is not None
+        self._protocols.start()
+        self._spawn("assembler", lambda: assembler.run(self._stop_work))
+        self._spawn("worker", lambda: worker.run(self._stop_work))
         self.notifier.ready(f"listening on {cfg.node.host}:{self.receiver.port}{status}")
         log.info("started", engines=engines.description,
                  protocols_version=self.current_protocols().version)
 
+    def _close_failed_start(self) -> None:
+        """Undo a start that failed before any worker ran: close, unbind, unlock."""
+        if self.receiver is not None and self.receiver.server is not None:
+            self.receiver.stop_accepting()
+        if self.http is not None and self.http.alive():
+            self.http.stop()
+        if self.ledger is not None:
+            self.ledger.close()
+        self.lock.release()
+
     def health(self) -> dict[str, bool]:
-        """Each part's liveness, for ``/healthz`` and the watchdog."""
+        """Each part's check, for ``/healthz``: liveness plus what IT must act on."""
+        checks = self.liveness()
+        assembler = getattr(self, "assembler", None)
+        checks["assembler_polls"] = assembler is not None and assembler.healthy()
+        checks["protocols_file"] = (self._protocols is not None
+                                    and self._protocols.last_rejection is None)
+        checks["disk"] = self._disk_ok()
+        return checks
+
+    def health_detail(self) -> dict[str, str]:
+        """Why each failing check fails, for the ``/healthz`` body."""
+        detail: dict[str, str] = {}
+        assembler = getattr(self, "assembler", None)
+        if assembler is not None and not assembler.healthy():
+            detail["assembler_polls"] = (f"{assembler.failures_in_a_row} polls failed in a row: "
+                                         f"{assembler.last_failure}")
+        if self._protocols is not None and self._protocols.last_rejection is not None:
+            detail["protocols_file"] = (f"{self._protocols.last_rejection}; running version "
+                                        f"{self._protocols.current().version}")
+        spool = getattr(self, "spool", None)
+        if spool is not None and not self._disk_ok():
+            detail["disk"] = (f"{spool.free_bytes() // 2**20} MB free, "
+                              f"node.min_free_disk_mb is {self.config.node.min_free_disk_mb}")
+        return detail
+
+    def liveness(self) -> dict[str, bool]:
+        """Whether each part runs; the systemd watchdog is petted only while all pass."""
         threads = {t.name: t.is_alive() for t in self._threads}
         try:
             assert self.ledger is not None
@@ -129,8 +198,17 @@ class Service:
             "worker": threads.get("worker", False) and self.worker is not None
             and self.worker.is_progressing(),
             "assembler": threads.get("assembler", False),
-            "delivery": self.delivery is not None and self.delivery.scheduler.running,
+            "delivery": self.delivery is not None and self.delivery.alive(),
+            "protocol_watcher": self._protocols is not None and self._protocols.alive(),
         }
+
+    def _disk_ok(self) -> bool:
+        spool = getattr(self, "spool", None)
+        try:
+            return spool is not None and (
+                spool.free_bytes() >= self.config.node.min_free_disk_mb * 2**20)
+        except OSError:
+            return False
 
     def _register_gauges(self, handlers: StoreHandlers, spool: Spool) -> None:
         """Scrape-time values: read from the parts themselves, so they cannot drift."""
@@ -182,6 +260,12 @@ class Service:
 
     def install_signal_handlers(self) -> None:
         def request_stop(signum: int, _frame: object) -> None:
+            if self.stop_requested.is_set():
+                # A second signal: the operator wants out now. Whatever is in
+                # flight is requeued at next start; nothing acknowledged is lost.
+                os.write(sys.stderr.fileno(),
+                         f'{{"event": "forced_exit", "signal": {signum}}}\n'.encode())
+                os._exit(EXIT_FORCED)
             self.stop_requested.set()
 
         signal.signal(signal.SIGTERM, request_stop)
@@ -192,7 +276,7 @@ class Service:
         interval = Notifier.watchdog_interval_s()
         tick = min(interval, 1.0) if interval else 1.0
         while not self.stop_requested.wait(tick):
-            if interval and all(self.health().values()):
+            if interval and all(self.liveness().values()):
                 self.notifier.watchdog()
         self.shutdown()
 
@@ -223,6 +307,7 @@ class Service:
             self.http.stop()  # after the parts it reports on, before the ledger it reads
         if self.ledger is not None:
             self.ledger.close()
+        self.lock.release()
         log.info("stopped")
 
     def _associations(self, *, requested_only: bool = True) -> list[Any]:
@@ -250,3 +335,12 @@ class Service:
             log.warning("associations_aborted_at_deadline", count=requested)
         for assoc in remaining:
             assoc.abort()
+
+
+def _bind(what: str, host: str, port: int, start: Callable[[], None]) -> None:
+    """Bind a listener; an OSError becomes a StartupError naming the address and port."""
+    try:
+        start()
+    except OSError as exc:
+        raise StartupError(f"cannot listen for {what} on {host}:{port}: "
+                           f"{exc.strerror or exc}") from exc
