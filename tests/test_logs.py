@@ -4,17 +4,27 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import select
 import signal
 import subprocess
 import sys
+import threading
 import time
+from datetime import UTC, datetime
 
 import pytest
 import structlog
+from apscheduler.schedulers.background import BackgroundScheduler
+from pynetdicom import AE
+from pynetdicom.sop_class import MRImageStorage
 
 from oncoseg_node.config import LoggingConfig
+from oncoseg_node.intake.handlers import StoreHandlers
+from oncoseg_node.intake.spool import Spool
+from oncoseg_node.intake.transport import Receiver
+from oncoseg_node.ledger import Ledger
 from oncoseg_node.ops.logs import configure_logging
 from tests.conftest import write_config
 from tests.ctfactory import series
@@ -92,6 +102,102 @@ def test_contextvars_are_merged_into_every_line():
     assert json.loads(stream.getvalue())["series_uid"] == "9.8"
 
 
+@pytest.fixture
+def restore_stdlib_logging():
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level, sys.excepthook, threading.excepthook)
+    yield
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
+    sys.excepthook, threading.excepthook = saved[2], saved[3]
+    logging.captureWarnings(False)
+
+
+def json_lines(text: str) -> list[dict]:
+    """Every line as a JSON object; fails on any line that is not one."""
+    records = []
+    for line in text.splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            pytest.fail(f"not a JSON line: {line!r}\n{text}")
+    return records
+
+
+def test_library_records_share_the_one_json_stream(make_config, restore_stdlib_logging):
+    """pynetdicom's records from a real association and apscheduler's from a real job
+    come out as the same JSON lines as the node's own, on the same stream."""
+    stream = io.StringIO()
+    configure_logging(LoggingConfig(format="json", level="info"), stream)
+    cfg = make_config()
+    receiver = Receiver(cfg.node, StoreHandlers(cfg.node, cfg.series, Spool(cfg.spool_dir),
+                                                Ledger(cfg.ledger_path)))
+    receiver.start()
+    try:
+        scu = AE(ae_title="CTSIM")
+        scu.add_requested_context(MRImageStorage)  # the node stores CT only
+        assert not scu.associate("127.0.0.1", receiver.port, ae_title="ONCOSEG").is_established
+    finally:
+        receiver.stop_accepting()
+    ran = threading.Event()
+
+    def broken_job() -> None:
+        ran.set()
+        raise RuntimeError("job broke")
+
+    scheduler = BackgroundScheduler(timezone=UTC)
+    scheduler.add_job(broken_job, "date", run_date=datetime.now(UTC))
+    scheduler.start()
+    try:
+        assert ran.wait(10)
+        wait_until(lambda: not scheduler.get_jobs(), 10, "the date job to be done")
+    finally:
+        scheduler.shutdown(wait=True)
+    records = json_lines(stream.getvalue())
+    by_logger = {r["logger"].split(".")[0]: r for r in records if r["level"] != "info"}
+    assert by_logger["pynetdicom"]["event"] == "No accepted presentation contexts"
+    assert by_logger["pynetdicom"]["level"] == "error"
+    job = by_logger["apscheduler"]
+    assert job["level"] == "error" and "raised an exception" in job["event"]
+    assert "RuntimeError: job broke" in job["exception"]  # the traceback inside the line
+    assert any(r["event"] == "listening" for r in records)  # and our own, alike
+    assert all(r["timestamp"].endswith("Z") for r in records)
+
+
+def test_warnings_and_a_crash_are_json_lines_too(tmp_path):
+    """In a process of its own: the test runner would otherwise catch both itself."""
+    script = (
+        "import warnings\n"
+        "from oncoseg_node.config import LoggingConfig\n"
+        "from oncoseg_node.ops.logs import configure_logging\n"
+        "configure_logging(LoggingConfig(format='json'))\n"
+        "warnings.warn('a library warning', UserWarning)\n"
+        "raise SystemError('main broke')\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.returncode == 1 and proc.stderr == "", proc.stderr
+    warned, crashed = json_lines(proc.stdout)
+    assert warned["logger"] == "py.warnings" and "a library warning" in warned["event"]
+    assert crashed["event"] == "uncaught_exception" and crashed["level"] == "critical"
+    assert "SystemError: main broke" in crashed["exception"]
+
+
+def test_uncaught_thread_exception_is_a_json_line(restore_stdlib_logging):
+    stream = io.StringIO()
+    configure_logging(LoggingConfig(format="json", level="info"), stream)
+
+    def crash() -> None:
+        raise ValueError("thread broke")
+
+    thread = threading.Thread(target=crash, name="crasher")
+    thread.start()
+    thread.join()
+    (record,) = json_lines(stream.getvalue())
+    assert record["event"] == "uncaught_exception_in_thread" and record["thread"] == "crasher"
+    assert "ValueError: thread broke" in record["exception"]
+
+
 def test_daemon_logs_job_context_and_audit_records(tmp_path):
     port = free_port()
     with storescp(tmp_path / "tps") as tps_port:
@@ -111,7 +217,7 @@ def test_daemon_logs_job_context_and_audit_records(tmp_path):
                        f"the delivery\n{daemon.log()}")
         finally:
             assert daemon.stop() == 0, daemon.log()
-    records = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
+    records = json_lines(daemon.log())  # stdout and stderr: nothing but JSON lines
     series_uid = str(datasets[0].SeriesInstanceUID)
     about_jobs = [r for r in records if "job_id" in r]
     assert {"series_received", "job_started", "job_contoured", "rtstruct_delivered"} <= {
