@@ -4,16 +4,46 @@ A file is written to a temporary name in its own folder, fsynced, renamed into
 place and the folder fsynced, so after a crash it is either complete under its
 final name or absent. The spool, the structure set writer and the QA snapshot
 all write through here; it imports nothing of the project.
+
+Everything the node writes holds patient data, so files are created 0600 and
+folders 0700 whatever the umask the node was started with (an operator's
+shell usually has 022, which would leave them world-readable).
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
 TMP_SUFFIX = ".partial"
+PRIVATE_FILE = 0o600
+PRIVATE_DIR = 0o700
+
+
+def private_dir(path: Path) -> Path:
+    """Create the folder ``path`` (parents as needed) for the node user only.
+
+    A folder that exists already is made private too: one left by an older
+    release, or created by hand, may be open to other users.
+    """
+    path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
+    if stat.S_IMODE(path.stat().st_mode) != PRIVATE_DIR:
+        os.chmod(path, PRIVATE_DIR)
+    return path
+
+
+def private_file(path: Path) -> Path:
+    """Create ``path`` empty if it is missing, and make it readable by the node user only."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE)
+    try:
+        if stat.S_IMODE(os.fstat(fd).st_mode) != PRIVATE_FILE:
+            os.fchmod(fd, PRIVATE_FILE)
+    finally:
+        os.close(fd)
+    return path
 
 
 def fsync_dir(directory: Path) -> None:
@@ -31,7 +61,7 @@ def temporary_name(path: Path) -> Path:
 
 def write_and_sync(tmp: Path, parts: Sequence[bytes]) -> int:
     """Write ``parts`` to a new file and fsync it; returns the byte count."""
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
     try:
         size = 0
         for part in parts:

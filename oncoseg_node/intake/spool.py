@@ -23,7 +23,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from oncoseg_node.durable import TMP_SUFFIX, fsync_dir, temporary_name, write_and_sync
+from oncoseg_node.durable import (
+    TMP_SUFFIX,
+    fsync_dir,
+    private_dir,
+    temporary_name,
+    write_and_sync,
+)
 
 
 @dataclass(frozen=True)
@@ -65,11 +71,13 @@ class Spool:
     def __init__(self, root: Path, writers: int = 4) -> None:
         self.root = Path(root)
         self.objects = self.root / "objects"
-        self.objects.mkdir(parents=True, exist_ok=True)
+        private_dir(self.root)
+        private_dir(self.objects)
         # All 256 shards exist up front, so no instance pays for creating one.
-        missing = [d for d in (self.objects / f"{i:02x}" for i in range(256)) if not d.is_dir()]
-        for shard in missing:
-            shard.mkdir(exist_ok=True)
+        shards = [self.objects / f"{i:02x}" for i in range(256)]
+        missing = [d for d in shards if not d.is_dir()]
+        for shard in shards:
+            private_dir(shard)
         if missing:
             fsync_dir(self.objects)
         self._pool = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="spool-writer")

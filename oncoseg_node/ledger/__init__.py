@@ -7,7 +7,7 @@ table of their allowed moves; ``intake``, ``jobs`` and ``deliveries`` hold
 the statements of one table family each. :class:`Ledger` joins them so
 callers write ``ledger.claim(...)``, ``ledger.record_attempt(...)``.
 
-Imports only the shared parts (``errors``). Every stage may import it; it
+Imports only the shared parts (``errors``, ``durable``). Every stage may import it; it
 imports no stage.
 """
 
@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from oncoseg_node.durable import private_dir
 from oncoseg_node.ledger.connection import Connection
 from oncoseg_node.ledger.deliveries import Delivery, DeliveryRecords
 from oncoseg_node.ledger.intake import InstanceRecord, IntakeRecords
@@ -35,7 +36,8 @@ class Ledger(IntakeRecords, JobRecords, DeliveryRecords):
 
     def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.parent.exists():  # an existing folder is the service's to secure
+            private_dir(self.path.parent)
         self.clock = clock
         self.connection = Connection(self.path)
         with self.connection.transaction() as db:

@@ -1,7 +1,9 @@
 """The ledger's SQLite connection: PRAGMAs, one lock, short immediate transactions.
 
 WAL mode with ``synchronous=FULL``: a committed row survives ``kill -9`` and
-power loss. Several processes (the daemon, ``oncoseg-node status``/``retry``)
+power loss. The file is created 0600 before SQLite opens it, and SQLite gives
+its -wal and -shm files the database file's mode, so all three stay private
+whatever the umask. Several processes (the daemon, ``oncoseg-node status``/``retry``)
 may open the file at once; ``BEGIN IMMEDIATE`` makes writers queue on
 SQLite's busy timeout instead of failing half-way through.
 """
@@ -15,6 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from oncoseg_node.durable import private_file
+
 BUSY_TIMEOUT_S = 30.0
 
 
@@ -23,6 +27,10 @@ class Connection:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        for name in (self.path, *(self.path.with_name(self.path.name + s)
+                                   for s in ("-wal", "-shm"))):
+            if name == self.path or name.exists():
+                private_file(name)  # -wal and -shm only when left from an earlier run
         self._lock = threading.RLock()
         self._db = sqlite3.connect(
             self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_S

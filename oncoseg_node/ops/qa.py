@@ -27,7 +27,7 @@ import numpy as np
 from scipy import ndimage
 
 from oncoseg_node.contouring.volume import Volume
-from oncoseg_node.durable import write_durably
+from oncoseg_node.durable import private_dir, write_durably
 
 if TYPE_CHECKING:  # the pipeline imports the RTSTRUCT writer; only its type is needed
     from oncoseg_node.contouring.pipeline import Contoured
@@ -88,7 +88,7 @@ def overlays_of(contoured: Contoured) -> list[Overlay]:
 def write_qa_snapshot(path: Path, volume: Volume, overlays: Sequence[Overlay], *,
                       panel_px: int = 360) -> None:
     """Render and write the snapshot atomically (a reader never sees half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     write_durably(path, encode_png(render_qa(volume, overlays, panel_px=panel_px)))
 
 

@@ -42,6 +42,7 @@ from oncoseg_node.contouring.protocol_watch import ProtocolWatcher
 from oncoseg_node.contouring.protocols import ProtocolSet
 from oncoseg_node.delivery.commitment import CommitmentReports
 from oncoseg_node.delivery.scheduler import DeliveryScheduler
+from oncoseg_node.durable import private_dir
 from oncoseg_node.errors import StartupError
 from oncoseg_node.intake.assembly import Assembler
 from oncoseg_node.intake.handlers import StoreHandlers
@@ -108,6 +109,7 @@ class Service:
 
     def _start_locked(self) -> None:
         cfg = self.config
+        private_dir(cfg.state_dir)  # one left open to others by an older release, too
         self.ledger = Ledger(cfg.ledger_path)
         self.spool = spool = Spool(cfg.spool_dir)
         partials = spool.clean_partials()

@@ -27,6 +27,7 @@ from oncoseg_node.config import Config, DestinationConfig, SeriesConfig
 from oncoseg_node.contouring.engines.registry import EngineSet
 from oncoseg_node.contouring.pipeline import Contoured, contour, load_ct_series
 from oncoseg_node.contouring.protocols import Protocol, ProtocolSet
+from oncoseg_node.durable import private_dir
 from oncoseg_node.errors import (
     EngineError,
     GeometryError,
@@ -184,7 +185,7 @@ class Worker:
                 if dest.profile not in written:
                     relpath = f"outbox/job{job.id}-v{job.version}-{dest.profile}.dcm"
                     path = self.config.state_dir / relpath
-                    path.parent.mkdir(parents=True, exist_ok=True)
+                    private_dir(path.parent)
                     ds = write_structure_set(
                         contoured, protocols, self.engines, get_profile(dest.profile), path,
                         label=structure_set_label(job.id, job.version),
