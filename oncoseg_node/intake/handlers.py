@@ -29,6 +29,7 @@ from oncoseg_node.intake.headers import (
 )
 from oncoseg_node.intake.spool import PendingWrite, Spool
 from oncoseg_node.ledger import Ledger
+from oncoseg_node.ledger.intake import Recorded
 
 log = structlog.get_logger("oncoseg_node.receiver")
 
@@ -157,47 +158,54 @@ class StoreHandlers:
             pending.abort()
             bound.info("instance_ignored", reason="localizer (ImageType LOCALIZER)")
             return status.SUCCESS
+        # Identity of an instance is its dataset as sent, not our file meta.
+        digest = hashlib.sha256(stream).hexdigest()
+        existing = self.ledger.find_instance(uid)
+        if existing is not None and (existing.sha256 == digest
+                                     or self.series.duplicate_policy == "keep_first"):
+            # Known already and nothing to change: the file being written is
+            # not needed. (Concurrent senders are settled by record_instance.)
+            pending.abort()
+            self._log_duplicate(bound, existing.sha256, digest)
+            self.ledger.touch_series(existing.series_uid)
+            return status.SUCCESS
         try:
-            # Identity of an instance is its dataset as sent, not our file meta.
-            digest = hashlib.sha256(stream).hexdigest()
-            existing = self.ledger.find_instance(uid)
-            replace = False
-            if existing is not None:
-                if existing.sha256 == digest:
-                    bound.info("instance_duplicate_identical")
-                    self.ledger.touch_series(existing.series_uid)
-                    pending.abort()
-                    return status.SUCCESS
-                if self.series.duplicate_policy == "keep_first":
-                    bound.warning("instance_duplicate_conflict", policy="keep_first",
-                                  kept_sha256=existing.sha256, refused_sha256=digest)
-                    pending.abort()
-                    return status.SUCCESS
-                bound.warning("instance_duplicate_conflict", policy="replace",
-                              old_sha256=existing.sha256, new_sha256=digest)
-                replace = True
-            record: dict[str, Any] = dict(
+            # The ledger is written after the file is durable: overlapping the
+            # two fsyncs was measured slower on ext4, which serialises them.
+            pending.commit(digest)
+        except BaseException:
+            pending.abort()
+            raise
+        try:
+            result = self.ledger.record_instance(
                 sop_instance_uid=uid, series_uid=series_uid,
                 study_uid=str(header.StudyInstanceUID), sop_class_uid=sop_class,
                 relpath=pending.relpath, sha256=digest, size=pending.size,
                 calling_ae=calling_ae,
                 description=str(header.get("SeriesDescription", "") or ""),
-                replace=replace, instance_number=int_or_none(header.get("InstanceNumber")),
+                duplicate_policy=self.series.duplicate_policy,
+                instance_number=int_or_none(header.get("InstanceNumber")),
                 images_in_acquisition=int_or_none(header.get("ImagesInAcquisition")),
             )
-            # The ledger is written after the file is durable: overlapping the
-            # two fsyncs was measured slower on ext4, which serialises them.
-            pending.commit(digest)
-            self.ledger.record_instance(**record)
         except BaseException:
-            pending.abort()
+            self.spool.remove(pending.relpath)  # no row points at it: not kept
             raise
+        if result.outcome is not Recorded.STORED:
+            self._log_duplicate(bound, result.existing_sha256, digest)
+        if result.spare_relpath is not None:
+            self.spool.remove(result.spare_relpath)
         self.associations.saw(event_assoc_id, series_uid)
-        if replace and existing is not None:
-            self.spool.remove(existing.relpath)
         with self._counter_lock:
             self.received += 1
         self.on_activity()
         return status.SUCCESS
 
-
+    def _log_duplicate(self, bound: Any, stored_sha256: str | None, digest: str) -> None:
+        if stored_sha256 == digest:
+            bound.info("instance_duplicate_identical")
+        elif self.series.duplicate_policy == "keep_first":
+            bound.warning("instance_duplicate_conflict", policy="keep_first",
+                          kept_sha256=stored_sha256, refused_sha256=digest)
+        else:
+            bound.warning("instance_duplicate_conflict", policy="replace",
+                          old_sha256=stored_sha256, new_sha256=digest)

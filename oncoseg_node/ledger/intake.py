@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 from dataclasses import dataclass
+from enum import StrEnum
 
 from oncoseg_node.ledger.connection import LedgerPart
 from oncoseg_node.ledger.states import JOB_DONE_FOR_GOOD, DeliveryState, SeriesState
@@ -24,9 +25,32 @@ class InstanceRecord:
     series_uid: str
 
 
-_INSERT_INSTANCE = "INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-# A duplicate with different content replaces the first copy (see the handlers).
-_REPLACE_INSTANCE = "INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+class Recorded(StrEnum):
+    """What :meth:`IntakeRecords.record_instance` did with an instance."""
+
+    STORED = "stored"          # a new SOP Instance UID: its row now points at the file
+    IDENTICAL = "identical"    # already recorded with the same bytes: the new file is spare
+    KEPT_FIRST = "kept_first"  # recorded with other bytes, policy keep_first: new file spare
+    REPLACED = "replaced"      # recorded with other bytes, policy replace: the old file is spare
+
+
+@dataclass(frozen=True)
+class RecordResult:
+    """The outcome and which spool file (if any) no row points at any more."""
+
+    outcome: Recorded
+    spare_relpath: str | None
+    existing_sha256: str | None = None
+
+
+# The primary key on sop_instance_uid decides between concurrent senders of
+# one instance: the first insert wins, the others see the conflict inside
+# the same immediate transaction and are answered from the stored row.
+_INSERT_INSTANCE = """INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT(sop_instance_uid) DO NOTHING"""
+_REPLACE_INSTANCE = """UPDATE instances SET series_uid = ?, study_uid = ?, sop_class_uid = ?,
+    relpath = ?, sha256 = ?, size = ?, calling_ae = ?, received_at = ?, instance_number = ?,
+    images_in_acquisition = ? WHERE sop_instance_uid = ?"""
 _UPSERT_SERIES = """INSERT INTO series VALUES (?, ?, ?, ?, ?, ?, ?, 1)
     ON CONFLICT(series_uid) DO UPDATE SET
       state = excluded.state, last_received_at = excluded.last_received_at,
@@ -69,23 +93,46 @@ class IntakeRecords(LedgerPart):
         size: int,
         calling_ae: str | None,
         description: str | None = None,
-        replace: bool = False,
+        duplicate_policy: str = "keep_first",
         instance_number: int | None = None,
         images_in_acquisition: int | None = None,
-    ) -> None:
-        """Record a stored instance and (re)open its series' quiet period."""
+    ) -> RecordResult:
+        """Record a stored instance and (re)open its series' quiet period.
+
+        Safe when several associations record the same SOP Instance UID at
+        once: exactly one row results, and the result names the spool file
+        that no row points at, for the caller to delete. ``duplicate_policy``
+        (``keep_first`` or ``replace``) decides between different bytes.
+        """
         now = self.clock()
         with self.connection.transaction() as db:
-            db.execute(
-                _REPLACE_INSTANCE if replace else _INSERT_INSTANCE,
+            inserted = db.execute(
+                _INSERT_INSTANCE,
                 (sop_instance_uid, series_uid, study_uid, sop_class_uid, relpath, sha256,
                  size, calling_ae, now, instance_number, images_in_acquisition),
-            )
+            ).rowcount == 1
+            if inserted:
+                result = RecordResult(Recorded.STORED, None)
+            else:
+                old_relpath, old_sha256, old_series = db.execute(
+                    "SELECT relpath, sha256, series_uid FROM instances WHERE sop_instance_uid = ?",
+                    (sop_instance_uid,)).fetchone()
+                if old_sha256 == sha256 or duplicate_policy != "replace":
+                    # Still activity on the series: its quiet period restarts.
+                    db.execute("UPDATE series SET last_received_at = ? WHERE series_uid = ? "
+                               "AND state = ?", (now, old_series, SeriesState.OPEN))
+                    outcome = Recorded.IDENTICAL if old_sha256 == sha256 else Recorded.KEPT_FIRST
+                    return RecordResult(outcome, relpath, old_sha256)
+                db.execute(_REPLACE_INSTANCE, (
+                    series_uid, study_uid, sop_class_uid, relpath, sha256, size, calling_ae, now,
+                    instance_number, images_in_acquisition, sop_instance_uid))
+                result = RecordResult(Recorded.REPLACED, old_relpath, old_sha256)
             db.execute(
                 _UPSERT_SERIES,
                 (series_uid, study_uid, calling_ae, description, SeriesState.OPEN, now, now,
-                 replace),
+                 not inserted),
             )
+            return result
 
     def touch_series(self, series_uid: str) -> None:
         """Restart a series' quiet period (a duplicate re-sent is still activity)."""
