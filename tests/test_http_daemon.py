@@ -86,8 +86,8 @@ def contoured_node(tmp_path_factory):
         try:
             assert storescu(phantom_dir, port).returncode == 0
             short = series(1)[0]
-            short.PixelData = short.PixelData[:100]  # refused: 0xA900
-            assert scu_store(port, [short]) == [status.DATASET_DOES_NOT_MATCH_SOP_CLASS]
+            short.PixelData = short.PixelData[:100]  # refused: 0xA904
+            assert scu_store(port, [short]) == [status.PIXEL_DATA_LENGTH_WRONG]
             (job,) = wait_until(lambda: [j for j in daemon.status() if j["state"] == JobState.SENT],
                                 180, f"the job sent\n{daemon.log()}")
             served = {path: get(http_port, path) for path in
@@ -129,7 +129,7 @@ def test_metrics_count_what_happened(contoured_node):
     assert sample(families, "oncoseg_deliveries_pending", destination="tps") == 0
     assert sample(families, "oncoseg_disk_free_bytes") > 0
     assert sample(families, "oncoseg_health", check="worker") == 1
-    assert sample(families, "oncoseg_instances_refused_total", status="0xA900") == 1
+    assert sample(families, "oncoseg_instances_refused_total", status="0xA904") == 1
     assert sample(families, "oncoseg_jobs_held") == 0
     assert families["oncoseg_deliveries_failed_total"]["type"] == "counter"
     assert not families["oncoseg_deliveries_failed_total"]["samples"]  # nothing failed yet

@@ -20,7 +20,15 @@ SUCCESS = int(Status.SUCCESS)
 OUT_OF_RESOURCES = 0xA700
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
-# General failure (PS3.7 C)
+# Refusals of one received instance, each its own code inside those ranges
+# (the low byte is the SCP's detail) so a sender's log tells them apart.
+MODALITY_DOES_NOT_MATCH_SOP_CLASS = 0xA901
+IMAGE_PIXEL_MODULE_INVALID = 0xA902
+PIXEL_DATA_MISSING = 0xA903
+PIXEL_DATA_LENGTH_WRONG = 0xA904
+UID_NOT_CONFORMANT = 0xC001
+ELEMENT_VR_UNKNOWN = 0xC002
+# General failure (PS3.7 C); also the answer to an unexpected error in a handler
 PROCESSING_FAILURE = 0x0110
 # Storage warning
 COERCION_OF_DATA_ELEMENTS = 0xB000

@@ -20,10 +20,10 @@ from pynetdicom.events import EventHandlerType
 from oncoseg_node.config import NodeConfig, SeriesConfig
 from oncoseg_node.dicom import status
 from oncoseg_node.dicom.filemeta import encode_file_meta
+from oncoseg_node.intake.checks import check_command, check_header
 from oncoseg_node.intake.headers import (
     IGNORED_SOP_CLASSES,
     Refusal,
-    check_header,
     int_or_none,
     parse_instance,
 )
@@ -108,8 +108,13 @@ class StoreHandlers:
                 return Refusal(status.OUT_OF_RESOURCES, "node disk below free-space limit"
                                ).as_dataset()
             syntax = UID(str(event.context.transfer_syntax))
-            stream = event.encoded_dataset(include_meta=False)
             request = event.request
+            refusal = check_command(request)
+            if refusal is not None:
+                bound.warning("store_refused", status=status.describe(refusal.status),
+                              reason=refusal.comment)
+                return refusal.as_dataset()
+            stream = event.encoded_dataset(include_meta=False)
             # The file starts being written and synced at once (named from the
             # command's UIDs, which check_header requires to equal the
             # dataset's); validation runs meanwhile and decides if it is kept.
@@ -125,6 +130,12 @@ class StoreHandlers:
         except OSError as exc:
             bound.error("store_failed_io", error=str(exc))
             return Refusal(status.OUT_OF_RESOURCES, f"storage error: {exc.strerror}").as_dataset()
+        except Exception as exc:
+            # A bug or an input no check foresaw: the sender gets a named
+            # failure it can report, the log gets the traceback, once.
+            bound.exception("store_failed_unexpected", error=f"{type(exc).__name__}: {exc}")
+            return Refusal(status.PROCESSING_FAILURE,
+                           f"node error {type(exc).__name__}; nothing stored").as_dataset()
 
     def _validate_and_accept(self, pending: PendingWrite, stream: bytes, syntax: UID,
                              request: Any, calling_ae: str, bound: Any,
