@@ -2,9 +2,9 @@
 
 The directory it writes has the layout of ``facebook/sam3`` (a ``sam3_video``
 config holding the image-detector and tracker configs, safetensors weights,
-tokenizer files), so the engine loads it through the very code path used in
-production. The weights are random: anything built on it checks plumbing,
-never segmentation quality.
+tokenizer files, ``preprocessor_config.json``), so the engine loads it
+through the very code path used in production. The weights are random:
+anything built on it checks plumbing, never segmentation quality.
 
 Sizes are the smallest the SAM3 code accepts: the tracker's memory attention
 hard-codes 64 memory channels and splits object pointers into 64-wide
@@ -24,6 +24,7 @@ from transformers.models.sam3.configuration_sam3 import (
     Sam3VisionConfig,
     Sam3ViTConfig,
 )
+from transformers.models.sam3.image_processing_sam3 import Sam3ImageProcessor
 from transformers.models.sam3_tracker_video.configuration_sam3_tracker_video import (
     Sam3TrackerVideoConfig,
 )
@@ -34,13 +35,33 @@ WIDTH = 128  # FPN / DETR / tracker width (see module docstring)
 QUERIES = 20
 
 
-def tiny_tokenizer() -> CLIPTokenizer:
-    """A CLIP tokenizer over single bytes (no merges): every prompt tokenizes, offline."""
+# Words of the concepts tests prompt with; each gets CLIP's byte-pair merges, so it is one token.
+WORDS = ("liver", "hepar", "spleen", "left", "right", "parotid", "gland", "bone", "heart",
+         "lung", "trachea", "bowel")
+
+
+def tiny_tokenizer(words: tuple[str, ...] = WORDS) -> CLIPTokenizer:
+    """CLIP's own tokenizer class over single bytes plus byte-pair merges for ``words``.
+
+    Like the real SAM3 vocabulary (CLIP's, 49,408 entries) it lower-cases,
+    marks word ends with ``</w>``, merges known words into one token, falls back
+    to bytes for anything else and pads with ``<|endoftext|>``; it just knows
+    far fewer words. Built offline: nothing is downloaded.
+    """
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for char in sorted(ByteLevel.alphabet()):
         vocab.setdefault(char, len(vocab))
         vocab.setdefault(char + "</w>", len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=[])
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        token = word[0]
+        for i, char in enumerate(word[1:]):
+            piece = char + ("</w>" if i == len(word) - 2 else "")
+            if (token, piece) not in merges:
+                merges.append((token, piece))
+            token += piece
+            vocab.setdefault(token, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges)
 
 
 def tiny_config(vocab_size: int) -> Sam3VideoConfig:
@@ -89,4 +110,5 @@ def build_tiny_sam3(directory: Path, seed: int = 0) -> Path:
     model = Sam3VideoModel(tiny_config(len(tokenizer)))
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+    Sam3ImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(directory)
     return directory

@@ -69,3 +69,25 @@ def test_random_tiny_sam3_plumbing_delivers_a_structure_set(tmp_path):
     assert descriptions["External"].startswith("classical: ")
     assert "protocol thorax-sam3@" in descriptions["External"]
     assert "sam3: SAM3 facebook-sam3-tiny sha256:" in ds.StructureSetDescription
+
+
+def test_preprocessing_mismatch_stops_the_daemon_at_start_naming_the_file(tmp_path):
+    """A checkpoint normalised with ImageNet statistics is refused before anything is received."""
+    import json
+    import subprocess
+    import sys
+
+    model = build_tiny_sam3(tmp_path / "sam3-imagenet")
+    path = model / "preprocessor_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()),
+                                "image_std": [0.229, 0.224, 0.225]}))
+    (tmp_path / "protocols.yaml").write_text(PROTOCOLS)
+    config = write_config(
+        tmp_path, node={"port": free_port()}, protocols=str(tmp_path / "protocols.yaml"),
+        engine={"name": "sam3", "sam3": {"model_dir": str(model), "device": "cpu",
+                                         "dtype": "float32"}})
+    proc = subprocess.run([sys.executable, "-m", "oncoseg_node.cli", "run", "--config",
+                           str(config)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    assert f"{path}: image_std [0.229, 0.224, 0.225]" in output, output

@@ -372,6 +372,32 @@ def test_missing_model_directory_names_the_path(tmp_path: Path):
         Sam3Engine.from_config(Sam3Config(device="cpu"))
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"size": {"height": 1008, "width": 1008}}, "size .* the engine feeds 112 x 112"),
+    ({"image_std": [0.229, 0.224, 0.225]}, "image_std .* the engine uses 0.5"),
+    ({"image_mean": [0.485, 0.456, 0.406]}, "image_mean .* the engine uses 0.5"),
+    ({"do_normalize": False}, "do_normalize False"),
+    (None, "missing"),
+])
+def test_preprocessing_that_disagrees_with_the_engine_names_the_file(
+        tiny_dir: Path, tmp_path: Path, change, message: str):
+    changed = tmp_path / "sam3"
+    shutil.copytree(tiny_dir, changed)
+    path = changed / "preprocessor_config.json"
+    if change is None:
+        path.unlink()
+    else:
+        path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    with pytest.raises(EngineError, match=f"{path}: {message}"):
+        Sam3Engine.from_config(cpu_config(changed))
+
+
+def test_the_shipped_preprocessing_is_what_the_engine_does(tiny_dir: Path):
+    config = json.loads((tiny_dir / "preprocessor_config.json").read_text())
+    assert (config["image_mean"], config["image_std"]) == ([0.5] * 3, [0.5] * 3)
+    assert config["size"] == {"height": 112, "width": 112}
+
+
 @pytest.mark.parametrize("damage", ["config", "weights", "tokenizer", "model_type", "truncated"])
 def test_broken_model_directory_names_the_path(tiny_dir: Path, tmp_path: Path, damage: str):
     broken = tmp_path / "sam3"
@@ -599,3 +625,79 @@ def test_left_and_right_of_a_paired_organ_never_share_a_voxel(present_engine: Sa
     assert results[0].mask is not None and results[1].mask is not None
     assert results[0].mask[2].any() and results[1].mask[2].any()
     assert not (results[0].mask & results[1].mask).any()
+
+
+# -- what the random fp32 model never exercised ---------------------------------------------
+
+
+def test_clip_tokenizer_merges_words_lowercases_and_pads_like_sam3(engine: Sam3Engine):
+    from transformers import CLIPTokenizer
+
+    tokenizer = engine.tokenizer
+    assert isinstance(tokenizer, CLIPTokenizer)
+    enc = tokenizer(["Left Parotid  GLAND"], padding="max_length", max_length=32,
+                    truncation=True)
+    tokens = tokenizer.convert_ids_to_tokens(enc["input_ids"][0])
+    assert tokens[:5] == ["<|startoftext|>", "left</w>", "parotid</w>", "gland</w>",
+                          "<|endoftext|>"]
+    assert tokens[5:] == ["<|endoftext|>"] * 27 and sum(enc["attention_mask"][0]) == 5
+    unknown = tokenizer.convert_ids_to_tokens(tokenizer(["zygoma"])["input_ids"][0])
+    assert unknown[1:-1] == ["z", "y", "g", "o", "m", "a</w>"]  # bytes, never an error
+    with torch.inference_mode():
+        upper, _ = engine._text("LIVER")
+        lower, mask = engine._text("liver")
+    assert torch.equal(upper, lower) and int(mask.sum()) == 3
+
+
+def test_bf16_on_cpu_runs_the_whole_engine_close_to_fp32(tiny_dir: Path, engine: Sam3Engine):
+    bf16 = Sam3Engine.from_config(replace(cpu_config(tiny_dir), dtype="bfloat16"))
+    pixels = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        want = engine._vision(pixels).last_hidden_state
+        got = bf16._vision(pixels.to(torch.bfloat16)).last_hidden_state
+    assert got.dtype == torch.bfloat16
+    error = float((got.float() - want).norm() / want.norm())
+    assert error < 0.05, error
+    volume = phantom()
+    results = bf16.segment(volume, STRUCTURES)
+    assert [r.name for r in results] == [s.name for s in STRUCTURES]
+    found = [r for r in results[:3] if r.mask is not None]
+    assert found, [r.note for r in results]
+    for result in found:
+        assert result.mask.shape == volume.shape and result.mask.dtype == bool
+        assert 0.0 <= result.score <= 1.0
+
+
+def test_nonzero_threshold_gates_queries_by_the_presence_score(tiny_dir: Path):
+    """A query passes only if its probability times the image-level presence reaches it."""
+    volume = phantom()
+    frame = SliceFrame(volume.shape[1], volume.shape[2], 112)
+    raw: list[tuple[torch.Tensor, torch.Tensor]] = []
+    liver = Structure("Liver", (1, 2, 3), engine="sam3", concepts=("liver",))
+
+    def detections(engine: Sam3Engine):
+        engine.model.detector_model.register_forward_hook(
+            lambda m, a, out: raw.append((out.pred_logits.float().sigmoid(),
+                                          out.presence_logits.float().sigmoid())))
+        with torch.inference_mode():
+            _, hits, best = engine._encode_and_detect(volume, frame, DEFAULT_WINDOW,
+                                                      engine._prompts([liver], [None]))
+        return hits[("liver", None)], best[("liver", None)]
+
+    detections(Sam3Engine.from_config(cpu_config(tiny_dir)))
+    query = torch.cat([q for q, _ in raw])  # batches of 4 and 2 slices: (6, 20)
+    presence = torch.cat([p for _, p in raw])  # (6, 1)
+    score = query * presence
+    threshold = float(score.median())  # about half the queries of each slice pass
+    gated = (query >= threshold) & (score < threshold)
+    assert bool(gated.any())  # queries that pass on their own probability but not with presence
+    raw.clear()
+    strict = Sam3Engine.from_config(replace(cpu_config(tiny_dir), score_threshold=threshold))
+    hits, best = detections(strict)
+    assert np.allclose(best, score.max(1).values.numpy(), atol=1e-6)
+    for z, dets in enumerate(hits):
+        passing = sorted(float(s) for s in score[z] if s >= threshold)
+        assert bool(dets) == bool(passing)
+        for det in dets:
+            assert det.score >= threshold
+            assert any(abs(det.score - s) < 1e-6 for s in passing)

@@ -177,6 +177,11 @@ def load_base(model_dir: Path | None):  # -> (Sam3VideoModel, tokenizer), float3
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except Exception as exc:  # missing vocab files surface as OSError or ValueError
         raise EngineError(f"{model_dir}: tokenizer could not be loaded ({exc})") from exc
+    from oncoseg_node.contouring.engines.sam3_preprocess import check_preprocessor_config
+
+    mismatches = check_preprocessor_config(model_dir, int(model.config.image_size))
+    if mismatches:
+        raise EngineError("; ".join(mismatches))
     vocab_size = model.config.detector_config.text_config.vocab_size  # type: ignore[union-attr]
     if len(tokenizer) > vocab_size:
         raise EngineError(f"{model_dir}: tokenizer has {len(tokenizer)} tokens, the text "

@@ -14,13 +14,51 @@ Arrays are ``(z, y, x)`` = (slice, row, column) as everywhere in the node.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 DEFAULT_WINDOW: tuple[float, float] = (-1000.0, 1000.0)
+NORMALISE_MEAN = 0.5  # (x - mean) / std on [0, 1] pixels, every channel
+NORMALISE_STD = 0.5
+PREPROCESSOR_FILE = "preprocessor_config.json"
+
+
+def check_preprocessor_config(model_dir: Path, image_size: int) -> list[str]:
+    """How the checkpoint's ``preprocessor_config.json`` disagrees with what this module does.
+
+    The checkpoint ships the preprocessing it was trained with; the engine
+    does its own (CT window instead of 8-bit rescale), which matches only if
+    the square input size is the model's (1008 for SAM3) and the
+    normalisation is mean 0.5, std 0.5 on every channel. Empty when they agree.
+    """
+    path = Path(model_dir) / PREPROCESSOR_FILE
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return [f"{path}: missing (the checkpoint's preprocessing cannot be checked)"]
+    except (OSError, ValueError) as exc:
+        return [f"{path}: unreadable ({exc})"]
+    config = raw.get("image_processor", raw) if isinstance(raw, dict) else {}
+    problems = []
+    size = config.get("size") or {}
+    sides = (size.get("height"), size.get("width")) if isinstance(size, dict) else (size, size)
+    if sides != (image_size, image_size):
+        problems.append(f"{path}: size {size!r}, the engine feeds {image_size} x {image_size}")
+    if config.get("do_normalize", True) is not True:
+        problems.append(f"{path}: do_normalize {config.get('do_normalize')!r}, the engine "
+                        "always normalises")
+    for key, want in (("image_mean", NORMALISE_MEAN), ("image_std", NORMALISE_STD)):
+        value = config.get(key)
+        values = value if isinstance(value, list) else [value]
+        if len(values) not in (1, 3) or any(not isinstance(v, (int, float))
+                                            or abs(v - want) > 1e-6 for v in values):
+            problems.append(f"{path}: {key} {value!r}, the engine uses {want} on every channel")
+    return problems
 
 
 def window_to_unit(hu: np.ndarray, window: tuple[float, float] = DEFAULT_WINDOW) -> np.ndarray:
@@ -58,7 +96,7 @@ class SliceFrame:
             # antialias only matters when shrinking (a CT wider than the model input)
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear",
                               align_corners=False, antialias=self.side > self.size)
-        x = (x - 0.5) / 0.5
+        x = (x - NORMALISE_MEAN) / NORMALISE_STD
         return x.expand(-1, 3, -1, -1).to(dtype).contiguous()
 
     def logits_to_ct(self, logits: torch.Tensor) -> np.ndarray:
