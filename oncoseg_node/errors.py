@@ -62,7 +62,9 @@ class DeliveryError(OncosegError):
 
 
 class LedgerError(OncosegError):
-    """Raised on an impossible job-state transition in the ledger."""
+    """Raised on a job or delivery state move the ledger forbids, or an unknown state;
+    and at open when the ledger file is damaged or was written by a newer release.
+    """
 
 
 class StartupError(OncosegError):
