@@ -90,7 +90,7 @@ def roi_loops(mask: np.ndarray, hole_style: str, min_pixels: int
     inner loops, as the destination's profile says.
     """
     slices, loops = [], []
-    for z, regions in trace_volume(mask, min_pixels).items():
+    for z, regions in trace_volume(mask, min_pixels, straight=True).items():
         for region in regions:
             for loop in ([keyhole(region.outer, region.holes)] if hole_style == "keyhole"
                          else [region.outer, *region.holes]):

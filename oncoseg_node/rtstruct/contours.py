@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.spatial import cKDTree
 
+from oncoseg_node.rtstruct.staircase import straighten
+
 # Boundary edges are walked with the inside on the walker's right (y grows
 # downwards in image space). A whole 3D mask is traced at once: every step
 # below is an array operation over all slices, so Python does work per loop,
@@ -155,8 +157,39 @@ def _inside(point: np.ndarray, start: np.ndarray, end: np.ndarray) -> bool:
     return bool(np.count_nonzero(crosses) % 2)
 
 
-def trace_volume(mask: np.ndarray, min_pixels: int = 1) -> dict[int, list[Region]]:
+def _words(mask: np.ndarray) -> np.ndarray | None:
+    """Each slice of a C-contiguous bool mask as 64-bit words, or None when it does not divide.
+
+    Reductions over whole slices (is anything there, where) then touch an
+    eighth of the elements: for 30 ROIs over 150 slices of 512 x 512 that is
+    most of the tracer's time otherwise.
+    """
+    plane = mask.shape[1] * mask.shape[2]
+    if plane % 8 or not mask.flags.c_contiguous:
+        return None
+    return mask.reshape(mask.shape[0], plane).view(np.uint64)
+
+
+def _any_per_slice(mask: np.ndarray) -> np.ndarray:
+    words = _words(mask)
+    return mask.any(axis=(1, 2)) if words is None else words.any(axis=1)
+
+
+def _footprint(mask: np.ndarray) -> np.ndarray:
+    """The union of a mask's slices, (y, x)."""
+    words = _words(mask)
+    if words is None:
+        return np.any(mask, axis=0)
+    union = np.bitwise_or.reduce(words, axis=0)
+    return union.view(np.bool_).reshape(mask.shape[1:])
+
+
+def trace_volume(mask: np.ndarray, min_pixels: int = 1, *,
+                 straight: bool = False) -> dict[int, list[Region]]:
     """Regions of every slice of a (z, y, x) mask with their outer loop and holes.
+
+    ``straight`` returns the loops with their staircases straightened
+    (:mod:`oncoseg_node.rtstruct.staircase`): fewer points, the same pixels.
 
     Keys are slice indices with at least one region of ``min_pixels`` or
     more; coordinates are corner coordinates of the slice. Each 4-connected
@@ -164,11 +197,11 @@ def trace_volume(mask: np.ndarray, min_pixels: int = 1) -> dict[int, list[Region
     hole belongs to the smallest outer loop around the region pixel beside it.
     """
     mask = np.asarray(mask, dtype=bool)
-    occupied = np.flatnonzero(mask.any(axis=(1, 2)))
+    occupied = np.flatnonzero(_any_per_slice(mask))
     if occupied.size == 0:
         return {}
     z0, z1 = int(occupied[0]), int(occupied[-1])
-    footprint = np.any(mask[z0:z1 + 1], axis=0)
+    footprint = _footprint(mask[z0:z1 + 1])
     rows, cols = np.flatnonzero(footprint.any(axis=1)), np.flatnonzero(footprint.any(axis=0))
     r0, r1, c0, c1 = int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
     crop = mask[z0:z1 + 1, r0:r1 + 1, c0:c1 + 1]
@@ -212,8 +245,14 @@ def trace_volume(mask: np.ndarray, min_pixels: int = 1) -> dict[int, list[Region
                        vertices[successor[firsts[c[0]]:ends[c[0]]]]))
         owner[1].append(k)
 
+    shown, shown_ends = vertices, ends
+    if straight:
+        shown, shown_counts = straighten(vertices, counts)
+        shown_ends = np.cumsum(shown_counts)
+    shown_firsts = np.concatenate([[0], shown_ends[:-1]])
+
     def loop(k: int) -> np.ndarray:
-        return vertices[firsts[k]:ends[k]]
+        return shown[shown_firsts[k]:shown_ends[k]]
 
     regions: dict[int, list[Region]] = {}
     for z in sorted(outers):

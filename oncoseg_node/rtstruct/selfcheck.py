@@ -8,6 +8,7 @@ lengths, and each contour's DS value lengths, point count and image.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Iterator
 from pathlib import Path
@@ -121,12 +122,20 @@ def _contour_problem(roi: Dataset, images: set[str]) -> str | None:
 
 
 def save_verified(ds: Dataset, path: Path, volume: Volume, profile: DestinationProfile) -> None:
-    """Write durably, read the file back and check it; raise RTStructError if it fails."""
+    """Encode, check the encoded bytes, write them durably and confirm the file holds them.
+
+    The check parses the very bytes that are written (not the dataset in
+    memory, which pydicom would re-encode); the file is then read back and
+    its SHA-256 compared with theirs, so what leaves the node is what was checked.
+    Raises RTStructError when either fails; a failed check writes nothing.
+    """
     path = Path(path)
     buffer = io.BytesIO()
     pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
-    write_durably(path, buffer.getvalue())
-    back = pydicom.dcmread(path)
-    problems = check_rtstruct(back, volume, profile)
+    data = buffer.getvalue()
+    problems = check_rtstruct(pydicom.dcmread(io.BytesIO(data)), volume, profile)
     if problems:
         raise RTStructError("; ".join(problems))
+    write_durably(path, data)
+    if hashlib.sha256(path.read_bytes()).digest() != hashlib.sha256(data).digest():
+        raise RTStructError(f"{path}: the file on disk differs from the bytes checked")
