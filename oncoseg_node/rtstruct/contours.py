@@ -172,7 +172,7 @@ def _words(mask: np.ndarray) -> np.ndarray | None:
 
 def _any_per_slice(mask: np.ndarray) -> np.ndarray:
     words = _words(mask)
-    return mask.any(axis=(1, 2)) if words is None else words.any(axis=1)
+    return np.asarray(mask.any(axis=(1, 2)) if words is None else words.any(axis=1))
 
 
 def _footprint(mask: np.ndarray) -> np.ndarray:
