@@ -37,6 +37,16 @@ class SeriesLoadError(OncosegError):
     """Raised when stored instances cannot be read as a CT series at all."""
 
 
+class PixelDecodeError(SeriesLoadError):
+    """Raised when a stored instance's pixel data cannot be decoded.
+
+    Intake accepts compressed transfer syntaxes and stores them as received;
+    decoding happens when the series is loaded. A frame that fails holds the
+    job with this message (file, transfer syntax, codec error) as reason:
+    the instance must be resent, retrying will not help.
+    """
+
+
 class EngineError(OncosegError):
     """Raised when a segmentation engine cannot start or cannot run.
 

@@ -17,7 +17,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 
-from oncoseg_node.errors import SeriesLoadError
+from oncoseg_node.errors import PixelDecodeError, SeriesLoadError
 
 
 @dataclass(frozen=True, eq=False)
@@ -151,6 +151,29 @@ def read_ct_slices(paths: Sequence[Path]) -> list[Dataset]:
     return datasets
 
 
+def decode_pixels(ds: Dataset) -> np.ndarray:
+    """One slice's stored values as float32 (rows, columns), whatever its transfer syntax.
+
+    Compressed syntaxes are decoded by pydicom's handlers and the pylibjpeg
+    plugins (JPEG, JPEG-LS, JPEG 2000, RLE); deflated ones were inflated
+    when the file was read. Raises :class:`PixelDecodeError` naming the
+    instance and its transfer syntax.
+    """
+    syntax = ds.file_meta.get("TransferSyntaxUID", "") if hasattr(ds, "file_meta") else ""
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # the codecs raise many unrelated types
+        name = getattr(syntax, "name", str(syntax)) or "unknown transfer syntax"
+        raise PixelDecodeError(
+            f"instance {ds.get('SOPInstanceUID', '?')}: pixel data cannot be decoded "
+            f"({name}): {type(exc).__name__}: {exc}") from exc
+    if arr.ndim != 2:
+        raise PixelDecodeError(
+            f"instance {ds.get('SOPInstanceUID', '?')}: decoded to shape {arr.shape}, "
+            "not one slice")
+    return arr.astype(np.float32)
+
+
 def volume_from_datasets(datasets: Sequence[Dataset]) -> Volume:
     """Build a :class:`Volume` from the instances of one CT series.
 
@@ -173,7 +196,7 @@ def volume_from_datasets(datasets: Sequence[Dataset]) -> Volume:
     keyed.sort(key=lambda item: item[0])
     slices = []
     for _, _, ds in keyed:
-        arr = ds.pixel_array.astype(np.float32)
+        arr = decode_pixels(ds)
         slope = float(ds.get("RescaleSlope", 1) or 1)
         intercept = float(ds.get("RescaleIntercept", 0) or 0)
         slices.append(arr * slope + intercept)

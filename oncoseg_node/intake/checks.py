@@ -148,8 +148,13 @@ def _check_pixels(parsed: ParsedInstance) -> Refusal | None:
         frames = 0
     if frames != 1:  # CT Image Storage is single-frame
         return Refusal(status.IMAGE_PIXEL_MODULE_INVALID, f"NumberOfFrames {frames_value!r}")
+    if parsed.pixel_bytes is None and not parsed.encapsulated:
+        return Refusal(status.PIXEL_DATA_MISSING, "PixelData missing")
+    if parsed.compressed_syntax != parsed.encapsulated:
+        return Refusal(status.PIXEL_DATA_LENGTH_WRONG,
+                       "PixelData encapsulation does not match the transfer syntax")
     if parsed.encapsulated:
-        return None  # compressed: the length follows from the codec, checked at decoding
+        return None  # the codec decides the length: checked when the worker decodes
     if parsed.pixel_bytes is None:
         return Refusal(status.PIXEL_DATA_MISSING, "PixelData missing")
     expected = (values["Rows"] * values["Columns"] * values["SamplesPerPixel"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import struct
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,12 +17,22 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.tag import Tag
 from pydicom.uid import (
+    JPEG2000,
     UID,
     ComprehensiveSRStorage,
+    DeflatedExplicitVRLittleEndian,
     EnhancedSRStorage,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
     SecondaryCaptureImageStorage,
     XRayRadiationDoseSRStorage,
 )
@@ -31,9 +42,23 @@ PIXEL_DATA = Tag(0x7FE0, 0x0010)
 PIXEL_DATA_TAG_LE = b"\xe0\x7f\x10\x00"
 PIXEL_DATA_TAG_BE = b"\x7f\xe0\x00\x10"
 
-# Compressed transfer syntaxes are refused at negotiation: the node never
-# accepts an instance it cannot decode later.
 UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
+# What PACS and routers hold CT in. Each is stored as received and decoded
+# by the worker (pydicom with the pylibjpeg plugins), never on an
+# association thread. Nothing else is accepted: the node never takes an
+# instance it cannot decode later.
+COMPRESSED = [
+    JPEGLosslessSV1, JPEGLossless, JPEGLSLossless, JPEG2000Lossless, RLELossless,
+    DeflatedExplicitVRLittleEndian, JPEGLSNearLossless, JPEG2000, JPEGExtended12Bit,
+    JPEGBaseline8Bit,
+]
+# pynetdicom's acceptor takes the first of its own syntaxes the requestor
+# offers in a context, so this order is the node's preference: uncompressed
+# first, then lossless, then lossy.
+CT_SYNTAXES = UNCOMPRESSED + COMPRESSED
+# A deflated data set is inflated for the header checks up to this size (a
+# 4096 x 4096 CT slice and its header fit); more is refused, not allocated.
+MAX_INFLATED_BYTES = 64 * 1024 * 1024
 # Objects a CT simulator sends alongside the images. They are acknowledged so
 # the scanner's send job completes, logged, and not stored.
 IGNORED_SOP_CLASSES: dict[str, str] = {uid: uid.name for uid in (
@@ -67,6 +92,7 @@ class ParsedInstance:
     pixel_bytes: int | None
     declared_bytes: int | None = None
     encapsulated: bool = False
+    compressed_syntax: bool = False
 
 
 def parse_instance(stream: bytes, transfer_syntax: UID) -> ParsedInstance:
@@ -77,6 +103,8 @@ def parse_instance(stream: bytes, transfer_syntax: UID) -> ParsedInstance:
     neither copied nor decoded on the association thread; its length is read
     from the encoding.
     """
+    if transfer_syntax.is_deflated:
+        stream = inflate(stream)
     fp = io.BytesIO(stream)
     # Every top-level element is read (as raw bytes, converted only when
     # used) so that every UID can be checked.
@@ -97,7 +125,17 @@ def parse_instance(stream: bytes, transfer_syntax: UID) -> ParsedInstance:
             encapsulated, declared = True, None
         else:
             pixel_bytes = min(declared, max(len(stream) - value_at, 0))
-    return ParsedInstance(header, pixel_bytes, declared, encapsulated)
+    compressed = transfer_syntax.is_compressed and not transfer_syntax.is_deflated
+    return ParsedInstance(header, pixel_bytes, declared, encapsulated, compressed)
+
+
+def inflate(stream: bytes) -> bytes:
+    """The data set of a Deflated Explicit VR Little Endian stream (PS3.5 A.5)."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    data = inflater.decompress(stream, MAX_INFLATED_BYTES)
+    if inflater.unconsumed_tail:
+        raise ValueError(f"deflated data set inflates beyond {MAX_INFLATED_BYTES} bytes")
+    return data
 
 
 def _at_pixel_data(tag: Any, vr: Any, length: int) -> bool:

@@ -26,7 +26,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from oncoseg_node.config import NodeConfig
 from oncoseg_node.intake.handlers import StoreHandlers
-from oncoseg_node.intake.headers import IGNORED_SOP_CLASSES, UNCOMPRESSED
+from oncoseg_node.intake.headers import CT_SYNTAXES, IGNORED_SOP_CLASSES, UNCOMPRESSED
 from oncoseg_node.intake.wire import BoundedSocket, PeerCounter, WireLimits
 
 log = structlog.get_logger("oncoseg_node.receiver")
@@ -156,7 +156,7 @@ class NodeAE(AE):
 def build_ae(node: NodeConfig, extra: Sequence[ExtraService] = ()) -> AE:
     """The acceptor AE with its presentation contexts and association limits."""
     ae = NodeAE(ae_title=node.ae_title)
-    ae.add_supported_context(CTImageStorage, UNCOMPRESSED)
+    ae.add_supported_context(CTImageStorage, CT_SYNTAXES)
     for sop_class in IGNORED_SOP_CLASSES:
         ae.add_supported_context(sop_class, UNCOMPRESSED)
     ae.add_supported_context(Verification)

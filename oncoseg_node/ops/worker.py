@@ -32,6 +32,7 @@ from oncoseg_node.errors import (
     EngineError,
     GeometryError,
     OncosegError,
+    PixelDecodeError,
     RTStructError,
     SeriesLoadError,
 )
@@ -214,6 +215,9 @@ class Worker:
         except RTStructError as exc:
             self.ledger.update_job(job.id, state=JobState.HELD,
                                    reason=f"structure set check: {exc}")
+            bound.error("job_held", reason=str(exc))
+        except PixelDecodeError as exc:
+            self.ledger.update_job(job.id, state=JobState.HELD, reason=f"pixel data: {exc}")
             bound.error("job_held", reason=str(exc))
         except SeriesLoadError as exc:
             self.ledger.update_job(job.id, state=JobState.FAILED, reason=f"series: {exc}")
