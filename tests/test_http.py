@@ -138,10 +138,15 @@ def test_jobs_page_escapes_everything_from_dicom_and_the_ledger(node):
     job_id = node.add_job(patient_name=f"Evil^{HOSTILE}", structure=f"Lung{HOSTILE}",
                           flags=(f"volume {HOSTILE}",))
     status, headers, body = get(node.server.port, "/jobs")
-    page = body.decode()
+    listing = body.decode()
     assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
     assert "script-src" not in headers["Content-Security-Policy"]  # default-src 'none'
-    assert "<script" not in page.lower()
+    assert "<script" not in listing.lower()
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in listing
+    status, headers, body = get(node.server.port, f"/jobs/{job_id}")
+    page = body.decode()
+    assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
+    assert "<script" not in page.lower()  # no structure set yet: no viewer, no script
     assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page
     assert "CT&quot;SIM&lt;" in page  # the calling AE title
     assert f'src="/jobs/{job_id}/qa.png"' in page
@@ -151,12 +156,14 @@ def test_jobs_page_escapes_everything_from_dicom_and_the_ledger(node):
 
 
 def test_jobs_page_names_the_patient_and_shows_the_flags(node):
-    node.add_job(flags=("volume 12.0 cc outside expected 40-200 cc",))
-    page = get(node.server.port, "/jobs")[2].decode()
+    job_id = node.add_job(flags=("volume 12.0 cc outside expected 40-200 cc",))
+    listing = get(node.server.port, "/jobs")[2].decode()
+    assert "Doe, Jane" in listing and "tps: pending, 0 attempts so far" in listing
+    page = get(node.server.port, f"/jobs/{job_id}")[2].decode()
     assert "Doe, Jane" in page
     assert "volume 12.0 cc outside expected 40-200 cc" in page
     assert "1234.5" in page and "0.91" in page
-    assert "tps: pending after 0 attempt(s)" in page
+    assert "tps: pending, 0 attempts so far" in page
 
 
 def test_qa_png_is_served_and_missing_ones_are_404(node):
@@ -167,7 +174,8 @@ def test_qa_png_is_served_and_missing_ones_are_404(node):
     assert (image == [0, 255, 0]).all(axis=2).any()
     other = node.add_job(snapshot=False)
     assert get(node.server.port, f"/jobs/{other}/qa.png")[0] == 404
-    assert f'src="/jobs/{other}/qa.png"' not in get(node.server.port, "/jobs")[2].decode()
+    assert f'src="/jobs/{job_id}/qa.png"' in get(node.server.port, f"/jobs/{job_id}")[2].decode()
+    assert f'src="/jobs/{other}/qa.png"' not in get(node.server.port, f"/jobs/{other}")[2].decode()
     assert get(node.server.port, "/jobs/999/qa.png")[0] == 404
 
 

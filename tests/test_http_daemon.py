@@ -91,8 +91,9 @@ def contoured_node(tmp_path_factory):
             (job,) = wait_until(lambda: [j for j in daemon.status() if j["state"] == JobState.SENT],
                                 180, f"the job sent\n{daemon.log()}")
             served = {path: get(http_port, path) for path in
-                      ("/healthz", "/metrics", "/jobs", f"/jobs/{job['job']}/qa.png")}
-            image = screenshot(f"http://127.0.0.1:{http_port}/jobs", tmp)
+                      ("/healthz", "/metrics", "/jobs", f"/jobs/{job['job']}",
+                       f"/jobs/{job['job']}/qa.png")}
+            image = screenshot(f"http://127.0.0.1:{http_port}/jobs/{job['job']}", tmp)
             shutil.copy(tmp / "screenshot.png", tmp / "jobs-page.png")
         finally:
             assert daemon.stop() == 0, daemon.log()
@@ -140,7 +141,10 @@ def test_jobs_page_lists_the_job_with_its_snapshot(contoured_node):
     status, body = contoured_node["served"]["/jobs"]
     page = body.decode()
     assert status == 200
-    assert job["series_uid"] in page and f'src="/jobs/{job["job"]}/qa.png"' in page
+    assert job["series_uid"] in page and f'<a href="/jobs/{job["job"]}">' in page
+    status, body = contoured_node["served"][f"/jobs/{job['job']}"]
+    page = body.decode()
+    assert status == 200 and f'src="/jobs/{job["job"]}/qa.png"' in page
     for name in structure_colors(contoured_node):
         assert f"<td>{name}</td>" in page
     assert "<td>Heart</td>" in page and "not found" in page

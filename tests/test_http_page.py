@@ -103,7 +103,7 @@ def served_job(tmp_path):
 
 
 def test_jobs_page_shows_the_contours_in_their_colours(served_job, tmp_path):
-    image = screenshot(f"http://127.0.0.1:{served_job}/jobs", tmp_path)
+    image = screenshot(f"http://127.0.0.1:{served_job}/jobs/1", tmp_path)
     assert image.shape == (WINDOW[1], WINDOW[0], 3)
     boxes = {}
     for name, color in STRUCTURES.items():

@@ -47,12 +47,16 @@ class Job:
     started_at: float | None
     finished_at: float | None
     not_before: float | None  # a deferred job is not claimed before this time
+    stage_seconds: dict[str, float] | None = None  # load, segment, write: seconds each
+    override_finding: str | None = None  # the geometry finding an operator released it despite
 
 
 def job_from_row(row: sqlite3.Row) -> Job:
     data = dict(row)
     data["state"] = JobState(data["state"])
     data["results"] = json.loads(data["results"]) if data["results"] else None
+    data["stage_seconds"] = (json.loads(data["stage_seconds"]) if data.get("stage_seconds")
+                             else None)
     return Job(**data)
 
 
@@ -66,6 +70,8 @@ _UPDATABLE = {
     "rtstruct_uid": "rtstruct_uid = ?",
     "results": "results = ?",
     "finished_at": "finished_at = ?",
+    "stage_seconds": "stage_seconds = ?",
+    "override_finding": "override_finding = ?",
 }
 
 
@@ -198,8 +204,9 @@ class JobRecords(LedgerPart):
         unknown = sorted(set(fields) - set(_UPDATABLE))
         if unknown:
             raise LedgerError(f"job columns {unknown} cannot be updated")
-        if fields.get("results") is not None:
-            fields["results"] = json.dumps(fields["results"])
+        for name in ("results", "stage_seconds"):
+            if fields.get(name) is not None:
+                fields[name] = json.dumps(fields[name])
         now = self.clock()
         with self.connection.transaction() as db:
             if state is not None:

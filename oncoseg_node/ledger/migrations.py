@@ -97,6 +97,13 @@ MIGRATIONS: tuple[Migration, ...] = (
     # A job that failed in a way a later attempt can pass waits until then,
     # so the series behind it are not blocked (see JobRecords.defer_job).
     Migration(2, "jobs.not_before", ("ALTER TABLE jobs ADD COLUMN not_before REAL",)),
+    # Seconds per stage (load, segment, write) as JSON, for the jobs page and
+    # status: a physicist asks where a slow series spent its time. The gate's
+    # finding an operator overrode, kept apart from ``reason`` (which later
+    # states overwrite) so a released job shows what was accepted.
+    Migration(3, "jobs.stage_seconds and jobs.override_finding",
+              ("ALTER TABLE jobs ADD COLUMN stage_seconds TEXT",
+               "ALTER TABLE jobs ADD COLUMN override_finding TEXT")),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

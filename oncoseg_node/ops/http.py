@@ -7,9 +7,11 @@ Routes (GET only):
   protocols file, free disk), 503 otherwise; a JSON body names each check
   and says why a failing one fails.
 - ``/metrics``: Prometheus text format (see :mod:`oncoseg_node.ops.metrics`).
-- ``/jobs``: recent jobs, each with its QA snapshot (contours over three
-  planes) and every structure's volume, score and sanity flags.
-- ``/jobs/<id>/qa.png``: the snapshot itself.
+- ``/jobs``: recent jobs as one table (see :mod:`oncoseg_node.ops.jobs_page`).
+- ``/jobs/<id>``: one job: slice viewer, structures, gate findings, downloads.
+- ``/jobs/<id>/view/<plane>/<index>.png?window=W&show=i,j``: one viewer slice.
+- ``/jobs/<id>/qa.png``: the QA snapshot; ``/jobs/<id>/rtstruct.dcm``: the
+  structure set as sent.
 
 Standard library ``http.server`` in its own thread: a handful of local
 requests per minute need no framework. It binds to ``http.host`` (localhost
@@ -20,14 +22,11 @@ Security Policy that forbids scripts, so an escaping slip cannot run code.
 
 from __future__ import annotations
 
-import html
 import json
 import re
 import socket
 import threading
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -38,29 +37,27 @@ import pydicom
 import structlog
 
 from oncoseg_node.config import HttpConfig
+from oncoseg_node.contouring.pipeline import load_ct_series
 from oncoseg_node.intake.spool import Spool
-from oncoseg_node.ledger import Delivery, Job, Ledger
+from oncoseg_node.ledger import Job, Ledger
+from oncoseg_node.ops.jobs_page import JobView, render_job_page, render_jobs_page
 from oncoseg_node.ops.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from oncoseg_node.ops.qa import qa_relpath
+from oncoseg_node.ops.viewer import JobViewer, ViewerCache
+from oncoseg_node.ops.viewer_script import JOB_PAGE_CSP
+from oncoseg_node.rtstruct.reader import rasterize_rtstruct, read_structure_set
 
 log = structlog.get_logger("oncoseg_node.ops.http")
 
 QA_ROUTE = re.compile(r"^/jobs/(\d{1,18})/qa\.png$")
+JOB_ROUTE = re.compile(r"^/jobs/(\d{1,18})/?$")
+RTSTRUCT_ROUTE = re.compile(r"^/jobs/(\d{1,18})/rtstruct\.dcm$")
+VIEW_ROUTE = re.compile(r"^/jobs/(\d{1,18})/view/(axial|coronal|sagittal)/(\d{1,5})\.png$")
 DEFAULT_JOBS = 50
 MAX_JOBS = 500
 PAGE_CSP = "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'"
 # What the page shows about the patient, read from the series' first stored instance.
 PATIENT_TAGS = ["PatientName", "PatientID", "StudyDate", "SeriesDescription", "Modality"]
-
-
-@dataclass(frozen=True)
-class JobView:
-    """One job as the page shows it."""
-
-    job: Job
-    deliveries: Sequence[Delivery] = ()
-    patient: dict[str, str] = field(default_factory=dict)
-    has_snapshot: bool = False
 
 
 class StatusSite:
@@ -77,6 +74,7 @@ class StatusSite:
         self.health_detail = health_detail
         self.metrics = metrics
         self.title = title
+        self.viewers = ViewerCache(self._load_viewer)
 
     def healthz(self) -> tuple[int, dict[str, Any]]:
         try:
@@ -105,6 +103,54 @@ class StatusSite:
         except FileNotFoundError:
             return None
 
+    def _rtstruct_path(self, job: Job) -> Path | None:
+        # the relpath was made by the worker from the job's integers, never from DICOM
+        return self.state_dir / job.rtstruct_relpath if job.rtstruct_relpath else None
+
+    def rtstruct(self, job_id: int) -> tuple[bytes, str] | None:
+        """The job's structure set file and its download name, or None."""
+        job = self.ledger.job(job_id)
+        path = self._rtstruct_path(job) if job else None
+        if job is None or path is None or not path.is_file():
+            return None
+        uid = re.sub(r"[^0-9.]", "", str(job.rtstruct_uid or job.id))
+        return path.read_bytes(), f"RS.{uid}.dcm"
+
+    def _load_viewer(self, job_id: int) -> JobViewer | None:
+        """The job's CT from the spool and its structure set from the outbox, rasterised."""
+        job = self.ledger.job(job_id)
+        path = self._rtstruct_path(job) if job else None
+        if job is None or path is None or not path.is_file():
+            return None
+        paths = [self.spool.path(p) for p in self.ledger.series_instances(job.series_uid)]
+        if not paths or not all(p.is_file() for p in paths):
+            return None  # purged by retention
+        # the gate already ruled on this series; here it is only displayed
+        volume, _ = load_ct_series(paths, override_geometry=True)
+        ds = read_structure_set(path)
+        masks = rasterize_rtstruct(ds, volume)
+        colors = {int(r.ReferencedROINumber): tuple(int(c) for c in r.ROIDisplayColor)
+                  for r in ds.ROIContourSequence if "ROIDisplayColor" in r}
+        numbers = {str(item.ROIName): int(item.ROINumber) for item in ds.StructureSetROISequence}
+        structures = [(name, colors.get(numbers.get(name, -1), (255, 255, 255)), mask)
+                      for name, mask in masks.items()]
+        return JobViewer(volume, structures)  # type: ignore[arg-type]
+
+    def view_png(self, job_id: int, plane: str, index: int, query: str) -> bytes | None:
+        """One viewer slice; ValueError for a bad window, structure list or index."""
+        viewer = self.viewers.get(job_id)
+        if viewer is None:
+            return None
+        params = parse_qs(query)
+        window = (params.get("window") or ["soft"])[0]
+        show = (params.get("show") or [""])[0]
+        visible = None
+        if show == "none":
+            visible = []
+        elif show:
+            visible = [int(v) for v in show.split(",") if v.isdigit()]
+        return viewer.png(plane, index, window, visible)
+
     def _patient(self, series_uid: str) -> dict[str, str]:
         relpaths = self.ledger.series_instances(series_uid)
         if not relpaths:
@@ -116,144 +162,27 @@ class StatusSite:
             return {}
         return {tag: str(ds.get(tag, "") or "") for tag in PATIENT_TAGS}
 
+    def _view(self, job: Job) -> JobView:
+        return JobView(job=job, deliveries=self.ledger.deliveries(job_id=job.id),
+                       patient=self._patient(job.series_uid),
+                       has_snapshot=self.snapshot_path(job).is_file())
+
     def job_views(self, limit: int) -> list[JobView]:
-        views = []
-        for job in self.ledger.jobs(limit=limit):
-            views.append(JobView(job=job, deliveries=self.ledger.deliveries(job_id=job.id),
-                                 patient=self._patient(job.series_uid),
-                                 has_snapshot=self.snapshot_path(job).is_file()))
-        return views
+        return [self._view(job) for job in self.ledger.jobs(limit=limit)]
 
     def jobs_page(self, limit: int = DEFAULT_JOBS) -> str:
         return render_jobs_page(self.job_views(limit), title=self.title)
 
-
-# -- the page -----------------------------------------------------------------
-
-STYLE = """
-body { font: 14px/1.4 system-ui, sans-serif; margin: 16px; color: #1b1b1b; background: #f4f4f2; }
-h1 { font-size: 20px; margin: 0 0 4px; }
-.note { color: #6b3b00; margin: 0 0 16px; }
-section.job { background: #fff; border: 1px solid #ccc; border-radius: 6px; padding: 12px;
-  margin: 0 0 16px; }
-section.job h2 { font-size: 16px; margin: 0 0 6px; }
-.state { display: inline-block; padding: 1px 8px; border-radius: 9px; font-size: 12px;
-  background: #ddd; margin-left: 6px; vertical-align: 1px; }
-.state-sent { background: #cfe9cf; } .state-delivering, .state-running, .state-queued {
-  background: #d7e3f4; }
-.state-held, .state-failed, .state-quarantined { background: #f6d3c9; }
-dl { display: grid; grid-template-columns: max-content auto; gap: 2px 12px; margin: 0 0 8px; }
-dt { color: #555; } dd { margin: 0; word-break: break-all; }
-img.qa { display: block; margin: 8px 0; max-width: 100%; height: auto;
-  image-rendering: pixelated; }
-table { border-collapse: collapse; }
-th, td { text-align: left; padding: 3px 10px 3px 0; border-bottom: 1px solid #eee; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-tr.flagged td { background: #fff1cc; }
-.swatch { display: inline-block; width: 12px; height: 12px; border: 1px solid #555;
-  vertical-align: -1px; }
-.flag { color: #8a3b00; } .absent { color: #777; font-style: italic; }
-ul.deliveries { margin: 6px 0 0; padding-left: 18px; }
-"""
-
-
-def _e(value: Any) -> str:
-    """Escape any value for HTML text or a quoted attribute."""
-    return html.escape("" if value is None else str(value), quote=True)
-
-
-def _when(timestamp: float | None) -> str:
-    if timestamp is None:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
-
-
-def _color_css(color: Any) -> str | None:
-    """``rgb(r, g, b)`` for a stored colour, or None unless it is three ints in 0..255."""
-    if (isinstance(color, (list, tuple)) and len(color) == 3
-            and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255
-                    for c in color)):
-        return f"rgb({color[0]}, {color[1]}, {color[2]})"
-    return None
-
-
-def _state_class(state: str) -> str:
-    return "state state-" + re.sub(r"[^a-z]", "", state.lower())
-
-
-def _structure_rows(results: Sequence[dict[str, Any]]) -> str:
-    rows = []
-    for row in results:
-        css = _color_css(row.get("color"))
-        swatch = f'<span class="swatch" style="background: {css}"></span>' if css else ""
-        flags = [str(f) for f in row.get("flags") or []]
-        if row.get("absent"):
-            volume = '<span class="absent">not found</span>'
-        elif isinstance(row.get("volume_cc"), (int, float)):
-            volume = f"{row['volume_cc']:.1f}"
-        else:
-            volume = "-"
-        score = f"{row['score']:.2f}" if isinstance(row.get("score"), (int, float)) else "-"
-        notes = [f'<span class="flag">{_e(f)}</span>' for f in flags]
-        if row.get("note"):
-            notes.append(f'<span class="absent">{_e(row["note"])}</span>')
-        rows.append(
-            f'<tr class="{"flagged" if flags else ""}"><td>{swatch}</td>'
-            f'<td>{_e(row.get("name"))}</td><td class="num">{volume}</td>'
-            f'<td class="num">{score}</td><td>{"<br>".join(notes) or "-"}</td></tr>')
-    return ("<table><tr><th></th><th>Structure</th><th>Volume (cc)</th><th>Score</th>"
-            "<th>Sanity flags</th></tr>" + "".join(rows) + "</table>")
-
-
-def _job_section(view: JobView) -> str:
-    job, patient = view.job, view.patient
-    name = patient.get("PatientName", "").replace("^", ", ", 1).replace("^", " ")
-    facts = [
-        ("Patient", f"{name} ({patient['PatientID']})" if patient.get("PatientID") else name),
-        ("Series", patient.get("SeriesDescription")),
-        ("Study date", patient.get("StudyDate")),
-        ("Series UID", job.series_uid),
-        ("Calling AE", job.calling_ae),
-        ("Protocol", f"{job.protocol} ({job.protocol_version})" if job.protocol else None),
-        ("Series complete", _when(job.created_at)),
-        ("Finished", _when(job.finished_at)),
-        ("Attempts", job.attempts),
-        ("Reason", job.reason),
-    ]
-    dl = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in facts if v not in (None, ""))
-    parts = [
-        f'<section class="job" id="job-{job.id}">',
-        f'<h2>Job {job.id} &middot; version {job.version}'
-        f'<span class="{_state_class(job.state)}">{_e(job.state)}</span></h2>',
-        f"<dl>{dl}</dl>",
-    ]
-    if view.has_snapshot:
-        parts.append(f'<img class="qa" src="/jobs/{job.id}/qa.png" alt="QA snapshot of job '
-                     f'{job.id}: axial, coronal and sagittal planes with the contours">')
-    if job.results:
-        parts.append(_structure_rows(job.results))
-    if view.deliveries:
-        items = []
-        for d in view.deliveries:
-            extra = f" &mdash; {_e(d.reason)}" if d.reason else ""
-            items.append(f"<li>{_e(d.destination)}: {_e(d.state)} after {d.attempts} "
-                         f"attempt(s){extra}</li>")
-        parts.append(f'<ul class="deliveries">{"".join(items)}</ul>')
-    parts.append("</section>")
-    return "\n".join(parts)
-
-
-def render_jobs_page(views: Sequence[JobView], *, title: str = "oncoseg-node") -> str:
-    """The ``/jobs`` page; every value that came from DICOM or the ledger is escaped."""
-    body = "\n".join(_job_section(v) for v in views) or "<p>No jobs yet.</p>"
-    return (
-        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-        '<meta http-equiv="refresh" content="30">'
-        f"<title>{_e(title)}: recent jobs</title><style>{STYLE}</style></head><body>"
-        f"<h1>{_e(title)}: recent jobs</h1>"
-        '<p class="note">Automatic drafts: every contour must be reviewed and approved in the '
-        f"planning system. Page generated {_e(_when(time.time()))}.</p>\n{body}\n</body></html>\n"
-    )
+    def job_page(self, job_id: int) -> str | None:
+        job = self.ledger.job(job_id)
+        if job is None:
+            return None
+        try:
+            viewer = self.viewers.get(job_id)
+        except Exception:  # the page still shows the job when its files cannot be read
+            log.exception("viewer_load_failed", job_id=job_id)
+            viewer = None
+        return render_job_page(self._view(job), viewer, title=self.title)
 
 
 # -- the server ---------------------------------------------------------------
@@ -276,10 +205,35 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(HTTPStatus.OK, "text/html; charset=utf-8",
                            site.jobs_page(_limit(url.query)).encode(),
                            {"Content-Security-Policy": PAGE_CSP})
+            elif match := JOB_ROUTE.match(url.path):
+                page = site.job_page(int(match.group(1)))
+                if page is None:
+                    self._send(HTTPStatus.NOT_FOUND, "text/plain", b"no such job\n")
+                else:
+                    self._send(HTTPStatus.OK, "text/html; charset=utf-8", page.encode(),
+                               {"Content-Security-Policy": JOB_PAGE_CSP})
             elif match := QA_ROUTE.match(url.path):
                 png = site.qa_png(int(match.group(1)))
                 if png is None:
                     self._send(HTTPStatus.NOT_FOUND, "text/plain", b"no snapshot for this job\n")
+                else:
+                    self._send(HTTPStatus.OK, "image/png", png)
+            elif match := RTSTRUCT_ROUTE.match(url.path):
+                found = site.rtstruct(int(match.group(1)))
+                if found is None:
+                    self._send(HTTPStatus.NOT_FOUND, "text/plain", b"no structure set\n")
+                else:
+                    self._send(HTTPStatus.OK, "application/dicom", found[0],
+                               {"Content-Disposition": f'attachment; filename="{found[1]}"'})
+            elif match := VIEW_ROUTE.match(url.path):
+                job_id, plane, index = int(match.group(1)), match.group(2), int(match.group(3))
+                try:
+                    png = site.view_png(job_id, plane, index, url.query)
+                except ValueError as exc:
+                    self._send(HTTPStatus.BAD_REQUEST, "text/plain", f"{exc}\n".encode())
+                    return
+                if png is None:
+                    self._send(HTTPStatus.NOT_FOUND, "text/plain", b"no slices for this job\n")
                 else:
                     self._send(HTTPStatus.OK, "image/png", png)
             elif url.path == "/":

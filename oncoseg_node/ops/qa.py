@@ -103,6 +103,9 @@ class _Canonical:
     hu: np.ndarray
     masks: list[np.ndarray]
     coords: tuple[np.ndarray, np.ndarray, np.ndarray]
+    # for each canonical axial index, the slice of the series it shows (None
+    # when the series was not acquired axially)
+    slice_of_z: np.ndarray | None = None
 
 
 def _canonical(volume: Volume, masks: Sequence[np.ndarray]) -> _Canonical:
@@ -133,8 +136,11 @@ def _canonical(volume: Volume, masks: Sequence[np.ndarray]) -> _Canonical:
     for a, flip in zip(order, flips, strict=True):
         c = array_coords[a]
         coords.append((c[-1] - c[::-1]) if flip else c)
+    slice_of_z = None
+    if order[0] == 0:
+        slice_of_z = np.arange(volume.shape[0])[::-1] if flips[0] else np.arange(volume.shape[0])
     return _Canonical(reorient(volume.hu), [reorient(m) for m in masks],
-                      (coords[0], coords[1], coords[2]))
+                      (coords[0], coords[1], coords[2]), slice_of_z)
 
 
 def _nearest(coords: np.ndarray, positions: np.ndarray) -> np.ndarray:

@@ -157,6 +157,7 @@ class Worker:
                 override_geometry=bool(job.override_geometry))
             if report.overridden:
                 bound.warning("geometry_gate_overridden", finding=report.overridden, audit=True)
+                self.ledger.update_job(job.id, override_finding=report.overridden)
             protocols = self.protocols()
             protocol = protocols.match(volume.header, job.calling_ae)
             if protocol is None:
@@ -198,7 +199,10 @@ class Worker:
             self._write_snapshot(job, contoured, bound)
             colors = {s.name: list(s.color) for s in protocol.structures}
             results = [{**row, "color": colors.get(row["name"])} for row in contoured.summary()]
-            self.ledger.update_job(job.id, results=results,
+            stages = {"load": round(segment_started - started, 2),
+                      "segment": round(write_started - segment_started, 2),
+                      "write": round(time.monotonic() - write_started, 2)}
+            self.ledger.update_job(job.id, results=results, stage_seconds=stages,
                                    rtstruct_uid=first_uid, rtstruct_relpath=first_path)
             self.ledger.start_deliveries(job.id, targets)
             self.deliveries_started()
@@ -206,9 +210,8 @@ class Worker:
                        structures=len(contoured.results),
                        absent=[r.name for r in contoured.results if r.absent],
                        seconds=round(time.monotonic() - started, 2),
-                       load_s=round(segment_started - started, 2),
-                       segment_s=round(write_started - segment_started, 2),
-                       write_s=round(time.monotonic() - write_started, 2))
+                       load_s=stages["load"], segment_s=stages["segment"],
+                       write_s=stages["write"])
         except GeometryError as exc:
             self.ledger.update_job(job.id, state=JobState.HELD, reason=f"geometry: {exc}")
             bound.warning("job_held", reason=str(exc))
