@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -102,44 +101,13 @@ def _open_ledger(config: Config):  # noqa: ANN202 - Ledger imported lazily
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from oncoseg_node.ledger import DeliveryState
+    from oncoseg_node.intake.spool import Spool
+    from oncoseg_node.ops.status import job_rows, render_text
 
     config = load_config(args.config)
     ledger = _open_ledger(config)
-    jobs = ledger.jobs(limit=args.limit)
-    rows = []
-    for job in jobs:
-        deliveries = ledger.deliveries(job_id=job.id)
-        rows.append({
-            "job": job.id, "series_uid": job.series_uid, "version": job.version,
-            "state": job.state, "attempts": job.attempts, "reason": job.reason,
-            "protocol": job.protocol, "protocol_version": job.protocol_version,
-            "calling_ae": job.calling_ae, "rtstruct_uid": job.rtstruct_uid,
-            "created_at": job.created_at, "finished_at": job.finished_at,
-            "structures": job.results,
-            "deliveries": [
-                {"destination": d.destination, "state": d.state, "attempts": d.attempts,
-                 "status": d.last_status, "reason": d.reason,
-                 "next_attempt_at": d.next_attempt_at, "sop_instance_uid": d.sop_instance_uid}
-                for d in deliveries
-            ],
-        })
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    if not rows:
-        print("no jobs")
-    for row in rows:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["created_at"]))
-        print(f"job {row['job']:>5}  v{row['version']}  {row['state']:<11} {when}  "
-              f"{row['series_uid']}  {row['protocol'] or '-'}")
-        if row["reason"]:
-            print(f"           reason: {row['reason']}")
-        for d in row["deliveries"]:
-            delivered = d["state"] == DeliveryState.DELIVERED
-            extra = f" ({d['reason']})" if d["reason"] and not delivered else ""
-            print(f"           -> {d['destination']}: {d['state']} after {d['attempts']} "
-                  f"attempt(s){extra}")
+    rows = job_rows(ledger, Spool(config.spool_dir), args.limit)
+    print(json.dumps(rows, indent=2) if args.json else render_text(rows))
     return 0
 
 

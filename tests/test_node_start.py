@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import datetime
 
 from oncoseg_node.cli import EXIT_START_FAILED
 from tests.conftest import write_config
@@ -134,7 +135,8 @@ def test_retry_during_a_15_minute_backoff_delivers_within_5_s(tmp_path):
                      and j["deliveries"][0]["attempts"] == 1], 120,
             f"a failed first attempt\n{node.log()}")
         assert job["deliveries"][0]["state"] == "pending"
-        assert job["deliveries"][0]["next_attempt_at"] > time.time() + 800
+        next_attempt = datetime.fromisoformat(job["deliveries"][0]["next_attempt_at"])
+        assert next_attempt.timestamp() > time.time() + 800
         time.sleep(2.5)  # reconcile passes: the 15-minute timer is set
         with storescp(tps, port=tps_port):
             retry = node.cli("retry", str(job["job"]))

@@ -8,6 +8,7 @@ version-2 structure set.
 from __future__ import annotations
 
 import copy
+from datetime import datetime
 
 import pydicom
 from pydicom.uid import generate_uid
@@ -57,7 +58,21 @@ def test_second_version_names_its_predecessor_and_passes_dciodvfy(tmp_path):
         finally:
             assert daemon.stop() == 0, daemon.log()
     first, second = _received(tps)
-    jobs = {job["version"]: job["job"] for job in daemon.status()}
+    status = daemon.status()
+    jobs = {job["version"]: job["job"] for job in status}
+    for job in status:  # what a physicist reads in `status --json`
+        assert job["patient_id"] == "PHANTOM001" and job["patient_name"] == "Phantom^Synthetic"
+        assert job["series_description"] == "Phantom thorax HFS" and job["protocol"] == "thorax"
+        assert datetime.fromisoformat(job["created_at"]).tzinfo is not None
+        assert datetime.fromisoformat(job["finished_at"]) >= \
+            datetime.fromisoformat(job["created_at"])
+        assert set(job["stage_seconds"]) == {"load", "segment", "write"}
+        (delivery,) = job["deliveries"]
+        assert delivery["state"] == "delivered" and delivery["next_attempt_at"] is None
+        datetime.fromisoformat(delivery["delivered_at"])
+    text = daemon.cli("status").stdout
+    assert "patient Phantom^Synthetic (PHANTOM001); series 'Phantom thorax HFS'" in text
+    assert "tps: delivered after 1 attempt" in text and "stages: load" in text
     assert str(first.StructureSetLabel) == f"AUTO J{jobs[1]} V1"
     assert str(second.StructureSetLabel) == f"AUTO J{jobs[2]} V2"
     assert "PredecessorStructureSetSequence" not in first

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import pydicom
 import structlog
 
 from oncoseg_node.config import HttpConfig
@@ -43,6 +42,7 @@ from oncoseg_node.ledger import Job, Ledger
 from oncoseg_node.ops.jobs_page import JobView, render_job_page, render_jobs_page
 from oncoseg_node.ops.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from oncoseg_node.ops.qa import qa_relpath
+from oncoseg_node.ops.status import series_header
 from oncoseg_node.ops.viewer import JobViewer, ViewerCache
 from oncoseg_node.ops.viewer_script import JOB_PAGE_CSP
 from oncoseg_node.rtstruct.reader import rasterize_rtstruct, read_structure_set
@@ -56,8 +56,6 @@ VIEW_ROUTE = re.compile(r"^/jobs/(\d{1,18})/view/(axial|coronal|sagittal)/(\d{1,
 DEFAULT_JOBS = 50
 MAX_JOBS = 500
 PAGE_CSP = "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'"
-# What the page shows about the patient, read from the series' first stored instance.
-PATIENT_TAGS = ["PatientName", "PatientID", "StudyDate", "SeriesDescription", "Modality"]
 
 
 class StatusSite:
@@ -152,15 +150,7 @@ class StatusSite:
         return viewer.png(plane, index, window, visible)
 
     def _patient(self, series_uid: str) -> dict[str, str]:
-        relpaths = self.ledger.series_instances(series_uid)
-        if not relpaths:
-            return {}  # purged by retention, or never stored
-        try:
-            ds = pydicom.dcmread(self.spool.path(relpaths[0]), stop_before_pixels=True,
-                                 specific_tags=PATIENT_TAGS)
-        except Exception:  # a page must render even if one file is unreadable
-            return {}
-        return {tag: str(ds.get(tag, "") or "") for tag in PATIENT_TAGS}
+        return series_header(self.ledger, self.spool, series_uid)
 
     def _view(self, job: Job) -> JobView:
         return JobView(job=job, deliveries=self.ledger.deliveries(job_id=job.id),
