@@ -89,7 +89,7 @@ def compress(source: Path, target: Path, syntax: str) -> None:
     maker = MAKERS[syntax]
     if maker is None:
         ds = pydicom.dcmread(source)
-        ds.compress(syntax, encoding_plugin="pylibjpeg",
+        ds.compress(syntax, encoding_plugin="pylibjpeg", generate_instance_uid=False,
                     **({"j2k_psnr": [80]} if syntax == JPEG2000 else {}))
         ds.save_as(target, enforce_file_format=True)
     else:
