@@ -247,3 +247,23 @@ def test_schema_2_ledger_gains_stage_times_and_the_override_finding(tmp_path):
     assert again is not None and again.stage_seconds == {"load": 1.0}
     assert again.override_finding == "gap"
     ledger.close()
+
+
+def test_structure_names_from_dicom_cannot_end_the_viewer_data(tmp_path):
+    from oncoseg_node.ops.jobs_page import JobView, render_job_page
+    from oncoseg_node.ops.viewer import JobViewer
+    from tests.test_http import HOSTILE, tiny_volume
+
+    volume, overlays = tiny_volume()
+    name = f"</script><!--<script>{HOSTILE}"
+    viewer = JobViewer(volume, [(name, (0, 255, 0), overlays[0].mask)])
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    ledger.record_instance(sop_instance_uid="1.2.3.1", series_uid="1.2.3", study_uid="1.2",
+                           sop_class_uid="1.2.840.10008.5.1.4.1.1.2", relpath="objects/x.dcm",
+                           sha256="0" * 64, size=1, calling_ae="CTSIM")
+    job = ledger.job(ledger.close_series("1.2.3"))
+    page = render_job_page(JobView(job=job), viewer)
+    ledger.close()
+    # exactly our two script elements: the data block and the viewer
+    assert page.lower().count("<script") == 2 and page.lower().count("</script") == 2
+    assert "\\u003c/script>\\u003c!--" in page

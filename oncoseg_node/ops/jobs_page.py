@@ -182,8 +182,9 @@ def _viewer(job: Job, viewer: JobViewer) -> str:
     data = {"job": job.id, "counts": viewer.counts, "start": viewer.start, "window": "soft",
             "positions": {p: viewer.positions_mm(p) for p in viewer.counts},
             "structures": [s.name for s in viewer.structures]}
-    # "</" never appears in JSON we emit raw: escape it so no value can end the block
-    payload = json.dumps(data).replace("</", "<\\/")
+    # no "<" reaches the page raw, so no value (a structure name) can end or
+    # re-open the block; JSON reads "\u003c" back as "<"
+    payload = json.dumps(data).replace("<", "\\u003c")
     toggles = "".join(
         f'<label><input type="checkbox" class="structure" data-index="{i}" checked> '
         f'<span class="swatch" style="background: rgb{tuple(s.color)}"></span> {_e(s.name)}'
