@@ -73,13 +73,17 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def _print_protocol_warnings(config: Config, protocols: ProtocolSet,
                              only: str | None = None) -> None:
     """What a valid protocols file asks for that this node cannot do (``only``: one protocol)."""
+    from oncoseg_node.contouring.colors import color_warnings
     from oncoseg_node.contouring.engines.registry import contourable
     from oncoseg_node.contouring.protocol_checks import absence_warnings, match_warnings
 
     absent = absence_warnings(protocols, contourable(config.engine))
     if only is not None:
         absent = [line for line in absent if line.startswith(f"protocols.{only}:")]
-    for line in match_warnings(protocols) + absent:
+    colors = color_warnings(protocols)
+    if only is not None:
+        colors = [line for line in colors if line.startswith(f"protocols.{only}:")]
+    for line in match_warnings(protocols) + absent + colors:
         print(f"warning: {line}")
 
 

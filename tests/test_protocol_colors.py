@@ -33,3 +33,28 @@ def test_left_and_right_lungs_are_clearly_different():
 
 def test_bones_stand_out_on_bone():
     assert delta_e(PROTOCOLS.library["Bones"].color, BONE_DISPLAY) >= 50
+
+
+def test_check_config_warns_of_colours_that_look_alike(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import write_config
+
+    text = (Path(__file__).resolve().parents[1] / "config" / "protocols.yaml").read_text()
+    # a physicist's edit: the right lung back to the old blue, next to the left one
+    text = text.replace("Lung_R:        {color: [255, 128, 255]", "Lung_R:        {color: "
+                        "[0, 120, 250]")
+    protocols = tmp_path / "protocols.yaml"
+    protocols.write_text(text)
+    config = write_config(tmp_path, protocols=str(protocols))
+    proc = subprocess.run([sys.executable, "-m", "oncoseg_node.cli", "check-config", "--config",
+                           str(config)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert ("warning: protocols.thorax: Lung_L and Lung_R look alike on screen (colour "
+            "difference") in proc.stdout
+    (tmp_path / "shipped").mkdir()
+    shipped = subprocess.run([sys.executable, "-m", "oncoseg_node.cli", "check-config",
+                              "--config", str(write_config(tmp_path / "shipped"))],
+                             capture_output=True, text=True, timeout=120)
+    assert shipped.returncode == 0 and "look alike" not in shipped.stdout

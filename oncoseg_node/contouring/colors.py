@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from oncoseg_node.contouring.protocols import ProtocolSet
+
 # sRGB (D65) to CIE XYZ, and the D65 white point
 _RGB_TO_XYZ = np.array([[0.4124, 0.3576, 0.1805],
                         [0.2126, 0.7152, 0.0722],
@@ -46,3 +48,13 @@ def close_pairs(named: Sequence[tuple[str, Sequence[int]]],
         if d < threshold:
             out.append((name_a, name_b, round(d, 1)))
     return out
+
+
+def color_warnings(protocols: ProtocolSet) -> list[str]:
+    """One line per pair of structures in a protocol whose colours look alike."""
+    lines = []
+    for protocol in protocols.protocols:
+        for a, b, d in close_pairs([(s.name, s.color) for s in protocol.structures]):
+            lines.append(f"protocols.{protocol.name}: {a} and {b} look alike on screen (colour "
+                         f"difference {d} < {MIN_DISTINCT_DELTA_E:g}); give one another colour")
+    return lines
