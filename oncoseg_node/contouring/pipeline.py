@@ -19,7 +19,7 @@ from oncoseg_node.contouring.engines.registry import EngineSet
 from oncoseg_node.contouring.geometry import GeometryReport, check_series
 from oncoseg_node.contouring.protocols import Protocol
 from oncoseg_node.contouring.sanity import flag_results
-from oncoseg_node.contouring.volume import Volume, check_type1, read_ct_slices, volume_from_datasets
+from oncoseg_node.contouring.volume import Volume, check_type1, read_ct_slices, volume_from_files
 from oncoseg_node.errors import GeometryError, SeriesLoadError
 
 
@@ -55,7 +55,8 @@ def load_ct_series(paths: Sequence[Path], spacing_tolerance_mm: float = 0.1, *,
     ``override_geometry`` is an operator's release of a held series: the gate's
     findings are kept in the report but do not stop contouring.
     """
-    datasets = [ds for ds in read_ct_slices(paths)
+    # headers first: the series is chosen and gated before any pixel is decoded
+    datasets = [ds for ds in read_ct_slices(paths, pixels=False)
                 if str(ds.get("SOPClassUID", "")) == CTImageStorage]
     if not datasets:
         raise SeriesLoadError("no CT Image Storage instances found")
@@ -69,7 +70,7 @@ def load_ct_series(paths: Sequence[Path], spacing_tolerance_mm: float = 0.1, *,
         if not override_geometry:
             raise
         report = GeometryReport(len(datasets), 0.0, 0.0, False, overridden=str(exc))
-    return volume_from_datasets(datasets), report
+    return volume_from_files(datasets), report
 
 
 def contour(volume: Volume, report: GeometryReport, protocol: Protocol,

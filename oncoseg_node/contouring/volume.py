@@ -9,7 +9,7 @@ represented exactly rather than through one series matrix.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,19 +140,26 @@ def check_type1(datasets: Sequence[Dataset]) -> None:
         raise SeriesLoadError(f"empty Type 1 attribute(s): {named}")
 
 
-def read_ct_slices(paths: Sequence[Path]) -> list[Dataset]:
-    """Read CT image files; raises :class:`SeriesLoadError` naming a bad file."""
+def read_ct_slices(paths: Sequence[Path], *, pixels: bool = True) -> list[Dataset]:
+    """Read CT image files; raises :class:`SeriesLoadError` naming a bad file.
+
+    ``pixels=False`` reads each header only (up to PixelData), for deciding
+    on a series before any pixel is decoded; the dataset then remembers its
+    file in ``filename`` for :func:`volume_from_files`.
+    """
     datasets: list[Dataset] = []
     for path in paths:
         try:
-            datasets.append(pydicom.dcmread(path))
+            datasets.append(pydicom.dcmread(path, stop_before_pixels=not pixels))
         except Exception as exc:  # pydicom raises several unrelated types
             raise SeriesLoadError(f"{path}: not a readable DICOM file ({exc})") from exc
     return datasets
 
 
-def decode_pixels(ds: Dataset) -> np.ndarray:
+def decode_pixels(ds: Dataset, *, as_stored: bool = False) -> np.ndarray:
     """One slice's stored values as float32 (rows, columns), whatever its transfer syntax.
+
+    ``as_stored`` returns them in their stored integer type, uncopied.
 
     Compressed syntaxes are decoded by pydicom's handlers and the pylibjpeg
     plugins (JPEG, JPEG-LS, JPEG 2000, RLE); deflated ones were inflated
@@ -171,10 +178,42 @@ def decode_pixels(ds: Dataset) -> np.ndarray:
         raise PixelDecodeError(
             f"instance {ds.get('SOPInstanceUID', '?')}: decoded to shape {arr.shape}, "
             "not one slice")
-    return arr.astype(np.float32)
+    return arr if as_stored else arr.astype(np.float32)
 
 
-def volume_from_datasets(datasets: Sequence[Dataset]) -> Volume:
+def _rescale_into(out: np.ndarray, ds: Dataset) -> None:
+    """One slice of ``ds`` decoded and rescaled to HU in ``out``, with no float copy of it."""
+    stored = decode_pixels(ds, as_stored=True)
+    if stored.shape != out.shape:
+        raise SeriesLoadError(f"slice {ds.get('SOPInstanceUID', '?')}: pixel data is "
+                              f"{stored.shape}, Rows x Columns say {out.shape}")
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    np.multiply(stored, slope, out=out, casting="unsafe")
+    out += intercept
+
+
+def volume_from_files(headers: Sequence[Dataset]) -> Volume:
+    """A :class:`Volume` from header-only datasets (``read_ct_slices(pixels=False)``).
+
+    Each file is read again for its pixels, one at a time, and decoded into
+    the preallocated volume, so peak memory is the volume plus one slice.
+    """
+
+    def with_pixels(header: Dataset) -> Dataset:
+        path = getattr(header, "filename", None)
+        if not isinstance(path, str | Path):
+            raise SeriesLoadError("a header-only dataset does not name its file")
+        try:
+            return pydicom.dcmread(path)
+        except Exception as exc:  # the file changed or vanished since its header was read
+            raise SeriesLoadError(f"{path}: not a readable DICOM file ({exc})") from exc
+
+    return volume_from_datasets(headers, decode_from=with_pixels)
+
+
+def volume_from_datasets(datasets: Sequence[Dataset], *,
+                         decode_from: Callable[[Dataset], Dataset] | None = None) -> Volume:
     """Build a :class:`Volume` from the instances of one CT series.
 
     Geometry consistency is the gate's job (``geometry.check_series``); this
@@ -194,18 +233,17 @@ def volume_from_datasets(datasets: Sequence[Dataset]) -> Volume:
         ipp = np.array([float(v) for v in ds.ImagePositionPatient])
         keyed.append((float(ipp @ normal), ipp, ds))
     keyed.sort(key=lambda item: item[0])
-    slices = []
-    for _, _, ds in keyed:
-        arr = decode_pixels(ds)
-        slope = float(ds.get("RescaleSlope", 1) or 1)
-        intercept = float(ds.get("RescaleIntercept", 0) or 0)
-        slices.append(arr * slope + intercept)
-    shapes = {s.shape for s in slices}
+    shapes = {(int(ds.Rows), int(ds.Columns)) for _, _, ds in keyed}
     if len(shapes) != 1:
         raise SeriesLoadError(f"slices have different sizes: {sorted(shapes)}")
+    # One preallocated HU volume, each slice decoded straight into its place:
+    # the load holds one copy of the series, never a list of slices beside a stack.
+    hu = np.empty((len(keyed), *shapes.pop()), dtype=np.float32)
+    for k, (_, _, ds) in enumerate(keyed):
+        _rescale_into(hu[k], ds if decode_from is None else decode_from(ds))
     first = keyed[0][2]
     return Volume(
-        hu=np.stack(slices).astype(np.float32, copy=False),
+        hu=hu,
         positions=np.stack([ipp for _, ipp, _ in keyed]),
         row_direction=row_dir,
         col_direction=col_dir,
@@ -225,4 +263,4 @@ def load_series_dir(directory: Path) -> Volume:
     paths = sorted(p for p in Path(directory).iterdir() if p.is_file())
     if not paths:
         raise SeriesLoadError(f"{directory}: no files")
-    return volume_from_datasets(read_ct_slices(paths))
+    return volume_from_files(read_ct_slices(paths, pixels=False))
