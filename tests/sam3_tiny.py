@@ -108,6 +108,9 @@ def build_tiny_sam3(directory: Path, seed: int = 0) -> Path:
     tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
     model = Sam3VideoModel(tiny_config(len(tokenizer)))
+    with torch.no_grad():  # one table in Meta's weights, copied to both places by transformers
+        model.tracker_model.shared_image_embedding.positional_embedding.copy_(
+            model.tracker_model.prompt_encoder.shared_embedding.positional_embedding)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     Sam3ImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(directory)

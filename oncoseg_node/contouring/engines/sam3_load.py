@@ -19,6 +19,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import hashlib  # noqa: E402
 import json  # noqa: E402
+import re  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, cast  # noqa: E402
@@ -42,6 +43,8 @@ LORA_TARGET_MODULES = (
 LORA_R = 16
 LORA_ALPHA = 32
 LORA_DROPOUT = 0.1
+# an adapter trained on Meta's layout: its module names, not transformers'
+META_ADAPTER = re.compile(r"^base_model\.model\.(detector\.|sam3_model\.|backbone\.)|\.attn\.qkv\.")
 TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -127,11 +130,26 @@ def sha256_files(paths: list[Path]) -> str:
 
 
 def weight_files(model_dir: Path) -> list[Path]:
-    """The safetensors files of an HF-format directory; EngineError when there are none."""
-    files = sorted(model_dir.glob("*.safetensors"))
+    """A SAM3 directory's weights: safetensors, else Meta's ``.pt``; EngineError if none."""
+    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.pt"))
     if not files:
-        raise EngineError(f"{model_dir}: no *.safetensors weights in the SAM3 model directory")
+        raise EngineError(f"{model_dir}: no weights in the SAM3 model directory (*.safetensors "
+                          "in the transformers layout, or Meta's sam3.pt)")
     return files
+
+
+def is_meta_checkpoint(files: list[Path]) -> bool:
+    """Whether the weights use Meta's original layout (converted at load) or transformers'."""
+    from oncoseg_node.contouring.engines.sam3_convert import checkpoint_keys, is_meta_layout
+
+    try:
+        keys = checkpoint_keys(files[0])
+    except Exception as exc:  # a truncated or foreign file: safetensors, pickle, OS errors
+        raise EngineError(f"{files[0]}: unreadable ({exc})") from exc
+    if files[0].suffix != ".safetensors" and not is_meta_layout(keys):
+        raise EngineError(f"{files[0]}: neither Meta's layout (detector., tracker.) nor "
+                          "safetensors in the transformers layout")
+    return is_meta_layout(keys)
 
 
 def load_base(model_dir: Path | None):  # -> (Sam3VideoModel, tokenizer), float32 on CPU
@@ -151,7 +169,7 @@ def load_base(model_dir: Path | None):  # -> (Sam3VideoModel, tokenizer), float3
     if model_type != "sam3_video":
         raise EngineError(f"{config_path}: model_type {model_type!r}; the engine needs the "
                           "sam3_video checkpoint (detector and tracker), as facebook/sam3 ships")
-    weight_files(model_dir)
+    files = weight_files(model_dir)
     # without its files AutoTokenizer quietly builds a near-empty CLIP tokenizer
     if not any(all((model_dir / name).is_file() for name in group) for group in TOKENIZER_FILES):
         raise EngineError(f"{model_dir}: no tokenizer files "
@@ -159,16 +177,25 @@ def load_base(model_dir: Path | None):  # -> (Sam3VideoModel, tokenizer), float3
 
     from transformers import AutoTokenizer, Sam3VideoModel
 
+    from oncoseg_node.contouring.engines.sam3_convert import load_meta_checkpoint
+
+    meta = is_meta_checkpoint(files)
     try:
-        # with output_loading_info the call returns (model, info); its hints say model only
-        model, info = cast(tuple[Sam3VideoModel, dict[str, Any]], Sam3VideoModel.from_pretrained(
-            model_dir, local_files_only=True, dtype=torch.float32, output_loading_info=True))
+        if meta:
+            model, info = load_meta_checkpoint(model_dir, files)
+        else:
+            # with output_loading_info the call returns (model, info); its hints say model only
+            model, info = cast(tuple[Sam3VideoModel, dict[str, Any]],
+                               Sam3VideoModel.from_pretrained(
+                                   model_dir, local_files_only=True, dtype=torch.float32,
+                                   output_loading_info=True))
     except Exception as exc:  # transformers raises OSError, ValueError, RuntimeError, ...
         raise EngineError(f"{model_dir}: SAM3 weights could not be loaded ({exc})") from exc
     problems = sorted(info.get("missing_keys", ())) + sorted(
         str(k) for k in info.get("mismatched_keys", ()))
     if problems:
-        raise EngineError(f"{model_dir}: checkpoint does not fill the SAM3 model "
+        layout = "Meta's layout, converted" if meta else "transformers layout"
+        raise EngineError(f"{model_dir}: checkpoint ({layout}) does not fill the SAM3 model "
                           f"({len(problems)} missing or mismatched, e.g. {problems[:3]})")
     if info.get("unexpected_keys"):
         log.warning("sam3_unexpected_weights", model_dir=str(model_dir),
@@ -182,7 +209,7 @@ def load_base(model_dir: Path | None):  # -> (Sam3VideoModel, tokenizer), float3
     mismatches = check_preprocessor_config(model_dir, int(model.config.image_size))
     if mismatches:
         raise EngineError("; ".join(mismatches))
-    vocab_size = model.config.detector_config.text_config.vocab_size  # type: ignore[union-attr]
+    vocab_size = model.config.detector_config.text_config.vocab_size
     if len(tokenizer) > vocab_size:
         raise EngineError(f"{model_dir}: tokenizer has {len(tokenizer)} tokens, the text "
                           f"encoder only {vocab_size}: they do not belong together")
@@ -220,6 +247,8 @@ def merge_adapter(model, adapter_dir: Path) -> AdapterInfo:
     lora_keys = {k for k in tensors if ".lora_" in k}
     if not lora_keys:
         raise EngineError(f"{weights_path}: holds no LoRA tensors")
+    if any(META_ADAPTER.search(k) for k in lora_keys):
+        return _merge_meta_adapter(model, adapter_dir, weights_path, tensors)
     on_video = any(k.startswith("base_model.model.detector_model.") for k in lora_keys)
     target = model if on_video else model.detector_model
     try:
@@ -245,3 +274,51 @@ def merge_adapter(model, adapter_dir: Path) -> AdapterInfo:
     if not on_video:
         model.detector_model = merged
     return AdapterInfo(adapter_dir, sha256_files([weights_path]), rank, modules)
+
+
+def _merge_meta_adapter(model, adapter_dir: Path, weights_path: Path,
+                        tensors: dict[str, torch.Tensor]) -> AdapterInfo:
+    """Merge a LoRA adapter trained on Meta's layout (``attn.qkv``, ``attn.proj``).
+
+    Its modules are renamed with the checkpoint conversion; a fused-qkv
+    adapter becomes q, k and v adapters sharing its A. The adapter's own
+    settings (rank, alpha, rsLoRA) come from its ``adapter_config.json``.
+    """
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    from oncoseg_node.contouring.engines.sam3_convert import split_fused_lora
+
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        module, _, rest = key.removeprefix("base_model.model.").partition(".lora_")
+        if rest in ("A.weight", "B.weight"):
+            if module.startswith("backbone."):  # made on Meta's image model: its detector
+                module = "detector." + module
+            pairs.setdefault(module, {})[rest[0]] = tensor
+    unpaired = sorted(m for m, ab in pairs.items() if set(ab) != {"A", "B"})
+    try:
+        config = LoraConfig.from_pretrained(str(adapter_dir))
+    except Exception as exc:  # unreadable or not a LoRA config
+        raise EngineError(f"{adapter_dir / 'adapter_config.json'}: not a LoRA config ({exc})"
+                          ) from exc
+    if unpaired or getattr(config, "use_dora", False):
+        why = (f"modules without both A and B, e.g. {unpaired[:2]}" if unpaired
+               else "DoRA magnitudes cannot be split like a fused qkv")
+        raise EngineError(f"{weights_path}: Meta-layout LoRA adapter not usable ({why})")
+    modules = split_fused_lora({m: (ab["A"], ab["B"]) for m, ab in pairs.items()})
+    config.target_modules = sorted(modules)
+    config.base_model_name_or_path = None
+    state = {f"base_model.model.{m}.lora_{k}.weight": t
+             for m, (a, b) in modules.items() for k, t in (("A", a), ("B", b))}
+    try:
+        wrapped = get_peft_model(model, config)
+        result = set_peft_model_state_dict(wrapped, state)
+    except Exception as exc:  # peft: ValueError (no such module), RuntimeError (shape)
+        raise EngineError(f"{adapter_dir}: Meta-layout LoRA adapter does not fit the SAM3 "
+                          f"model ({exc})") from exc
+    unexpected = sorted(getattr(result, "unexpected_keys", ()))
+    if unexpected:
+        raise EngineError(f"{adapter_dir}: Meta-layout LoRA adapter does not fit the SAM3 "
+                          f"model (e.g. {unexpected[:2]})")
+    wrapped.merge_and_unload()
+    return AdapterInfo(adapter_dir, sha256_files([weights_path]), int(config.r), len(modules))
