@@ -211,38 +211,12 @@ def cmd_protocols_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _case_name(series_dir: Path) -> str:
-    """A case's name: its folder, or the folder above a ``ct/`` folder."""
-    resolved = series_dir.resolve()
-    return resolved.parent.name if resolved.name.lower() == "ct" else resolved.name
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import yaml
+    from oncoseg_node.commissioning.commands import evaluate
 
-    from oncoseg_node.commissioning.cases import evaluate_case, evaluate_folder
-    from oncoseg_node.commissioning.report import aggregate_lines, to_csv, to_html, to_table
-
-    aliases = yaml.safe_load(Path(args.alias_map).read_text()) if args.alias_map else {}
-    if not isinstance(aliases, dict):
-        raise OncosegError(f"{args.alias_map}: expected a mapping of reference name -> TG-263")
-    if args.cases:
-        results = evaluate_folder(Path(args.cases), config_path=args.config, aliases=aliases)
-    elif args.series and args.reference:
-        results = [evaluate_case(Path(args.series), Path(args.reference),
-                                 Path(args.ours) if args.ours else None,
-                                 case=_case_name(Path(args.series)), config_path=args.config,
-                                 aliases=aliases, series_uid=args.series_uid)]
-    else:
-        raise OncosegError("give --series and --reference, or --cases")
-    print(to_table(results))
-    if args.cases:
-        print("\nper structure over cases: median [IQR]")
-        print("\n".join(aggregate_lines(results)))
-    if args.csv:
-        Path(args.csv).write_text(to_csv(results))
-    if args.html:
-        Path(args.html).write_text(to_html(results))
+    evaluate(config_path=args.config, series=args.series, reference=args.reference,
+             ours=args.ours, cases=args.cases, series_uid=args.series_uid,
+             alias_map=args.alias_map, csv_path=args.csv, html_path=args.html)
     return 0
 
 
@@ -265,18 +239,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_phantom(args: argparse.Namespace) -> int:
-    from oncoseg_node.commissioning.phantom import write_phantom
-    from oncoseg_node.commissioning.phantom_files import with_new_uids, write_reference
+    from oncoseg_node.commissioning.commands import phantom
 
-    phantom = write_phantom(Path(args.out_dir), slices=args.slices, rows=args.size,
-                            columns=args.size, patient_position=args.position, site=args.site,
-                            renew=with_new_uids if args.new_uids else None)
-    print(f"{args.out_dir}: {len(phantom.datasets)} CT slices, series "
-          f"{phantom.volume.series_instance_uid}, structures {', '.join(sorted(phantom.truth))}")
-    if args.reference:
-        config = load_config(args.config) if args.config.is_file() else None
-        count = write_reference(phantom, args.reference, config.protocols if config else None)
-        print(f"{args.reference}: reference structure set, {count} structures")
+    phantom(args.out_dir, slices=args.slices, size=args.size, position=args.position,
+            site=args.site, new_uids=args.new_uids, reference=args.reference,
+            config_path=args.config)
     return 0
 
 
