@@ -90,6 +90,9 @@ def contoured_node(tmp_path_factory):
             assert scu_store(port, [short]) == [status.PIXEL_DATA_LENGTH_WRONG]
             (job,) = wait_until(lambda: [j for j in daemon.status() if j["state"] == JobState.SENT],
                                 180, f"the job sent\n{daemon.log()}")
+            # the QA picture is drawn after the deliveries start, so it may follow the send
+            wait_until(lambda: get(http_port, f"/jobs/{job['job']}/qa.png")[0] == 200, 60,
+                       f"the QA picture\n{daemon.log()}")
             served = {path: get(http_port, path) for path in
                       ("/healthz", "/metrics", "/jobs", f"/jobs/{job['job']}",
                        f"/jobs/{job['job']}/qa.png")}

@@ -119,10 +119,11 @@ class Service:
         self.retention = Retention(cfg.retention, self.ledger, spool)
         handlers = StoreHandlers(cfg.node, cfg.series, spool, self.ledger)
         commitments = CommitmentReports(self.ledger, on_committed=self.delivery.observe_delivered)
-        self.assembler = assembler = Assembler(self.ledger, cfg.series.quiet_period_s,
-                                               association_open=handlers.associations.is_open)
         self.worker = worker = Worker(cfg, self.ledger, spool, engines, self.current_protocols,
                                       deliveries_started=self.delivery.wake)
+        self.assembler = assembler = Assembler(self.ledger, cfg.series.quiet_period_s,
+                                               association_open=handlers.associations.is_open,
+                                               on_job=worker.wake)
         self.metrics.add(worker.metrics.collectors())
         self._register_gauges(handlers, spool)
         status = ""
@@ -293,6 +294,8 @@ class Service:
                 time.sleep(0.05)
             self._abort_associations()
         self._stop_work.set()
+        if self.worker is not None:
+            self.worker.wake()
         for thread in self._threads:
             thread.join(timeout=max(deadline - time.monotonic(), 0.1))
         job = self.worker.current if self.worker is not None else None

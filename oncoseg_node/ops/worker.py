@@ -27,6 +27,7 @@ from oncoseg_node.config import Config, DestinationConfig, SeriesConfig
 from oncoseg_node.contouring.engines.registry import EngineSet
 from oncoseg_node.contouring.pipeline import Contoured, contour, load_ct_series
 from oncoseg_node.contouring.protocols import Protocol, ProtocolSet
+from oncoseg_node.doorbell import Doorbell
 from oncoseg_node.durable import private_dir
 from oncoseg_node.errors import (
     EngineError,
@@ -109,6 +110,7 @@ class Worker:
         self.protocols = protocols
         self.metrics = WorkerMetrics()
         self.busy = threading.Event()
+        self.doorbell = Doorbell()
         self.current: Job | None = None  # the job in flight, for the shutdown log
         self.last_progress = time.monotonic()
 
@@ -140,10 +142,16 @@ class Worker:
             self.metrics.jobs_finished.labels(state=done.state).inc()
         return done
 
-    def run(self, stop: threading.Event, idle_wait_s: float = 0.25) -> None:
+    def wake(self, *_: object) -> None:
+        """A job may be waiting (one was created, the node is stopping): look now."""
+        self.doorbell.ring()
+
+    def run(self, stop: threading.Event, idle_wait_s: float = 1.0) -> None:
+        # Woken at once by the assembler; the timeout only picks up what another
+        # process queued (an operator's release or retry) and deferred jobs coming due.
         while not stop.is_set():
             if self.run_once() is None:
-                stop.wait(idle_wait_s)
+                self.doorbell.wait(idle_wait_s)
 
     def _process(self, job: Job) -> None:
         bound = log.bind(job_id=job.id, series_uid=job.series_uid, calling_ae=job.calling_ae,
@@ -196,7 +204,6 @@ class Worker:
                 uid, relpath = written[dest.profile]
                 targets.append((dest.name, uid, relpath))
             first_uid, first_path = next(iter(written.values()), (None, None))
-            self._write_snapshot(job, contoured, bound)
             colors = {s.name: list(s.color) for s in protocol.structures}
             results = [{**row, "color": colors.get(row["name"])} for row in contoured.summary()]
             stages = {"load": round(segment_started - started, 2),
@@ -206,6 +213,8 @@ class Worker:
                                    rtstruct_uid=first_uid, rtstruct_relpath=first_path)
             self.ledger.start_deliveries(job.id, targets)
             self.deliveries_started()
+            # The QA picture is for reviewers: the TPS need not wait for it.
+            self._write_snapshot(job, contoured, bound)
             bound.info("job_contoured", protocol=protocol.name,
                        structures=len(contoured.results),
                        absent=[r.name for r in contoured.results if r.absent],
