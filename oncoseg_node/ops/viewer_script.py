@@ -46,7 +46,10 @@ VIEWER_SCRIPT = r"""
   }
   planes.forEach(function (p) {
     var img = document.getElementById(p);
-    img.addEventListener('load', function () { img.dataset.loaded = img.dataset.pending; });
+    img.addEventListener('load', function () {
+      img.dataset.loaded = img.dataset.pending;
+      img.dataset.loadedSrc = img.src;  // which request finished, for automated checks
+    });
     document.getElementById(p + '-slider').addEventListener('input', function (e) {
       go(p, parseInt(e.target.value, 10));
     });
