@@ -61,9 +61,19 @@ class NodeConfig:
 
 @dataclass(frozen=True)
 class SeriesConfig:
-    """When a series counts as complete, and how duplicates are handled."""
+    """When a series counts as complete, and how duplicates are handled.
+
+    ``whole_series_senders``: calling AE titles of scanners that send each
+    series whole in one association, so a normal release with InstanceNumbers
+    1..N contiguous at uniform slice spacing completes the series at once.
+    ``interrupted_wait_s``: how long a series whose association was aborted,
+    reset or timed out (or cut off by the node's own stop) waits after its
+    last instance for the rest.
+    """
 
     quiet_period_s: float = 10.0
+    interrupted_wait_s: float = 300.0
+    whole_series_senders: tuple[str, ...] = ()
     duplicate_policy: str = "keep_first"
     max_attempts: int = 3
     slice_spacing_tolerance_mm: float = 0.1
@@ -292,6 +302,9 @@ def _semantic_checks(cfg: Config, problems: list[str]) -> None:
                 problems.append(f"node.tls.{key}: {str(path)!r} does not exist")
     series = cfg.series
     _check_positive(series.quiet_period_s, "series.quiet_period_s", problems)
+    _check_positive(series.interrupted_wait_s, "series.interrupted_wait_s", problems)
+    for i, title in enumerate(series.whole_series_senders):
+        _check_ae(title, f"series.whole_series_senders[{i}]", problems)
     _check_positive(series.max_attempts, "series.max_attempts", problems)
     _check_positive(series.retry_delay_s, "series.retry_delay_s", problems)
     _check_positive(series.retry_max_delay_s, "series.retry_max_delay_s", problems)

@@ -20,46 +20,28 @@ from pynetdicom.events import EventHandlerType
 from oncoseg_node.config import NodeConfig, SeriesConfig
 from oncoseg_node.dicom import status
 from oncoseg_node.dicom.filemeta import encode_file_meta
+from oncoseg_node.intake.associations import Associations, how_aborted, how_closed
 from oncoseg_node.intake.checks import check_command, check_header
 from oncoseg_node.intake.headers import (
     IGNORED_SOP_CLASSES,
     Refusal,
     int_or_none,
     parse_instance,
+    slice_position,
 )
 from oncoseg_node.intake.spool import PendingWrite, Spool
 from oncoseg_node.ledger import Ledger
-from oncoseg_node.ledger.intake import Recorded
+from oncoseg_node.ledger.intake import ENDED_BY_RELEASE, Recorded
 
 log = structlog.get_logger("oncoseg_node.receiver")
-
-
-class OpenAssociations:
-    """Which series are still arriving on an open association (memory only:
-    after a restart no association is open, and the quiet period decides)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._series: dict[int, set[str]] = {}
-
-    def saw(self, assoc_id: int, series_uid: str) -> None:
-        with self._lock:
-            self._series.setdefault(assoc_id, set()).add(series_uid)
-
-    def ended(self, assoc_id: int) -> None:
-        with self._lock:
-            self._series.pop(assoc_id, None)
-
-    def is_open(self, series_uid: str) -> bool:
-        with self._lock:
-            return any(series_uid in uids for uids in self._series.values())
 
 
 class StoreHandlers:
     """The event handlers bound to the listener."""
 
     def __init__(self, node: NodeConfig, series: SeriesConfig, spool: Spool,
-                 ledger: Ledger, on_activity: Callable[[], None] | None = None) -> None:
+                 ledger: Ledger, on_activity: Callable[[], None] | None = None,
+                 on_association_end: Callable[[], None] | None = None) -> None:
         self.node = node
         self.series = series
         self.spool = spool
@@ -69,14 +51,17 @@ class StoreHandlers:
         self.received = 0
         self.refused: dict[int, int] = {}  # instances refused, by the status answered
         self._counter_lock = threading.Lock()
-        self.associations = OpenAssociations()
+        self.associations = Associations()
+        self.on_association_end = on_association_end or (lambda: None)
 
     def bindings(self) -> list[EventHandlerType]:
         return [
             (evt.EVT_C_STORE, self.store_and_count),
             (evt.EVT_C_ECHO, self.handle_echo),
-            (evt.EVT_RELEASED, self.handle_association_end),
-            (evt.EVT_ABORTED, self.handle_association_end),
+            (evt.EVT_RELEASED, self.handle_released),
+            (evt.EVT_ABORTED, self.handle_aborted),
+            (evt.EVT_ACSE_RECV, self.handle_acse_recv),
+            (evt.EVT_CONN_CLOSE, self.handle_conn_close),
         ]
 
     def refused_counts(self) -> dict[int, int]:
@@ -84,8 +69,45 @@ class StoreHandlers:
         with self._counter_lock:
             return dict(sorted(self.refused.items()))
 
-    def handle_association_end(self, event: Any) -> None:
-        self.associations.ended(id(event.assoc))
+    def handle_released(self, event: Any) -> None:
+        self._association_ended(event.assoc, ENDED_BY_RELEASE)
+
+    def handle_aborted(self, event: Any) -> None:
+        self._association_ended(event.assoc, how_aborted(event.assoc))
+
+    def handle_acse_recv(self, event: Any) -> None:
+        self.associations.abort_primitive(event.assoc, event.primitive)
+
+    def handle_conn_close(self, event: Any) -> None:
+        self._association_ended(event.assoc, how_closed(event.assoc))
+
+    def _association_ended(self, assoc: Any, how: str) -> None:
+        """Record in the ledger how the series this association carried were left."""
+        ended = self.associations.end(assoc, how)
+        if ended is None or not ended[0]:
+            return
+        series_uids, how = ended
+        self._record_end(series_uids, how, assoc)
+
+    def _record_end(self, series_uids: list[str], how: str, assoc: Any) -> None:
+        try:
+            self.ledger.association_ended(series_uids, how,
+                                          self.associations.still_open(series_uids))
+        except Exception:  # the crash-time mark stays: at worst the series counts as interrupted
+            log.exception("association_end_not_recorded", series=series_uids, ended_by=how)
+            return
+        requestor = getattr(assoc, "requestor", None)
+        calling_ae = str(getattr(requestor, "ae_title", "") or "").strip()
+        log.info("association_ended", calling_ae=calling_ae, ended_by=how,
+                 series=series_uids, interrupted=how != ENDED_BY_RELEASE)
+        self.on_association_end()
+
+    def _saw(self, assoc: Any, series_uid: str) -> None:
+        """The series is arriving on ``assoc``; if that association already ended
+        (its connection closed while this C-STORE finished), record that end again."""
+        ended_by = self.associations.saw(assoc, series_uid)
+        if ended_by is not None:
+            self._record_end([series_uid], ended_by, assoc)
 
     def handle_echo(self, event: Any) -> int:
         return status.SUCCESS
@@ -123,7 +145,7 @@ class StoreHandlers:
                 str(syntax), calling_ae), stream))
             try:
                 return self._validate_and_accept(pending, stream, syntax, request, calling_ae,
-                                                 bound, id(event.assoc))
+                                                 bound, event.assoc)
             except BaseException:
                 pending.abort()
                 raise
@@ -139,7 +161,7 @@ class StoreHandlers:
 
     def _validate_and_accept(self, pending: PendingWrite, stream: bytes, syntax: UID,
                              request: Any, calling_ae: str, bound: Any,
-                             event_assoc_id: int) -> int | Dataset:
+                             assoc: Any) -> int | Dataset:
         try:
             parsed = parse_instance(stream, syntax)
         except Exception as exc:  # any parse failure is the peer's malformed data
@@ -152,10 +174,10 @@ class StoreHandlers:
             bound.warning("store_refused", status=status.describe(refusal.status),
                           reason=refusal.comment)
             return refusal.as_dataset()
-        return self._accept(pending, stream, parsed.header, calling_ae, bound, event_assoc_id)
+        return self._accept(pending, stream, parsed.header, calling_ae, bound, assoc)
 
     def _accept(self, pending: PendingWrite, stream: bytes, header: Dataset, calling_ae: str,
-                bound: Any, event_assoc_id: int) -> int:
+                bound: Any, assoc: Any) -> int:
         sop_class = str(header.SOPClassUID)
         uid = str(header.SOPInstanceUID)
         series_uid = str(header.SeriesInstanceUID)
@@ -179,6 +201,7 @@ class StoreHandlers:
             pending.abort()
             self._log_duplicate(bound, existing.sha256, digest)
             self.ledger.touch_series(existing.series_uid)
+            self._saw(assoc, existing.series_uid)
             return status.SUCCESS
         try:
             # The ledger is written after the file is durable: overlapping the
@@ -197,6 +220,7 @@ class StoreHandlers:
                 duplicate_policy=self.series.duplicate_policy,
                 instance_number=int_or_none(header.get("InstanceNumber")),
                 images_in_acquisition=int_or_none(header.get("ImagesInAcquisition")),
+                slice_position=slice_position(header),
             )
         except BaseException:
             self.spool.remove(pending.relpath)  # no row points at it: not kept
@@ -205,7 +229,7 @@ class StoreHandlers:
             self._log_duplicate(bound, result.existing_sha256, digest)
         if result.spare_relpath is not None:
             self.spool.remove(result.spare_relpath)
-        self.associations.saw(event_assoc_id, series_uid)
+        self._saw(assoc, series_uid)
         with self._counter_lock:
             self.received += 1
         self.on_activity()

@@ -149,3 +149,21 @@ def int_or_none(value: Any) -> int | None:
         return None
 
 
+
+
+def slice_position(header: Dataset) -> float | None:
+    """Position of the slice along its normal in mm (ImagePositionPatient . normal).
+
+    Completeness compares these to see uniform spacing; None when either
+    attribute is absent or malformed (the geometry gate judges such a series).
+    """
+    try:
+        ipp = [float(v) for v in header.ImagePositionPatient]
+        iop = [float(v) for v in header.ImageOrientationPatient]
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if len(ipp) != 3 or len(iop) != 6:
+        return None
+    r, c = iop[:3], iop[3:]
+    normal = (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])
+    return sum(p * n for p, n in zip(ipp, normal, strict=True))

@@ -46,15 +46,42 @@ class RecordResult:
 # The primary key on sop_instance_uid decides between concurrent senders of
 # one instance: the first insert wins, the others see the conflict inside
 # the same immediate transaction and are answered from the stored row.
-_INSERT_INSTANCE = """INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+_INSERT_INSTANCE = """INSERT INTO instances (sop_instance_uid, series_uid, study_uid,
+      sop_class_uid, relpath, sha256, size, calling_ae, received_at, instance_number,
+      images_in_acquisition, slice_position) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT(sop_instance_uid) DO NOTHING"""
 _REPLACE_INSTANCE = """UPDATE instances SET series_uid = ?, study_uid = ?, sop_class_uid = ?,
     relpath = ?, sha256 = ?, size = ?, calling_ae = ?, received_at = ?, instance_number = ?,
-    images_in_acquisition = ? WHERE sop_instance_uid = ?"""
-_UPSERT_SERIES = """INSERT INTO series VALUES (?, ?, ?, ?, ?, ?, ?, 1)
+    images_in_acquisition = ?, slice_position = ? WHERE sop_instance_uid = ?"""
+# Every instance marks its series as being received; the end of the
+# association clears the mark (see ``association_ended``), so a mark found at
+# start-up means the node stopped while the series was arriving.
+_UPSERT_SERIES = """INSERT INTO series (series_uid, study_uid, calling_ae, description, state,
+      first_received_at, last_received_at, instance_count, receiving)
+    VALUES (?, ?, ?, ?, ?, ?, ?, 1, 1)
     ON CONFLICT(series_uid) DO UPDATE SET
-      state = excluded.state, last_received_at = excluded.last_received_at,
+      state = excluded.state, last_received_at = excluded.last_received_at, receiving = 1,
       instance_count = instance_count + (CASE WHEN ? THEN 0 ELSE 1 END)"""
+# How the last association carrying a series ended: a normal release, this
+# stop of the node, or (written by the handlers) the interruption seen.
+ENDED_BY_RELEASE = "release"
+ENDED_BY_NODE_STOP = "the node stopped while the series was arriving"
+
+
+@dataclass(frozen=True)
+class SeriesEvidence:
+    """What the received instances say about a series' completeness.
+
+    ``numbers``: the InstanceNumbers received, sorted; ``expected``: the
+    largest ImagesInAcquisition any of them gave; ``positions``: slice
+    positions along the slice normal in mm (sorted), one per instance that had
+    an ImagePositionPatient and ImageOrientationPatient.
+    """
+
+    count: int
+    numbers: list[int]
+    expected: int | None
+    positions: list[float]
 
 # A series may be purged only when it has jobs and every one is finished for
 # good (delivered, superseded by a newer version, or ended by rule or
@@ -96,6 +123,7 @@ class IntakeRecords(LedgerPart):
         duplicate_policy: str = "keep_first",
         instance_number: int | None = None,
         images_in_acquisition: int | None = None,
+        slice_position: float | None = None,
     ) -> RecordResult:
         """Record a stored instance and (re)open its series' quiet period.
 
@@ -109,7 +137,8 @@ class IntakeRecords(LedgerPart):
             inserted = db.execute(
                 _INSERT_INSTANCE,
                 (sop_instance_uid, series_uid, study_uid, sop_class_uid, relpath, sha256,
-                 size, calling_ae, now, instance_number, images_in_acquisition),
+                 size, calling_ae, now, instance_number, images_in_acquisition,
+                 slice_position),
             ).rowcount == 1
             if inserted:
                 result = RecordResult(Recorded.STORED, None)
@@ -119,13 +148,14 @@ class IntakeRecords(LedgerPart):
                     (sop_instance_uid,)).fetchone()
                 if old_sha256 == sha256 or duplicate_policy != "replace":
                     # Still activity on the series: its quiet period restarts.
-                    db.execute("UPDATE series SET last_received_at = ? WHERE series_uid = ? "
-                               "AND state = ?", (now, old_series, SeriesState.OPEN))
+                    db.execute("UPDATE series SET last_received_at = ?, receiving = 1 "
+                               "WHERE series_uid = ? AND state = ?",
+                               (now, old_series, SeriesState.OPEN))
                     outcome = Recorded.IDENTICAL if old_sha256 == sha256 else Recorded.KEPT_FIRST
                     return RecordResult(outcome, relpath, old_sha256)
                 db.execute(_REPLACE_INSTANCE, (
                     series_uid, study_uid, sop_class_uid, relpath, sha256, size, calling_ae, now,
-                    instance_number, images_in_acquisition, sop_instance_uid))
+                    instance_number, images_in_acquisition, slice_position, sop_instance_uid))
                 result = RecordResult(Recorded.REPLACED, old_relpath, old_sha256)
             db.execute(
                 _UPSERT_SERIES,
@@ -138,9 +168,35 @@ class IntakeRecords(LedgerPart):
         """Restart a series' quiet period (a duplicate re-sent is still activity)."""
         with self.connection.transaction() as db:
             db.execute(
-                "UPDATE series SET last_received_at = ? WHERE series_uid = ? AND state = ?",
+                """UPDATE series SET last_received_at = ?, receiving = 1
+                   WHERE series_uid = ? AND state = ?""",
                 (self.clock(), series_uid, SeriesState.OPEN),
             )
+
+    def association_ended(self, series_uids: list[str], ended_by: str,
+                          still_receiving: set[str] | frozenset[str] = frozenset()) -> None:
+        """Record how the association carrying ``series_uids`` ended.
+
+        ``ended_by`` is ``ENDED_BY_RELEASE`` for a normal release, otherwise
+        the interruption (A-ABORT, reset, timeout). A series another open
+        association still carries stays marked as being received.
+        """
+        with self.connection.transaction() as db:
+            for uid in series_uids:
+                db.execute("UPDATE series SET ended_by = ?, receiving = ? WHERE series_uid = ?",
+                           (ended_by, int(uid in still_receiving), uid))
+
+    def interrupt_arriving(self) -> list[str]:
+        """At start: series that were arriving when the node stopped count as interrupted.
+
+        Returns their UIDs. Nothing is receiving before the listener starts,
+        so a series still marked was cut off by a crash (or kill -9).
+        """
+        with self.connection.transaction() as db:
+            uids = [r[0] for r in db.execute("SELECT series_uid FROM series WHERE receiving = 1")]
+            db.execute("UPDATE series SET receiving = 0, ended_by = ? WHERE receiving = 1",
+                       (ENDED_BY_NODE_STOP,))
+            return uids
 
     def open_series(self) -> list[sqlite3.Row]:
         return self.connection.query("SELECT * FROM series WHERE state = ?",
@@ -153,14 +209,17 @@ class IntakeRecords(LedgerPart):
         )
         return [r["relpath"] for r in rows]
 
-    def series_evidence(self, series_uid: str) -> tuple[list[int], int | None]:
-        """InstanceNumbers received so far and the largest ImagesInAcquisition seen."""
+    def series_evidence(self, series_uid: str) -> SeriesEvidence:
+        """The count evidence of the instances received so far."""
         rows = self.connection.query(
-            """SELECT instance_number, images_in_acquisition FROM instances
+            """SELECT instance_number, images_in_acquisition, slice_position FROM instances
                WHERE series_uid = ?""", (series_uid,))
-        numbers = sorted(r[0] for r in rows if r[0] is not None)
-        expected = max((r[1] for r in rows if r[1]), default=None)
-        return numbers, expected
+        return SeriesEvidence(
+            count=len(rows),
+            numbers=sorted(r[0] for r in rows if r[0] is not None),
+            expected=max((r[1] for r in rows if r[1]), default=None),
+            positions=sorted(r[2] for r in rows if r[2] is not None),
+        )
 
     def known_relpaths(self) -> set[str]:
         return {r["relpath"] for r in self.connection.query("SELECT relpath FROM instances")}

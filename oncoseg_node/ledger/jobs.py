@@ -96,12 +96,15 @@ def move_job(db: sqlite3.Connection, job_id: int, new: str, now: float) -> None:
 class JobRecords(LedgerPart):
     """Jobs: created from closed series, claimed, finished, released or discarded."""
 
-    def close_series(self, series_uid: str) -> int | None:
-        """Close a quiet series into a job; returns the new job id, or None.
+    def close_series(self, series_uid: str, held_reason: str | None = None) -> int | None:
+        """Close a complete series into a job; returns the new job id, or None.
 
         A job that is still queued simply covers the new instances (it reads
         the series when it runs). Otherwise a new version is created: the
-        series is never split into two jobs.
+        series is never split into two jobs. ``held_reason`` creates the job
+        held (a series whose counts say slices are missing: never contoured
+        as if whole until an operator releases it). A new version supersedes
+        older versions still held: the instances they lacked have arrived.
         """
         now = self.clock()
         with self.connection.transaction() as db:
@@ -123,10 +126,17 @@ class JobRecords(LedgerPart):
                 "SELECT COALESCE(MAX(version), 0) + 1 FROM jobs WHERE series_uid = ?",
                 (series_uid,),
             ).fetchone()
+            held = [r[0] for r in db.execute(
+                "SELECT id FROM jobs WHERE series_uid = ? AND state = ?",
+                (series_uid, JobState.HELD))]
+            for job_id in held:
+                move_job(db, job_id, JobState.SUPERSEDED, now)
+            state = JobState.QUEUED if held_reason is None else JobState.HELD
             cursor = db.execute(
-                """INSERT INTO jobs (series_uid, version, state, calling_ae, created_at,
-                   updated_at) VALUES (?, ?, ?, ?, ?, ?)""",
-                (series_uid, version, JobState.QUEUED, row["calling_ae"], now, now),
+                """INSERT INTO jobs (series_uid, version, state, reason, calling_ae, created_at,
+                   updated_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+                (series_uid, version, state, held_reason, row["calling_ae"], now, now,
+                 None if held_reason is None else now),
             )
             assert cursor.lastrowid is not None  # set by every successful INSERT
             return cursor.lastrowid

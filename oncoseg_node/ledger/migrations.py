@@ -104,6 +104,15 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(3, "jobs.stage_seconds and jobs.override_finding",
               ("ALTER TABLE jobs ADD COLUMN stage_seconds TEXT",
                "ALTER TABLE jobs ADD COLUMN override_finding TEXT")),
+    # How the association carrying a series ended (and whether one still is)
+    # and each slice's position: the count evidence of completeness (see
+    # intake.assembly); a series still receiving at start-up was cut off.
+    Migration(4, "series completeness: whether an association is carrying the series, how "
+              "the last one ended, and each instance's slice position", (
+                  "ALTER TABLE series ADD COLUMN receiving INTEGER NOT NULL DEFAULT 0",
+                  "ALTER TABLE series ADD COLUMN ended_by TEXT",
+                  "ALTER TABLE instances ADD COLUMN slice_position REAL",
+              )),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

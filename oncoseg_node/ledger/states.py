@@ -54,8 +54,9 @@ JOB_MOVES: Mapping[JobState, frozenset[JobState]] = {
     # requeued (interrupted or deferred), or one of the worker's outcomes
     _J.RUNNING: frozenset({_J.QUEUED, _J.HELD, _J.SKIPPED, _J.FAILED, _J.QUARANTINED,
                            _J.DELIVERING, _J.SENT}),
-    # an operator releases (geometry override) or discards
-    _J.HELD: frozenset({_J.QUEUED, _J.DISCARDED}),
+    # an operator releases (geometry override) or discards; the rest of a
+    # series held as incomplete arrives and its new version supersedes it
+    _J.HELD: frozenset({_J.QUEUED, _J.DISCARDED, _J.SUPERSEDED}),
     # the deliveries decide; retry/resend keep it delivering
     _J.DELIVERING: frozenset({_J.SENT, _J.FAILED, _J.SUPERSEDED, _J.DELIVERING}),
     # resend

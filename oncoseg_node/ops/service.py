@@ -2,11 +2,13 @@
 
 Start, in an order where a failure changes nothing: protocols validated ->
 state directory locked (one node per state directory) -> ledger opened and
-checked -> spool (partial files removed) -> engines (model loaded once;
+checked (series still marked as arriving become interrupted: the node
+stopped under them) -> spool (partial files removed) -> engines (model loaded once;
 failures are fatal here) -> HTTP and DICOM ports bound (HTTP first, so a
 conflict stops the node before it has acknowledged any instance) -> only
 then interrupted jobs requeued and the delivery scheduler, retention,
-protocol watcher, assembler and worker started -> READY=1. A start that
+protocol watcher, assembler (its quiet clocks started when the DICOM port
+was bound) and worker started -> READY=1. A start that
 fails before the ports are bound has claimed, requeued or sent nothing:
 systemd restarting it over and over cannot quarantine a good series.
 
@@ -117,7 +119,20 @@ class Service:
         self.delivery = DeliveryScheduler(cfg, self.ledger)
         self.metrics.add(self.delivery.metrics.collectors())
         self.retention = Retention(cfg.retention, self.ledger, spool)
-        handlers = StoreHandlers(cfg.node, cfg.series, spool, self.ledger)
+        # Nothing is receiving before the listener starts: a series still
+        # marked as arriving was cut off when the node stopped.
+        interrupted = self.ledger.interrupt_arriving()
+        if interrupted:
+            log.warning("series_interrupted_by_node_stop", series=interrupted,
+                        wait_s=cfg.series.interrupted_wait_s)
+        self.assembler = assembler = Assembler(
+            self.ledger, cfg.series.quiet_period_s,
+            interrupted_wait_s=cfg.series.interrupted_wait_s,
+            whole_series_senders=cfg.series.whole_series_senders,
+            spacing_tolerance_mm=cfg.series.slice_spacing_tolerance_mm)
+        handlers = StoreHandlers(cfg.node, cfg.series, spool, self.ledger,
+                                 on_association_end=assembler.wake)
+        assembler.association_open = handlers.associations.is_open
         commitments = CommitmentReports(self.ledger, on_committed=self.delivery.observe_delivered)
         self.worker = worker = Worker(cfg, self.ledger, spool, engines, self.current_protocols,
                                       deliveries_started=self.delivery.wake)
@@ -136,6 +151,8 @@ class Service:
             status = f"; http on {cfg.http.host}:{self.http.port}"
         self.receiver = Receiver(cfg.node, handlers, extra=[commitments.service()])
         _bind("DICOM", cfg.node.host, cfg.node.port, self.receiver.start)
+        # Quiet time counts from here: every open series' clock starts again.
+        assembler.listening()
         # Both ports are ours: only now may jobs change state.
         requeued = self.ledger.requeue_interrupted()
         log.info("ledger_open", path=str(cfg.ledger_path), requeued_jobs=requeued,
