@@ -163,10 +163,17 @@ def test_toggle_window_and_other_planes(served):
                              ".start.axial")
     loaded(browser, "axial", start)
     assert color_count(browser, "axial", COLORS["Lung_L"]) > 10
-    for plane in ("coronal", "sagittal"):
-        loaded(browser, plane, browser.evaluate(
-            f"JSON.parse(document.getElementById('viewer-data').textContent).start.{plane}"))
+    volume = served["phantom"].volume
+    for plane, axis in (("coronal", 1), ("sagittal", 0)):
+        index = browser.evaluate(
+            f"JSON.parse(document.getElementById('viewer-data').textContent).start.{plane}")
+        loaded(browser, plane, index)
         assert color_count(browser, plane, COLORS["External"]) > 50, plane
+        # the cut's patient coordinate (HFS: rows run posterior, columns to the left)
+        mm = volume.positions[0][axis] + index * volume.pixel_spacing[1 - axis]
+        letter = "y" if plane == "coronal" else "x"
+        assert browser.evaluate(f"document.getElementById('{plane}-pos').textContent") == \
+            f"{index + 1} of 128, {letter} = {mm:.1f} mm"
     # hide Lung_L: gone from every plane, the others stay
     index = list(COLORS).index("Lung_L")
     browser.evaluate(f"document.querySelector('input.structure[data-index=\"{index}\"]').click()")

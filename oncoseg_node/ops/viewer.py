@@ -74,7 +74,14 @@ class JobViewer:
                                                    np.ascontiguousarray(mask[box])))
         slices = canon.slice_of_z if canon.slice_of_z is not None else np.arange(len(canon.hu))
         # Each axial slice's table position: the z of its own ImagePositionPatient.
-        self.axial_mm = [round(float(volume.positions[int(k)][2]), 2) for k in slices]
+        self.axial_mm = [float(volume.positions[int(k)][2]) for k in slices]
+        # Coronal and sagittal cuts by their patient y and x (LPS): the lowest
+        # voxel-centre coordinate of the series along that axis, plus the cut's offset.
+        corners = volume.index_to_patient(
+            np.zeros(4, dtype=int), np.array([0, 0, volume.shape[1] - 1, volume.shape[1] - 1]),
+            np.array([0, volume.shape[2] - 1, 0, volume.shape[2] - 1]))
+        self._origin_mm = {"coronal": float(corners[:, 1].min()),
+                           "sagittal": float(corners[:, 0].min())}
         self.step_mm = float(min(np.diff(canon.coords[1]).min() if len(canon.coords[1]) > 1
                                  else 1.0,
                                  np.diff(canon.coords[2]).min() if len(canon.coords[2]) > 1
@@ -98,11 +105,11 @@ class JobViewer:
         return {"axial": z, "coronal": y, "sagittal": x}
 
     def positions_mm(self, plane: str) -> list[float]:
-        """Each slice's position: axial, the table position (z); others, mm from the first."""
+        """Each slice's patient coordinate in mm (LPS): z axial, y coronal, x sagittal."""
         if plane == "axial":
             return self.axial_mm
         axis = 1 if plane == "coronal" else 2
-        return [round(float(c), 2) for c in self.coords[axis]]
+        return [self._origin_mm[plane] + float(c) for c in self.coords[axis]]
 
     def _plane_mask(self, s: ViewerStructure, plane: str, index: int) -> np.ndarray:
         """The structure's full-size 2D mask on one slice of ``plane``."""

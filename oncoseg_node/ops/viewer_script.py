@@ -29,7 +29,7 @@ VIEWER_SCRIPT = r"""
     var mm = data.positions[plane][i].toFixed(1);
     var n = data.counts[plane];
     if (plane === 'axial') return 'slice ' + (i + 1) + ' of ' + n + ', z = ' + mm + ' mm';
-    return (i + 1) + ' of ' + n + ', ' + mm + ' mm';
+    return (i + 1) + ' of ' + n + ', ' + (plane === 'coronal' ? 'y' : 'x') + ' = ' + mm + ' mm';
   }
   function draw(plane) {
     var img = document.getElementById(plane);
