@@ -136,9 +136,7 @@ class Service:
         commitments = CommitmentReports(self.ledger, on_committed=self.delivery.observe_delivered)
         self.worker = worker = Worker(cfg, self.ledger, spool, engines, self.current_protocols,
                                       deliveries_started=self.delivery.wake)
-        self.assembler = assembler = Assembler(self.ledger, cfg.series.quiet_period_s,
-                                               association_open=handlers.associations.is_open,
-                                               on_job=worker.wake)
+        assembler.on_job = worker.wake
         self.metrics.add(worker.metrics.collectors())
         self._register_gauges(handlers, spool)
         status = ""
