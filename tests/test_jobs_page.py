@@ -174,6 +174,18 @@ def test_toggle_window_and_other_planes(served):
         letter = "y" if plane == "coronal" else "x"
         assert browser.evaluate(f"document.getElementById('{plane}-pos').textContent") == \
             f"{index + 1} of 128, {letter} = {mm:.1f} mm"
+    # a click on the axial slice moves the other two cuts through that point
+    box = browser.evaluate("(() => { const r = document.getElementById('axial')"
+                           ".getBoundingClientRect(); return [r.left, r.top, r.width]; })()")
+    natural = browser.evaluate("document.getElementById('axial').naturalWidth")
+    scale = box[2] / natural
+    row, col = 40, 90  # a point in the patient's left lung, in slice pixels
+    x, y = box[0] + (22 + col + 0.5) * scale, box[1] + (22 + row + 0.5) * scale
+    for kind in ("mousePressed", "mouseReleased"):
+        browser.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left",
+                     clickCount=1)
+    loaded(browser, "coronal", row)
+    loaded(browser, "sagittal", col)
     # hide Lung_L: gone from every plane, the others stay
     index = list(COLORS).index("Lung_L")
     browser.evaluate(f"document.querySelector('input.structure[data-index=\"{index}\"]').click()")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from oncoseg_node.ledger import Delivery, DeliveryState, Job
+from oncoseg_node.ops.qa import LABEL_PX
 from oncoseg_node.ops.viewer import WINDOWS, JobViewer
 from oncoseg_node.ops.viewer_script import VIEWER_SCRIPT, VIEWER_STYLE
 
@@ -180,6 +181,7 @@ def _structure_rows(results: Sequence[dict[str, Any]]) -> str:
 
 def _viewer(job: Job, viewer: JobViewer) -> str:
     data = {"job": job.id, "counts": viewer.counts, "start": viewer.start, "window": "soft",
+            "margin": LABEL_PX,
             "positions": {p: viewer.positions_mm(p) for p in viewer.counts},
             "structures": [s.name for s in viewer.structures]}
     # no "<" reaches the page raw, so no value (a structure name) can end or
@@ -202,7 +204,8 @@ def _viewer(job: Job, viewer: JobViewer) -> str:
             f'aria-label="{label} slice"></figcaption></figure>')
     return (f'<section class="viewer"><div class="controls">Window <select id="window">{options}'
             f"</select> &nbsp; {toggles}<br><small>Arrow keys and Page Up/Down move through the "
-            "axial slices; Home and End jump to the first and last.</small></div>"
+            "axial slices; Home and End jump to the first and last; a click on the axial "
+            "slice moves the coronal and sagittal cuts there.</small></div>"
             f'{figures[0]}<div>{figures[1]}{figures[2]}</div></section>'
             f'<script type="application/json" id="viewer-data">{payload}</script>'
             f"<script>{VIEWER_SCRIPT}</script>")

@@ -55,6 +55,16 @@ VIEWER_SCRIPT = r"""
     });
     draw(p);
   });
+  // A click on the axial slice moves the coronal and sagittal cuts through that point.
+  document.getElementById('axial').addEventListener('click', function (e) {
+    var img = e.currentTarget;
+    var scale = img.naturalWidth / img.getBoundingClientRect().width;
+    var col = Math.floor(e.offsetX * scale) - data.margin;
+    var row = Math.floor(e.offsetY * scale) - data.margin;
+    if (row < 0 || col < 0 || row >= data.counts.coronal || col >= data.counts.sagittal) return;
+    go('coronal', row);
+    go('sagittal', col);
+  });
   document.addEventListener('keydown', function (e) {
     var tag = e.target && e.target.tagName;
     if (tag === 'INPUT' || tag === 'SELECT' || tag === 'TEXTAREA') return;
