@@ -839,3 +839,16 @@ def test_fused_adapter_and_its_split_transformers_adapter_give_the_same_masks(
         assert a.score == pytest.approx(b.score, abs=1e-6) and a.note == b.note
         assert (a.mask is None) == (b.mask is None)
         assert a.mask is None or np.array_equal(a.mask, b.mask)
+
+
+def test_gpu_bench_dry_run_checks_its_own_arithmetic():
+    """bench/sam3_gpu.py --dry-run: analytic ViT FLOPs and memory estimate against real ones."""
+    import subprocess
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "sam3_gpu.py"
+    proc = subprocess.run([sys.executable, str(bench), "--dry-run"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "dry run: arithmetic checked" in proc.stdout
+    assert "full size, 200 slices x 30 structures in bf16" in proc.stdout

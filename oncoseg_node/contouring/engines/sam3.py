@@ -186,7 +186,9 @@ class Sam3Engine:
                                       store, hits, best, midline)
                 if isinstance(choice, StructureResult):
                     results[i] = choice
-                else:
+                elif pair_key(structures[i]) is None:  # drawn now: its logits are freed
+                    results[i] = self._result(volume, frame, structures[i], choice)
+                else:  # the other side may still come: both compete first
                     chosen[i] = choice
             del store
         results.update(self._finish(volume, frame, structures, chosen))
@@ -194,7 +196,7 @@ class Sam3Engine:
 
     def _finish(self, volume: Volume, frame: SliceFrame, structures: Sequence[Structure],
                 chosen: Mapping[int, _Choice]) -> dict[int, StructureResult]:
-        """Results of the tracked structures; both sides of a paired organ compete first."""
+        """Results of the tracked sides of paired organs, once both have competed for pixels."""
         sides: dict[str, list[int]] = {}
         for i in chosen:
             key = pair_key(structures[i])
