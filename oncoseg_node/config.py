@@ -174,9 +174,6 @@ class Config:
     def ledger_path(self) -> Path:
         return self.state_dir / "ledger.sqlite3"
 
-    @property
-    def outbox_dir(self) -> Path:
-        return self.state_dir / "outbox"
 
 
 class _Parser:

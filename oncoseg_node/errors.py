@@ -59,18 +59,6 @@ class RTStructError(OncosegError):
     """Raised when an RT Structure Set cannot be built or fails its own check."""
 
 
-class DeliveryError(OncosegError):
-    """Raised by the sender when a destination did not accept an object.
-
-    ``transient`` tells the delivery loop whether a later retry can succeed.
-    """
-
-    def __init__(self, message: str, *, transient: bool, status: int | None = None) -> None:
-        super().__init__(message)
-        self.transient = transient
-        self.status = status
-
-
 class LedgerError(OncosegError):
     """Raised on a job or delivery state move the ledger forbids, or an unknown state;
     and at open when the ledger file is damaged or was written by a newer release.

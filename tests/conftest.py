@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -46,3 +48,43 @@ def make_config(tmp_path: Path):
 def no_daemon_outlives_its_test():
     yield
     Daemon.kill_leftovers()
+
+
+# What makes a test a ``peers`` test: a program outside Python, or a listener.
+PEER_PROGRAMS = frozenset({
+    "storescu", "storescp", "echoscu", "dcmcjpeg", "dcmcjpls", "dcmdjpeg", "dciodvfy",
+    "dcentvfy", "Orthanc", "chromium", "chromium-browser", "systemd-analyze",
+})
+
+
+class UnmarkedPeer(AssertionError):
+    """A test not marked ``peers`` started a peer program, the daemon or a listener."""
+
+
+@pytest.fixture(autouse=True)
+def peers_are_marked(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When peers are deselected (``-m "not peers"``), a test that needs one fails loudly.
+
+    So the fast run stays fast and runs where no peer is installed, and a new
+    test that forgot its marker is found, not silently slow.
+    """
+    if "not peers" not in (request.config.option.markexpr or ""):
+        return
+    if request.node.get_closest_marker("peers") is not None:
+        return
+    test = request.node.nodeid
+
+    def refuse_listen(self: socket.socket, *args: Any) -> None:
+        raise UnmarkedPeer(f"{test} opens a network listener: mark it peers")
+
+    execute_child = subprocess.Popen._execute_child  # type: ignore[attr-defined]
+
+    def checked_execute_child(self: subprocess.Popen, args: Any, *rest: Any) -> Any:
+        argv = [str(a) for a in args] if isinstance(args, (list, tuple)) else [str(args)]
+        program = Path(argv[0]).name
+        if program in PEER_PROGRAMS or argv[1:4] == ["-m", "oncoseg_node.cli", "run"]:
+            raise UnmarkedPeer(f"{test} starts {program} {' '.join(argv[1:4])}: mark it peers")
+        return execute_child(self, args, *rest)
+
+    monkeypatch.setattr(socket.socket, "listen", refuse_listen)
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", checked_execute_child)

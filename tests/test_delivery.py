@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 
 import pydicom
+import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, RTStructureSetStorage
@@ -20,6 +21,8 @@ from tests.conftest import write_config
 from tests.ctfactory import encode, series
 from tests.daemon import wait_until
 from tests.peers import free_port, storescp
+
+pytestmark = pytest.mark.peers
 
 FAST = {"first_delay_s": 0.2, "max_delay_s": 1.0}
 

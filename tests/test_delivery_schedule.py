@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 from pynetdicom.sop_class import CTImageStorage
 
 from oncoseg_node.config import load_config
@@ -15,6 +16,8 @@ from tests.conftest import write_config
 from tests.ctfactory import encode, series
 from tests.daemon import wait_until
 from tests.peers import free_port, storescp
+
+pytestmark = pytest.mark.peers
 
 
 def pending_deliveries(tmp_path, count: int, port: int, *, delay_s: float):

@@ -18,6 +18,8 @@ from tests.conftest import write_config
 from tests.daemon import Daemon, wait_until
 from tests.peers import dciodvfy, free_port, storescp, storescu
 
+pytestmark = pytest.mark.peers
+
 RTSTRUCT = "1.2.840.10008.5.1.4.1.1.481.3"
 
 

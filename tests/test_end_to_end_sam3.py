@@ -20,6 +20,8 @@ from tests.daemon import Daemon, wait_until  # noqa: E402
 from tests.peers import dciodvfy, free_port, storescp, storescu  # noqa: E402
 from tests.sam3_tiny import build_tiny_sam3  # noqa: E402
 
+pytestmark = pytest.mark.peers
+
 PROTOCOLS = """
 structures:
   External: {color: [0, 255, 0], type: EXTERNAL, engine: classical}

@@ -140,6 +140,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.peers
 def test_phantom_new_uids_and_reference_walkthrough(tmp_path):
     """The README walkthrough: phantom with its truth as a structure set, then evaluate it."""
     import csv

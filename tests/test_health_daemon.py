@@ -8,12 +8,16 @@ import json
 import shutil
 import threading
 
+import pytest
+
 from oncoseg_node.intake.assembly import Assembler
 from oncoseg_node.ledger import Ledger
 from tests.conftest import REPO, write_config
 from tests.daemon import Daemon, wait_until
 from tests.peers import free_port
 from tests.test_http_daemon import get
+
+pytestmark = pytest.mark.peers
 
 
 def healthz(port: int) -> tuple[int, dict]:

@@ -21,6 +21,8 @@ from oncoseg_node.ops.worker import WorkerMetrics
 from tests.ctfactory import ct_slice, encode
 from tests.pngread import decode
 
+pytestmark = pytest.mark.peers
+
 HOSTILE = '<script>alert("x")</script>'
 
 

@@ -29,6 +29,8 @@ from tests.test_http_page import screenshot
 from tests.test_metrics import parse
 from tests.test_receiver import scu_store
 
+pytestmark = pytest.mark.peers
+
 SLICES = 48
 # A thorax protocol as physics would write it; Heart is not something the
 # classical engine contours, so the page must show it as not found.

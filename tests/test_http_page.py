@@ -19,6 +19,8 @@ from oncoseg_node.ops.qa import Overlay, qa_relpath, write_qa_snapshot
 from tests.peers import require
 from tests.pngread import decode
 
+pytestmark = pytest.mark.peers
+
 STRUCTURES = {  # name: colour, as a physicist's protocol would give them
     "External": (0, 255, 0),
     "Lung_L": (0, 160, 255),

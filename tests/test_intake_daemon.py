@@ -7,6 +7,7 @@ import threading
 import time
 
 import pydicom
+import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
@@ -18,6 +19,8 @@ from tests.conftest import write_config
 from tests.ctfactory import ct_slice, encode, series
 from tests.daemon import Daemon, wait_until
 from tests.peers import free_port, storescu
+
+pytestmark = pytest.mark.peers
 
 
 def start_daemon(tmp_path, quiet: float = 2.0) -> Daemon:

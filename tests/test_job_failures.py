@@ -8,6 +8,7 @@ quarantined after ``series.max_attempts``.
 
 from __future__ import annotations
 
+import pytest
 from pydicom.uid import generate_uid
 
 from oncoseg_node.ledger import JobState, Ledger
@@ -15,6 +16,8 @@ from tests.conftest import write_config
 from tests.ctfactory import ct_slice, encode, series
 from tests.daemon import Daemon, wait_until
 from tests.peers import free_port, storescp, storescu
+
+pytestmark = pytest.mark.peers
 
 
 def write(datasets, directory):

@@ -16,6 +16,7 @@ import sqlite3
 from pathlib import Path
 
 import pydicom
+import pytest
 
 from oncoseg_node.config import load_config
 from oncoseg_node.delivery.scheduler import DeliveryScheduler
@@ -69,6 +70,7 @@ def test_schema1_ledger_migrates_with_every_row_kept(tmp_path):
     again.close()
 
 
+@pytest.mark.peers
 def test_pending_deliveries_of_a_schema1_ledger_reach_a_real_storescp(tmp_path):
     port = free_port()
     fast = {"first_delay_s": 0.2, "max_delay_s": 1.0}

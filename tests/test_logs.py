@@ -124,6 +124,7 @@ def json_lines(text: str) -> list[dict]:
     return records
 
 
+@pytest.mark.peers
 def test_library_records_share_the_one_json_stream(make_config, restore_stdlib_logging):
     """pynetdicom's records from a real association and apscheduler's from a real job
     come out as the same JSON lines as the node's own, on the same stream."""
@@ -198,6 +199,7 @@ def test_uncaught_thread_exception_is_a_json_line(restore_stdlib_logging):
     assert "ValueError: thread broke" in record["exception"]
 
 
+@pytest.mark.peers
 def test_daemon_logs_job_context_and_audit_records(tmp_path):
     port = free_port()
     with storescp(tmp_path / "tps") as tps_port:
@@ -231,6 +233,7 @@ def test_daemon_logs_job_context_and_audit_records(tmp_path):
     assert audit["rtstruct_delivered"]["sop_instance_uid"]
 
 
+@pytest.mark.peers
 def test_daemon_on_a_terminal_writes_readable_lines(tmp_path):
     port = free_port()
     config = write_config(tmp_path, node={"port": port})

@@ -11,12 +11,16 @@ import sys
 import time
 from datetime import datetime
 
+import pytest
+
 from oncoseg_node.cli import EXIT_START_FAILED
 from tests.conftest import write_config
 from tests.ctfactory import encode, series
 from tests.daemon import Daemon, wait_until
 from tests.peers import free_port, storescp, storescu
 from tests.test_systemd import UNIT, directives
+
+pytestmark = pytest.mark.peers
 
 
 def series_files(directory, count: int = 24):

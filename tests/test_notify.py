@@ -25,6 +25,8 @@ from oncoseg_node.ops.notify import Notifier
 from tests.conftest import write_config
 from tests.peers import free_port
 
+pytestmark = pytest.mark.peers
+
 WATCHDOG_USEC = 1_000_000  # pinged every 0.5 s
 
 

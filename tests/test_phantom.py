@@ -21,6 +21,7 @@ def patient_points(volume, mask: np.ndarray) -> np.ndarray:
     return np.concatenate(points)
 
 
+@pytest.mark.peers
 @pytest.mark.parametrize("kwargs", [
     {"slices": 3},
     {"slices": 3, "patient_position": "FFP", "gantry_tilt_deg": 12.0, "site": "pelvis"},

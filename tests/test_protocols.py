@@ -202,6 +202,7 @@ def test_hot_reload_swaps_valid_edits_and_keeps_the_last_good_set(tmp_path):
         watcher.stop()
 
 
+@pytest.mark.peers
 def test_hot_reload_on_a_running_daemon_changes_the_next_job(tmp_path):
     import time
 

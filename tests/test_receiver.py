@@ -25,6 +25,8 @@ from oncoseg_node.ledger import Ledger
 from tests.ctfactory import encode, series
 from tests.peers import DCMTK_ENV, require, storescu
 
+pytestmark = pytest.mark.peers
+
 
 @pytest.fixture
 def node(make_config, tmp_path):

@@ -50,6 +50,7 @@ def written(tmp_path: Path, geometry: str, profile: str = "generic"):
     return phantom, path
 
 
+@pytest.mark.peers
 @pytest.mark.parametrize("geometry", sorted(GEOMETRIES))
 def test_round_trip_and_dicom3tools_for_every_geometry(tmp_path, geometry):
     phantom, path = written(tmp_path, geometry)
@@ -177,6 +178,7 @@ def test_small_islands_are_dropped(tmp_path):
     assert len(ds.ROIContourSequence[0].ContourSequence) == 1
 
 
+@pytest.mark.peers
 def test_orthanc_accepts_the_structure_set_and_lists_its_rois(tmp_path):
     phantom, path = written(tmp_path, "HFS")
     with orthanc(tmp_path / "orthanc") as peer:

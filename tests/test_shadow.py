@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import pydicom
+import pytest
 
 from oncoseg_node.commissioning.phantom import write_phantom
 from oncoseg_node.ledger import JobState
 from tests.conftest import write_config
 from tests.daemon import Daemon, wait_until
 from tests.peers import free_port, storescp, storescu
+
+pytestmark = pytest.mark.peers
 
 PROTOCOLS = """
 structures:

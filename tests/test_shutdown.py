@@ -29,6 +29,8 @@ from tests.ctfactory import ct_slice
 from tests.daemon import Daemon, wait_until
 from tests.peers import free_port, storescp, storescu
 
+pytestmark = pytest.mark.peers
+
 SUCCESS = 0x0000
 
 

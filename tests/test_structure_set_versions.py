@@ -11,12 +11,15 @@ import copy
 from datetime import datetime
 
 import pydicom
+import pytest
 from pydicom.uid import generate_uid
 
 from oncoseg_node.commissioning.phantom import write_phantom
 from tests.conftest import write_config
 from tests.daemon import Daemon, wait_until
 from tests.peers import dciodvfy, free_port, storescp, storescu
+
+pytestmark = pytest.mark.peers
 
 
 def _received(tps) -> list[pydicom.Dataset]:  # noqa: ANN001

@@ -16,6 +16,8 @@ from oncoseg_node.ops.service import SHUTDOWN_DEADLINE_S
 from tests.conftest import REPO
 from tests.peers import require
 
+pytestmark = pytest.mark.peers
+
 UNIT = REPO / "systemd" / "oncoseg-node.service"
 DROP_IN = REPO / "systemd" / "drop-in-example.conf"
 SYSUSERS = REPO / "systemd" / "oncoseg-node.sysusers"

@@ -20,6 +20,8 @@ from oncoseg_node.intake.transport import Receiver
 from oncoseg_node.ledger import Ledger
 from tests.ctfactory import series
 
+pytestmark = pytest.mark.peers
+
 
 def openssl(*args: str) -> None:
     subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)

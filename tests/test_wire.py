@@ -27,6 +27,8 @@ from tests import rawpdu
 from tests.ctfactory import encode, series
 from tests.peers import storescu
 
+pytestmark = pytest.mark.peers
+
 TIMEOUT_S = 2.0
 
 

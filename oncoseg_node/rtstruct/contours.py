@@ -10,6 +10,13 @@ DICOM pixel indices (the first pixel's centre at 0, 0).
 Inside pixels are connected through their edges (4-connectivity): pixels
 touching only at a corner belong to separate contours. Outer boundaries
 come out with positive signed area, holes with negative.
+
+Written here, not taken from a library, because none traces pixel edges:
+scikit-image's ``find_contours`` (marching squares) and OpenCV's
+``findContours`` (used by rt-utils) both run through pixel centres, so they
+lose that half pixel, and neither says which loop is a hole of which region,
+which the keyhole style needs. ``tests/test_contours.py`` fills the traced
+loops back and checks the mask comes out identical.
 """
 
 from __future__ import annotations

@@ -27,8 +27,9 @@ absent with its best score: nothing is drawn from noise.
 Geometric prompts: a ``box_prompter`` (slice -> CT pixel boxes for a
 structure, e.g. intensity-based boxes from the classical engine) can be
 given to :meth:`Sam3Engine.from_config`; those slices are prompted with text
-and boxes together. ``registry.build_engines`` passes none until the
-classical engine publishes its box prompts (``engines/prompts.py``).
+and boxes together. ``registry.build_engines`` passes the intensity-based
+prompter of ``engines/prompts.py``, which boxes only structures whose
+protocol entry has an ``hu_window``.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ transformers' SAM3 video code fetches a compiled helper (cv-utils) from the
 hub at run time for mask NMS and hole filling; offline it only logs a warning
 and skips both, so a slice shows 8-16 overlapping objects instead of 1-2.
 The node never takes that path: these functions are always applied.
+``torchvision.ops.nms`` is no substitute: it suppresses by box overlap, and
+two organs can share a box while their masks barely touch.
 
 Memory is bounded: pairwise mask IoU is computed as a matrix product of
 flattened masks, ``O(n * pixels + n^2)``, never the ``n x n x pixels``
