@@ -15,14 +15,10 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from oncoseg_node import __version__
 from oncoseg_node.config import DEFAULT_CONFIG, Config, load_config
 from oncoseg_node.errors import ConfigError, OncosegError, StartupError
-
-if TYPE_CHECKING:
-    from oncoseg_node.contouring.protocols import ProtocolSet
 
 EXIT_FAILURE = 1
 EXIT_INVALID_CONFIG = 2
@@ -58,6 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from oncoseg_node.contouring.protocol_report import warning_lines
     from oncoseg_node.contouring.protocols import load_protocols
     from oncoseg_node.rtstruct.profiles import PROFILES
 
@@ -66,25 +63,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     protocols = load_protocols(config.protocols, min(limits) if limits else None)
     print(f"{args.config}: valid ({len(protocols.protocols)} protocols, "
           f"{len(config.destinations)} destinations, engine {config.engine.name})")
-    _print_protocol_warnings(config, protocols)
+    for line in warning_lines(config, protocols):
+        print(line)
     return 0
-
-
-def _print_protocol_warnings(config: Config, protocols: ProtocolSet,
-                             only: str | None = None) -> None:
-    """What a valid protocols file asks for that this node cannot do (``only``: one protocol)."""
-    from oncoseg_node.contouring.colors import color_warnings
-    from oncoseg_node.contouring.engines.registry import contourable
-    from oncoseg_node.contouring.protocol_checks import absence_warnings, match_warnings
-
-    absent = absence_warnings(protocols, contourable(config.engine))
-    if only is not None:
-        absent = [line for line in absent if line.startswith(f"protocols.{only}:")]
-    colors = color_warnings(protocols)
-    if only is not None:
-        colors = [line for line in colors if line.startswith(f"protocols.{only}:")]
-    for line in match_warnings(protocols) + absent + colors:
-        print(f"warning: {line}")
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
@@ -169,45 +150,20 @@ def cmd_resend(args: argparse.Namespace) -> int:
 
 
 def cmd_protocols_list(args: argparse.Namespace) -> int:
+    from oncoseg_node.contouring.protocol_report import protocol_lines
     from oncoseg_node.contouring.protocols import load_protocols
 
-    protocols = load_protocols(load_config(args.config).protocols)
-    print(f"{protocols.source} (version {protocols.version}, fallback: "
-          f"{protocols.fallback or 'skip'})")
-    for protocol in sorted(protocols.protocols, key=lambda p: -p.priority):
-        rules = [f"{k} ~ /{v.pattern}/" for k, v in protocol.match.attributes.items()]
-        if protocol.match.calling_aets:
-            rules.append(f"calling AE in {list(protocol.match.calling_aets)}")
-        if protocol.match.slice_thickness_mm:
-            rules.append(f"slice thickness in {list(protocol.match.slice_thickness_mm)} mm")
-        print(f"\n{protocol.name} (priority {protocol.priority}): "
-              f"{'; '.join(rules) or 'matches every series'}")
-        for s in protocol.structures:
-            side = f" {s.laterality}" if s.laterality else ""
-            print(f"  {s.name:<16} {s.interpreted_type:<9} {s.engine:<9} "
-                  f"rgb{s.color}{side}  {', '.join(s.concepts)}".rstrip())
+    print("\n".join(protocol_lines(load_protocols(load_config(args.config).protocols))))
     return 0
 
 
 def cmd_protocols_explain(args: argparse.Namespace) -> int:
-    from oncoseg_node.contouring.folder import series_paths
+    from oncoseg_node.contouring.protocol_report import explain_lines
     from oncoseg_node.contouring.protocols import load_protocols
-    from oncoseg_node.contouring.volume import read_ct_slices
 
     config = load_config(args.config)
-    protocols = load_protocols(config.protocols)
-    paths = series_paths(args.series_dir, args.series)
-    header = read_ct_slices(paths[:1])[0]
-    chosen = protocols.match(header, args.calling_ae)
-    for protocol in sorted(protocols.protocols, key=lambda p: -p.priority):
-        reasons = protocol.match.explain(header, args.calling_ae)
-        verdict = "matches" if not reasons else "does not match: " + "; ".join(reasons)
-        print(f"{protocol.name} (priority {protocol.priority}) {verdict}")
-    _print_protocol_warnings(config, protocols, chosen.name if chosen else None)
-    if chosen is None:
-        print("=> no protocol: the series would be skipped")
-    else:
-        print(f"=> {chosen.name}: {', '.join(s.name for s in chosen.structures)}")
+    print("\n".join(explain_lines(config, load_protocols(config.protocols), args.series_dir,
+                                 args.calling_ae, args.series)))
     return 0
 
 
