@@ -36,6 +36,8 @@ from oncoseg_node.ledger import Ledger
 from tests.ctfactory import encode, series
 from tests.peers import DCMTK_ENV, require
 
+pytestmark = pytest.mark.peers
+
 # transfer syntax -> DCMTK command making it from an uncompressed file (None: pydicom)
 MAKERS: dict[str, list[str] | None] = {
     JPEGLosslessSV1: ["dcmcjpeg", "+e1"],

@@ -1,10 +1,13 @@
 """The contour tracer against its own inverse on many random masks: trace, fill back, compare.
 
-Each mask is traced as the writer does (a whole volume at once), written in
-both hole styles the profiles use (keyhole cuts, or separate inner
-contours), converted to DICOM pixel indices and filled back with the
-even-odd rule every planning system uses. The filled mask must equal the
-traced one pixel for pixel: the tracer loses no pixel and adds none.
+Each mask is traced as the writer does (a whole volume at once: several
+slices, speckle, corner-touching pixels, masks touching the image edge),
+written in both hole styles the profiles use (keyhole cuts, or separate
+inner contours), converted to DICOM pixel indices and filled back with the
+even-odd rule every planning system uses (``test_staircase.refill``). The
+filled mask must equal the traced one pixel for pixel, and the regions must
+be the mask's 4-connected components with outer loops positive and holes
+negative.
 """
 
 from __future__ import annotations
@@ -13,13 +16,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from oncoseg_node.rtstruct.contours import (
-    corners_to_index,
-    fill_polygons,
-    keyhole,
-    signed_area,
-    trace_volume,
-)
+from oncoseg_node.rtstruct.contours import signed_area, trace_volume
+from tests.test_staircase import refill
 
 SEED = 20261201
 
@@ -48,17 +46,6 @@ def random_volumes(count: int) -> list[np.ndarray]:
 VOLUMES = random_volumes(240)
 
 
-def fill_back(regions, shape: tuple[int, int], hole_style: str) -> np.ndarray:
-    loops = []
-    for region in regions:
-        if hole_style == "keyhole":
-            loops.append(keyhole(region.outer, region.holes))
-        else:
-            loops.extend([region.outer, *region.holes])
-    polygons = [np.stack(corners_to_index(loop), axis=1) for loop in loops]
-    return fill_polygons(polygons, shape)
-
-
 @pytest.mark.parametrize("hole_style", ["keyhole", "separate"])
 def test_trace_then_fill_gives_the_same_mask(hole_style):
     holes_seen = islands_seen = 0
@@ -66,7 +53,7 @@ def test_trace_then_fill_gives_the_same_mask(hole_style):
         traced = trace_volume(mask)
         assert set(traced) == {z for z in range(mask.shape[0]) if mask[z].any()}, index
         for z, regions in traced.items():
-            back = fill_back(regions, mask.shape[1:], hole_style)
+            back = refill(regions, mask.shape[1:], hole_style)
             assert np.array_equal(back, mask[z]), f"volume {index} slice {z} ({hole_style})"
             holes_seen += sum(len(r.holes) for r in regions)
             islands_seen += len(regions)

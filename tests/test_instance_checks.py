@@ -29,6 +29,8 @@ from oncoseg_node.ledger import Ledger
 from tests.ctfactory import encode, series
 from tests.peers import DCMTK_ENV, require
 
+pytestmark = pytest.mark.peers
+
 
 @pytest.fixture
 def node(make_config):

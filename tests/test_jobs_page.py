@@ -111,6 +111,7 @@ def loaded(browser: Browser, image_id: str, index: int) -> None:
                      f" i.dataset.loadedSrc === i.src; }})()")
 
 
+@pytest.mark.peers
 def test_jobs_table_lists_the_job_with_stage_times_and_attempts(served):
     status, headers, body = get(served["port"], "/jobs")
     page = body.decode()
@@ -121,6 +122,7 @@ def test_jobs_table_lists_the_job_with_stage_times_and_attempts(served):
     assert "PHANTOM001" in page and "thorax" in page
 
 
+@pytest.mark.peers
 def test_job_page_moves_through_every_slice_and_draws_each_one(served):
     browser, phantom, job = served["browser"], served["phantom"], served["job"]
     browser.load(f"http://127.0.0.1:{served['port']}/jobs/{job}")
@@ -155,6 +157,7 @@ def test_job_page_moves_through_every_slice_and_draws_each_one(served):
     assert structures == list(COLORS)
 
 
+@pytest.mark.peers
 def test_toggle_window_and_other_planes(served):
     browser, job = served["browser"], served["job"]
     browser.load(f"http://127.0.0.1:{served['port']}/jobs/{job}")
@@ -228,6 +231,7 @@ GRAY_MEAN = """(() => {
     return n ? sum / n : 0; })()"""
 
 
+@pytest.mark.peers
 def test_job_page_and_downloads_over_http(served):
     port, job = served["port"], served["job"]
     status, headers, body = get(port, f"/jobs/{job}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import stat
 
+import pytest
+
 from oncoseg_node.durable import write_durably
 from oncoseg_node.intake.spool import Spool
 from oncoseg_node.ledger import JobState, Ledger
@@ -24,6 +26,7 @@ def open_to_others(root) -> list[str]:
     return found
 
 
+@pytest.mark.peers
 def test_a_run_under_umask_022_leaves_nothing_readable_by_others(tmp_path):
     send = tmp_path / "send"
     send.mkdir()
