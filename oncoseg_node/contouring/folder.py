@@ -20,11 +20,9 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import CTImageStorage
+from pydicom.uid import CTImageStorage, MediaStorageDirectoryStorage
 
 from oncoseg_node.errors import SeriesLoadError
-
-MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 
 
 @dataclass(frozen=True)
@@ -147,7 +145,7 @@ def scan_folder(directory: Path | str) -> FolderScan:
             scan.non_dicom.append(path)
             continue
         meta_class = str(getattr(ds, "file_meta", Dataset()).get("MediaStorageSOPClassUID", ""))
-        if meta_class == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
+        if meta_class == MediaStorageDirectoryStorage or "DirectoryRecordSequence" in ds:
             scan.dicomdirs.append(path)
             continue
         if str(ds.get("SOPClassUID", "")) != CTImageStorage:
