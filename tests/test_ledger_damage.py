@@ -49,6 +49,7 @@ def test_damaged_pages_are_found_by_the_check_at_open(tmp_path):
         Ledger(path)
 
 
+@pytest.mark.peers
 def test_run_on_a_damaged_ledger_prints_one_line_and_exits_non_zero(tmp_path):
     config = write_config(tmp_path)
     state = tmp_path / "state"
