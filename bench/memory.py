@@ -2,7 +2,9 @@
 
 Two loads: one ~1 GiB CT instance (16384 x 32768, 16 bit) and a 1,000-slice
 512x512 series, each sent by DCMTK storescu. Peak RSS is the kernel's VmHWM
-of the receiving process. Run: python -m bench.memory
+of the receiving process. The node refuses the 1 GiB matrix once it has
+arrived (no CT is over 4096 x 4096), storescp stores it: both have received
+every byte. Run: python -m bench.memory
 """
 
 from __future__ import annotations
@@ -30,11 +32,14 @@ def peak_rss_mib(pid: int) -> float:
 
 
 def send(target: Path, port: int, called: str) -> None:
+    """Send with storescu; the node's refusal of a matrix no CT has still costs the receive."""
     args = [require("storescu"), "-aec", called, "127.0.0.1", str(port)]
     if target.is_dir():
         args[1:1] = ["--scan-directories"]
-    subprocess.run([*args, str(target)], env=DCMTK_ENV, check=True, capture_output=True,
-                   timeout=900)
+    done = subprocess.run([*args, str(target)], env=DCMTK_ENV, capture_output=True, text=True,
+                          timeout=900)
+    if done.returncode != 0 and target.is_dir():
+        raise SystemExit(f"storescu to {called} failed: {done.stderr[-500:]}")
 
 
 def measure(name: str, target: Path, tmp: Path) -> None:

@@ -79,6 +79,42 @@ def write_and_sync(tmp: Path, parts: Sequence[bytes]) -> int:
     return size
 
 
+def copy_and_sync(tmp: Path, head: bytes, source: Path, offset: int, length: int) -> int:
+    """Write ``head`` then ``length`` bytes of ``source`` from ``offset`` to a new file; fsync.
+
+    The copy runs in the kernel (``copy_file_range``, or ``sendfile`` where
+    the two files' filesystems do not allow it), so a large instance never
+    passes through the process's memory. Returns the byte count.
+    """
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
+    try:
+        size = 0
+        view = memoryview(head)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+            size += written
+        with open(source, "rb") as src:
+            copied = 0
+            while copied < length:
+                try:
+                    step = os.copy_file_range(src.fileno(), fd, length - copied,
+                                              offset + copied)
+                except OSError:  # EXDEV, ENOSYS, EINVAL: a filesystem pair that cannot
+                    step = os.sendfile(fd, src.fileno(), offset + copied, length - copied)
+                if step == 0:
+                    raise OSError(f"{source}: ended {length - copied} bytes early")
+                copied += step
+        size += copied
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    return size
+
+
 def write_durably(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically and durably (tmp + fsync + rename)."""
     tmp = temporary_name(path)

@@ -93,7 +93,9 @@ def test_unit_runs_the_daemon_as_a_notify_service_with_a_watchdog():
     assert seconds(unit["WatchdogSec"][0]) >= 10
     assert unit["Restart"] == ["on-failure"]
     assert unit["User"] == ["oncoseg"] and "DynamicUser" not in unit
-    assert unit["StateDirectory"] == ["oncoseg-node"]
+    assert unit["StateDirectory"] == ["oncoseg-node oncoseg-node/incoming"]
+    # received data sets are written to TMPDIR before the spool: on the state disk
+    assert "TMPDIR=/var/lib/oncoseg-node/incoming" in " ".join(unit["Environment"])
     args = build_parser().parse_args(shlex.split(unit["ExecStart"][0])[1:])
     assert args.func is cmd_run
     assert str(args.config) == "/etc/oncoseg-node/oncoseg-node.yaml"

@@ -6,9 +6,11 @@ association thread.
 
 from __future__ import annotations
 
-import hashlib
+import struct
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -34,6 +36,25 @@ from oncoseg_node.ledger import Ledger
 from oncoseg_node.ledger.intake import ENDED_BY_RELEASE, Recorded
 
 log = structlog.get_logger("oncoseg_node.receiver")
+
+# (0002,0000) File Meta Information Group Length, UL, explicit VR little endian
+META_GROUP_LENGTH = b"\x02\x00\x00\x00UL"
+
+
+def received_region(path: Path) -> tuple[Path, int, int]:
+    """Where the dataset sits in a file pynetdicom received: (path, offset, length).
+
+    The file is preamble, ``DICM``, pynetdicom's own File Meta Information
+    (which we replace with ours) and then the dataset exactly as sent.
+    """
+    path = Path(path)
+    with open(path, "rb") as fh:
+        head = fh.read(144)
+    if len(head) < 144 or head[128:132] != b"DICM" or head[132:138] != META_GROUP_LENGTH:
+        raise OSError(f"{path}: not the received-dataset file pynetdicom writes")
+    (meta_length,) = struct.unpack("<I", head[140:144])
+    offset = 144 + meta_length
+    return path, offset, path.stat().st_size - offset
 
 
 class StoreHandlers:
@@ -136,16 +157,19 @@ class StoreHandlers:
                 bound.warning("store_refused", status=status.describe(refusal.status),
                               reason=refusal.comment)
                 return refusal.as_dataset()
-            stream = event.encoded_dataset(include_meta=False)
-            # The file starts being written and synced at once (named from the
-            # command's UIDs, which check_header requires to equal the
+            # The dataset arrived in a file (pynetdicom's chunked receive, see
+            # transport): it is copied behind our file meta by the kernel and
+            # hashed on a writer thread, both starting at once, named from the
+            # command's UIDs (which check_header requires to equal the
             # dataset's); validation runs meanwhile and decides if it is kept.
-            pending = self.spool.begin((encode_file_meta(
+            received = received_region(event.dataset_path)
+            pending = self.spool.begin_copy(encode_file_meta(
                 str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID),
-                str(syntax), calling_ae), stream))
+                str(syntax), calling_ae), *received)
             try:
-                return self._validate_and_accept(pending, stream, syntax, request, calling_ae,
-                                                 bound, event.assoc)
+                digest = self.spool.digest(*received)
+                return self._validate_and_accept(pending, received, digest, syntax, request,
+                                                 calling_ae, bound, event.assoc)
             except BaseException:
                 pending.abort()
                 raise
@@ -159,11 +183,14 @@ class StoreHandlers:
             return Refusal(status.PROCESSING_FAILURE,
                            f"node error {type(exc).__name__}; nothing stored").as_dataset()
 
-    def _validate_and_accept(self, pending: PendingWrite, stream: bytes, syntax: UID,
-                             request: Any, calling_ae: str, bound: Any,
-                             assoc: Any) -> int | Dataset:
+    def _validate_and_accept(self, pending: PendingWrite, received: tuple[Path, int, int],
+                             digest: Future[str], syntax: UID, request: Any, calling_ae: str,
+                             bound: Any, assoc: Any) -> int | Dataset:
+        path, offset, length = received
         try:
-            parsed = parse_instance(stream, syntax)
+            with open(path, "rb") as fh:
+                fh.seek(offset)
+                parsed = parse_instance(fh, syntax, length)
         except Exception as exc:  # any parse failure is the peer's malformed data
             pending.abort()
             bound.warning("store_refused_unparsable", error=str(exc))
@@ -174,10 +201,10 @@ class StoreHandlers:
             bound.warning("store_refused", status=status.describe(refusal.status),
                           reason=refusal.comment)
             return refusal.as_dataset()
-        return self._accept(pending, stream, parsed.header, calling_ae, bound, assoc)
+        return self._accept(pending, digest, parsed.header, calling_ae, bound, assoc)
 
-    def _accept(self, pending: PendingWrite, stream: bytes, header: Dataset, calling_ae: str,
-                bound: Any, assoc: Any) -> int:
+    def _accept(self, pending: PendingWrite, digest_of: Future[str], header: Dataset,
+                calling_ae: str, bound: Any, assoc: Any) -> int:
         sop_class = str(header.SOPClassUID)
         uid = str(header.SOPInstanceUID)
         series_uid = str(header.SeriesInstanceUID)
@@ -192,7 +219,7 @@ class StoreHandlers:
             bound.info("instance_ignored", reason="localizer (ImageType LOCALIZER)")
             return status.SUCCESS
         # Identity of an instance is its dataset as sent, not our file meta.
-        digest = hashlib.sha256(stream).hexdigest()
+        digest = digest_of.result()
         existing = self.ledger.find_instance(uid)
         if existing is not None and (existing.sha256 == digest
                                      or self.series.duplicate_policy == "keep_first"):

@@ -11,7 +11,7 @@ import io
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
@@ -95,36 +95,51 @@ class ParsedInstance:
     compressed_syntax: bool = False
 
 
-def parse_instance(stream: bytes, transfer_syntax: UID) -> ParsedInstance:
+def parse_instance(stream: bytes | BinaryIO, transfer_syntax: UID,
+                   length: int | None = None) -> ParsedInstance:
     """Parse a received dataset's header and locate its PixelData.
 
     ``stream`` is the dataset as it came over the wire (no file meta), in
-    ``transfer_syntax``. Parsing stops before PixelData, so a large image is
-    neither copied nor decoded on the association thread; its length is read
-    from the encoding.
+    ``transfer_syntax``: its bytes, or a binary file positioned at its first
+    byte with ``length`` bytes of it to come (a large instance received to
+    disk). Parsing stops before PixelData, so a large image is neither
+    copied nor decoded on the association thread; its length is read from
+    the encoding.
     """
+    if isinstance(stream, bytes | bytearray | memoryview):
+        fp: BinaryIO = io.BytesIO(stream)
+        length = len(stream)
+    else:
+        fp = stream
+        if length is None:
+            raise ValueError("a dataset read from a file needs its length")
     if transfer_syntax.is_deflated:
-        stream = inflate(stream)
-    fp = io.BytesIO(stream)
+        if length > MAX_INFLATED_BYTES:
+            raise ValueError(f"deflated data set of {length} bytes is over the limit")
+        fp = io.BytesIO(inflate(fp.read(length)))
+        length = len(fp.getvalue())
+    start = fp.tell()
     # Every top-level element is read (as raw bytes, converted only when
     # used) so that every UID can be checked.
     header = read_dataset(fp, transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian,
                           stop_when=_at_pixel_data)
-    offset = fp.tell()
+    offset = fp.tell() - start
+    fp.seek(start + offset)
+    element_head = fp.read(12)
     pixel_bytes = declared = None
     encapsulated = False
-    if stream[offset:offset + 4] in (PIXEL_DATA_TAG_LE, PIXEL_DATA_TAG_BE):
+    if element_head[:4] in (PIXEL_DATA_TAG_LE, PIXEL_DATA_TAG_BE):
         fmt = "<" if transfer_syntax.is_little_endian else ">"
         if transfer_syntax.is_implicit_VR:  # tag, 4-byte length
-            (declared,) = struct.unpack(fmt + "I", stream[offset + 4:offset + 8])
+            (declared,) = struct.unpack(fmt + "I", element_head[4:8])
             value_at = offset + 8
         else:  # tag, VR, 2 reserved bytes, 4-byte length
-            (declared,) = struct.unpack(fmt + "I", stream[offset + 8:offset + 12])
+            (declared,) = struct.unpack(fmt + "I", element_head[8:12])
             value_at = offset + 12
         if declared == UNDEFINED_LENGTH:
             encapsulated, declared = True, None
         else:
-            pixel_bytes = min(declared, max(len(stream) - value_at, 0))
+            pixel_bytes = min(declared, max(length - value_at, 0))
     compressed = transfer_syntax.is_compressed and not transfer_syntax.is_deflated
     return ParsedInstance(header, pixel_bytes, declared, encapsulated, compressed)
 

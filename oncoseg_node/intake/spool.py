@@ -25,6 +25,7 @@ from pathlib import Path
 
 from oncoseg_node.durable import (
     TMP_SUFFIX,
+    copy_and_sync,
     fsync_dir,
     private_dir,
     temporary_name,
@@ -39,6 +40,20 @@ class StoredFile:
     relpath: str
     sha256: str
     size: int
+
+
+def sha256_of_region(source: Path, offset: int, length: int) -> str:
+    digest = hashlib.sha256()
+    with open(source, "rb") as fh:
+        fh.seek(offset)
+        remaining = length
+        while remaining:
+            piece = fh.read(min(remaining, 1 << 20))
+            if not piece:
+                raise OSError(f"{source}: ended {remaining} bytes early")
+            digest.update(piece)
+            remaining -= len(piece)
+    return digest.hexdigest()
 
 
 class PendingWrite:
@@ -92,6 +107,21 @@ class Spool:
         tmp = temporary_name(final)
         return PendingWrite(self, final, tmp, self._pool.submit(write_and_sync, tmp, parts),
                             sum(len(p) for p in parts))
+
+    def begin_copy(self, head: bytes, source: Path, offset: int, length: int) -> PendingWrite:
+        """Start writing ``head`` and a region of ``source`` (an instance received to disk)."""
+        final = self._new_path()
+        tmp = temporary_name(final)
+        return PendingWrite(self, final, tmp,
+                            self._pool.submit(copy_and_sync, tmp, head, source, offset, length),
+                            len(head) + length)
+
+    def digest(self, source: Path, offset: int, length: int) -> Future[str]:
+        """SHA-256 (hex) of a region of ``source``, computed on a writer thread.
+
+        Read in 1 MiB pieces: a large instance is hashed without being held.
+        """
+        return self._pool.submit(sha256_of_region, source, offset, length)
 
     def store(self, data: bytes) -> StoredFile:
         """Durably store one encoded instance and wait for it."""

@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 from pydicom.uid import CTImageStorage
-from pynetdicom import AE
+from pynetdicom import AE, _config
 from pynetdicom.events import EventHandlerType
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
@@ -182,6 +182,13 @@ class Receiver:
         self.node = node
         self.handlers = handlers
         self.extra = list(extra)
+        # Every C-STORE data set is written to a file as its fragments arrive
+        # (pynetdicom's chunked receive; a process-wide switch, and the node's
+        # only receiver is this one), so an instance is never held in memory
+        # whole: a 1 GiB enhanced CT costs a PDU buffer, not a gigabyte. The
+        # file goes to the temporary folder (TMPDIR; the unit points it at the
+        # state disk); the handlers copy it into the spool.
+        _config.STORE_RECV_CHUNKED_DATASET = True
         self.ae = build_ae(node, self.extra)
         self.server: NodeServer | None = None
         self._thread: threading.Thread | None = None
