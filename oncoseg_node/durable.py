@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import secrets
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 TMP_SUFFIX = ".partial"
@@ -59,17 +59,11 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
 
 
-def write_and_sync(tmp: Path, parts: Sequence[bytes]) -> int:
-    """Write ``parts`` to a new file and fsync it; returns the byte count."""
+def _synced_new_file(tmp: Path, fill: Callable[[int], int]) -> int:
+    """Create ``tmp``, let ``fill(fd)`` write it, fsync; on any failure no file stays."""
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
     try:
-        size = 0
-        for part in parts:
-            view = memoryview(part)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-                size += written
+        size = fill(fd)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -79,6 +73,18 @@ def write_and_sync(tmp: Path, parts: Sequence[bytes]) -> int:
     return size
 
 
+def _write_all(fd: int, data: bytes) -> int:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    return len(data)
+
+
+def write_and_sync(tmp: Path, parts: Sequence[bytes]) -> int:
+    """Write ``parts`` to a new file and fsync it; returns the byte count."""
+    return _synced_new_file(tmp, lambda fd: sum(_write_all(fd, part) for part in parts))
+
+
 def copy_and_sync(tmp: Path, head: bytes, source: Path, offset: int, length: int) -> int:
     """Write ``head`` then ``length`` bytes of ``source`` from ``offset`` to a new file; fsync.
 
@@ -86,14 +92,9 @@ def copy_and_sync(tmp: Path, head: bytes, source: Path, offset: int, length: int
     the two files' filesystems do not allow it), so a large instance never
     passes through the process's memory. Returns the byte count.
     """
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
-    try:
-        size = 0
-        view = memoryview(head)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-            size += written
+
+    def fill(fd: int) -> int:
+        size = _write_all(fd, head)
         with open(source, "rb") as src:
             copied = 0
             while copied < length:
@@ -105,14 +106,9 @@ def copy_and_sync(tmp: Path, head: bytes, source: Path, offset: int, length: int
                 if step == 0:
                     raise OSError(f"{source}: ended {length - copied} bytes early")
                 copied += step
-        size += copied
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    return size
+        return size + copied
+
+    return _synced_new_file(tmp, fill)
 
 
 def write_durably(path: Path, data: bytes) -> None:
