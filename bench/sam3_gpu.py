@@ -271,7 +271,7 @@ def main() -> int:
             candidates = engine._candidates(volume, frame, request[0], False, hits, 0.0)
             seed = max((d for dets in candidates for d in dets), key=lambda d: d.score)
             run = TrackerRun(engine.model.tracker_model, store, engine.device, engine.dtype,
-                             engine.follow)
+                             engine.tracking)
             follow(run, [seed], candidates)
         want = estimate(engine.model.config, slices, 1, 1, 1, dtype_bytes)
         session, frames = session_bytes(run)

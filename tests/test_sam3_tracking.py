@@ -79,7 +79,7 @@ def test_a_multi_part_structure_tracks_every_instance(tiny_dir: Path):
 
 def test_tracking_rules_come_from_the_checkpoint_config(engine: Sam3Engine):
     """transformers' Sam3VideoConfig defaults: re-anchor every 16 slices at 0.8 / 0.8."""
-    follow = engine.follow
+    follow = engine.tracking
     assert (follow.reanchor_every, follow.high_conf, follow.high_iou) == (16, 0.8, 0.8)
     assert follow.assoc_iou == engine.assoc_iou and follow.max_gap == 2
 
@@ -96,7 +96,7 @@ def _run_on_tiny(engine: Sam3Engine, **settings):
     candidates = engine._candidates(volume, frame, STRUCTURES[0], False, hits, 0.0)
     seed = max((d for dets in candidates for d in dets), key=lambda d: d.score)
     run = TrackerRun(engine.model.tracker_model, store, engine.device, engine.dtype,
-                     replace(engine.follow, **settings))
+                     replace(engine.tracking, **settings))
     return run, seed, candidates
 
 

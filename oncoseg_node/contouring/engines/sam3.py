@@ -124,7 +124,7 @@ class Sam3Engine:
         self.image_size = int(vcfg.image_size)
         self.nms_iou = float(vcfg.det_nms_thresh)
         self.assoc_iou = float(vcfg.assoc_iou_thresh)
-        self.follow = FollowSettings.from_model(vcfg, config.track_gap_slices)
+        self.tracking = FollowSettings.from_model(vcfg, config.track_gap_slices)
         self._text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
     @classmethod
@@ -391,5 +391,5 @@ class Sam3Engine:
                      if d is seed or float(pairwise_mask_iou(d.mask[None], seed.mask[None])[0, 0])
                      < self.assoc_iou][: self.config.max_instances]
             seeds.sort(key=lambda d: d is not seed)  # the seed first
-        run = TrackerRun(self.model.tracker_model, store, self.device, self.dtype, self.follow)
+        run = TrackerRun(self.model.tracker_model, store, self.device, self.dtype, self.tracking)
         return follow(run, seeds, candidates)
