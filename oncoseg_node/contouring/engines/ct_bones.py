@@ -1,0 +1,183 @@
+"""The skeleton: cortical shells found by density, marrow filled in, contrast and metal left out.
+
+Steps, each from what CT shows of bone rather than from one scanner:
+
+1. Candidate bone is denser than LOW_HU and than half way between soft
+   tissue and the densest voxel within PEAK_MM (the half-maximum edge: a
+   dense cortex's blur does not widen it, a thin rib blended with soft
+   tissue over a 3 mm slice is still found at its own, lower, peak).
+2. Metal (denser than any bone) and its blur are removed.
+3. Iodinated contrast is as dense as bone, but a contrast-filled vessel,
+   bowel loop or bladder is a plateau brighter than its own rim, while a
+   thick bone is a cortex brighter than its marrow. Thick parts (what is
+   left after eroding THICK_MM) whose ring holds no voxels well above the
+   core's median are contrast and are removed with that ring.
+4. Hysteresis: a candidate component is bone only if it holds a voxel
+   denser than SEED_HU (enhanced kidney or myocardium never is).
+5. Marrow: what the shells enclose is filled, on axial slices and on
+   coronal and sagittal ones (a vertebral body whose axial ring is open is
+   closed by its endplates on both), when it is trabecular (denser than MARROW_HU)
+   or fatty marrow in a small cavity, never the canal or a body cavity.
+
+Masks are ``(z, y, x)`` on the volume's grid.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from oncoseg_node.contouring.engines.postprocess import (
+    IN_PLANE,
+    bbox,
+    dilate,
+    erode,
+    fill_holes,
+    radius_px,
+)
+from oncoseg_node.contouring.volume import Volume
+
+LOW_HU = 120.0         # above unenhanced soft tissue with noise; below any cortex blend
+SEED_HU = 250.0        # confident bone: a cortex, even blended over a 3 mm slice
+SOFT_HU = 40.0         # what bone borders; its edge lies half way to the bone's peak
+PEAK_MM = 2.0
+METAL_HU = 2500.0      # denser than cortical bone (<= ~2000 HU)
+METAL_MARGIN_MM = 2.0  # the blur (and blooming) around metal
+THICK_MM = 2.5         # thicker than 2x this is a body worth testing for contrast
+CORTEX_STEP_HU = 60.0  # a cortex's densest voxels stand this far above its marrow
+MARROW_HU = 60.0       # trabecular marrow (100-300 HU) stays above, the canal below
+FATTY_HU = (-200.0, -20.0)  # fatty marrow of a long bone's shaft
+MARROW_MM2 = 3000.0    # larger enclosed regions are body cavities (pelvic inlet, skull)
+FATTY_MM2 = 800.0      # fatty marrow cavities are small; a fat-filled pelvis is not one
+
+
+def _local_max(hu: np.ndarray, ry: int, rx: int) -> np.ndarray:
+    """In-plane maximum over a (2 ry + 1) x (2 rx + 1) window, by shifts."""
+    out = hu.copy()
+    for axis, radius in ((1, max(ry, 1)), (2, max(rx, 1))):
+        lo = [slice(None)] * 3
+        hi = [slice(None)] * 3
+        lo[axis], hi[axis] = slice(None, -1), slice(1, None)
+        for _ in range(radius):
+            np.maximum(out[tuple(hi)], out[tuple(lo)], out=out[tuple(hi)])
+        for _ in range(radius):
+            np.maximum(out[tuple(lo)], out[tuple(hi)], out=out[tuple(lo)])
+    return out
+
+
+def _without_contrast(volume: Volume, cand: np.ndarray, hu: np.ndarray) -> np.ndarray:
+    """``cand`` less the thick plateaus brighter than their rim (iodine), with their rim."""
+    ry, rx = radius_px(volume, THICK_MM)
+    core = erode(cand, ry, rx) & cand
+    if not core.any():
+        return cand
+    labels, count = ndimage.label(core)
+    zone = ndimage.grey_dilation(labels, footprint=np.ones((1, 2 * ry + 3, 2 * rx + 3), bool))
+    ring = cand & ~core & (zone > 0)
+    core_hu = _percentile(hu, labels, count, 50.0)
+    # The ring's edge is blurred for bone and iodine alike; its densest voxels are not:
+    # a cortex stands well above the marrow it holds, a plateau's rim never above it.
+    ring_hu = _percentile(hu, np.where(ring, zone, 0), count, 90.0)
+    plateau = ring_hu < core_hu + CORTEX_STEP_HU
+    # A long bone's shaft is a plateau of cortex too, but it rings its medullary cavity.
+    enclosing = np.zeros(count + 1, dtype=bool)
+    enclosing[np.unique(zone[fill_holes(cand) & ~cand])] = True
+    contrast = np.concatenate([[False], plateau & ~enclosing[1:]])
+    if not contrast.any():
+        return cand
+    return cand & ~(contrast[zone] & (zone > 0))
+
+
+def _percentile(hu: np.ndarray, labels: np.ndarray, count: int, q: float) -> np.ndarray:
+    """The ``q``-th percentile of ``hu`` per label 1..count (NaN where a label is empty)."""
+    flat = np.flatnonzero(labels)
+    lab = labels.ravel()[flat]
+    values = hu.ravel()[flat]
+    order = np.lexsort((values, lab))
+    lab, values = lab[order], values[order]
+    starts = np.searchsorted(lab, np.arange(1, count + 1))
+    ends = np.searchsorted(lab, np.arange(1, count + 1), side="right")
+    out = np.full(count, np.nan)
+    has = ends > starts
+    pick = starts + ((ends - starts - 1) * q / 100.0).astype(int)
+    out[has] = values[pick[has]]
+    return out
+
+
+def _seeded(cand: np.ndarray, hu: np.ndarray) -> np.ndarray:
+    """Components of ``cand`` (26-connected) that hold a voxel denser than SEED_HU."""
+    labels, count = ndimage.label(cand, structure=np.ones((3, 3, 3), bool))
+    if not count:
+        return cand
+    seeded = np.zeros(count + 1, dtype=bool)
+    seeded[np.unique(labels[cand & (hu > SEED_HU)])] = True
+    seeded[0] = False
+    return seeded[labels]
+
+
+def _enclosed_marrow(volume: Volume, shell: np.ndarray, hu: np.ndarray,
+                     canal: np.ndarray) -> np.ndarray:
+    """Regions the shell encloses on a slice that are marrow, by mean HU and size."""
+    holes = fill_holes(shell) & ~shell
+    labels, count = ndimage.label(holes, structure=IN_PLANE)
+    if not count:
+        return holes
+    index = np.arange(1, count + 1)
+    # Judge a cavity by its inside: next to a dense cortex its rim is blurred toward bone.
+    inner = np.where(erode(holes, 1, 1), labels, 0)
+    inner_size = np.bincount(inner.ravel(), minlength=count + 1)[1:]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(inner_size > 0, np.asarray(ndimage.mean(hu, inner, index)),
+                        np.asarray(ndimage.mean(hu, labels, index)))
+    area = np.bincount(labels.ravel(), minlength=count + 1)[1:] \
+        * volume.pixel_spacing[0] * volume.pixel_spacing[1]
+    in_canal = np.bincount(labels.ravel(), weights=canal.ravel(), minlength=count + 1)[1:] > 0
+    marrow = ((mean > MARROW_HU) & (area <= MARROW_MM2)) | \
+        ((mean > FATTY_HU[0]) & (mean < FATTY_HU[1]) & (area <= FATTY_MM2))
+    return np.concatenate([[False], marrow & ~in_canal])[labels]
+
+
+def _orthogonal_fill(shell: np.ndarray, hu: np.ndarray, canal: np.ndarray) -> np.ndarray:
+    """Marrow enclosed on both coronal and sagittal planes (voxels denser than MARROW_HU).
+
+    Both: a plane tangent to a curved shell (the skull) cuts it in a ring that
+    encloses soft tissue on one of them, never on both.
+    """
+    dense = ndimage.uniform_filter(hu, size=(1, 3, 3)) > MARROW_HU
+    out = dense & ~shell & ~canal
+    for order in ((1, 0, 2), (2, 0, 1)):  # coronal planes (z, x), sagittal planes (z, y)
+        view = np.ascontiguousarray(shell.transpose(order))
+        out &= fill_holes(view).transpose(np.argsort(order))
+    return out
+
+
+class Skeleton:
+    """Bones (marrow included) and the bony shell the canal search looks in."""
+
+    def __init__(self, volume: Volume, body: np.ndarray) -> None:
+        self.box = bbox((volume.hu > LOW_HU) & body, pad=2)
+        self.bones = np.zeros(volume.shape, dtype=bool)
+        self.shell = np.zeros((0, 0, 0), dtype=bool)
+        self.hu = np.zeros((0, 0, 0), dtype=np.float32)
+        if self.box is None:
+            return
+        box = self.box
+        hu = volume.hu[box]
+        peak = _local_max(hu, *radius_px(volume, PEAK_MM))
+        cand = (hu > LOW_HU) & (hu > (peak + SOFT_HU) / 2) & body[box]
+        metal = hu > METAL_HU
+        if metal.any():
+            cand &= ~dilate(metal, *radius_px(volume, METAL_MARGIN_MM))
+        cand = _without_contrast(volume, cand, hu)
+        self.shell = _seeded(cand, hu)
+        self.hu = hu
+
+    def fill(self, volume: Volume, canal_in_box: np.ndarray) -> np.ndarray:
+        """The bones with their marrow, the canal left out; on the whole volume."""
+        if self.box is None:
+            return self.bones
+        shell = self.shell
+        marrow = _enclosed_marrow(volume, shell, self.hu, canal_in_box)
+        marrow |= _orthogonal_fill(shell | marrow, self.hu, canal_in_box)
+        self.bones[self.box] = (shell | marrow) & ~canal_in_box
+        return self.bones

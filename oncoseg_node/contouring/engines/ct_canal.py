@@ -1,0 +1,174 @@
+"""The spinal canal: the low-density channel behind the vertebral bodies, continuous in 3D.
+
+On real vertebrae bone rings the canal only at the pedicles; between them
+the ring opens at the foramina, in front at the discs and behind between the
+laminae. So the canal is found where the ring is (nearly) closed, per slice,
+after an in-plane closing of CLOSE_MM bridges small gaps; it must be soft
+tissue or fluid, of a canal's cross-section, near the midline and behind
+the body's centre. The slices found are linked into one channel in 3D (the
+longest run along the table), and on the slices between them, where the
+ring is open, the neighbours' canal is carried over what is not bone. No
+spine in the series: no ring near the midline, no canal.
+
+Masks are ``(z, y, x)``; patient coordinates are DICOM LPS (+y posterior).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from oncoseg_node.contouring.engines.postprocess import (
+    IN_PLANE,
+    dilate,
+    erode,
+    fill_holes,
+    radius_px,
+)
+from oncoseg_node.contouring.volume import Volume
+
+CLOSE_MM = 2.0         # gaps in the ring up to twice this are bridged on a slice
+CANAL_HU = (-120.0, 90.0)  # CSF, cord and epidural fat; marrow and bone lie above
+CANAL_MM2 = (40.0, 700.0)  # cervical to lumbar cross-sections (0.4 to 7 cm^2)
+MIDLINE_MM = 25.0      # the canal's centre lies this close to the body's midline
+GAP_MM = 30.0          # the ring may be open over this much of the table between finds
+END_MM = 15.0          # and beyond the last find, while bone still surrounds the canal
+MIN_RUN_MM = 10.0      # a channel shorter than this is not a spine
+
+
+def _hole_candidates(volume: Volume, shell: np.ndarray, hu: np.ndarray,
+                     box: tuple[slice, ...], mid: np.ndarray, body_y: np.ndarray
+                     ) -> np.ndarray:
+    """Per slice, the enclosed soft-tissue region most like a canal (or nothing)."""
+    ry, rx = radius_px(volume, CLOSE_MM)
+    closed = erode(dilate(shell, ry, rx), ry, rx) | shell
+    holes = fill_holes(closed) & ~closed
+    labels, count = ndimage.label(holes, structure=IN_PLANE)
+    out = np.zeros(shell.shape, dtype=bool)
+    if not count:
+        return out
+    index = np.arange(1, count + 1)
+    size = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    area = size * volume.pixel_spacing[0] * volume.pixel_spacing[1]
+    # Judge a hole by its inside: next to a dense cortex its rim is blurred toward bone.
+    inner = np.where(erode(holes, 1, 1), labels, 0)
+    inner_size = np.bincount(inner.ravel(), minlength=count + 1)[1:]
+    mean = np.where(inner_size > 0, np.asarray(ndimage.mean(hu, inner, index)),
+                    np.asarray(ndimage.median(hu, labels, index)))
+    centres = np.asarray(ndimage.center_of_mass(holes, labels, index)).reshape(-1, 3)
+    best: dict[int, tuple[float, int]] = {}
+    ok = (area >= CANAL_MM2[0]) & (area <= CANAL_MM2[1]) \
+        & (mean >= CANAL_HU[0]) & (mean <= CANAL_HU[1])
+    for label in np.flatnonzero(ok) + 1:
+        zf, rf, cf = centres[label - 1]
+        z = int(round(zf))
+        point = volume.index_to_patient(box[0].start + z, np.array([rf + box[1].start]),
+                                        np.array([cf + box[2].start]))[0]
+        off = abs(point[0] - mid[box[0].start + z])
+        if off > MIDLINE_MM or not point[1] > body_y[box[0].start + z]:
+            continue  # the canal is near the midline and behind the body's centre
+        if z not in best or off < best[z][0]:
+            best[z] = (off, int(label))
+    for z, (_, label) in best.items():
+        out[z] = labels[z] == label
+    return out
+
+
+def _longest_channel(volume: Volume, found: np.ndarray, box: tuple[slice, ...]
+                     ) -> np.ndarray:
+    """The found slices that form the longest channel along the table, gaps allowed.
+
+    Finds on neighbouring slices belong together when they overlap once
+    dilated a little (the canal moves slowly); runs separated by open-ring
+    slices join when a find on either side overlaps within GAP_MM.
+    """
+    grown = dilate(found, *radius_px(volume, 3.0))
+    labels, count = ndimage.label(grown)
+    if not count:
+        return found
+    offsets = volume.slice_offsets[box[0]]
+    slices = ndimage.find_objects(labels)
+    spans = [(offsets[s[0].start], offsets[s[0].stop - 1]) for s in slices if s is not None]
+    # Join runs whose ends are within GAP_MM and whose outlines overlap in-plane.
+    parent = list(range(count + 1))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    footprints = [grown[s].any(axis=0) if s is not None else None for s in slices]
+    for i in range(count):
+        for j in range(i + 1, count):
+            a, b = spans[i], spans[j]
+            gap = max(b[0] - a[1], a[0] - b[1])
+            si, sj = slices[i], slices[j]
+            if gap > GAP_MM or si is None or sj is None:
+                continue
+            fi = np.zeros(found.shape[1:], dtype=bool)
+            fj = np.zeros(found.shape[1:], dtype=bool)
+            fi[si[1:]] = footprints[i]
+            fj[sj[1:]] = footprints[j]
+            if (fi & fj).any():
+                parent[root(i + 1)] = root(j + 1)
+    groups: dict[int, list[int]] = {}
+    for label in range(1, count + 1):
+        groups.setdefault(root(label), []).append(label)
+    length = {g: max(spans[m - 1][1] for m in ms) - min(spans[m - 1][0] for m in ms)
+              for g, ms in groups.items()}
+    best = max(length, key=lambda g: length[g])
+    if length[best] < MIN_RUN_MM:
+        return np.zeros_like(found)
+    keep = np.zeros(count + 1, dtype=bool)
+    keep[groups[best]] = True
+    return found & keep[labels]
+
+
+def _carry(volume: Volume, canal: np.ndarray, shell: np.ndarray, hu: np.ndarray,
+           box: tuple[slice, ...]) -> np.ndarray:
+    """Fill the slices between finds (and a little beyond the ends) from the neighbours."""
+    found = np.flatnonzero(canal.any(axis=(1, 2)))
+    if found.size == 0:
+        return canal
+    offsets = volume.slice_offsets[box[0]]
+    soft = (hu >= CANAL_HU[0] - 50) & (hu <= CANAL_HU[1] + 50) & ~shell
+    out = canal.copy()
+    for prev, nxt in zip(found, found[1:], strict=False):
+        if nxt - prev <= 1 or offsets[nxt] - offsets[prev] > GAP_MM:
+            continue
+        both = canal[prev] & canal[nxt]
+        small = min(canal[prev].sum(), canal[nxt].sum())
+        for z in range(prev + 1, nxt):
+            if both.sum() >= 0.7 * small:
+                carried = both | (canal[prev] if z - prev <= nxt - z else canal[nxt])
+            else:
+                carried = canal[prev] if offsets[z] - offsets[prev] <= offsets[nxt] - offsets[z] \
+                    else canal[nxt]
+            out[z] = carried & soft[z]
+    ring = radius_px(volume, 10.0)
+    for end, step in ((found[0], -1), (found[-1], 1)):
+        z = end + step
+        while 0 <= z < canal.shape[0] and abs(offsets[z] - offsets[end]) <= END_MM:
+            near = dilate(canal[end][None], *ring)[0]
+            if (shell[z] & near).sum() * volume.pixel_spacing[0] * volume.pixel_spacing[1] < 50:
+                break  # no bone around it: the spine ends here
+            out[z] = canal[end] & soft[z]
+            z += step
+    return out
+
+
+def spinal_canal(volume: Volume, shell: np.ndarray, hu: np.ndarray, box: tuple[slice, ...],
+                 body: np.ndarray, mid: np.ndarray) -> np.ndarray:
+    """The canal on ``box`` (where ``shell`` and ``hu`` lie); empty when there is no spine."""
+    rows = body.sum(axis=2) @ np.arange(body.shape[1])
+    count = body.sum(axis=(1, 2)).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        centre_row = rows / count
+    body_y = np.array([volume.index_to_patient(k, np.array([centre_row[k]]),
+                                               np.array([0.0]))[0][1]
+                       if count[k] else np.nan for k in range(body.shape[0])])
+    found = _hole_candidates(volume, shell, hu, box, mid, body_y)
+    if not found.any():
+        return found
+    return _carry(volume, _longest_channel(volume, found, box), shell, hu, box)
