@@ -45,13 +45,13 @@ class Variant:
 VARIANTS: dict[str, Variant] = {
     "standard": Variant(),
     # Thin, osteoporotic, unenhanced arterial phase barely visible, on a flat couch.
-    "slim": Variant(size=0.9, marrow_hu=110.0, texture_hu=30.0, cortex_hu=450.0,
+    "slim": Variant(size=0.9, marrow_hu=110.0, texture_hu=30.0, cortex_hu=600.0,
                     cortex_mm=1.0, noise_sd=10.0, contrast_hu=180.0, arms="up",
                     couch="flat", mattress_mm=0.0, metal=False),
     # Large, dense bone, strong contrast, noisy, arms touching the body and cut by the FOV.
     "large": Variant(size=1.15, marrow_hu=290.0, texture_hu=60.0, cortex_hu=950.0,
                      cortex_mm=2.0, noise_sd=25.0, contrast_hu=420.0, arms="side",
-                     arm_gap_mm=0.0, couch="curved", mattress_mm=40.0, metal=True),
+                     arm_gap_mm=-10.0, couch="curved", mattress_mm=40.0, metal=True),
 }
 
 

@@ -8,10 +8,11 @@ Steps, each from what CT shows of bone rather than from one scanner:
    tissue over a 3 mm slice is still found at its own, lower, peak).
 2. Metal (denser than any bone) and its blur are removed.
 3. Iodinated contrast is as dense as bone, but a contrast-filled vessel,
-   bowel loop or bladder is a plateau brighter than its own rim, while a
-   thick bone is a cortex brighter than its marrow. Thick parts (what is
-   left after eroding THICK_MM) whose ring holds no voxels well above the
-   core's median are contrast and are removed with that ring.
+   bowel loop or bladder is a plateau no brighter at its rim, while a thick
+   bone is a cortex brighter than its marrow. Thick parts (what is left
+   after eroding THICK_MM) whose ring holds no voxels well above the core's
+   median, that ring no cavity, and that lie apart from the skeleton (no
+   dense bone outside such plateaus in their connected piece) are contrast.
 4. Hysteresis: a candidate component is bone only if it holds a voxel
    denser than SEED_HU (enhanced kidney or myocardium never is).
 5. Marrow: what the shells enclose is filled, on axial slices and on
@@ -41,10 +42,15 @@ LOW_HU = 120.0         # above unenhanced soft tissue with noise; below any cort
 SEED_HU = 250.0        # confident bone: a cortex, even blended over a 3 mm slice
 SOFT_HU = 40.0         # what bone borders; its edge lies half way to the bone's peak
 PEAK_MM = 2.0
+Z_PEAK_WEIGHT = 0.75   # how much of the neighbouring slices' peak counts
 METAL_HU = 2500.0      # denser than cortical bone (<= ~2000 HU)
 METAL_MARGIN_MM = 2.0  # the blur (and blooming) around metal
-THICK_MM = 2.5         # thicker than 2x this is a body worth testing for contrast
+THICK_MM = 5.0         # thicker than 2x this is a body worth testing for contrast
+VESSEL_MM = 30.0       # a plateau this long along the table is a vessel, not a vertebra
+VESSEL_CORE_MM2 = 30.0  # and this wide once eroded (the aorta, the cava)
+ROUND_FILL = 0.35      # share of its bounding box a round cross-section fills
 CORTEX_STEP_HU = 60.0  # a cortex's densest voxels stand this far above its marrow
+ENCLOSE_HU = 150.0     # smoothed, a thin cortex is still denser than this
 MARROW_HU = 60.0       # trabecular marrow (100-300 HU) stays above, the canal below
 FATTY_HU = (-200.0, -20.0)  # fatty marrow of a long bone's shaft
 MARROW_MM2 = 3000.0    # larger enclosed regions are body cavities (pelvic inlet, skull)
@@ -65,7 +71,23 @@ def _local_max(hu: np.ndarray, ry: int, rx: int) -> np.ndarray:
     return out
 
 
-def _without_contrast(volume: Volume, cand: np.ndarray, hu: np.ndarray) -> np.ndarray:
+def _cut_by_the_image(volume: Volume, box: tuple[slice, ...]) -> np.ndarray:
+    """On ``box``, the pixels on the image's own edge (where the field of view cuts)."""
+    shape = tuple(s.stop - s.start for s in box)
+    edge = np.zeros(shape, dtype=bool)
+    if box[1].start == 0:
+        edge[:, 0] = True
+    if box[1].stop == volume.shape[1]:
+        edge[:, -1] = True
+    if box[2].start == 0:
+        edge[:, :, 0] = True
+    if box[2].stop == volume.shape[2]:
+        edge[:, :, -1] = True
+    return edge
+
+
+def _without_contrast(volume: Volume, cand: np.ndarray, hu: np.ndarray, edge: np.ndarray
+                      ) -> np.ndarray:
     """``cand`` less the thick plateaus brighter than their rim (iodine), with their rim."""
     ry, rx = radius_px(volume, THICK_MM)
     core = erode(cand, ry, rx) & cand
@@ -81,11 +103,41 @@ def _without_contrast(volume: Volume, cand: np.ndarray, hu: np.ndarray) -> np.nd
     plateau = ring_hu < core_hu + CORTEX_STEP_HU
     # A long bone's shaft is a plateau of cortex too, but it rings its medullary cavity.
     enclosing = np.zeros(count + 1, dtype=bool)
-    enclosing[np.unique(zone[fill_holes(cand) & ~cand])] = True
+    cavities = dilate(fill_holes(cand) & ~cand, ry + 2, rx + 2)
+    enclosing[np.unique(labels[cavities])] = True
+    # What the field of view cuts shows no rim: it cannot be judged, so it is kept.
+    enclosing[np.unique(zone[edge])] = True
     contrast = np.concatenate([[False], plateau & ~enclosing[1:]])
     if not contrast.any():
         return cand
-    return cand & ~(contrast[zone] & (zone > 0))
+    vessel = np.concatenate([[False], _round_tubes(volume, labels, count)]) & contrast
+    suspect = contrast[zone] & (zone > 0) & cand
+    # Attached to the skeleton (its piece holds dense bone outside every plateau:
+    # a spinous process on its vertebra) it is bone; iodine lies apart, in soft
+    # tissue, except a great vessel on the spine: a round tube too long for a vertebra.
+    pieces, n = ndimage.label(cand, structure=np.ones((3, 3, 3), bool))
+    attached = np.zeros(n + 1, dtype=bool)
+    attached[np.unique(pieces[cand & ~suspect & (hu > SEED_HU)])] = True
+    attached[0] = False
+    return cand & ~(suspect & (~attached[pieces] | vessel[zone]))
+
+
+def _round_tubes(volume: Volume, labels: np.ndarray, count: int) -> np.ndarray:
+    """Per label 1..count: a round cross-section of a vessel's size, longer than a vertebra."""
+    out = np.zeros(count, dtype=bool)
+    pixel_mm2 = volume.pixel_spacing[0] * volume.pixel_spacing[1]
+    size = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    offsets = volume.slice_offsets
+    for i, found in enumerate(ndimage.find_objects(labels)):
+        if found is None:
+            continue
+        n_slices = found[0].stop - found[0].start
+        length = abs(offsets[min(found[0].stop, len(offsets)) - 1] - offsets[found[0].start])
+        area = size[i] / n_slices * pixel_mm2
+        fill = size[i] / (n_slices * (found[1].stop - found[1].start)
+                          * (found[2].stop - found[2].start))
+        out[i] = length >= VESSEL_MM and area >= VESSEL_CORE_MM2 and fill >= ROUND_FILL
+    return out
 
 
 def _percentile(hu: np.ndarray, labels: np.ndarray, count: int, q: float) -> np.ndarray:
@@ -105,46 +157,70 @@ def _percentile(hu: np.ndarray, labels: np.ndarray, count: int, q: float) -> np.
 
 
 def _seeded(cand: np.ndarray, hu: np.ndarray) -> np.ndarray:
-    """Components of ``cand`` (26-connected) that hold a voxel denser than SEED_HU."""
-    labels, count = ndimage.label(cand, structure=np.ones((3, 3, 3), bool))
+    """Parts of ``cand`` connected to a voxel denser than SEED_HU.
+
+    Connected in 3D through ``cand`` grown by a pixel where denser than
+    LOW_HU: a thin rib blended over a thick slice falls apart at its own
+    half maximum, but its pieces still touch through that margin.
+    """
+    linked = (dilate(cand, 1, 1) & (hu > LOW_HU)) | cand
+    labels, count = ndimage.label(linked, structure=np.ones((3, 3, 3), bool))
     if not count:
         return cand
     seeded = np.zeros(count + 1, dtype=bool)
     seeded[np.unique(labels[cand & (hu > SEED_HU)])] = True
     seeded[0] = False
-    return seeded[labels]
+    return cand & seeded[labels]
 
 
-def _enclosed_marrow(volume: Volume, shell: np.ndarray, hu: np.ndarray,
-                     canal: np.ndarray) -> np.ndarray:
-    """Regions the shell encloses on a slice that are marrow, by mean HU and size."""
-    holes = fill_holes(shell) & ~shell
+def _cavities(volume: Volume, shell: np.ndarray, hu: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Regions a shell encloses on each slice: (labels, mean HU inside, area mm^2)."""
+    # Pinholes in a thin shell are bridged: a closing by a pixel.
+    holes = fill_holes(erode(dilate(shell, 1, 1), 1, 1) | shell) & ~shell
     labels, count = ndimage.label(holes, structure=IN_PLANE)
-    if not count:
-        return holes
     index = np.arange(1, count + 1)
     # Judge a cavity by its inside: next to a dense cortex its rim is blurred toward bone.
     inner = np.where(erode(holes, 1, 1), labels, 0)
     inner_size = np.bincount(inner.ravel(), minlength=count + 1)[1:]
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(inner_size > 0, np.asarray(ndimage.mean(hu, inner, index)),
-                        np.asarray(ndimage.mean(hu, labels, index)))
+                        np.asarray(ndimage.mean(hu, labels, index))) if count else index * 0.0
     area = np.bincount(labels.ravel(), minlength=count + 1)[1:] \
         * volume.pixel_spacing[0] * volume.pixel_spacing[1]
+    return labels, mean, area
+
+
+def _trabecular(volume: Volume, ring: np.ndarray, hu: np.ndarray) -> np.ndarray:
+    """Trabecular marrow: dense voxels in small cavities whose inside is denser than MARROW_HU.
+
+    Voxel by voxel too, so neither the canal (CSF, cord and fat lie below
+    MARROW_HU) nor soft tissue let in by the closing is taken.
+    """
+    labels, mean, area = _cavities(volume, ring, hu)
+    keep = np.concatenate([[False], (mean > MARROW_HU) & (area <= MARROW_MM2)])
+    dense = ndimage.uniform_filter(hu, size=(1, 3, 3)) > MARROW_HU
+    return keep[labels] & dense
+
+
+def _fatty(volume: Volume, solid: np.ndarray, hu: np.ndarray, canal: np.ndarray
+           ) -> np.ndarray:
+    """Fatty marrow: small cavities of fat density (a long bone's shaft), not the canal."""
+    labels, mean, area = _cavities(volume, solid, hu)
+    count = len(mean)
     in_canal = np.bincount(labels.ravel(), weights=canal.ravel(), minlength=count + 1)[1:] > 0
-    marrow = ((mean > MARROW_HU) & (area <= MARROW_MM2)) | \
-        ((mean > FATTY_HU[0]) & (mean < FATTY_HU[1]) & (area <= FATTY_MM2))
-    return np.concatenate([[False], marrow & ~in_canal])[labels]
+    fatty = (mean > FATTY_HU[0]) & (mean < FATTY_HU[1]) & (area <= FATTY_MM2) & ~in_canal
+    return np.concatenate([[False], fatty])[labels]
 
 
-def _orthogonal_fill(shell: np.ndarray, hu: np.ndarray, canal: np.ndarray) -> np.ndarray:
+def _orthogonal_fill(shell: np.ndarray, hu: np.ndarray) -> np.ndarray:
     """Marrow enclosed on both coronal and sagittal planes (voxels denser than MARROW_HU).
 
     Both: a plane tangent to a curved shell (the skull) cuts it in a ring that
     encloses soft tissue on one of them, never on both.
     """
     dense = ndimage.uniform_filter(hu, size=(1, 3, 3)) > MARROW_HU
-    out = dense & ~shell & ~canal
+    out = dense & ~shell
     for order in ((1, 0, 2), (2, 0, 1)):  # coronal planes (z, x), sagittal planes (z, y)
         view = np.ascontiguousarray(shell.transpose(order))
         out &= fill_holes(view).transpose(np.argsort(order))
@@ -152,32 +228,46 @@ def _orthogonal_fill(shell: np.ndarray, hu: np.ndarray, canal: np.ndarray) -> np
 
 
 class Skeleton:
-    """Bones (marrow included) and the bony shell the canal search looks in."""
+    """Bones (marrow included) and the solid bone the canal search looks in.
+
+    ``solid`` (cortex and trabecular marrow, on ``box``) is what rings the
+    canal; ``fill`` adds fatty marrow and leaves the canal out.
+    """
 
     def __init__(self, volume: Volume, body: np.ndarray) -> None:
         self.box = bbox((volume.hu > LOW_HU) & body, pad=2)
         self.bones = np.zeros(volume.shape, dtype=bool)
-        self.shell = np.zeros((0, 0, 0), dtype=bool)
+        self.solid = np.zeros((0, 0, 0), dtype=bool)
         self.hu = np.zeros((0, 0, 0), dtype=np.float32)
         if self.box is None:
             return
         box = self.box
         hu = volume.hu[box]
         peak = _local_max(hu, *radius_px(volume, PEAK_MM))
+        # And along z: a rib crossing a slice obliquely fills the slices beside its
+        # centre in part; their half maximum is that of the slice where it is whole.
+        peak[1:] = np.maximum(peak[1:], peak[:-1] * Z_PEAK_WEIGHT)
+        peak[:-1] = np.maximum(peak[:-1], peak[1:] * Z_PEAK_WEIGHT)
         cand = (hu > LOW_HU) & (hu > (peak + SOFT_HU) / 2) & body[box]
         metal = hu > METAL_HU
         if metal.any():
             cand &= ~dilate(metal, *radius_px(volume, METAL_MARGIN_MM))
-        cand = _without_contrast(volume, cand, hu)
-        self.shell = _seeded(cand, hu)
+        cand = _without_contrast(volume, cand, hu, _cut_by_the_image(volume, box))
+        shell = _seeded(cand, hu)
+        # What encloses marrow: the shell, and beside it whatever is denser than
+        # ENCLOSE_HU once smoothed (a thin cortex blended with marrow and with the
+        # endplate beside it over a thick slice is below the shell's half maximum).
+        smooth = ndimage.uniform_filter(hu, size=(1, 3, 3))
+        ring = shell | ((smooth > ENCLOSE_HU) & dilate(shell, 2, 2))
+        marrow = _trabecular(volume, ring, hu)
+        marrow |= _orthogonal_fill(ring | marrow, hu)
+        self.solid = shell | marrow | (ring & dilate(marrow, 2, 2))
         self.hu = hu
 
     def fill(self, volume: Volume, canal_in_box: np.ndarray) -> np.ndarray:
         """The bones with their marrow, the canal left out; on the whole volume."""
         if self.box is None:
             return self.bones
-        shell = self.shell
-        marrow = _enclosed_marrow(volume, shell, self.hu, canal_in_box)
-        marrow |= _orthogonal_fill(shell | marrow, self.hu, canal_in_box)
-        self.bones[self.box] = (shell | marrow) & ~canal_in_box
+        bone = self.solid | _fatty(volume, self.solid, self.hu, canal_in_box)
+        self.bones[self.box] = bone & ~canal_in_box
         return self.bones

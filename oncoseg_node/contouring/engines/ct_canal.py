@@ -146,15 +146,18 @@ def _carry(volume: Volume, canal: np.ndarray, shell: np.ndarray, hu: np.ndarray,
                 carried = canal[prev] if offsets[z] - offsets[prev] <= offsets[nxt] - offsets[z] \
                     else canal[nxt]
             out[z] = carried & soft[z]
-    ring = radius_px(volume, 10.0)
-    for end, step in ((found[0], -1), (found[-1], 1)):
-        z = end + step
-        while 0 <= z < canal.shape[0] and abs(offsets[z] - offsets[end]) <= END_MM:
-            near = dilate(canal[end][None], *ring)[0]
-            if (shell[z] & near).sum() * volume.pixel_spacing[0] * volume.pixel_spacing[1] < 50:
-                break  # no bone around it: the spine ends here
+    near = dilate(canal[[found[0], found[-1]]], *radius_px(volume, 10.0))
+    pixel_mm2 = volume.pixel_spacing[0] * volume.pixel_spacing[1]
+    for end, step, around in ((found[0], -1, near[0]), (found[-1], 1, near[1])):
+        reach = [z for z in range(end + step, -1 if step < 0 else canal.shape[0], step)
+                 if abs(offsets[z] - offsets[end]) <= END_MM]
+        # The series may end inside the spine (the last slices at a disc): carry on
+        # to its edge. Otherwise stop where no bone surrounds the canal any more.
+        to_edge = bool(reach) and reach[-1] in (0, canal.shape[0] - 1)
+        for z in reach:
+            if not to_edge and (shell[z] & around).sum() * pixel_mm2 < 50:
+                break
             out[z] = canal[end] & soft[z]
-            z += step
     return out
 
 
