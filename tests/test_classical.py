@@ -12,6 +12,7 @@ from oncoseg_node.contouring.engines.postprocess import dilate, erode, fill_hole
 from oncoseg_node.contouring.protocols import PostProcess, Structure
 
 NAMES = ("External", "Lung_L", "Lung_R", "Lungs", "Bones", "SpinalCanal")
+POSITIONS = ("HFS", "HFP", "FFS", "FFP")
 MEDIUM = {"slices": 40, "rows": 256, "columns": 256, "pixel_spacing": (1.95, 1.95)}
 
 
@@ -70,7 +71,7 @@ def test_tilted_anisotropic_non_uniform_geometry():
 
 
 def test_couch_touching_the_back_is_cut_off():
-    p = make_phantom(**MEDIUM)
+    p = make_phantom(**MEDIUM, variant="slim")  # a flat couch and no mattress
     r = run(p, ("External",))
     couch = (p.volume.hu > classical.BODY_HU) & ~p.truth["External"]
     grown = ndimage.binary_dilation(p.truth["External"], structure=np.ones((1, 3, 3)))
@@ -221,3 +222,61 @@ def test_no_airways_without_lungs():
     p = make_phantom(**MEDIUM, site="pelvis")  # colon gas as large as a small lung
     r = run(p, ("Trachea", "Bronchus"))
     assert r["Trachea"].absent and r["Bronchus"].absent
+
+
+@pytest.mark.parametrize("variant", ["standard", "slim", "large"])
+@pytest.mark.parametrize("position", POSITIONS)
+def test_harder_phantom_across_patients_and_positions(variant, position):
+    """Three patients (bone density, contrast, arms, couch, noise) in four positions.
+
+    512 x 512 at 0.98 mm and 3 mm slices, as a planning CT is taken; the
+    thresholds are the acceptance figures, the same for every patient.
+    """
+    p = make_phantom(slices=30, patient_position=position, variant=variant)
+    r = run(p, (*NAMES, "Trachea"))
+    assert dice(r["External"].mask, p.truth["External"]) >= 0.98
+    for name in ("Lung_L", "Lung_R", "Lungs"):
+        assert dice(r[name].mask, p.truth[name]) >= 0.97, name
+    assert dice(r["Bones"].mask, p.truth["Bones"]) >= 0.90
+    assert dice(r["SpinalCanal"].mask, p.truth["SpinalCanal"]) >= 0.90
+    assert dice(r["Trachea"].mask, p.truth["Trachea"]) >= 0.85
+    assert mean_patient_x(p.volume, r["Lung_L"].mask) > 30.0
+
+
+@pytest.mark.parametrize("variant", ["standard", "large"])
+def test_contrast_and_metal_are_not_bone(variant):
+    p = make_phantom(slices=30, variant=variant)
+    bones = run(p, ("Bones",))["Bones"].mask
+    aorta = p.truth["A_Aorta"]
+    assert np.median(p.volume.hu[aorta]) > 250  # iodine as dense as bone
+    assert (bones & aorta).sum() < 0.05 * aorta.sum()
+    metal = p.volume.hu > 2500
+    assert metal.sum() > 50
+    assert not (bones & metal).any()
+    pelvis = make_phantom(slices=30, site="pelvis", variant=variant)
+    bones = run(pelvis, ("Bones",))["Bones"].mask
+    loops = (pelvis.volume.hu > 200) & ~pelvis.truth["Bones"] & pelvis.truth["External"] \
+        & (pelvis.volume.hu < 1000)
+    loops = ndimage.binary_erosion(loops, np.ones((1, 3, 3), bool))  # their core, not bone rims
+    assert loops.sum() > 2000
+    assert (bones & loops).sum() < 0.05 * loops.sum()
+    assert dice(bones, pelvis.truth["Bones"]) >= 0.88
+
+
+def test_marrow_is_filled_inside_each_bone():
+    p = make_phantom(slices=30, variant="slim")  # marrow at 110 HU, a thin cortex
+    bones = run(p, ("Bones",))["Bones"].mask
+    marrow = p.truth["Bones"] & (p.volume.hu < 180) & (p.volume.hu > 60)
+    marrow = ndimage.binary_erosion(marrow, np.ones((1, 3, 3), bool))
+    assert marrow.sum() > 5000
+    assert (bones & marrow).sum() >= 0.85 * marrow.sum()
+
+
+@pytest.mark.parametrize("variant", ["standard", "large"])
+def test_curved_couch_and_mattress_are_not_external(variant):
+    p = make_phantom(**MEDIUM, variant=variant)
+    body = run(p, ("External",))["External"].mask
+    devices = (p.volume.hu > -950) & ~p.truth["External"]
+    devices = ndimage.binary_erosion(devices, np.ones((1, 3, 3), bool))
+    assert devices.sum() > 5000  # couch shells and foam mattress, below the patient
+    assert (body & devices).sum() < 0.001 * body.sum()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from oncoseg_node.commissioning.phantom import make_phantom, write_phantom
+from oncoseg_node.commissioning.phantom import VARIANTS, make_phantom, write_phantom
 from oncoseg_node.contouring.geometry import check_series
 from oncoseg_node.errors import GeometryError
 from tests.peers import dciodvfy
@@ -58,7 +58,7 @@ def test_anatomy_does_not_depend_on_the_patient_position():
 
 @pytest.mark.parametrize("position", POSITIONS)
 def test_couch_lies_against_the_body_on_the_side_it_lies_on(position):
-    p = make_phantom(**FINE, patient_position=position)
+    p = make_phantom(**FINE, patient_position=position, variant="slim")  # no mattress
     body = p.truth["External"]
     dense_outside = (p.volume.hu > -350) & ~body
     couch = patient_points(p.volume, dense_outside)
@@ -66,6 +66,83 @@ def test_couch_lies_against_the_body_on_the_side_it_lies_on(position):
     assert np.sign(np.median(couch[:, 1])) == (1 if position.endswith("S") else -1)
     touching = ndimage.binary_dilation(body, structure=np.ones((1, 3, 3))) & dense_outside
     assert touching.sum() > 20
+
+
+@pytest.mark.parametrize("variant", ["standard", "large"])
+def test_the_patient_lies_on_a_foam_mattress_on_a_curved_couch(variant):
+    p = make_phantom(**FINE, variant=variant)
+    body, hu = p.truth["External"], p.volume.hu
+    below = ndimage.binary_dilation(body, structure=np.ones((1, 5, 5))) & ~body
+    foam = below & (hu > -900) & (hu < -700)
+    assert foam.sum() > 200  # the body rests on foam, not on the couch shell
+    assert not (below & (hu > -350)).sum() > 0.02 * below.sum()
+    # The couch top is curved: its shell is nearer the patient (HFS: above) at the sides.
+    shell = (hu > -500) & ~ndimage.binary_dilation(body, np.ones((1, 5, 5), bool))
+    rows = [np.flatnonzero(shell[:, :, c].any(axis=0)) for c in (128, 60)]
+    rows = [r[r > 128] for r in rows]
+    assert rows[0].size and rows[1].size and rows[1].min() < rows[0].min()
+
+
+def test_variants_change_the_patient_not_the_rules():
+    base = make_phantom(**SMALL)
+    for name, variant in VARIANTS.items():
+        p = make_phantom(**SMALL, variant=name)
+        assert np.array_equal(p.volume.hu, make_phantom(**SMALL, variant=variant).volume.hu)
+        if name != "standard":
+            assert not np.array_equal(p.volume.hu, base.volume.hu)
+    assert set(VARIANTS) >= {"standard", "slim", "large"}
+
+
+@pytest.mark.parametrize("variant", ["standard", "slim", "large"])
+def test_bones_are_cortex_around_textured_marrow(variant):
+    p = make_phantom(slices=30, variant=variant)
+    hu, bones = p.volume.hu, p.truth["Bones"]
+    v = VARIANTS[variant]
+    inside = ndimage.binary_erosion(bones, np.ones((1, 5, 5), bool)) & (hu < 400)
+    marrow = hu[inside]
+    assert 100 <= np.median(marrow) <= 300 and abs(np.median(marrow) - v.marrow_hu) < 40
+    assert marrow.std() > v.noise_sd  # trabecular texture on top of the noise
+    assert np.percentile(hu[bones], 95) > 1.5 * v.marrow_hu  # the cortex
+
+
+def test_vertebral_ring_is_closed_only_at_the_pedicles_and_discs_sit_between():
+    p = make_phantom(slices=60, rows=256, columns=256, pixel_spacing=(1.95, 1.95),
+                     slice_thickness=1.0)
+    canal = p.truth["SpinalCanal"]
+    ring = ndimage.binary_dilation(canal, np.ones((1, 9, 9), bool)) & ~canal
+    closed = []
+    for z in range(canal.shape[0]):
+        around = p.truth["Bones"][z] & ring[z]
+        filled = ndimage.binary_fill_holes(around)
+        closed.append(bool((filled & canal[z]).sum() >= 0.9 * canal[z].sum()))
+    assert 0.15 < np.mean(closed) < 0.6  # at the pedicles only
+    spine = p.truth["Bones"] | canal
+    discs = [z for z in range(canal.shape[0])
+             if not (p.truth["Bones"][z] & ndimage.binary_dilation(canal[z], iterations=12)).any()]
+    assert discs, "no slice at a disc"
+    assert spine.any()
+
+
+def test_ribs_at_3_mm_are_blended_with_soft_tissue():
+    p = make_phantom(slices=30)
+    hu, bones = p.volume.hu, p.truth["Bones"]
+    # Partial volume: voxels outside the truth that carry some bone, inside that carry little.
+    shell = ndimage.binary_dilation(bones, np.ones((3, 1, 1), bool)) & ~bones
+    blended = shell & (hu > 150) & (hu < 400)
+    assert blended.sum() > 500
+
+
+def test_contrast_metal_and_arms_are_in_the_series():
+    p = make_phantom(**FINE)
+    hu = p.volume.hu
+    assert np.median(hu[p.truth["A_Aorta"]]) > 250
+    assert (hu > 2500).sum() > 10  # the port
+    assert not (p.truth["Bones"] & (hu > 2500)).any()
+    body = p.truth["External"]
+    x = patient_points(p.volume, body)[:, 0]
+    assert x.max() > 200 and x.min() < -200  # arms beside the trunk
+    pelvis = make_phantom(**FINE, site="pelvis")
+    assert (pelvis.volume.hu > 2500).sum() > 100  # the hip prosthesis
 
 
 def test_thorax_has_air_filled_airways_outside_the_lungs_and_textured_lung():

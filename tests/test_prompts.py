@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from oncoseg_node.commissioning.phantom import make_phantom
 from oncoseg_node.contouring.engines.prompts import (
@@ -50,7 +51,10 @@ def test_lung_boxes_hold_the_lung_on_the_patients_side(thorax, name, sign):
         box = found[0]
         assert sign * centre_x(volume, z, box) > 20.0
         if z in big:
-            tight = truth_box(truth[z])
+            # The recipe opens the window by 2 mm (one pixel here): a sliver of lung
+            # thinner than that (around a bronchus) is not what the box is drawn on.
+            opened = ndimage.binary_opening(truth[z], np.ones((3, 3), bool))
+            tight = truth_box(opened)
             # Holds the lung, and is no more than the margin (and a pixel) bigger.
             assert box.row0 <= tight.row0 and box.col0 <= tight.col0
             assert box.row1 >= tight.row1 and box.col1 >= tight.col1

@@ -67,7 +67,7 @@ def thorax(g: Slice, f: Frame, thickness: float) -> Site:
     bronchus_outer = np.zeros(g.shape, dtype=bool)
     bronchus_air = np.zeros(g.shape, dtype=bool)
     for side in (-1.0, 1.0):
-        end = (side * 45.0 * s, 26.0 * s, carina[2] - min(45.0, 0.5 * f.zh))
+        end = (side * 55.0 * s, 28.0 * s, carina[2] - min(45.0, 0.5 * f.zh))
         bronchus_outer |= g.tube(carina, end, 7.5)
         bronchus_air |= g.tube(carina, end, 6.0)
     bronchus_outer &= ~trachea_outer
@@ -77,7 +77,9 @@ def thorax(g: Slice, f: Frame, thickness: float) -> Site:
     aorta = g.ellipse(22 * s, y0 - 28, 12, 12)
     esophagus = g.ellipse(6 * s, 36 * s, 8, 6) & ~aorta
     esophagus_air = g.ellipse(6 * s, 36 * s, 2.5, 2.0) & g.rows(np.mod(g.z - f.zc, 40.0) < 12.0)
-    mediastinum = heart | esophagus | airway_outer | aorta | g.ellipse(0, y0, 24, 19)
+    # Posterior mediastinum: aorta, oesophagus and the spine's front, one smooth outline.
+    mediastinum = heart | esophagus | airway_outer | g.ellipse(8 * s, y0 - 14, 30, 30) \
+        | g.ellipse(0, y0 + 10, 32, 34)
     lobes_l = (g.ellipsoid((68 * s, 8 * s, f.z(-0.05)), (60 * s, 72 * s, 0.78 * f.zh))
                | g.ellipsoid((28 * s, -40 * s, f.z(0.15)), (32 * s, 28 * s, 0.45 * f.zh)))
     lobes_r = (g.ellipsoid((-68 * s, 8 * s, f.z(-0.05)), (62 * s, 72 * s, 0.8 * f.zh))
@@ -160,7 +162,7 @@ def pelvis(g: Slice, f: Frame, thickness: float) -> Site:
     gas |= g.ellipsoid((-45 * s, -55 * s, f.z(0.55)), (38 * s, 24 * s, 0.3 * f.zh))
     # Small bowel loops with oral contrast: tubes as dense as bone, nowhere near one.
     loops = np.zeros(g.shape, dtype=bool)
-    for p0, p1, r in (((-60, -60, 0.95), (30, -75, 0.2), 11.0),
+    for p0, p1, r in (((70, -70, 0.95), (10, -95, 0.25), 11.0),
                       ((45, -40, 0.98), (-25, -15, 0.45), 10.0),
                       ((0, -95, 0.7), (55, -55, 0.15), 9.0)):
         g.tube((p0[0] * s, p0[1] * s, f.z(p0[2])), (p1[0] * s, p1[1] * s, f.z(p1[2])), r,

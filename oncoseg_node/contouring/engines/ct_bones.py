@@ -30,6 +30,7 @@ from scipy import ndimage
 
 from oncoseg_node.contouring.engines.postprocess import (
     IN_PLANE,
+    LabelStats,
     bbox,
     dilate,
     erode,
@@ -46,10 +47,13 @@ Z_PEAK_WEIGHT = 0.75   # how much of the neighbouring slices' peak counts
 METAL_HU = 2500.0      # denser than cortical bone (<= ~2000 HU)
 METAL_MARGIN_MM = 2.0  # the blur (and blooming) around metal
 THICK_MM = 5.0         # thicker than 2x this is a body worth testing for contrast
+NEAR_SLICES = 2
+REACH_MM = 6.0         # iodine lies within this of its plateau's core
 VESSEL_MM = 30.0       # a plateau this long along the table is a vessel, not a vertebra
 VESSEL_CORE_MM2 = 30.0  # and this wide once eroded (the aorta, the cava)
 ROUND_FILL = 0.35      # share of its bounding box a round cross-section fills
 CORTEX_STEP_HU = 60.0  # a cortex's densest voxels stand this far above its marrow
+BRIDGE_MM = 2.0        # gaps in a cortex up to twice this are closed before filling
 ENCLOSE_HU = 150.0     # smoothed, a thin cortex is still denser than this
 MARROW_HU = 60.0       # trabecular marrow (100-300 HU) stays above, the canal below
 FATTY_HU = (-200.0, -20.0)  # fatty marrow of a long bone's shaft
@@ -101,9 +105,10 @@ def _without_contrast(volume: Volume, cand: np.ndarray, hu: np.ndarray, edge: np
     # a cortex stands well above the marrow it holds, a plateau's rim never above it.
     ring_hu = _percentile(hu, np.where(ring, zone, 0), count, 90.0)
     plateau = ring_hu < core_hu + CORTEX_STEP_HU
-    # A long bone's shaft is a plateau of cortex too, but it rings its medullary cavity.
+    # A long bone's shaft is a plateau of cortex too, but it rings its medullary
+    # cavity (marrow, never gas: iodine around bowel gas is still iodine).
     enclosing = np.zeros(count + 1, dtype=bool)
-    cavities = dilate(fill_holes(cand) & ~cand, ry + 2, rx + 2)
+    cavities = dilate(fill_holes(cand) & ~cand & (hu > FATTY_HU[0]), ry + 2, rx + 2)
     enclosing[np.unique(labels[cavities])] = True
     # What the field of view cuts shows no rim: it cannot be judged, so it is kept.
     enclosing[np.unique(zone[edge])] = True
@@ -111,15 +116,23 @@ def _without_contrast(volume: Volume, cand: np.ndarray, hu: np.ndarray, edge: np
     if not contrast.any():
         return cand
     vessel = np.concatenate([[False], _round_tubes(volume, labels, count)]) & contrast
-    suspect = contrast[zone] & (zone > 0) & cand
-    # Attached to the skeleton (its piece holds dense bone outside every plateau:
+    reach = radius_px(volume, THICK_MM + REACH_MM)
+    near = dilate(contrast[labels], *reach)
+    for _ in range(NEAR_SLICES):  # an oblique loop's core may skip a slice or two
+        near[1:] |= near[:-1]
+        near[:-1] |= near[1:]
+    # Attached to the skeleton (its piece holds dense bone away from every plateau:
     # a spinous process on its vertebra) it is bone; iodine lies apart, in soft
-    # tissue, except a great vessel on the spine: a round tube too long for a vertebra.
+    # tissue, and goes whole, except a great vessel on the spine: a round tube too
+    # long for a vertebra, which goes as far as it reaches.
     pieces, n = ndimage.label(cand, structure=np.ones((3, 3, 3), bool))
     attached = np.zeros(n + 1, dtype=bool)
-    attached[np.unique(pieces[cand & ~suspect & (hu > SEED_HU)])] = True
-    attached[0] = False
-    return cand & ~(suspect & (~attached[pieces] | vessel[zone]))
+    attached[np.unique(pieces[cand & ~near & (hu > SEED_HU)])] = True
+    holds = np.zeros(n + 1, dtype=bool)
+    holds[np.unique(pieces[contrast[labels]])] = True
+    holds[0] = False
+    drop = (holds & ~attached)[pieces] | (dilate(vessel[labels], *reach) & cand)
+    return cand & ~drop
 
 
 def _round_tubes(volume: Volume, labels: np.ndarray, count: int) -> np.ndarray:
@@ -176,18 +189,15 @@ def _seeded(cand: np.ndarray, hu: np.ndarray) -> np.ndarray:
 def _cavities(volume: Volume, shell: np.ndarray, hu: np.ndarray
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Regions a shell encloses on each slice: (labels, mean HU inside, area mm^2)."""
-    # Pinholes in a thin shell are bridged: a closing by a pixel.
-    holes = fill_holes(erode(dilate(shell, 1, 1), 1, 1) | shell) & ~shell
+    # Gaps in a thin shell (where a rib leaves the slab obliquely) are bridged.
+    ry, rx = (max(r, 1) for r in radius_px(volume, BRIDGE_MM))
+    holes = fill_holes(erode(dilate(shell, ry, rx), ry, rx) | shell) & ~shell
     labels, count = ndimage.label(holes, structure=IN_PLANE)
-    index = np.arange(1, count + 1)
+    stats = LabelStats(labels, count)
     # Judge a cavity by its inside: next to a dense cortex its rim is blurred toward bone.
-    inner = np.where(erode(holes, 1, 1), labels, 0)
-    inner_size = np.bincount(inner.ravel(), minlength=count + 1)[1:]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(inner_size > 0, np.asarray(ndimage.mean(hu, inner, index)),
-                        np.asarray(ndimage.mean(hu, labels, index))) if count else index * 0.0
-    area = np.bincount(labels.ravel(), minlength=count + 1)[1:] \
-        * volume.pixel_spacing[0] * volume.pixel_spacing[1]
+    inner = stats.mean(hu, erode(holes, 1, 1))
+    mean = np.where(np.isnan(inner), stats.mean(hu), inner)
+    area = stats.size * volume.pixel_spacing[0] * volume.pixel_spacing[1]
     return labels, mean, area
 
 
@@ -207,8 +217,7 @@ def _fatty(volume: Volume, solid: np.ndarray, hu: np.ndarray, canal: np.ndarray
            ) -> np.ndarray:
     """Fatty marrow: small cavities of fat density (a long bone's shaft), not the canal."""
     labels, mean, area = _cavities(volume, solid, hu)
-    count = len(mean)
-    in_canal = np.bincount(labels.ravel(), weights=canal.ravel(), minlength=count + 1)[1:] > 0
+    in_canal = LabelStats(labels, len(mean)).any(canal)
     fatty = (mean > FATTY_HU[0]) & (mean < FATTY_HU[1]) & (area <= FATTY_MM2) & ~in_canal
     return np.concatenate([[False], fatty])[labels]
 
@@ -259,7 +268,7 @@ class Skeleton:
         # endplate beside it over a thick slice is below the shell's half maximum).
         smooth = ndimage.uniform_filter(hu, size=(1, 3, 3))
         ring = shell | ((smooth > ENCLOSE_HU) & dilate(shell, 2, 2))
-        marrow = _trabecular(volume, ring, hu)
+        marrow = _trabecular(volume, shell, hu) | _trabecular(volume, ring, hu)
         marrow |= _orthogonal_fill(ring | marrow, hu)
         self.solid = shell | marrow | (ring & dilate(marrow, 2, 2))
         self.hu = hu

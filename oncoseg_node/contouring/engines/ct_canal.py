@@ -20,6 +20,7 @@ from scipy import ndimage
 
 from oncoseg_node.contouring.engines.postprocess import (
     IN_PLANE,
+    LabelStats,
     dilate,
     erode,
     fill_holes,
@@ -47,15 +48,12 @@ def _hole_candidates(volume: Volume, shell: np.ndarray, hu: np.ndarray,
     out = np.zeros(shell.shape, dtype=bool)
     if not count:
         return out
-    index = np.arange(1, count + 1)
-    size = np.bincount(labels.ravel(), minlength=count + 1)[1:]
-    area = size * volume.pixel_spacing[0] * volume.pixel_spacing[1]
+    stats = LabelStats(labels, count)
+    area = stats.size * volume.pixel_spacing[0] * volume.pixel_spacing[1]
     # Judge a hole by its inside: next to a dense cortex its rim is blurred toward bone.
-    inner = np.where(erode(holes, 1, 1), labels, 0)
-    inner_size = np.bincount(inner.ravel(), minlength=count + 1)[1:]
-    mean = np.where(inner_size > 0, np.asarray(ndimage.mean(hu, inner, index)),
-                    np.asarray(ndimage.median(hu, labels, index)))
-    centres = np.asarray(ndimage.center_of_mass(holes, labels, index)).reshape(-1, 3)
+    inner = stats.mean(hu, erode(holes, 1, 1))
+    mean = np.where(np.isnan(inner), stats.mean(hu), inner)
+    centres = stats.centres(holes.shape)
     best: dict[int, tuple[float, int]] = {}
     ok = (area >= CANAL_MM2[0]) & (area <= CANAL_MM2[1]) \
         & (mean >= CANAL_HU[0]) & (mean <= CANAL_HU[1])

@@ -86,6 +86,41 @@ def bbox(mask: np.ndarray, pad: int = 0) -> tuple[slice, ...] | None:
     return tuple(spans)
 
 
+class LabelStats:
+    """Per-label voxel count and mean of a few values, from the labelled voxels only.
+
+    Labels are usually a few percent of the array: bincount over their flat
+    indices costs a pass over those, where ``ndimage.mean`` passes over all.
+    """
+
+    def __init__(self, labels: np.ndarray, count: int) -> None:
+        self.count = count
+        self.flat = np.flatnonzero(labels)
+        self.lab = labels.ravel()[self.flat]
+        self.size = np.bincount(self.lab, minlength=count + 1)[1:]
+
+    def mean(self, values: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
+        """Mean of ``values`` per label (over voxels also in ``where``); NaN where none."""
+        lab, flat = self.lab, self.flat
+        if where is not None:
+            keep = where.ravel()[flat]
+            lab, flat = lab[keep], flat[keep]
+        n = np.bincount(lab, minlength=self.count + 1)[1:]
+        total = np.bincount(lab, weights=values.ravel()[flat], minlength=self.count + 1)[1:]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return total / n
+
+    def any(self, mask: np.ndarray) -> np.ndarray:
+        """Per label, whether any of its voxels is set in ``mask``."""
+        return np.bincount(self.lab[mask.ravel()[self.flat]], minlength=self.count + 1)[1:] > 0
+
+    def centres(self, shape: tuple[int, ...]) -> np.ndarray:
+        """(count, ndim) mean index of each label."""
+        idx = np.unravel_index(self.flat, shape)
+        return np.stack([np.bincount(self.lab, weights=i, minlength=self.count + 1)[1:]
+                         for i in idx], axis=1) / np.maximum(self.size, 1)[:, None]
+
+
 def component_sizes_cc(volume: Volume, labels: np.ndarray, count: int,
                        z0: int = 0) -> np.ndarray:
     """Volume in cc of labels 1..count; ``labels`` may be a crop starting at slice ``z0``."""
