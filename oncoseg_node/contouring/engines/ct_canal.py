@@ -67,8 +67,8 @@ def _hole_candidates(volume: Volume, shell: np.ndarray, hu: np.ndarray,
             continue  # the canal is near the midline and behind the body's centre
         if z not in best or off < best[z][0]:
             best[z] = (off, int(label))
-    for z, (_, label) in best.items():
-        out[z] = labels[z] == label
+    for z, (_, chosen) in best.items():
+        out[z] = labels[z] == chosen
     return out
 
 
