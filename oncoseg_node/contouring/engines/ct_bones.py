@@ -97,26 +97,30 @@ def _without_contrast(volume: Volume, cand: np.ndarray, hu: np.ndarray, edge: np
     core = erode(cand, ry, rx) & cand
     if not core.any():
         return cand
-    labels, count = ndimage.label(core)
-    zone = ndimage.grey_dilation(labels, footprint=np.ones((1, 2 * ry + 3, 2 * rx + 3), bool))
-    ring = cand & ~core & (zone > 0)
-    core_hu = _percentile(hu, labels, count, 50.0)
+    # Each core with its ring (what lies within a few pixels of it): one component.
+    grown = cand & dilate(core, ry + 1, rx + 1)
+    labels, count = ndimage.label(grown)
+    stats = LabelStats(labels, count)
+    ring = grown & ~core
+    core_hu = stats.mean(hu, core)
     # The ring's edge is blurred for bone and iodine alike; its densest voxels are not:
     # a cortex stands well above the marrow it holds, a plateau's rim never above it.
-    ring_hu = _percentile(hu, np.where(ring, zone, 0), count, 90.0)
-    plateau = ring_hu < core_hu + CORTEX_STEP_HU
+    ring_mean = stats.mean(hu, ring)
+    ring_sd = np.sqrt(np.maximum(stats.mean(hu * hu, ring) - ring_mean ** 2, 0.0))
+    plateau = ring_mean + 1.28 * ring_sd < core_hu + CORTEX_STEP_HU  # ~ 90th percentile
     # A long bone's shaft is a plateau of cortex too, but it rings its medullary
     # cavity (marrow, never gas: iodine around bowel gas is still iodine).
     enclosing = np.zeros(count + 1, dtype=bool)
-    cavities = dilate(fill_holes(cand) & ~cand & (hu > FATTY_HU[0]), ry + 2, rx + 2)
+    cavities = dilate(fill_holes(cand) & ~cand & (hu > FATTY_HU[0]), 2, 2)
     enclosing[np.unique(labels[cavities])] = True
     # What the field of view cuts shows no rim: it cannot be judged, so it is kept.
-    enclosing[np.unique(zone[edge])] = True
+    enclosing[np.unique(labels[edge])] = True
     contrast = np.concatenate([[False], plateau & ~enclosing[1:]])
     if not contrast.any():
         return cand
-    vessel = np.concatenate([[False], _round_tubes(volume, labels, count)]) & contrast
-    reach = radius_px(volume, THICK_MM + REACH_MM)
+    vessel = np.concatenate([[False], _round_tubes(volume, np.where(core, labels, 0),
+                                                   count)]) & contrast
+    reach = radius_px(volume, REACH_MM)
     near = dilate(contrast[labels], *reach)
     for _ in range(NEAR_SLICES):  # an oblique loop's core may skip a slice or two
         near[1:] |= near[:-1]
@@ -153,22 +157,6 @@ def _round_tubes(volume: Volume, labels: np.ndarray, count: int) -> np.ndarray:
     return out
 
 
-def _percentile(hu: np.ndarray, labels: np.ndarray, count: int, q: float) -> np.ndarray:
-    """The ``q``-th percentile of ``hu`` per label 1..count (NaN where a label is empty)."""
-    flat = np.flatnonzero(labels)
-    lab = labels.ravel()[flat]
-    values = hu.ravel()[flat]
-    order = np.lexsort((values, lab))
-    lab, values = lab[order], values[order]
-    starts = np.searchsorted(lab, np.arange(1, count + 1))
-    ends = np.searchsorted(lab, np.arange(1, count + 1), side="right")
-    out = np.full(count, np.nan)
-    has = ends > starts
-    pick = starts + ((ends - starts - 1) * q / 100.0).astype(int)
-    out[has] = values[pick[has]]
-    return out
-
-
 def _seeded(cand: np.ndarray, hu: np.ndarray) -> np.ndarray:
     """Parts of ``cand`` connected to a voxel denser than SEED_HU.
 
@@ -201,7 +189,8 @@ def _cavities(volume: Volume, shell: np.ndarray, hu: np.ndarray
     return labels, mean, area
 
 
-def _trabecular(volume: Volume, ring: np.ndarray, hu: np.ndarray) -> np.ndarray:
+def _trabecular(volume: Volume, ring: np.ndarray, hu: np.ndarray, dense: np.ndarray
+                ) -> np.ndarray:
     """Trabecular marrow: dense voxels in small cavities whose inside is denser than MARROW_HU.
 
     Voxel by voxel too, so neither the canal (CSF, cord and fat lie below
@@ -209,7 +198,6 @@ def _trabecular(volume: Volume, ring: np.ndarray, hu: np.ndarray) -> np.ndarray:
     """
     labels, mean, area = _cavities(volume, ring, hu)
     keep = np.concatenate([[False], (mean > MARROW_HU) & (area <= MARROW_MM2)])
-    dense = ndimage.uniform_filter(hu, size=(1, 3, 3)) > MARROW_HU
     return keep[labels] & dense
 
 
@@ -222,13 +210,12 @@ def _fatty(volume: Volume, solid: np.ndarray, hu: np.ndarray, canal: np.ndarray
     return np.concatenate([[False], fatty])[labels]
 
 
-def _orthogonal_fill(shell: np.ndarray, hu: np.ndarray) -> np.ndarray:
+def _orthogonal_fill(shell: np.ndarray, dense: np.ndarray) -> np.ndarray:
     """Marrow enclosed on both coronal and sagittal planes (voxels denser than MARROW_HU).
 
     Both: a plane tangent to a curved shell (the skull) cuts it in a ring that
     encloses soft tissue on one of them, never on both.
     """
-    dense = ndimage.uniform_filter(hu, size=(1, 3, 3)) > MARROW_HU
     out = dense & ~shell
     for order in ((1, 0, 2), (2, 0, 1)):  # coronal planes (z, x), sagittal planes (z, y)
         view = np.ascontiguousarray(shell.transpose(order))
@@ -251,7 +238,7 @@ class Skeleton:
         if self.box is None:
             return
         box = self.box
-        hu = volume.hu[box]
+        hu = np.ascontiguousarray(volume.hu[box])
         peak = _local_max(hu, *radius_px(volume, PEAK_MM))
         # And along z: a rib crossing a slice obliquely fills the slices beside its
         # centre in part; their half maximum is that of the slice where it is whole.
@@ -267,9 +254,11 @@ class Skeleton:
         # ENCLOSE_HU once smoothed (a thin cortex blended with marrow and with the
         # endplate beside it over a thick slice is below the shell's half maximum).
         smooth = ndimage.uniform_filter(hu, size=(1, 3, 3))
+        # Voxel by voxel, marrow is denser than MARROW_HU once smoothed; the canal is not.
+        dense = smooth > MARROW_HU
         ring = shell | ((smooth > ENCLOSE_HU) & dilate(shell, 2, 2))
-        marrow = _trabecular(volume, shell, hu) | _trabecular(volume, ring, hu)
-        marrow |= _orthogonal_fill(ring | marrow, hu)
+        marrow = _trabecular(volume, shell, hu, dense) | _trabecular(volume, ring, hu, dense)
+        marrow |= _orthogonal_fill(ring | marrow, dense)
         self.solid = shell | marrow | (ring & dilate(marrow, 2, 2))
         self.hu = hu
 

@@ -25,7 +25,7 @@ IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
 IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
 
 
-def _shift_or(mask: np.ndarray, radius: int, axis: int, op: np.ufunc) -> np.ndarray:
+def shift_or(mask: np.ndarray, radius: int, axis: int, op: np.ufunc) -> np.ndarray:
     """Combine each voxel with its neighbours up to ``radius`` along ``axis``."""
     out = mask.copy()
     done = 0
@@ -43,12 +43,12 @@ def _shift_or(mask: np.ndarray, radius: int, axis: int, op: np.ufunc) -> np.ndar
 
 def dilate(mask: np.ndarray, ry: int, rx: int) -> np.ndarray:
     """In-plane dilation by a (2 ry + 1) x (2 rx + 1) rectangle."""
-    return _shift_or(_shift_or(mask, ry, -2, np.logical_or), rx, -1, np.logical_or)
+    return shift_or(shift_or(mask, ry, -2, np.logical_or), rx, -1, np.logical_or)
 
 
 def erode(mask: np.ndarray, ry: int, rx: int) -> np.ndarray:
     """In-plane erosion by a rectangle; voxels beyond the image edge count as set."""
-    return _shift_or(_shift_or(mask, ry, -2, np.logical_and), rx, -1, np.logical_and)
+    return shift_or(shift_or(mask, ry, -2, np.logical_and), rx, -1, np.logical_and)
 
 
 def opening(mask: np.ndarray, ry: int, rx: int) -> np.ndarray:
