@@ -228,3 +228,14 @@ def test_connections_near_the_descriptor_limit_are_refused_then_served_again(nod
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert store_one(receiver.port) == status.SUCCESS
 
+
+
+def test_a_burst_of_connections_is_accepted_at_once(node):
+    """A listen backlog of socketserver's default 5 drops SYNs in a burst (1 s retransmits)."""
+    receiver = node()
+    started = time.monotonic()
+    with ExitStack() as stack:
+        for i in range(100):
+            stack.enter_context(rawpdu.connect(receiver.port, source=f"127.0.0.{2 + i}"))
+        elapsed = time.monotonic() - started
+    assert elapsed < 3.0

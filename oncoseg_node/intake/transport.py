@@ -78,6 +78,10 @@ class NodeServer(ThreadedAssociationServer):
     - Each connection reads within :class:`WireLimits` (see ``wire``).
     """
 
+    # socketserver's default listen backlog of 5 drops SYNs (a 1 s client
+    # retransmit each) whenever a burst of connections outpaces the accept
+    # loop for a moment; the kernel caps this at net.core.somaxconn.
+    request_queue_size = 256
     tls_context: ssl.SSLContext | None = None
     tls_handshake_timeout: float = 10.0
     allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
