@@ -10,7 +10,7 @@ import pytest
 from oncoseg_node.config import RetentionConfig
 from oncoseg_node.intake.spool import Spool
 from oncoseg_node.ledger import DeliveryState, JobState, Ledger
-from oncoseg_node.ops.retention import DAY_S, ORPHAN_GRACE_S, Retention
+from oncoseg_node.ops.retention import DAY_S, Retention
 from tests.daemon import wait_until
 
 START = 1_700_000_000.0
@@ -155,18 +155,33 @@ def test_a_series_reopened_after_the_query_is_kept(node):
     assert len(ledger.series_instances("1.9")) == 4
 
 
-def test_old_unreferenced_files_are_removed_and_recent_ones_kept(node):
+def test_files_without_a_row_are_never_deleted_however_old(node):
+    """The ledger may have been lost: a missing row is no proof a file is finished."""
     clock, ledger, spool, retention = node
     referenced = receive(ledger, spool, "2.1", count=1)
-    old_orphan = spool.store(b"crashed before the ledger row").relpath
-    new_orphan = spool.store(b"being received right now").relpath
+    unknown = spool.store(b"acknowledged, then the ledger was lost").relpath
     real_now = time.time()
-    os.utime(spool.path(old_orphan), (real_now - ORPHAN_GRACE_S - 60,) * 2)
-    os.utime(spool.path(referenced[0]), (real_now - 100 * DAY_S,) * 2)
-    clock.now = real_now
+    for relpath in (unknown, referenced[0]):
+        os.utime(spool.path(relpath), (real_now - 100 * DAY_S,) * 2)
+    clock.now = real_now + 100 * DAY_S
+    retention.purge()
+    assert files_exist(spool, [unknown, referenced[0]]) == [True, True]
+
+
+def test_a_purge_interrupted_between_files_and_rows_is_finished_next_pass(node):
+    clock, ledger, spool, retention = node
+    relpaths = receive(ledger, spool, "2.2")
+    job_for(ledger, "2.2", outcome=JobState.SENT)
+    clock.now += MAX_AGE_DAYS * DAY_S + 60
+    cutoff = clock.now - MAX_AGE_DAYS * DAY_S
+    marked = ledger.purge_series("2.2", cutoff)  # the node dies right after this
+    assert sorted(marked) == sorted(relpaths)
+    spool.remove(relpaths[0])  # ... and after deleting one file
+    assert ledger.known_relpaths() == set(relpaths)  # every file still has its row
+    assert ledger.purging_series() == ["2.2"]
     report = retention.purge()
-    assert report.orphans == 1
-    assert files_exist(spool, [old_orphan, new_orphan, referenced[0]]) == [False, True, True]
+    assert report.series == ["2.2"] and not any(files_exist(spool, relpaths))
+    assert ledger.known_relpaths() == set() and ledger.purging_series() == []
 
 
 def test_scheduler_runs_a_first_pass_at_start(node):

@@ -224,9 +224,6 @@ class IntakeRecords(LedgerPart):
     def known_relpaths(self) -> set[str]:
         return {r["relpath"] for r in self.connection.query("SELECT relpath FROM instances")}
 
-    def relpath_known(self, relpath: str) -> bool:
-        return bool(self.connection.query(
-            "SELECT 1 FROM instances WHERE relpath = ? LIMIT 1", (relpath,)))
 
     # -- retention ------------------------------------------------------------
 
@@ -236,18 +233,37 @@ class IntakeRecords(LedgerPart):
         return [r["series_uid"] for r in rows]
 
     def purge_series(self, series_uid: str, cutoff: float) -> list[str] | None:
-        """Forget a purgeable series' instances; returns their spool relpaths to delete.
+        """Mark a purgeable series ``purging``; returns its spool relpaths to delete.
 
         The condition is checked again inside the transaction, so an instance
         arriving meanwhile (which reopens the series) keeps it. None when the
-        series is no longer purgeable. Jobs and deliveries stay as history.
+        series is no longer purgeable. The rows stay until
+        :meth:`forget_series`, after the files are deleted: every file in the
+        spool always has its row. Jobs and deliveries stay as history.
         """
         with self.connection.transaction() as db:
             if db.execute(_STILL_PURGEABLE, {"uid": series_uid, "cutoff": cutoff}
                           ).fetchone() is None:
                 return None
-            relpaths = [r[0] for r in db.execute(
+            db.execute("UPDATE series SET state = ? WHERE series_uid = ?",
+                       (SeriesState.PURGING, series_uid))
+            return [r[0] for r in db.execute(
                 "SELECT relpath FROM instances WHERE series_uid = ?", (series_uid,))]
-            db.execute("DELETE FROM instances WHERE series_uid = ?", (series_uid,))
-            db.execute("DELETE FROM series WHERE series_uid = ?", (series_uid,))
-            return relpaths
+
+    def purging_series(self) -> list[str]:
+        """Series whose purge was interrupted (a crash between the mark and the rows)."""
+        rows = self.connection.query("SELECT series_uid FROM series WHERE state = ? "
+                                     "ORDER BY series_uid", (SeriesState.PURGING,))
+        return [r[0] for r in rows]
+
+    def forget_series(self, series_uid: str, relpaths: list[str]) -> None:
+        """Drop the rows of purged files; the series row too unless an instance reopened it."""
+        with self.connection.transaction() as db:
+            for relpath in relpaths:
+                db.execute("DELETE FROM instances WHERE series_uid = ? AND relpath = ?",
+                           (series_uid, relpath))
+            db.execute("DELETE FROM series WHERE series_uid = ? AND state = ?",
+                       (series_uid, SeriesState.PURGING))
+            db.execute("""UPDATE series SET instance_count =
+                          (SELECT COUNT(*) FROM instances i WHERE i.series_uid = ?)
+                          WHERE series_uid = ?""", (series_uid, series_uid))

@@ -40,10 +40,15 @@ class DeliveryState(StrEnum):
 
 
 class SeriesState(StrEnum):
-    """``open`` while its quiet period runs, ``closed`` once a job covers it."""
+    """``open`` while its quiet period runs, ``closed`` once a job covers it.
+
+    ``purging`` while retention deletes its files: the rows stay until the
+    files are gone, so a crash in between never leaves a file without a row.
+    """
 
     OPEN = "open"
     CLOSED = "closed"
+    PURGING = "purging"
 
 
 _J = JobState

@@ -5,9 +5,13 @@ last instance, or its last job change, whichever is later), and only when
 each of its jobs is finished for good: delivered (``sent``), superseded by a
 newer version, skipped or discarded. A series whose delivery is unfinished
 (queued, running, delivering, held, failed, quarantined, or with any delivery
-still pending) is never touched, however old. The ledger forgets the
-instances first and the files go second, so a crash in between leaves only
-unreferenced files, which the next pass removes as orphans.
+still pending) is never touched, however old.
+
+Only what the ledger knows is finished is deleted. A series is marked
+``purging``, its files go, then its rows: a crash in between leaves rows
+whose files are partly gone, and the next pass finishes the purge. A spool
+file without a row is never deleted here (the ledger may have been lost; the
+start-up reconciliation in ``intake/reconcile.py`` registers it again).
 
 Jobs, deliveries and written structure sets (``outbox/``) are kept: they are
 the record of what was sent, and ``resend`` needs the structure set file.
@@ -34,17 +38,12 @@ from oncoseg_node.ledger import Ledger
 log = structlog.get_logger("oncoseg_node.ops.retention")
 
 DAY_S = 86400.0
-# A file is briefly in the spool before its ledger row commits (and an old
-# file briefly after a replacing duplicate): only older unreferenced files
-# are crash leftovers. Nothing unreferenced was ever acknowledged.
-ORPHAN_GRACE_S = 3600.0
 
 
 @dataclass
 class PurgeReport:
     series: list[str] = field(default_factory=list)
     instances: int = 0
-    orphans: int = 0
 
 
 class Retention:
@@ -60,40 +59,30 @@ class Retention:
         self.scheduler = BackgroundScheduler(timezone=UTC)
 
     def purge(self) -> PurgeReport:
-        """One pass: old finished series, then orphaned files. Stops early on ``stop``."""
+        """One pass: interrupted purges finished, then old finished series. Stops on ``stop``."""
         now = self.clock()
         cutoff = now - self.config.max_age_days * DAY_S
         report = PurgeReport()
+        for series_uid in self.ledger.purging_series():
+            self._delete(series_uid, self.ledger.series_instances(series_uid), report)
         for series_uid in self.ledger.purgeable_series(cutoff):
             if self._stop.is_set():
                 return report
             relpaths = self.ledger.purge_series(series_uid, cutoff)
             if relpaths is None:
                 continue  # became active again since the query
-            for relpath in relpaths:
-                self.spool.remove(relpath)
-            report.series.append(series_uid)
-            report.instances += len(relpaths)
-            log.info("series_purged", series_uid=series_uid, instances=len(relpaths),
-                     max_age_days=self.config.max_age_days, audit=True)
-        orphan_cutoff = now - ORPHAN_GRACE_S
-        for relpath in self.spool.all_relpaths() - self.ledger.known_relpaths():
-            if self._stop.is_set():
-                break
-            path = self.spool.path(relpath)
-            try:
-                if path.stat().st_mtime >= orphan_cutoff:
-                    continue
-            except FileNotFoundError:
-                continue
-            # checked again: the receiver may have recorded it since the set was taken
-            if self.ledger.relpath_known(relpath):
-                continue
-            self.spool.remove(relpath)
-            report.orphans += 1
-        if report.orphans:
-            log.warning("spool_orphans_removed", files=report.orphans)
+            self._delete(series_uid, relpaths, report)
         return report
+
+    def _delete(self, series_uid: str, relpaths: list[str], report: PurgeReport) -> None:
+        """Files first, rows second: no file is ever left without its row."""
+        for relpath in relpaths:
+            self.spool.remove(relpath)
+        self.ledger.forget_series(series_uid, relpaths)
+        report.series.append(series_uid)
+        report.instances += len(relpaths)
+        log.info("series_purged", series_uid=series_uid, instances=len(relpaths),
+                 max_age_days=self.config.max_age_days, audit=True)
 
     def _run(self) -> None:
         try:

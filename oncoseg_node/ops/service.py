@@ -3,7 +3,8 @@
 Start, in an order where a failure changes nothing: protocols validated ->
 state directory locked (one node per state directory) -> ledger opened and
 checked (series still marked as arriving become interrupted: the node
-stopped under them) -> spool (partial files removed) -> engines (model loaded once;
+stopped under them) -> spool (partial files removed, files without a ledger
+row registered again from their headers: intake/reconcile.py) -> engines (model loaded once;
 failures are fatal here) -> HTTP and DICOM ports bound (HTTP first, so a
 conflict stops the node before it has acknowledged any instance) -> only
 then interrupted jobs requeued and the delivery scheduler, retention,
@@ -48,6 +49,7 @@ from oncoseg_node.durable import private_dir
 from oncoseg_node.errors import StartupError
 from oncoseg_node.intake.assembly import Assembler
 from oncoseg_node.intake.handlers import StoreHandlers
+from oncoseg_node.intake.reconcile import reconcile
 from oncoseg_node.intake.spool import Spool
 from oncoseg_node.intake.transport import Receiver
 from oncoseg_node.ledger import DeliveryState, JobState, Ledger
@@ -115,6 +117,8 @@ class Service:
         self.ledger = Ledger(cfg.ledger_path)
         self.spool = spool = Spool(cfg.spool_dir)
         partials = spool.clean_partials()
+        # Before the listener binds: no instance is being recorded meanwhile.
+        reconciled = reconcile(spool, self.ledger)
         engines = self._engines or build_engines(cfg.engine)
         self.delivery = DeliveryScheduler(cfg, self.ledger)
         self.metrics.add(self.delivery.metrics.collectors())
@@ -154,7 +158,8 @@ class Service:
         # Both ports are ours: only now may jobs change state.
         requeued = self.ledger.requeue_interrupted()
         log.info("ledger_open", path=str(cfg.ledger_path), requeued_jobs=requeued,
-                 partial_files_removed=partials)
+                 partial_files_removed=partials, instances_registered=reconciled.registered,
+                 files_quarantined=len(reconciled.quarantined))
         self.delivery.start()
         self.retention.start()
         assert self._protocols is not None
