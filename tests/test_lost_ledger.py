@@ -48,7 +48,8 @@ def test_a_lost_ledger_keeps_every_file_and_contours_the_series_once(tmp_path, l
     port = free_port()
     with storescp(tmp_path / "tps") as tps_port:
         config = write_config(tmp_path, node={"port": port},
-                              series={"quiet_period_s": 3 if loss == "wal_damaged" else 1},
+                              series={"quiet_period_s": 3 if loss == "wal_damaged" else 1,
+                                      "interrupted_wait_s": 4},
                               destinations=[{"name": "tps", "ae_title": "TPS",
                                              "host": "127.0.0.1", "port": tps_port}])
         daemon = Daemon(config, port, tmp_path / "daemon.log").start()

@@ -13,6 +13,7 @@ from oncoseg_node.dicom.filemeta import encode_file_meta
 from oncoseg_node.intake.reconcile import QUARANTINE, reconcile
 from oncoseg_node.intake.spool import Spool
 from oncoseg_node.ledger import Ledger, SeriesState
+from oncoseg_node.ledger.intake import ENDED_BY_RECONCILED
 from tests.ctfactory import series
 
 
@@ -48,6 +49,7 @@ def test_files_of_a_lost_ledger_are_registered_as_the_handler_recorded_them(tmp_
         assert record.relpath == relpath and record.sha256 == digest
     (row,) = ledger.open_series()  # its quiet period runs: contoured once it closes
     assert row["calling_ae"] == "CTSIM" and row["state"] == SeriesState.OPEN
+    assert not row["receiving"] and row["ended_by"] == ENDED_BY_RECONCILED
     assert ledger.series_evidence(series_uid) == ([1, 2, 3], None)
     assert reconcile(spool, ledger).registered == 0  # nothing twice
 

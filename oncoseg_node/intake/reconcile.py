@@ -5,7 +5,10 @@ is never deleted because the ledger does not know it. When the ledger was
 lost, emptied or rolled back (a damaged WAL), each file without a row is
 registered again from its own header, the way the C-STORE handler recorded it
 (the calling AE from the file meta the node wrote, the digest of the dataset
-as sent), so its series closes after the quiet period and is contoured once.
+as sent), so its series is closed by the assembler and contoured once. How
+its associations ended is not known any more, so the series is judged as an
+interrupted one (``series.interrupted_wait_s`` unless its counts say it is
+whole): it may have been cut off when the ledger was lost.
 A file that cannot be read as a spooled CT instance is moved to
 ``<spool>/quarantine/`` with a log line, for a person to look at. A second
 copy of an instance whose row already names another file (left by a crash
@@ -25,9 +28,10 @@ import structlog
 from pydicom.errors import InvalidDicomError
 
 from oncoseg_node.durable import fsync_dir, private_dir
-from oncoseg_node.intake.headers import int_or_none
+from oncoseg_node.intake.headers import int_or_none, slice_position
 from oncoseg_node.intake.spool import Spool
 from oncoseg_node.ledger import Ledger
+from oncoseg_node.ledger.intake import ENDED_BY_RECONCILED
 
 log = structlog.get_logger("oncoseg_node.intake.reconcile")
 
@@ -94,7 +98,8 @@ def reconcile(spool: Spool, ledger: Ledger) -> ReconcileReport:
             calling_ae=instance.calling_ae,
             description=str(header.get("SeriesDescription", "") or ""),
             instance_number=int_or_none(header.get("InstanceNumber")),
-            images_in_acquisition=int_or_none(header.get("ImagesInAcquisition")))
+            images_in_acquisition=int_or_none(header.get("ImagesInAcquisition")),
+            slice_position=slice_position(header))
         if result.spare_relpath is not None:
             spool.remove(result.spare_relpath)
             report.spares_removed += 1
@@ -103,6 +108,8 @@ def reconcile(spool: Spool, ledger: Ledger) -> ReconcileReport:
         if result.spare_relpath != relpath:
             report.registered += 1
             report.series.add(str(header.SeriesInstanceUID))
+    if report.series:
+        ledger.association_ended(sorted(report.series), ENDED_BY_RECONCILED)
     if report.registered or report.quarantined:
         log.warning("spool_reconciled", registered=report.registered,
                     series=len(report.series), quarantined=len(report.quarantined),

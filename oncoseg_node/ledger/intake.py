@@ -66,6 +66,8 @@ _UPSERT_SERIES = """INSERT INTO series (series_uid, study_uid, calling_ae, descr
 # stop of the node, or (written by the handlers) the interruption seen.
 ENDED_BY_RELEASE = "release"
 ENDED_BY_NODE_STOP = "the node stopped while the series was arriving"
+# How its associations ended was lost with the ledger: judged as interrupted.
+ENDED_BY_RECONCILED = "registered again from the spool at start (the ledger had lost it)"
 
 
 @dataclass(frozen=True)
