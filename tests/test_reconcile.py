@@ -50,7 +50,8 @@ def test_files_of_a_lost_ledger_are_registered_as_the_handler_recorded_them(tmp_
     (row,) = ledger.open_series()  # its quiet period runs: contoured once it closes
     assert row["calling_ae"] == "CTSIM" and row["state"] == SeriesState.OPEN
     assert not row["receiving"] and row["ended_by"] == ENDED_BY_RECONCILED
-    assert ledger.series_evidence(series_uid) == ([1, 2, 3], None)
+    evidence = ledger.series_evidence(series_uid)
+    assert evidence.numbers == [1, 2, 3] and evidence.positions == [0.0, 2.5, 5.0]
     assert reconcile(spool, ledger).registered == 0  # nothing twice
 
 
