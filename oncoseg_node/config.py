@@ -132,9 +132,13 @@ class DestinationConfig:
 
 @dataclass(frozen=True)
 class HttpConfig:
+    """Health, metrics and the jobs page; ``threads`` and ``timeout_s`` bound slow clients."""
+
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = 8080
+    threads: int = 8
+    timeout_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -343,6 +347,8 @@ def _semantic_checks(cfg: Config, problems: list[str]) -> None:
         if dest.retry.max_delay_s < dest.retry.first_delay_s:
             problems.append(f"{key}.retry.max_delay_s: must be at least retry.first_delay_s")
     _check_port(cfg.http.port, "http.port", problems, allow_zero=True)
+    _check_positive(cfg.http.threads, "http.threads", problems)
+    _check_positive(cfg.http.timeout_s, "http.timeout_s", problems)
     if cfg.logging.format not in ("auto", "json", "console"):
         problems.append(f"logging.format: {cfg.logging.format!r} is not auto, json or console")
     if cfg.logging.level not in ("debug", "info", "warning", "error"):

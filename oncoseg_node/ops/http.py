@@ -13,8 +13,10 @@ Routes (GET only):
 - ``/jobs/<id>/qa.png``: the QA snapshot; ``/jobs/<id>/rtstruct.dcm``: the
   structure set as sent.
 
-Standard library ``http.server`` in its own thread: a handful of local
-requests per minute need no framework. It binds to ``http.host`` (localhost
+Standard library ``http.server``: a handful of local requests per minute need
+no framework. Requests run on a small fixed pool of threads with a deadline
+per connection (:mod:`oncoseg_node.ops.http_pool`), so slow or idle clients
+cannot pile up threads. It binds to ``http.host`` (localhost
 by default) because the job page shows patient names. Everything that came
 from DICOM or the ledger is HTML-escaped; the page also carries a Content
 Security Policy that forbids scripts, so an escaping slip cannot run code.
@@ -28,7 +30,7 @@ import socket
 import threading
 from collections.abc import Callable
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -39,6 +41,7 @@ from oncoseg_node.config import HttpConfig
 from oncoseg_node.contouring.pipeline import load_ct_series
 from oncoseg_node.intake.spool import Spool
 from oncoseg_node.ledger import Job, Ledger
+from oncoseg_node.ops.http_pool import PooledHTTPServer
 from oncoseg_node.ops.jobs_page import JobView, render_job_page, render_jobs_page
 from oncoseg_node.ops.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from oncoseg_node.ops.qa import qa_relpath
@@ -246,6 +249,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def handle_one_request(self) -> None:
+        super().handle_one_request()
+        # A keep-alive connection gets a fresh deadline for its next request.
+        self.server.extend_deadline(self.connection)
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base signature
         log.debug("http_request", client=self.client_address[0], request=format % args)
 
@@ -258,8 +266,7 @@ def _limit(query: str) -> int:
         return DEFAULT_JOBS
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
+class _Server(PooledHTTPServer):
     site: StatusSite
 
 
@@ -280,7 +287,8 @@ class HttpServer:
     def start(self) -> None:
         server_class = type("_BoundServer", (_Server,), {
             "address_family": socket.AF_INET6 if ":" in self.config.host else socket.AF_INET})
-        server = server_class((self.config.host, self.config.port), _Handler)
+        server = server_class((self.config.host, self.config.port), _Handler,
+                              threads=self.config.threads, timeout_s=self.config.timeout_s)
         server.site = self.site
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, name="http", daemon=True,
