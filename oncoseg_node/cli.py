@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from oncoseg_node import __version__
+from oncoseg_node.cli_setup import cmd_check_config, cmd_init, cmd_run  # set-up and run
 from oncoseg_node.config import DEFAULT_CONFIG, Config, load_config
 from oncoseg_node.errors import ConfigError, OncosegError, StartupError
 
@@ -29,43 +30,8 @@ def _config_arg(parser: argparse.ArgumentParser, required: bool = False) -> None
     parser.add_argument(
         "--config", type=Path, required=required,
         default=Path(os.environ.get("ONCOSEG_CONFIG", DEFAULT_CONFIG)),
-        help="node config file (default: $ONCOSEG_CONFIG or config/oncoseg-node.yaml)",
+        help="node config file (default: $ONCOSEG_CONFIG, else the packaged default)",
     )
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    from oncoseg_node.contouring.protocols import load_protocols
-    from oncoseg_node.ops.logs import configure_logging
-    from oncoseg_node.ops.statelock import StateLock
-
-    config = load_config(args.config)
-    load_protocols(config.protocols)  # both files valid before anything exists on disk
-    configure_logging(config.logging)
-    # Locked before the heavy imports below: a second node is refused at once.
-    lock = StateLock(config.state_dir)
-    lock.acquire()
-    from oncoseg_node.ops.service import Service
-
-    service = Service(config, lock=lock)
-    service.install_signal_handlers()
-    service.start()
-    service.run_until_stopped()
-    return 0
-
-
-def cmd_check_config(args: argparse.Namespace) -> int:
-    from oncoseg_node.contouring.protocol_report import warning_lines
-    from oncoseg_node.contouring.protocols import load_protocols
-    from oncoseg_node.rtstruct.profiles import PROFILES
-
-    config = load_config(args.config)
-    limits = [PROFILES[d.profile].max_roi_name_length for d in config.destinations]
-    protocols = load_protocols(config.protocols, min(limits) if limits else None)
-    print(f"{args.config}: valid ({len(protocols.protocols)} protocols, "
-          f"{len(config.destinations)} destinations, engine {config.engine.name})")
-    for line in warning_lines(config, protocols):
-        print(line)
-    return 0
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
@@ -219,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(p)
     p.set_defaults(func=cmd_check_config)
 
+    p = sub.add_parser("init", help="write the commented example config and protocols to edit")
+    p.add_argument("directory", type=Path)
+    p.add_argument("--force", action="store_true", help="overwrite files already there")
+    p.set_defaults(func=cmd_init)
+
     p = sub.add_parser("segment", help="contour a folder of CT files offline (no network)")
     p.add_argument("series_dir", type=Path)
     p.add_argument("-o", "--output", type=Path, required=True, help="RTSTRUCT file to write")
@@ -319,11 +290,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:
-        where = f"{exc.source}: " if exc.source else ""
-        print(f"oncoseg-node: invalid configuration: {where}{len(exc.problems)} problem(s)",
+        # Each problem already names its file and line (FILE:LINE: key: message).
+        print(f"oncoseg-node: invalid configuration: {len(exc.problems)} problem(s)",
               file=sys.stderr)
         for problem in exc.problems:
-            print(f"  - {problem}", file=sys.stderr)
+            print(problem, file=sys.stderr)
         return EXIT_INVALID_CONFIG
     except StartupError as exc:
         print(f"oncoseg-node: cannot start: {exc}", file=sys.stderr)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import ipaddress
+import os
 import re
 import types
 import typing
@@ -19,13 +20,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from oncoseg_node.errors import ConfigError
+from oncoseg_node.yamlfile import line_index, located, read_yaml, unknown_key
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
 MIN_PDU = 128 * 1024
-DEFAULT_CONFIG = Path("config/oncoseg-node.yaml")
+# Installed with the package (``config/`` in the repository holds the same files):
+# ``oncoseg-node run`` works from any folder with no --config.
+DEFAULTS_DIR = Path(__file__).resolve().parent / "defaults"
+DEFAULT_CONFIG = DEFAULTS_DIR / "oncoseg-node.yaml"
+DEFAULT_PROTOCOLS = DEFAULTS_DIR / "protocols.yaml"
+
+
+def default_state_dir() -> Path:
+    """Where the node keeps its state when ``state_dir`` is not set (XDG base directories)."""
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "oncoseg-node"
 
 
 @dataclass(frozen=True)
@@ -194,7 +204,7 @@ class _Parser:
         hints = typing.get_type_hints(cls)
         known = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
         for unknown in sorted(set(raw) - set(known), key=str):
-            self.problems.append(f"{_join(key, unknown)}: unknown key")
+            self.problems.append(unknown_key(_join(key, unknown), unknown, known))
         values = {}
         for name, fld in known.items():
             if name in raw:
@@ -360,20 +370,17 @@ def _semantic_checks(cfg: Config, problems: list[str]) -> None:
 def load_config(path: Path | str) -> Config:
     """Read, parse and validate a node config file.
 
-    Raises :class:`ConfigError` listing every problem; the returned tree is
-    frozen and all paths in it are absolute.
+    Raises :class:`ConfigError` listing every problem as ``FILE:LINE: key:
+    message``; the returned tree is frozen and all paths in it are absolute.
+    Without ``state_dir`` the state goes under the user's data folder
+    (:func:`default_state_dir`).
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError([f"cannot read config: {exc.strerror}"], source=str(path)) from exc
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError([f"not valid YAML: {exc}"], source=str(path)) from exc
+    raw, text = read_yaml(path)
+    if raw.get("state_dir") is None:
+        raw["state_dir"] = str(default_state_dir())
     parser = _Parser(path.resolve().parent)
-    cfg = parser.build(Config, raw if raw is not None else {}, "")
+    cfg = parser.build(Config, raw, "")
     problems = parser.problems
     if cfg is not None:
         # A value of the wrong type was already reported by the parser;
@@ -381,5 +388,19 @@ def load_config(path: Path | str) -> Config:
         with contextlib.suppress(TypeError, AttributeError):
             _semantic_checks(cfg, problems)
     if problems:
-        raise ConfigError(problems, source=str(path))
+        raise ConfigError(located(problems, path, line_index(text)), source=str(path))
     return dataclasses.replace(cfg, source=path.resolve())
+
+
+def protocols_path(config_path: Path | str) -> Path | None:
+    """The protocols file a node config names, even when the config is otherwise invalid."""
+    config_path = Path(config_path)
+    try:
+        raw, _ = read_yaml(config_path)
+    except ConfigError:
+        return None
+    value = raw.get("protocols")
+    if not isinstance(value, str) or not value:
+        return None
+    protocols = Path(value).expanduser()
+    return protocols if protocols.is_absolute() else (config_path.resolve().parent / protocols)

@@ -12,10 +12,11 @@ from oncoseg_node.errors import ConfigError
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_shipped_config_is_valid_and_resolves_paths_against_its_folder():
+def test_shipped_config_is_valid_and_resolves_paths_against_its_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
     cfg = load_config(REPO / "config" / "oncoseg-node.yaml")
     assert cfg.node.ae_title == "ONCOSEG"
-    assert cfg.state_dir == (REPO / "var" / "oncoseg-node").resolve()
+    assert cfg.state_dir == tmp_path / "oncoseg-node"  # unset: the user's data folder
     assert cfg.protocols == (REPO / "config" / "protocols.yaml").resolve()
     assert cfg.destinations[0].retry.first_delay_s == 10
     assert cfg.engine.name == "classical"

@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from oncoseg_node.errors import ConfigError
+from oncoseg_node.yamlfile import line_index, located, read_yaml, unknown_key
 
 INTERPRETED_TYPES = frozenset(
     {
@@ -28,6 +27,9 @@ INTERPRETED_TYPES = frozenset(
     }
 )
 ENGINES = frozenset({"classical", "sam3"})
+TOP_LEVEL_KEYS = frozenset({"structures", "protocols", "fallback"})
+PROTOCOL_KEYS = frozenset({"name", "priority", "match", "structures", "shadow"})
+MATCH_KEYS = frozenset({"attributes", "calling_aets", "slice_thickness_mm"})
 PARTS = ("one", "many")
 
 
@@ -153,7 +155,7 @@ def _structure(name: str, raw: Mapping[str, Any], problems: list[str]) -> Struct
     known = {"color", "type", "engine", "concepts", "negative_concepts", "laterality",
              "volume_cc", "hu_window", "model_window", "parts", "postprocess"}
     for key in sorted(set(raw) - known):
-        problems.append(f"structures.{name}.{key}: unknown key")
+        problems.append(unknown_key(f"structures.{name}.{key}", key, known))
     laterality = raw.get("laterality")
     if laterality not in (None, "left", "right"):
         problems.append(f"structures.{name}.laterality: {laterality!r} is not left or right")
@@ -216,46 +218,6 @@ def _postprocess_problem(key: str, value: object) -> str | None:
 TG263_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_^]{0,15}$")
 
 
-def _line_index(text: str) -> dict[str, int]:
-    """Dotted key path -> 1-based line; protocol list items are keyed by their name."""
-    index: dict[str, int] = {}
-
-    def walk(node: yaml.Node, prefix: str) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                path = f"{prefix}.{key.value}" if prefix else str(key.value)
-                index.setdefault(path, key.start_mark.line + 1)  # first of duplicates
-                walk(value, path)
-        elif isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                name = None
-                if isinstance(item, yaml.MappingNode):
-                    name = next((v.value for k, v in item.value if k.value == "name"), None)
-                path = f"{prefix}.{name}" if name is not None else f"{prefix}[{i}]"
-                index.setdefault(path, item.start_mark.line + 1)
-                walk(item, path)
-
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
-        return index
-    if root is not None:
-        walk(root, "")
-    return index
-
-
-def _located(problems: list[str], path: Path, lines: dict[str, int]) -> list[str]:
-    """Prefix each problem with FILE:LINE of the deepest key it names."""
-    located = []
-    for problem in problems:
-        key = problem.split(": ", 1)[0]
-        while key and key not in lines:
-            key = key.rsplit(".", 1)[0] if "." in key else ""
-        line = lines.get(key, 1)
-        located.append(f"{path}:{line}: {problem}")
-    return located
-
-
 def _shadowing(protocols: list[Protocol]) -> list[str]:
     """Protocols that can never be chosen because another one always wins first."""
     problems = []
@@ -280,15 +242,27 @@ def load_protocols(path: Path, max_roi_name_length: int | None = None) -> Protoc
     Each problem is reported as ``FILE:LINE: key: message``.
     ``max_roi_name_length`` is the tightest limit among the destinations.
     """
-    text = Path(path).read_text(encoding="utf-8")
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError([f"not valid YAML: {exc}"], source=str(path)) from exc
+    raw, text = read_yaml(Path(path))
     problems: list[str] = []
     library: dict[str, Structure] = {}
-    for key in sorted(set(raw) - {"structures", "protocols", "fallback"}):
-        problems.append(f"{key}: unknown key")
+    for key in sorted(set(raw) - TOP_LEVEL_KEYS, key=str):
+        problems.append(unknown_key(str(key), key, TOP_LEVEL_KEYS))
+    # Wrong shapes are reported here and skipped below, never a traceback.
+    if not isinstance(raw.get("structures") or {}, dict):
+        problems.append("structures: expected a mapping of structure name -> fields")
+        raw["structures"] = {}
+    if not isinstance(raw.get("protocols") or [], list):
+        problems.append("protocols: expected a list of protocols")
+        raw["protocols"] = []
+    for name, spec in list((raw.get("structures") or {}).items()):
+        if spec is not None and not isinstance(spec, dict):
+            problems.append(f"structures.{name}: expected a mapping of fields, got {spec!r}")
+            raw["structures"][name] = {}
+    for index, entry in enumerate(list(raw.get("protocols") or [])):
+        if not isinstance(entry, dict):
+            problems.append(f"protocols[{index}]: expected a mapping with name, match and "
+                            f"structures, got {entry!r}")
+            raw["protocols"][index] = {}
     for name in (raw.get("structures") or {}):
         if not TG263_NAME.match(str(name)):
             problems.append(f"structures.{name}: {name!r} breaks TG-263 naming (a letter, then "
@@ -319,8 +293,8 @@ def load_protocols(path: Path, max_roi_name_length: int | None = None) -> Protoc
         listed = entry.get("structures") or []
         for sname in sorted({n for n in listed if listed.count(n) > 1}):
             problems.append(f"protocols.{pname}.structures: {sname!r} listed twice")
-        for key in sorted(set(entry) - {"name", "priority", "match", "structures", "shadow"}):
-            problems.append(f"protocols.{pname}.{key}: unknown key")
+        for key in sorted(set(entry) - PROTOCOL_KEYS):
+            problems.append(unknown_key(f"protocols.{pname}.{key}", key, PROTOCOL_KEYS))
         for sname in listed:
             if sname in refused:
                 continue
@@ -328,8 +302,8 @@ def load_protocols(path: Path, max_roi_name_length: int | None = None) -> Protoc
                 problems.append(f"protocols.{pname}.structures: unknown structure {sname!r}")
             else:
                 structures.append(library[sname])
-        for key in sorted(set(match_raw) - {"attributes", "calling_aets", "slice_thickness_mm"}):
-            problems.append(f"protocols.{pname}.match.{key}: unknown key")
+        for key in sorted(set(match_raw) - MATCH_KEYS):
+            problems.append(unknown_key(f"protocols.{pname}.match.{key}", key, MATCH_KEYS))
         thickness = match_raw.get("slice_thickness_mm")
         if thickness is not None and not (
                 isinstance(thickness, list) and len(thickness) == 2
@@ -362,7 +336,7 @@ def load_protocols(path: Path, max_roi_name_length: int | None = None) -> Protoc
     if fallback is not None and fallback not in {p.name for p in protocols}:
         problems.append(f"fallback: {fallback!r} is not a protocol")
     if problems:
-        raise ConfigError(_located(problems, Path(path), _line_index(text)), source=str(path))
+        raise ConfigError(located(problems, Path(path), line_index(text)), source=str(path))
     return ProtocolSet(
         protocols=tuple(protocols),
         library=library,
