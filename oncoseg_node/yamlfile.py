@@ -19,6 +19,10 @@ import yaml
 
 from oncoseg_node.errors import ConfigError
 
+# libyaml when PyYAML was built with it: the node refuses a second start in well
+# under a second only if reading the 45-structure protocols file is quick.
+FAST_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 
 def read_yaml(path: Path) -> tuple[dict[str, Any], str]:
     """The file's top-level mapping and its text; an empty file is an empty mapping."""
@@ -38,9 +42,14 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], str]:
                            f"offset {exc.start}); save the file as UTF-8"],
                           source=str(path)) from None
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError([_syntax_error(path, exc)], source=str(path)) from None
+        raw = yaml.load(text, Loader=FAST_LOADER)
+    except yaml.YAMLError:
+        try:  # parsed again by PyYAML's own parser: its messages say more than libyaml's
+            yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError([_syntax_error(path, exc)], source=str(path)) from None
+        raise
+
     if raw is None:
         return {}, text
     if not isinstance(raw, dict):
