@@ -93,3 +93,17 @@ def test_assembler_failing_its_polls_counts_as_failing(tmp_path):
     finally:
         stop.set()
         loop.join(timeout=5)
+
+
+def test_disk_below_the_threshold_is_503_naming_the_free_space(tmp_path):
+    port, http_port = free_port(), free_port()
+    config = write_config(tmp_path, node={"port": port, "min_free_disk_mb": 2**40},
+                          http={"port": http_port})
+    node = Daemon(config, port, tmp_path / "node.log").start()
+    try:
+        code, body = wait_until(lambda: (r := healthz(http_port))[0] == 503 and r, 30, "503")
+    finally:
+        assert node.stop() == 0, node.log()
+    assert body["checks"]["disk"] is False
+    assert [k for k, ok in body["checks"].items() if not ok] == ["disk"]
+    assert "MB free, node.min_free_disk_mb is 1099511627776" in body["detail"]["disk"]
