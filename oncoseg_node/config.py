@@ -391,16 +391,3 @@ def load_config(path: Path | str) -> Config:
         raise ConfigError(located(problems, path, line_index(text)), source=str(path))
     return dataclasses.replace(cfg, source=path.resolve())
 
-
-def protocols_path(config_path: Path | str) -> Path | None:
-    """The protocols file a node config names, even when the config is otherwise invalid."""
-    config_path = Path(config_path)
-    try:
-        raw, _ = read_yaml(config_path)
-    except ConfigError:
-        return None
-    value = raw.get("protocols")
-    if not isinstance(value, str) or not value:
-        return None
-    protocols = Path(value).expanduser()
-    return protocols if protocols.is_absolute() else (config_path.resolve().parent / protocols)

@@ -14,17 +14,12 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from oncoseg_node.config import (
-    DEFAULT_CONFIG,
-    DEFAULT_PROTOCOLS,
-    Config,
-    load_config,
-    protocols_path,
-)
+from oncoseg_node.config import DEFAULT_CONFIG, DEFAULT_PROTOCOLS, Config, load_config
 from oncoseg_node.contouring.protocol_report import warning_lines
 from oncoseg_node.contouring.protocols import ProtocolSet, load_protocols
 from oncoseg_node.errors import ConfigError, OncosegError
 from oncoseg_node.rtstruct.profiles import PROFILES
+from oncoseg_node.yamlfile import read_yaml
 
 
 @dataclass
@@ -66,6 +61,20 @@ def check_files(config_path: Path) -> CheckReport:
     if report.config is not None and report.protocols is not None:
         report.warnings = warning_lines(report.config, report.protocols)
     return report
+
+
+def protocols_path(config_path: Path | str) -> Path | None:
+    """The protocols file a node config names, even when the config is otherwise invalid."""
+    config_path = Path(config_path)
+    try:
+        raw, _ = read_yaml(config_path)
+    except ConfigError:
+        return None
+    value = raw.get("protocols")
+    if not isinstance(value, str) or not value:
+        return None
+    protocols = Path(value).expanduser()
+    return protocols if protocols.is_absolute() else (config_path.resolve().parent / protocols)
 
 
 def _by_file_and_line(problems: list[str]) -> list[str]:
