@@ -162,3 +162,35 @@ def test_a_frame_that_fails_to_decode_names_instance_and_syntax(tmp_path):
     with pytest.raises(PixelDecodeError, match="JPEG 2000") as caught:
         decode_pixels(ds)
     assert str(ds.SOPInstanceUID) in str(caught.value)
+
+
+def test_deflate_bomb_is_refused_without_inflating_it(node, tmp_path):
+    """80 MiB of zeros deflate to ~80 KiB; the node inflates at most 64 MiB for its checks."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian as deflated
+    from pynetdicom import _config
+
+    from oncoseg_node.dicom import status
+
+    receiver, ledger, spool = node
+    ds = series(1)[0]
+    ds.add_new(0x00091010, "LO", "BOMB")  # private block for the padding element
+    ds.add_new(0x00091011, "OB", bytes(80 * 1024 * 1024))
+    ds.file_meta.TransferSyntaxUID = deflated
+    path = tmp_path / "bomb.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    assert path.stat().st_size < 1024 * 1024
+    del ds
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        ae = AE(ae_title="CTSIM")
+        ae.add_requested_context(CTImageStorage, [deflated])
+        assoc = ae.associate("127.0.0.1", receiver.port, ae_title="ONCOSEG")
+        try:
+            answer = assoc.send_c_store(path)
+        finally:
+            assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = False
+    assert int(answer.Status) == status.CANNOT_UNDERSTAND
+    assert "inflates beyond 64 MiB" in str(answer.ErrorComment)
+    assert spool.all_relpaths() == set() and ledger.open_series() == []

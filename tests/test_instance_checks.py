@@ -124,6 +124,9 @@ MALFORMED = {
                          "expected 512"),
     "pixel_data_missing": (dict(PixelData=None), status.PIXEL_DATA_MISSING, "PixelData"),
     "modality_mr": (dict(Modality="MR"), status.MODALITY_DOES_NOT_MATCH_SOP_CLASS, "MR"),
+    # The comment quotes the value: non-ASCII comes back as "?" (LO, default set).
+    "modality_non_ascii": (dict(Modality="\u00dcS"), status.MODALITY_DOES_NOT_MATCH_SOP_CLASS,
+                           "'?S'"),
     "modality_missing": (dict(Modality=None), status.MODALITY_DOES_NOT_MATCH_SOP_CLASS,
                          "missing"),
     "series_uid_200_chars": (dict(SeriesInstanceUID="1." + "2" * 198),

@@ -194,7 +194,7 @@ class StoreHandlers:
         except Exception as exc:  # any parse failure is the peer's malformed data
             pending.abort()
             bound.warning("store_refused_unparsable", error=str(exc))
-            return Refusal(status.CANNOT_UNDERSTAND, "data set cannot be parsed").as_dataset()
+            return Refusal(status.CANNOT_UNDERSTAND, f"unparsable data set: {exc}").as_dataset()
         refusal = check_header(parsed, request)
         if refusal is not None:
             pending.abort()

@@ -75,7 +75,11 @@ class Refusal:
     def as_dataset(self) -> Dataset:
         ds = Dataset()
         ds.Status = self.status
-        ds.ErrorComment = self.comment[:64]
+        # ErrorComment is LO in the default character set: printable ASCII,
+        # no backslash (the value delimiter), at most 64 characters. Comments
+        # may quote received bytes.
+        printable = "".join(c if " " <= c <= "~" and c != "\\" else "?" for c in self.comment)
+        ds.ErrorComment = printable[:64]
         return ds
 
 
@@ -149,7 +153,7 @@ def inflate(stream: bytes) -> bytes:
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     data = inflater.decompress(stream, MAX_INFLATED_BYTES)
     if inflater.unconsumed_tail:
-        raise ValueError(f"deflated data set inflates beyond {MAX_INFLATED_BYTES} bytes")
+        raise ValueError(f"inflates beyond {MAX_INFLATED_BYTES // (1024 * 1024)} MiB")
     return data
 
 
