@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from oncoseg_node.errors import LedgerError
+from oncoseg_node.intake.spool import Spool
 from oncoseg_node.ledger import Ledger
 from tests.conftest import write_config
 
@@ -56,6 +57,7 @@ def test_run_on_a_damaged_ledger_prints_one_line_and_exits_non_zero(tmp_path):
     state.mkdir()
     filled_ledger(state / "ledger.sqlite3")
     damage(state / "ledger.sqlite3", 0, 16)
+    acknowledged = Spool(state / "spool").store(b"an instance the scanner was told is stored")
     for command in (["run"], ["status"]):
         proc = subprocess.run([sys.executable, "-m", "oncoseg_node.cli", *command,
                                "--config", str(config)],
@@ -65,3 +67,4 @@ def test_run_on_a_damaged_ledger_prints_one_line_and_exits_non_zero(tmp_path):
         assert len(lines) == 1, (command, lines)
         assert str(state / "ledger.sqlite3") in lines[0] and "damaged" in lines[0]
         assert "Traceback" not in proc.stderr
+    assert (state / "spool" / acknowledged.relpath).read_bytes().startswith(b"an instance")

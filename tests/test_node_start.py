@@ -14,6 +14,7 @@ from datetime import datetime
 import pytest
 
 from oncoseg_node.cli import EXIT_START_FAILED
+from oncoseg_node.ledger import DeliveryState, JobState
 from tests.conftest import write_config
 from tests.ctfactory import encode, series
 from tests.daemon import Daemon, wait_until
@@ -67,8 +68,9 @@ def test_second_node_on_the_same_state_dir_is_refused_and_the_first_job_is_untou
             assert job_rows(first) == before
             wait_until(lambda: list(tps.iterdir()) if tps.exists() else [], 120,
                        f"the RTSTRUCT\n{first.log()}")
-            (job,) = wait_until(lambda: [j for j in first.status() if j["state"] == "sent"], 30,
-                                "the job sent")
+            (job,) = wait_until(
+                lambda: [j for j in first.status() if j["state"] == JobState.SENT], 30,
+                "the job sent")
             time.sleep(2)  # a few reconcile passes: nothing sent twice
         finally:
             assert first.stop() == 0, first.log()
@@ -97,7 +99,7 @@ def test_port_taken_four_starts_change_no_job_and_exit_with_a_no_restart_code(tm
         wait_until(lambda: '"job_started"' in node.log(), 60, "the job to start")
         node.kill()  # a crash mid-job: the job stays running with one attempt
         before = job_rows(node)
-        assert [r[1:3] for r in before] == [("running", 1)]
+        assert [r[1:3] for r in before] == [(JobState.RUNNING, 1)]
 
         blocker = socket.socket()
         blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT
@@ -116,8 +118,9 @@ def test_port_taken_four_starts_change_no_job_and_exit_with_a_no_restart_code(tm
 
         node.start()  # port free again: the interrupted job runs once more and is sent
         try:
-            (job,) = wait_until(lambda: [j for j in node.status() if j["state"] == "sent"], 180,
-                                f"the job sent\n{node.log()}")
+            (job,) = wait_until(
+                lambda: [j for j in node.status() if j["state"] == JobState.SENT], 180,
+                f"the job sent\n{node.log()}")
         finally:
             assert node.stop() == 0, node.log()
     assert job["attempts"] == 2 and len(list(tps.iterdir())) == 1
@@ -138,7 +141,7 @@ def test_retry_during_a_15_minute_backoff_delivers_within_5_s(tmp_path):
             lambda: [j for j in node.status() if j["deliveries"]
                      and j["deliveries"][0]["attempts"] == 1], 120,
             f"a failed first attempt\n{node.log()}")
-        assert job["deliveries"][0]["state"] == "pending"
+        assert job["deliveries"][0]["state"] == DeliveryState.PENDING
         next_attempt = datetime.fromisoformat(job["deliveries"][0]["next_attempt_at"])
         assert next_attempt.timestamp() > time.time() + 800
         time.sleep(2.5)  # reconcile passes: the 15-minute timer is set
@@ -149,7 +152,7 @@ def test_retry_during_a_15_minute_backoff_delivers_within_5_s(tmp_path):
             wait_until(lambda: tps.exists() and list(tps.iterdir()), 10,
                        f"the retried delivery\n{node.log()}", interval=0.05)
             took = time.monotonic() - asked
-            wait_until(lambda: node.status()[0]["state"] == "sent", 10, "the job sent")
+            wait_until(lambda: node.status()[0]["state"] == JobState.SENT, 10, "the job sent")
     finally:
         assert node.stop() == 0, node.log()
     assert took < 5, f"delivered {took:.1f} s after the command"

@@ -40,8 +40,12 @@ class Ledger(IntakeRecords, JobRecords, DeliveryRecords):
             private_dir(self.path.parent)
         self.clock = clock
         self.connection = Connection(self.path)
-        with self.connection.transaction() as db:
-            self.schema_versions = migrate(db, str(self.path))
+        try:
+            with self.connection.transaction() as db:
+                self.schema_versions = migrate(db, str(self.path))
+        except BaseException:
+            self.connection.close()
+            raise
 
     def close(self) -> None:
         self.connection.close()

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from oncoseg_node.ledger import Delivery, DeliveryState, Job
+from oncoseg_node.ledger import Delivery, DeliveryState, Job, JobState
 from oncoseg_node.ops.qa import LABEL_PX
 from oncoseg_node.ops.viewer import WINDOWS, JobViewer
 from oncoseg_node.ops.viewer_script import VIEWER_SCRIPT, VIEWER_STYLE
@@ -233,7 +233,7 @@ def render_job_page(view: JobView, viewer: JobViewer | None, *,
     if job.override_finding:
         facts.append(("Geometry gate", '<span class="finding">released by an operator despite: '
                       f"{_e(job.override_finding)}</span>"))
-    elif job.state == "held" and job.reason:
+    elif job.state == JobState.HELD and job.reason:
         facts.append(("Geometry gate", f'<span class="finding">{_e(job.reason)}</span>'))
     dl = "".join(f"<dt>{_e(k)}</dt><dd>{v}</dd>" for k, v in facts if v not in ("", "-"))
     links = []

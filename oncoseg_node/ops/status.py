@@ -95,6 +95,7 @@ def render_text(rows: list[dict[str, Any]]) -> str:
                 text = f"pending, {count} so far, next attempt {d['next_attempt_at']}"
             else:
                 text = f"{d['state']} after {count}"
-            extra = f" ({d['reason']})" if d["reason"] and d["state"] != "delivered" else ""
+            delivered = d["state"] == DeliveryState.DELIVERED
+            extra = f" ({d['reason']})" if d["reason"] and not delivered else ""
             lines.append(f"           -> {d['destination']}: {text}{extra}")
     return "\n".join(lines)
