@@ -223,3 +223,18 @@ def test_interrupted_job_goes_behind_the_series_already_waiting(tmp_path):
     assert ledger.requeue_interrupted() == 1  # the node restarts
     assert ledger.claim(3).id == waiting
     assert ledger.claim(3).id == interrupted  # no backoff: it runs as soon as the queue is free
+
+
+def test_status_says_when_a_deferred_job_runs_again(tmp_path):
+    from oncoseg_node.intake.spool import Spool
+    from oncoseg_node.ops.status import iso, job_rows, render_text
+
+    clock = Clock()
+    ledger = Ledger(tmp_path / "l.db", clock=clock)
+    record(ledger, "1")
+    job_id = ledger.close_series("1.2.3")
+    ledger.claim(3)
+    ledger.defer_job(job_id, "OSError: disk full", delay_s=120, max_attempts=3)
+    (row,) = job_rows(ledger, Spool(tmp_path / "spool"), 10)
+    assert row["state"] == JobState.QUEUED and row["retry_after"] == iso(clock.now + 120)
+    assert f"next attempt after {iso(clock.now + 120)}" in render_text([row])

@@ -14,7 +14,7 @@ from typing import Any
 import pydicom
 
 from oncoseg_node.intake.spool import Spool
-from oncoseg_node.ledger import DeliveryState, Ledger
+from oncoseg_node.ledger import DeliveryState, JobState, Ledger
 
 PATIENT_TAGS = ["PatientName", "PatientID", "StudyDate", "SeriesDescription", "Modality"]
 
@@ -55,6 +55,9 @@ def job_rows(ledger: Ledger, spool: Spool, limit: int) -> list[dict[str, Any]]:
         rows.append({
             "job": job.id, "series_uid": job.series_uid, "version": job.version,
             "state": job.state, "attempts": job.attempts, "reason": job.reason,
+            # a deferred job: its next attempt waits until then (newer series go first)
+            "retry_after": iso(job.not_before)
+            if job.state == JobState.QUEUED and job.attempts else None,
             "patient_name": header.get("PatientName"), "patient_id": header.get("PatientID"),
             "series_description": header.get("SeriesDescription"),
             "protocol": job.protocol, "protocol_version": job.protocol_version,
@@ -87,6 +90,8 @@ def render_text(rows: list[dict[str, Any]]) -> str:
             lines.append(f"           released despite: {row['override_finding']}")
         if row["reason"]:
             lines.append(f"           reason: {row['reason']}")
+        if row["retry_after"]:
+            lines.append(f"           next attempt after {row['retry_after']}")
         for d in row["deliveries"]:
             count = f"{d['attempts']} attempt{'' if d['attempts'] == 1 else 's'}"
             if d["state"] == DeliveryState.DELIVERED:
