@@ -7,7 +7,9 @@ versions, taken with ``git show``) on a fixed clock to build a ledger with a
 job in every state (queued, running, held, delivering, sent, failed,
 quarantined, skipped, superseded, discarded) and three pending deliveries,
 then dumps it with ``sqlite3.Connection.iterdump()``. Loading the dump gives
-exactly the file a hospital's node holds today (``user_version`` 0).
+exactly the file a hospital's node holds today (``user_version`` 0). The
+pending deliveries are sent by the delivery scheduler, and by the daemon
+itself started on that ledger, to a real DCMTK storescp.
 """
 
 from __future__ import annotations
@@ -105,3 +107,39 @@ def test_pending_deliveries_of_a_schema1_ledger_reach_a_real_storescp(tmp_path):
                if d.job_id in jobs)
     assert {j.id: j for j in ledger.jobs() if j.id not in jobs} == untouched
     ledger.close()
+
+
+def test_the_daemon_started_on_a_schema1_ledger_delivers_its_pending_deliveries(tmp_path):
+    from tests.daemon import Daemon
+
+    port = free_port()
+    with storescp(tmp_path / "tps") as tps_port:
+        config = write_config(tmp_path, node={"port": port}, destinations=[
+            {"name": name, "ae_title": "TPS", "host": "127.0.0.1", "port": tps_port,
+             "timeout_s": 5} for name in ("tps", "pacs")])
+        cfg = load_config(config)
+        load_schema1(cfg.ledger_path)
+        with sqlite3.connect(cfg.ledger_path) as db:
+            pending = db.execute("SELECT job_id, sop_instance_uid, relpath FROM deliveries "
+                                 "WHERE state = 'pending'").fetchall()
+        for _job, uid, relpath in pending:
+            ds = series(1)[0]
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+            (cfg.state_dir / relpath).parent.mkdir(parents=True, exist_ok=True)
+            (cfg.state_dir / relpath).write_bytes(encode(ds))
+        daemon = Daemon(config, port, tmp_path / "daemon.log").start()
+        try:
+            sent = wait_until(
+                lambda: {j["job"] for j in daemon.status() if j["state"] == JobState.SENT}
+                >= {4, 5, 9} and daemon.status(), 60, f"the pending deliveries\n{daemon.log()}")
+        finally:
+            daemon.stop()
+    received = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+                for f in (tmp_path / "tps").iterdir()}
+    assert received == {uid for _job, uid, _relpath in pending}
+    by_id = {j["job"]: j for j in sent}
+    assert {d["state"] for d in by_id[4]["deliveries"]} == {DeliveryState.DELIVERED}
+    assert by_id[6]["state"] == JobState.FAILED  # its refused delivery is not retried
+    assert by_id[10]["state"] == JobState.DISCARDED
+    assert sqlite3.connect(cfg.ledger_path).execute("PRAGMA user_version").fetchone()[0] \
+        == LATEST_VERSION
