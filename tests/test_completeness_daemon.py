@@ -3,6 +3,7 @@ aborts or resets mid-series, DCMTK storescp as the planning system, kill -9 rest
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
 import time
@@ -35,10 +36,10 @@ def phantom_files(directory: Path, slices: int, *, images_in_acquisition: bool) 
     return paths
 
 
-def start(tmp_path: Path, tps_port: int, **series) -> Daemon:
+def start(tmp_path: Path, tps_port: int, node: dict | None = None, **series) -> Daemon:
     port = free_port()
     config = write_config(
-        tmp_path, node={"port": port}, series={"quiet_period_s": 1, **series},
+        tmp_path, node={"port": port, **(node or {})}, series={"quiet_period_s": 1, **series},
         destinations=[{"name": "tps", "ae_title": "TPS", "host": "127.0.0.1",
                        "port": tps_port, "retry": {"first_delay_s": 1, "max_delay_s": 2}}])
     return Daemon(config, port, tmp_path / "daemon.log").start()
@@ -54,6 +55,9 @@ def send_then_interrupt(port: int, paths: list[Path], how: str) -> None:
         assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0x0000
     if how == "abort":
         assoc.abort()
+        return
+    if how == "stall":  # hold the association open, silent, past the node's network timeout
+        wait_until(lambda: not assoc.is_established, 30, "the node to abort the association")
         return
     raw = assoc.dul.socket.socket
     raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -190,5 +194,22 @@ def test_time_the_node_was_down_is_not_quiet_time(tmp_path):
             assert daemon.status() == [], "the quiet period started again at restart"
             wait_until(lambda: structure_sets(tmp_path / "tps"), 120,
                        f"the structure set\n{daemon.log()}")
+        finally:
+            assert daemon.stop() == 0, daemon.log()
+
+
+def test_a_sender_silent_past_the_network_timeout_interrupts_its_series(tmp_path):
+    paths = phantom_files(tmp_path / "ct", 20, images_in_acquisition=False)
+    with storescp(tmp_path / "tps") as tps_port:
+        # The quiet period is longer than the network timeout: a silent
+        # association is aborted (and its series interrupted) before it ends.
+        daemon = start(tmp_path, tps_port, node={"network_timeout_s": 2}, quiet_period_s=4)
+        try:
+            send_then_interrupt(daemon.port, paths[:10], "stall")
+            ended = wait_until(lambda: [json.loads(line) for line in daemon.log().splitlines()
+                                        if '"association_ended"' in line], 30, "the end")
+            assert ended[0]["interrupted"] is True, ended
+            time.sleep(8)  # two quiet periods after the abort
+            assert daemon.status() == [] and structure_sets(tmp_path / "tps") == []
         finally:
             assert daemon.stop() == 0, daemon.log()

@@ -208,3 +208,7 @@ def test_protocols_explain_and_evaluate_choose_among_series(folders):
     missing = cli("evaluate", "--series", messy, "--reference", str(root / "nope.dcm"),
                   config=config)
     assert "nope.dcm: no such structure set file" in one_line_error(missing)
+    no_folder = cli("evaluate", "--series", messy, "--reference", str(root / "earlier.dcm"),
+                    "--csv", str(root / "missing" / "out.csv"), config=config)
+    assert f"output folder {root / 'missing'} does not exist" in one_line_error(no_folder)
+    assert no_folder.stdout == ""  # checked before any case was read

@@ -6,6 +6,7 @@ reads and writes the files asked for.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
@@ -24,6 +25,17 @@ def case_name(series_dir: Path) -> str:
     return resolved.parent.name if resolved.name.lower() == "ct" else resolved.name
 
 
+def check_output_file(path: Path) -> None:
+    """A report file can be written at ``path``: its folder exists and is writable."""
+    if path.is_dir():
+        raise OncosegError(f"{path} is a folder; give a file name")
+    folder = path.parent
+    if not folder.is_dir():
+        raise OncosegError(f"output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OncosegError(f"output folder {folder} is not writable")
+
+
 def read_aliases(path: Path | None) -> dict[str, str]:
     """The reference-name -> TG-263 map of ``--alias-map`` (empty without one)."""
     aliases = yaml.safe_load(Path(path).read_text()) if path else {}
@@ -36,7 +48,15 @@ def evaluate(*, config_path: Path, series: Path | None = None, reference: Path |
              ours: Path | None = None, cases: Path | None = None,
              series_uid: str | None = None, alias_map: Path | None = None,
              csv_path: Path | None = None, html_path: Path | None = None) -> list[CaseResult]:
-    """One case (``series`` + ``reference``) or a folder of ``cases``; prints the tables."""
+    """One case (``series`` + ``reference``) or a folder of ``cases``; prints the tables.
+
+    The files to write and the alias map are checked before any case is read.
+    """
+    for target in (csv_path, html_path):
+        if target is not None:
+            check_output_file(Path(target))
+    if alias_map is not None and not Path(alias_map).is_file():
+        raise OncosegError(f"{alias_map}: no such alias map file")
     aliases = read_aliases(alias_map)
     if cases:
         results = evaluate_folder(Path(cases), config_path=config_path, aliases=aliases)

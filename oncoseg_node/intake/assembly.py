@@ -28,7 +28,11 @@ The rules, each decision logged once with its evidence:
    quiet period.
 4. Otherwise the quiet period. On a released series InstanceNumber gaps are
    left to the geometry gate: scanners number per acquisition or skip a
-   localizer, and the gate sees the positions themselves.
+   localizer, and the gate sees the positions themselves. A series whose
+   association is still open but silent also closes on the quiet period
+   (routers hold one association for many series); a sender that stalls
+   mid-series is caught by its counts, or by the network timeout when that
+   is the shorter.
 
 A series may arrive over several associations; instances arriving after a
 job started reopen the series and, once complete again, make a new version
