@@ -92,7 +92,7 @@ def cmd_release(args: argparse.Namespace) -> int:
     ledger = _open_ledger(load_config(args.config))
     if not ledger.release(args.job):
         raise OncosegError(f"job {args.job} is not held")
-    print(f"job {args.job}: released; it will be contoured despite the geometry finding")
+    print(f"job {args.job}: released; it will be contoured despite its finding")
     return 0
 
 
