@@ -137,6 +137,10 @@ def test_series_with_slices_missing_is_held_with_its_reason_then_released(tmp_pa
             assert daemon.stop() == 0, daemon.log()
     assert referenced(ds) == uids(paths[:50])
     assert '"event": "series_held_incomplete"' in daemon.log()
+    assert ("Released by an operator despite incomplete: ImagesInAcquisition is 100: "
+            "50 missing") in ds.StructureSetDescription
+    (job,) = daemon.status()
+    assert job["override_finding"].startswith("incomplete: ImagesInAcquisition is 100")
 
 
 @pytest.mark.parametrize("rule", ["IIA", "whole_series_sender"])

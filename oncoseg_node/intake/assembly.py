@@ -50,6 +50,7 @@ import structlog
 
 from oncoseg_node.ledger import Ledger
 from oncoseg_node.ledger.intake import ENDED_BY_RELEASE, SeriesEvidence
+from oncoseg_node.ledger.jobs import INCOMPLETE_PREFIX
 
 log = structlog.get_logger("oncoseg_node.intake.assembly")
 
@@ -143,7 +144,7 @@ def decide(counts: Counts, *, quiet_for: float, quiet_period: float, interrupted
         if quiet_for < interrupted_wait:
             return Decision(False, f"{evidence}: waiting up to {interrupted_wait:g} s for the "
                             "rest", kind="missing")
-        return Decision(True, f"incomplete: {'; '.join(counts.missing)} (waited "
+        return Decision(True, f"{INCOMPLETE_PREFIX}{'; '.join(counts.missing)} (waited "
                         f"{quiet_for:.0f} s; {how}); release the job to contour it anyway",
                         held=True, kind="held")
     if counts.whole and ended_by == ENDED_BY_RELEASE and not receiving:

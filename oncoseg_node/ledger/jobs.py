@@ -93,6 +93,10 @@ def move_job(db: sqlite3.Connection, job_id: int, new: str, now: float) -> None:
                    (target, now, job_id))
 
 
+# The reason of a job held because its series' counts say slices are missing.
+INCOMPLETE_PREFIX = "incomplete: "
+
+
 class JobRecords(LedgerPart):
     """Jobs: created from closed series, claimed, finished, released or discarded."""
 
@@ -248,7 +252,8 @@ class JobRecords(LedgerPart):
         """Requeue a held job with the geometry gate overridden by an operator."""
         now = self.clock()
         with self.connection.transaction() as db:
-            row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = db.execute("SELECT state, reason FROM jobs WHERE id = ?",
+                             (job_id,)).fetchone()
             if row is None or row[0] != JobState.HELD:
                 return False
             move_job(db, job_id, JobState.QUEUED, now)
@@ -257,6 +262,10 @@ class JobRecords(LedgerPart):
                    reason = 'released by operator', finished_at = NULL WHERE id = ?""",
                 (job_id,),
             )
+            # A series held as incomplete: what was accepted stays on the job
+            # (status, job page, structure set) after the reason is replaced.
+            if row[1] and str(row[1]).startswith(INCOMPLETE_PREFIX):
+                db.execute("UPDATE jobs SET override_finding = ? WHERE id = ?", (row[1], job_id))
             return True
 
     def discard(self, job_id: int, reason: str) -> bool:

@@ -13,6 +13,7 @@ was claimed, so a job that keeps failing, or keeps crashing the node, ends
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import threading
 import time
@@ -163,6 +164,9 @@ class Worker:
             volume, report = load_ct_series(
                 paths, self.config.series.slice_spacing_tolerance_mm,
                 override_geometry=bool(job.override_geometry))
+            if job.override_finding and not report.overridden:
+                # released as incomplete: the structure set says what was accepted
+                report = dataclasses.replace(report, overridden=job.override_finding)
             if report.overridden:
                 bound.warning("geometry_gate_overridden", finding=report.overridden, audit=True)
                 self.ledger.update_job(job.id, override_finding=report.overridden)

@@ -45,9 +45,11 @@ def description_notes(contoured: Contoured) -> list[str]:
     absent = [r.name for r in contoured.results if r.absent]
     if absent:
         notes.append(f"Not found (not in this set): {', '.join(absent)}.")
-    if contoured.geometry.overridden:
-        notes.append("Released by an operator despite the geometry finding: "
-                     f"{contoured.geometry.overridden}.")
+    finding = contoured.geometry.overridden
+    if finding:
+        # A series held as incomplete is not a geometry finding; say which it was.
+        kind = "" if finding.startswith("incomplete: ") else "the geometry finding: "
+        notes.append(f"Released by an operator despite {kind}{finding}.")
     return notes
 
 
