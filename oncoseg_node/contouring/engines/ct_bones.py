@@ -118,8 +118,9 @@ def _without_contrast(volume: Volume, cand: np.ndarray, hu: np.ndarray, edge: np
     contrast = np.concatenate([[False], plateau & ~enclosing[1:]])
     if not contrast.any():
         return cand
-    vessel = np.concatenate([[False], _round_tubes(volume, np.where(core, labels, 0),
-                                                   count)]) & contrast
+    flagged = np.flatnonzero(contrast)
+    vessel = np.zeros(count + 1, dtype=bool)
+    vessel[flagged] = _round_tubes(volume, np.where(core, labels, 0), flagged)
     reach = radius_px(volume, REACH_MM)
     near = dilate(contrast[labels], *reach)
     for _ in range(NEAR_SLICES):  # an oblique loop's core may skip a slice or two
@@ -139,21 +140,22 @@ def _without_contrast(volume: Volume, cand: np.ndarray, hu: np.ndarray, edge: np
     return cand & ~drop
 
 
-def _round_tubes(volume: Volume, labels: np.ndarray, count: int) -> np.ndarray:
-    """Per label 1..count: a round cross-section of a vessel's size, longer than a vertebra."""
-    out = np.zeros(count, dtype=bool)
+def _round_tubes(volume: Volume, labels: np.ndarray, which: np.ndarray) -> np.ndarray:
+    """For labels ``which``: a round cross-section of a vessel's size, longer than a vertebra."""
+    out = np.zeros(len(which), dtype=bool)
     pixel_mm2 = volume.pixel_spacing[0] * volume.pixel_spacing[1]
-    size = np.bincount(labels.ravel(), minlength=count + 1)[1:]
     offsets = volume.slice_offsets
-    for i, found in enumerate(ndimage.find_objects(labels)):
-        if found is None:
+    found = ndimage.find_objects(labels)
+    for k, label in enumerate(which):
+        box = found[label - 1] if label - 1 < len(found) else None
+        if box is None:
             continue
-        n_slices = found[0].stop - found[0].start
-        length = abs(offsets[min(found[0].stop, len(offsets)) - 1] - offsets[found[0].start])
-        area = size[i] / n_slices * pixel_mm2
-        fill = size[i] / (n_slices * (found[1].stop - found[1].start)
-                          * (found[2].stop - found[2].start))
-        out[i] = length >= VESSEL_MM and area >= VESSEL_CORE_MM2 and fill >= ROUND_FILL
+        size = int((labels[box] == label).sum())
+        n_slices = box[0].stop - box[0].start
+        length = abs(offsets[box[0].stop - 1] - offsets[box[0].start])
+        area = size / n_slices * pixel_mm2
+        fill = size / (n_slices * (box[1].stop - box[1].start) * (box[2].stop - box[2].start))
+        out[k] = length >= VESSEL_MM and area >= VESSEL_CORE_MM2 and fill >= ROUND_FILL
     return out
 
 
@@ -189,22 +191,23 @@ def _cavities(volume: Volume, shell: np.ndarray, hu: np.ndarray
     return labels, mean, area
 
 
-def _trabecular(volume: Volume, ring: np.ndarray, hu: np.ndarray, dense: np.ndarray
-                ) -> np.ndarray:
+Cavities = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _trabecular(cavities: Cavities, dense: np.ndarray) -> np.ndarray:
     """Trabecular marrow: dense voxels in small cavities whose inside is denser than MARROW_HU.
 
     Voxel by voxel too, so neither the canal (CSF, cord and fat lie below
     MARROW_HU) nor soft tissue let in by the closing is taken.
     """
-    labels, mean, area = _cavities(volume, ring, hu)
+    labels, mean, area = cavities
     keep = np.concatenate([[False], (mean > MARROW_HU) & (area <= MARROW_MM2)])
     return keep[labels] & dense
 
 
-def _fatty(volume: Volume, solid: np.ndarray, hu: np.ndarray, canal: np.ndarray
-           ) -> np.ndarray:
+def _fatty(cavities: Cavities, canal: np.ndarray) -> np.ndarray:
     """Fatty marrow: small cavities of fat density (a long bone's shaft), not the canal."""
-    labels, mean, area = _cavities(volume, solid, hu)
+    labels, mean, area = cavities
     in_canal = LabelStats(labels, len(mean)).any(canal)
     fatty = (mean > FATTY_HU[0]) & (mean < FATTY_HU[1]) & (area <= FATTY_MM2) & ~in_canal
     return np.concatenate([[False], fatty])[labels]
@@ -235,6 +238,7 @@ class Skeleton:
         self.bones = np.zeros(volume.shape, dtype=bool)
         self.solid = np.zeros((0, 0, 0), dtype=bool)
         self.hu = np.zeros((0, 0, 0), dtype=np.float32)
+        self.cavities: Cavities = (np.zeros((0, 0, 0), np.int32), np.zeros(0), np.zeros(0))
         if self.box is None:
             return
         box = self.box
@@ -257,7 +261,9 @@ class Skeleton:
         # Voxel by voxel, marrow is denser than MARROW_HU once smoothed; the canal is not.
         dense = smooth > MARROW_HU
         ring = shell | ((smooth > ENCLOSE_HU) & dilate(shell, 2, 2))
-        marrow = _trabecular(volume, shell, hu, dense) | _trabecular(volume, ring, hu, dense)
+        self.cavities = _cavities(volume, shell, hu)
+        marrow = _trabecular(self.cavities, dense) | \
+            _trabecular(_cavities(volume, ring, hu), dense)
         marrow |= _orthogonal_fill(ring | marrow, dense)
         self.solid = shell | marrow | (ring & dilate(marrow, 2, 2))
         self.hu = hu
@@ -266,6 +272,6 @@ class Skeleton:
         """The bones with their marrow, the canal left out; on the whole volume."""
         if self.box is None:
             return self.bones
-        bone = self.solid | _fatty(volume, self.solid, self.hu, canal_in_box)
+        bone = self.solid | (_fatty(self.cavities, canal_in_box) & ~self.solid)
         self.bones[self.box] = bone & ~canal_in_box
         return self.bones
