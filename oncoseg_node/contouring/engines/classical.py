@@ -47,8 +47,7 @@ def bones_and_canal(volume: Volume, body: np.ndarray, mid: np.ndarray
     canal = np.zeros(volume.shape, dtype=bool)
     if skeleton.box is None:
         return skeleton.bones, canal
-    canal[skeleton.box] = spinal_canal(volume, skeleton.solid, skeleton.hu, skeleton.box,
-                                       body, mid)
+    canal[skeleton.box] = spinal_canal(volume, skeleton.solid, skeleton.hu, skeleton.box, mid)
     return skeleton.fill(volume, canal[skeleton.box]), canal
 
 

@@ -4,8 +4,8 @@ On real vertebrae bone rings the canal only at the pedicles; between them
 the ring opens at the foramina, in front at the discs and behind between the
 laminae. So the canal is found where the ring is (nearly) closed, per slice,
 after an in-plane closing of CLOSE_MM bridges small gaps; it must be soft
-tissue or fluid, of a canal's cross-section, near the midline and behind
-the body's centre. The slices found are linked into one channel in 3D (the
+tissue or fluid, of a canal's cross-section, near the midline and right
+behind a vertebral body. The slices found are linked into one channel in 3D (the
 longest run along the table), and on the slices between them, where the
 ring is open, the neighbours' canal is carried over what is not bone. No
 spine in the series: no ring near the midline, no canal.
@@ -29,19 +29,72 @@ from oncoseg_node.contouring.engines.postprocess import (
 from oncoseg_node.contouring.volume import Volume
 
 CLOSE_MM = 2.0         # gaps in the ring up to twice this are bridged on a slice
+WIDE_CLOSE_MM = 4.0    # and, where that finds nothing, up to twice this
 CANAL_HU = (-120.0, 90.0)  # CSF, cord and epidural fat; marrow and bone lie above
 CANAL_MM2 = (40.0, 700.0)  # cervical to lumbar cross-sections (0.4 to 7 cm^2)
 MIDLINE_MM = 25.0      # the canal's centre lies this close to the body's midline
 GAP_MM = 30.0          # the ring may be open over this much of the table between finds
 END_MM = 15.0          # and beyond the last find, while bone still surrounds the canal
 MIN_RUN_MM = 10.0      # a channel shorter than this is not a spine
+BODY_IN_FRONT_MM = (6.0, 40.0)  # the vertebral body lies this far in front of the canal
+BODY_HALF_WIDTH_MM = 12.0
+BODY_MIN_MM2 = 80.0    # and shows at least this much bone there
+
+
+def _body_in_front(volume: Volume, shell: np.ndarray, z: int, row: float, col: float
+                   ) -> bool:
+    """Whether a vertebral body's worth of bone lies in front of (anterior to) a point.
+
+    Anterior is patient -y: up the rows when the column direction points
+    posterior (supine), down them when it points anterior (prone).
+    """
+    forward = -1 if volume.col_direction[1] >= 0 else 1
+    near, far = (int(round(mm / volume.pixel_spacing[0])) for mm in BODY_IN_FRONT_MM)
+    half = int(round(BODY_HALF_WIDTH_MM / volume.pixel_spacing[1]))
+    r0, r1 = sorted((int(row) + forward * near, int(row) + forward * far))
+    c0, c1 = int(col) - half, int(col) + half + 1
+    patch = shell[z, max(r0, 0):max(r1 + 1, 0), max(c0, 0):max(c1, 0)]
+    return bool(patch.sum() * volume.pixel_spacing[0] * volume.pixel_spacing[1]
+                >= BODY_MIN_MM2)
 
 
 def _hole_candidates(volume: Volume, shell: np.ndarray, hu: np.ndarray,
-                     box: tuple[slice, ...], mid: np.ndarray, body_y: np.ndarray
-                     ) -> np.ndarray:
-    """Per slice, the enclosed soft-tissue region most like a canal (or nothing)."""
-    ry, rx = radius_px(volume, CLOSE_MM)
+                     box: tuple[slice, ...], mid: np.ndarray) -> np.ndarray:
+    """Per slice, the enclosed soft-tissue region most like a canal (or nothing).
+
+    The ring is first closed by CLOSE_MM; slices farther than GAP_MM / 2
+    from what that finds are tried again with WIDE_CLOSE_MM (a ring open on
+    one side, between a pedicle and the body), and what that finds is grown
+    back to the bone.
+    """
+    out = _holes_at(volume, shell, hu, box, mid, CLOSE_MM)
+    # Only where the neighbours' canal will not be carried over: far from any find.
+    offsets = volume.slice_offsets[box[0]]
+    finds = offsets[out.any(axis=(1, 2))]
+    distance = (np.abs(offsets[:, None] - finds[None, :]).min(axis=1) if finds.size
+                else np.full(len(offsets), np.inf))
+    missing = distance > GAP_MM / 2
+    if missing.any():
+        wide = _holes_at(volume, shell, hu, box, mid, WIDE_CLOSE_MM) & missing[:, None, None]
+        soft = (hu >= CANAL_HU[0]) & (hu <= CANAL_HU[1] + 50) & ~shell
+        grown = dilate(wide, *radius_px(volume, WIDE_CLOSE_MM)) & soft
+        out |= _inside(wide, grown)
+    return out
+
+
+def _inside(seed: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The in-plane components of ``mask`` that touch ``seed``."""
+    labels, count = ndimage.label(mask, structure=IN_PLANE)
+    keep = np.zeros(count + 1, dtype=bool)
+    keep[np.unique(labels[seed & mask])] = True
+    keep[0] = False
+    return keep[labels]
+
+
+def _holes_at(volume: Volume, shell: np.ndarray, hu: np.ndarray, box: tuple[slice, ...],
+              mid: np.ndarray, close_mm: float) -> np.ndarray:
+    """Per slice, the best canal-like hole in the shell closed by ``close_mm``."""
+    ry, rx = radius_px(volume, close_mm)
     closed = erode(dilate(shell, ry, rx), ry, rx) | shell
     holes = fill_holes(closed) & ~closed
     labels, count = ndimage.label(holes, structure=IN_PLANE)
@@ -63,8 +116,8 @@ def _hole_candidates(volume: Volume, shell: np.ndarray, hu: np.ndarray,
         point = volume.index_to_patient(box[0].start + z, np.array([rf + box[1].start]),
                                         np.array([cf + box[2].start]))[0]
         off = abs(point[0] - mid[box[0].start + z])
-        if off > MIDLINE_MM or not point[1] > body_y[box[0].start + z]:
-            continue  # the canal is near the midline and behind the body's centre
+        if off > MIDLINE_MM or not _body_in_front(volume, shell, z, rf, cf):
+            continue  # the canal is near the midline, right behind a vertebral body
         if z not in best or off < best[z][0]:
             best[z] = (off, int(label))
     for z, (_, chosen) in best.items():
@@ -160,16 +213,9 @@ def _carry(volume: Volume, canal: np.ndarray, shell: np.ndarray, hu: np.ndarray,
 
 
 def spinal_canal(volume: Volume, shell: np.ndarray, hu: np.ndarray, box: tuple[slice, ...],
-                 body: np.ndarray, mid: np.ndarray) -> np.ndarray:
+                 mid: np.ndarray) -> np.ndarray:
     """The canal on ``box`` (where ``shell`` and ``hu`` lie); empty when there is no spine."""
-    rows = body.sum(axis=2) @ np.arange(body.shape[1])
-    count = body.sum(axis=(1, 2)).astype(float)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        centre_row = rows / count
-    body_y = np.array([volume.index_to_patient(k, np.array([centre_row[k]]),
-                                               np.array([0.0]))[0][1]
-                       if count[k] else np.nan for k in range(body.shape[0])])
-    found = _hole_candidates(volume, shell, hu, box, mid, body_y)
+    found = _hole_candidates(volume, shell, hu, box, mid)
     if not found.any():
         return found
     return _carry(volume, _longest_channel(volume, found, box), shell, hu, box)
