@@ -239,3 +239,10 @@ def test_a_burst_of_connections_is_accepted_at_once(node):
             stack.enter_context(rawpdu.connect(receiver.port, source=f"127.0.0.{2 + i}"))
         elapsed = time.monotonic() - started
     assert elapsed < 3.0
+
+
+def test_per_peer_cap_must_be_positive(make_config):
+    from oncoseg_node.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="node.max_associations_per_peer: 0"):
+        make_config(node={"max_associations_per_peer": 0})
