@@ -321,3 +321,10 @@ def test_a_real_vertebra_from_pydicom_test_data():
     aorta = (slice(2, 16), slice(88, 105))
     assert np.median(volume.hu[2][aorta]) > 120  # enhanced, in front of the spine
     assert not bones[aorta].any()
+
+
+@pytest.mark.parametrize("variant", ["standard", "slim", "large"])
+def test_no_spine_in_the_series_gives_no_canal(variant):
+    p = make_phantom(slices=30, site="head", variant=variant)  # skull, brain, no vertebrae
+    (canal,) = ClassicalEngine().segment(p.volume, [Structure("SpinalCanal", (0, 0, 0))])
+    assert canal.absent and canal.note == "not found in this series"
