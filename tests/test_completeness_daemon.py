@@ -21,6 +21,8 @@ from tests.conftest import write_config
 from tests.daemon import Daemon, wait_until
 from tests.peers import free_port, storescp, storescu
 
+pytestmark = pytest.mark.peers
+
 SMALL = dict(rows=128, columns=128, pixel_spacing=(3.5, 3.5), slice_thickness=2.5)
 
 
