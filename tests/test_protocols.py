@@ -353,3 +353,22 @@ def test_check_config_and_explain_warn_which_structures_will_be_absent(tmp_path)
     warned = [line for line in explained.stdout.splitlines() if line.startswith("warning: ")]
     assert len(warned) == 1 and warned[0].startswith("warning: protocols.thorax: no configured "
                                                      "engine contours 6 of its 14"), warned
+
+
+def test_shipped_protocols_mark_what_only_sam3_contours():
+    """In each shipped protocol the structures after '# sam3:' are exactly the SAM3 ones."""
+    import re
+
+    from oncoseg_node.config import EngineConfig
+    from oncoseg_node.contouring.engines.registry import contourable
+    from oncoseg_node.contouring.protocol_checks import absent_structures
+
+    protocols = load_protocols(SHIPPED)
+    text = SHIPPED.read_text()
+    lists = re.findall(r"- name: (\S+)\n(?:.*\n)*?    structures: \[([^\]]*)\]", text)
+    assert {name for name, _ in lists} == {p.name for p in protocols.protocols}
+    for name, body in lists:
+        marked = body.split("# sam3:")[1] if "# sam3:" in body else ""
+        marked_names = re.findall(r"[A-Za-z][A-Za-z0-9_^]*", marked)
+        absent = absent_structures(protocols.by_name(name), contourable(EngineConfig()))
+        assert marked_names == [s.name for s in absent], name
