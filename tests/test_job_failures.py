@@ -95,13 +95,14 @@ def test_a_retryable_failure_is_deferred_while_the_newer_series_goes_first(tmp_p
             wait_until(lambda: ledger.jobs_of_series(good[0].SeriesInstanceUID)
                        and job_of(ledger, good[0].SeriesInstanceUID).state == JobState.SENT,
                        60, f"the newer series sent\n{daemon.log()}")
-            during = job_of(ledger, blocked[0].SeriesInstanceUID)
+            newer = job_of(ledger, good[0].SeriesInstanceUID)
             final = wait_until(
                 lambda: (j := job_of(ledger, blocked[0].SeriesInstanceUID)).state
                 == JobState.QUARANTINED and j, 60, f"quarantine\n{daemon.log()}")
         finally:
             daemon.stop()
     assert first.not_before is not None and first.reason.startswith("IsADirectoryError")
-    assert during.attempts == 1  # the newer series did not wait for a second attempt
     assert final.attempts == 2
+    # the newer series was contoured before the blocked one's second attempt
+    assert newer.started_at < final.started_at and newer.attempts == 1
     assert final.reason.startswith("quarantined after 2 attempts: IsADirectoryError")
