@@ -328,3 +328,12 @@ def test_no_spine_in_the_series_gives_no_canal(variant):
     p = make_phantom(slices=30, site="head", variant=variant)  # skull, brain, no vertebrae
     (canal,) = ClassicalEngine().segment(p.volume, [Structure("SpinalCanal", (0, 0, 0))])
     assert canal.absent and canal.note == "not found in this series"
+
+
+@pytest.mark.parametrize(("thickness", "slices"), [(2.0, 45), (5.0, 20)])
+def test_bones_and_canal_from_2_to_5_mm_slices(thickness, slices):
+    # The thin-cortex, low-density patient: ribs blend most with soft tissue at 5 mm.
+    p = make_phantom(slices=slices, slice_thickness=thickness, variant="slim")
+    r = run(p, ("Bones", "SpinalCanal"))
+    assert dice(r["Bones"].mask, p.truth["Bones"]) >= 0.90
+    assert dice(r["SpinalCanal"].mask, p.truth["SpinalCanal"]) >= 0.90
