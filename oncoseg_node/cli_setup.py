@@ -12,11 +12,13 @@ from oncoseg_node.errors import ConfigError
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from oncoseg_node.contouring.protocols import load_protocols
-    from oncoseg_node.ops.logs import configure_logging
-    from oncoseg_node.ops.statelock import StateLock
+    from oncoseg_node.ops.statelock import StateLock, refuse_if_held
 
     config = load_config(args.config)
+    refuse_if_held(config.state_dir)  # a second node goes at once, before the slow parts
+    from oncoseg_node.contouring.protocols import load_protocols
+    from oncoseg_node.ops.logs import configure_logging
+
     load_protocols(config.protocols)  # both files valid before anything exists on disk
     configure_logging(config.logging)
     # Locked before the heavy imports below: a second node is refused at once.

@@ -52,10 +52,7 @@ class StateLock:
         except BlockingIOError:
             pid = _read_pid(fd)
             os.close(fd)
-            holder = f"PID {pid}" if pid is not None else "a process that wrote no PID yet"
-            raise StartupError(
-                f"state directory {self.state_dir} is in use by another node ({holder}); "
-                "stop that node or give this one its own state_dir") from None
+            raise in_use(self.state_dir, pid) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
@@ -70,6 +67,23 @@ class StateLock:
     @property
     def held(self) -> bool:
         return self._fd is not None
+
+
+def in_use(state_dir: Path, pid: int | None) -> StartupError:
+    holder = f"PID {pid}" if pid is not None and pid > 0 else "a process that wrote no PID yet"
+    return StartupError(f"state directory {state_dir} is in use by another node ({holder}); "
+                        "stop that node or give this one its own state_dir")
+
+
+def refuse_if_held(state_dir: Path) -> None:
+    """Raise at once when another node holds ``state_dir``; creates nothing.
+
+    The first thing ``run`` does after reading its config: a second node is
+    refused before it spends time validating protocols or importing the stages.
+    """
+    pid = holder_pid(state_dir)
+    if pid is not None:
+        raise in_use(Path(state_dir), pid)
 
 
 def holder_pid(state_dir: Path) -> int | None:
