@@ -167,7 +167,11 @@ def test_kill_9_while_receiving_loses_nothing_acknowledged(tmp_path):
                              size=64) for i in range(200)]
         sender = Sender(daemon.port, datasets)
         sender.start()
-        time.sleep(rng.uniform(0.2, 1.2))
+        # the kill lands after the first acknowledgement, at a random point after it:
+        # a fixed delay from the start missed the series altogether on a loaded machine
+        wait_until(lambda: sender.acknowledged, 60, "a first acknowledged instance",
+                   interval=0.01)
+        time.sleep(rng.uniform(0.0, 0.8))
         daemon.kill()
         sender.join(timeout=30)
         acknowledged = list(sender.acknowledged)
