@@ -77,6 +77,7 @@ def test_one_check_config_run_lists_the_typo_the_bad_value_and_the_bad_colour(tm
     assert not (tmp_path / "state").exists()
 
 
+@pytest.mark.peers  # runs the daemon command
 def test_run_with_a_bad_protocols_file_creates_nothing(tmp_path):
     config, protocols = bad_pair(tmp_path)
     config.write_text(f"state_dir: {tmp_path / 'state'}\nprotocols: protocols.yaml\n")
@@ -138,6 +139,7 @@ def test_init_writes_the_commented_examples_and_never_overwrites(tmp_path):
     assert not (tmp_path / "data").exists()  # checking creates nothing
 
 
+@pytest.mark.peers
 def test_run_with_no_arguments_from_outside_the_repository_starts_on_the_packaged_default(
         tmp_path):
     """The packaged default listens on 11112 (DICOM) and 8080 (HTTP), its state under

@@ -7,12 +7,16 @@ import os
 import socket
 import time
 
+import pytest
+
 from tests.conftest import write_config
 from tests.daemon import Daemon, wait_until
 from tests.peers import free_port
 from tests.test_http_daemon import get
 
 THREADS, TIMEOUT_S = 4, 1.0
+
+pytestmark = pytest.mark.peers  # the daemon, as a subprocess
 
 
 def threads_of(pid: int) -> int:

@@ -17,6 +17,8 @@ from tests.daemon import Daemon, wait_until
 from tests.peers import free_port, storescp, storescu, wait_for_port
 from tests.test_shutdown import phantom_files
 
+pytestmark = pytest.mark.peers  # the daemon, as a subprocess
+
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_second_signal_exits_at_once_and_the_job_is_done_at_next_start(tmp_path, signum):
