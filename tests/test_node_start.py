@@ -78,6 +78,7 @@ def test_second_node_on_the_same_state_dir_is_refused_and_the_first_job_is_untou
     lines = second.stderr.strip().splitlines()
     assert len(lines) == 1, second.stderr
     assert str(tmp_path / "state") in lines[0] and f"PID {first.proc.pid}" in lines[0]
+    print(f"second node refused after {took:.2f} s: {lines[0]}")
     assert took < 2, f"refused after {took:.2f} s"
     assert job["attempts"] == 1 and len(list(tps.iterdir())) == 1
     assert '"requeued_jobs"' not in second.stdout + second.stderr
@@ -110,6 +111,8 @@ def test_port_taken_four_starts_change_no_job_and_exit_with_a_no_restart_code(tm
         finally:
             blocker.close()
         assert job_rows(node) == before
+        print(f"4 starts with the port taken: exit {[r.returncode for r in results]}, jobs "
+              f"{before} unchanged; {results[0].stderr.strip()}")
         no_restart = directives(UNIT)["RestartPreventExitStatus"][0].split()
         for result in results:
             assert result.returncode == EXIT_START_FAILED, result.stderr
@@ -146,8 +149,8 @@ def test_retry_during_a_15_minute_backoff_delivers_within_5_s(tmp_path):
         assert next_attempt.timestamp() > time.time() + 800
         time.sleep(2.5)  # reconcile passes: the 15-minute timer is set
         with storescp(tps, port=tps_port):
+            asked = time.monotonic()  # from the moment the command starts
             retry = node.cli("retry", str(job["job"]))
-            asked = time.monotonic()
             assert retry.returncode == 0, retry.stderr
             wait_until(lambda: tps.exists() and list(tps.iterdir()), 10,
                        f"the retried delivery\n{node.log()}", interval=0.05)
@@ -155,6 +158,7 @@ def test_retry_during_a_15_minute_backoff_delivers_within_5_s(tmp_path):
             wait_until(lambda: node.status()[0]["state"] == JobState.SENT, 10, "the job sent")
     finally:
         assert node.stop() == 0, node.log()
+    print(f"retried delivery at the TPS {took:.2f} s after the command: {retry.stdout.strip()}")
     assert took < 5, f"delivered {took:.1f} s after the command"
     assert f"PID {node.proc.pid}" in retry.stdout
     assert len(list(tps.iterdir())) == 1

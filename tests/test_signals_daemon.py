@@ -48,6 +48,7 @@ def test_second_signal_exits_at_once_and_the_job_is_done_at_next_start(tmp_path,
                                 180, f"the job sent after restart\n{node.log()[-2000:]}")
         finally:
             assert node.stop() == 0, node.log()
+    print(f"second signal {signum}: exit {code} after {took:.2f} s")
     assert code == 130 and took < 5, (code, took)
     assert forced and forced[0]["signal"] == signum
     assert len(list(tps.iterdir())) == 1 and job["attempts"] <= 2
