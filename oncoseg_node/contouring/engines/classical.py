@@ -94,7 +94,7 @@ class ClassicalEngine:
             "External": lambda: steps.body,
             "Lung_L": lambda: steps.chest.left,
             "Lung_R": lambda: steps.chest.right,
-            "Lungs": lambda: steps.chest.left | steps.chest.right,
+            "Lungs": lambda: steps.chest.both(),
             "Trachea": lambda: steps.chest.trachea,
             "Bronchus": lambda: steps.chest.bronchus,
             "Bones": lambda: steps.skeleton[0],

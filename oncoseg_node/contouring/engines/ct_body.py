@@ -9,10 +9,10 @@ on the volume's grid; patient coordinates are DICOM LPS (+x: patient's left).
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 
 from oncoseg_node.contouring.engines.postprocess import (
     bbox,
+    compact_label,
     dilate,
     fill_holes,
     opening,
@@ -73,7 +73,7 @@ def external(volume: Volume) -> np.ndarray:
     cand = candidate[box]
     ry, rx = radius_px(volume, OPEN_MM)
     core = opening(cand, ry, rx) if ry or rx else cand
-    labels, count = ndimage.label(core)
+    labels, count = compact_label(core)
     if count == 0:
         return body
     sizes = np.bincount(labels.ravel())[1:]

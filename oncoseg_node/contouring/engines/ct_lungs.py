@@ -15,6 +15,7 @@ from scipy import ndimage
 from oncoseg_node.contouring.engines.ct_body import patient_x
 from oncoseg_node.contouring.engines.postprocess import (
     bbox,
+    compact_label,
     component_sizes_cc,
     dilate,
     fill_holes,
@@ -63,7 +64,7 @@ def _gas_tree(aerated: np.ndarray, hu: np.ndarray) -> tuple[np.ndarray, int, np.
     gas = (hu < GAS_HU) & aerated
     if not gas.any():
         return np.zeros(gas.shape, dtype=np.int32), 0, np.zeros(0, dtype=np.int64)
-    labels, count = ndimage.label(gas, structure=np.ones((3, 3, 3)))  # bronchi run obliquely
+    labels, count = compact_label(gas, np.ones((3, 3, 3)))  # bronchi run obliquely
     # Leave out the air's own blurred rim, or every airway would look enclosed by "lung".
     outside = labels[gas & ~fill_holes(aerated & ~dilate(gas, 1, 1))]
     return labels, count, np.unique(outside[outside > 0])
@@ -73,10 +74,12 @@ class LungsAndAirways:
     """Both lungs and the airway tree; every mask ``(z, y, x)``, empty when not in view."""
 
     def __init__(self, volume: Volume, body: np.ndarray, mid: np.ndarray) -> None:
-        empty = np.zeros(volume.shape, dtype=bool)
-        self.left, self.right = empty, empty.copy()
-        self.trachea, self.bronchus = empty.copy(), empty.copy()
-        box = bbox((volume.hu < LUNG_HU) & body, pad=2)
+        # np.zeros leaves pages untouched until written: a mask costs memory
+        # only for the rows of the box it is written in.
+        self.left, self.right, self.trachea, self.bronchus = (
+            np.zeros(volume.shape, dtype=bool) for _ in range(4))
+        self.box = bbox((volume.hu < LUNG_HU) & body, pad=2)
+        box = self.box
         if box is None:
             return
         hu = volume.hu[box]
@@ -96,11 +99,18 @@ class LungsAndAirways:
                                                      self.left[box], self.right[box])
             self.trachea[box], self.bronchus[box] = trachea, bronchus
 
+    def both(self) -> np.ndarray:
+        """Left and right lung together, written only inside the lungs' box."""
+        out = np.zeros(self.left.shape, dtype=bool)
+        if self.box is not None:
+            np.logical_or(self.left[self.box], self.right[self.box], out=out[self.box])
+        return out
+
 
 def _lungs(volume: Volume, aerated: np.ndarray, box: tuple[slice, ...], mid: np.ndarray
            ) -> tuple[np.ndarray, np.ndarray]:
     """Aerated lung (airways removed) on ``box`` sorted into (left, right) components."""
-    labels, count = ndimage.label(aerated)
+    labels, count = compact_label(aerated)
     sizes = component_sizes_cc(volume, labels, count, box[0].start)
     x_of = patient_x(volume, box) - np.nan_to_num(mid[box[0]])[:, None, None]
     left, right = np.zeros_like(aerated), np.zeros_like(aerated)

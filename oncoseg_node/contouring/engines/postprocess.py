@@ -61,16 +61,36 @@ def radius_px(volume: Volume, mm: float) -> tuple[int, int]:
     return (int(round(mm / volume.pixel_spacing[0])), int(round(mm / volume.pixel_spacing[1])))
 
 
+def compact_label(mask: np.ndarray, structure: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """``ndimage.label`` into uint16 when the labels fit: half the memory of int32.
+
+    The numbering is scipy's either way; a mask of more than 65535 pieces is
+    labelled again into int32.
+    """
+    try:
+        return ndimage.label(mask, structure=structure, output=np.uint16)
+    except RuntimeError:  # scipy's "insufficient bit-depth in requested output type"
+        return ndimage.label(mask, structure=structure)
+
+
+# Slices labelled at a time by fill_holes: holes are per slice, so any slab
+# gives the same result; a slab's labels stay in cache instead of a volume's.
+FILL_SLAB = 16
+
+
 def fill_holes(mask: np.ndarray) -> np.ndarray:
     """Fill, on each slice, background not connected to that slice's border."""
     if not mask.any():
         return mask
-    labels, _ = ndimage.label(~mask, structure=IN_PLANE)
-    outside = np.zeros(int(labels.max()) + 1, dtype=bool)
-    for edge in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
-        outside[edge] = True
-    outside[0] = True  # label 0 is the mask itself
-    return mask | ~outside[labels]
+    out = mask.copy()
+    for z in range(0, mask.shape[0], FILL_SLAB):
+        labels, count = compact_label(~mask[z:z + FILL_SLAB], IN_PLANE)
+        outside = np.zeros(count + 1, dtype=bool)
+        for edge in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
+            outside[edge] = True
+        outside[0] = True  # label 0 is the mask itself
+        out[z:z + FILL_SLAB] |= ~outside[labels]
+    return out
 
 
 def bbox(mask: np.ndarray, pad: int = 0) -> tuple[slice, ...] | None:
@@ -146,7 +166,7 @@ def postprocess(volume: Volume, mask: np.ndarray, rules: PostProcess) -> np.ndar
                  rules.smoothing_mm / volume.pixel_spacing[1]]
         out = ndimage.gaussian_filter(out.astype(np.float32), sigma) >= 0.5
     if rules.min_island_cc > 0 or rules.keep_components:
-        labels, count = ndimage.label(out)
+        labels, count = compact_label(out)
         if count:
             sizes = component_sizes_cc(volume, labels, count)
             keep = sizes >= rules.min_island_cc
@@ -162,7 +182,7 @@ def postprocess(volume: Volume, mask: np.ndarray, rules: PostProcess) -> np.ndar
 
 def drop_slice_islands(volume: Volume, mask: np.ndarray, min_mm2: float) -> np.ndarray:
     """Remove the 4-connected pieces of each slice whose area is under ``min_mm2``."""
-    labels, count = ndimage.label(mask, structure=IN_PLANE)
+    labels, count = compact_label(mask, IN_PLANE)
     if not count:
         return mask
     area_mm2 = np.bincount(labels.ravel()) * volume.pixel_spacing[0] * volume.pixel_spacing[1]
