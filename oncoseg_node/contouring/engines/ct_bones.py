@@ -32,6 +32,7 @@ from oncoseg_node.contouring.engines.postprocess import (
     IN_PLANE,
     LabelStats,
     bbox,
+    compact_label,
     dilate,
     erode,
     fill_holes,
@@ -99,7 +100,7 @@ def _without_contrast(volume: Volume, cand: np.ndarray, hu: np.ndarray, edge: np
         return cand
     # Each core with its ring (what lies within a few pixels of it): one component.
     grown = cand & dilate(core, ry + 1, rx + 1)
-    labels, count = ndimage.label(grown)
+    labels, count = compact_label(grown)
     stats = LabelStats(labels, count)
     ring = grown & ~core
     core_hu = stats.mean(hu, core)
@@ -130,7 +131,7 @@ def _without_contrast(volume: Volume, cand: np.ndarray, hu: np.ndarray, edge: np
     # a spinous process on its vertebra) it is bone; iodine lies apart, in soft
     # tissue, and goes whole, except a great vessel on the spine: a round tube too
     # long for a vertebra, which goes as far as it reaches.
-    pieces, n = ndimage.label(cand, structure=np.ones((3, 3, 3), bool))
+    pieces, n = compact_label(cand, np.ones((3, 3, 3), bool))
     attached = np.zeros(n + 1, dtype=bool)
     attached[np.unique(pieces[cand & ~near & (hu > SEED_HU)])] = True
     holds = np.zeros(n + 1, dtype=bool)
@@ -167,7 +168,7 @@ def _seeded(cand: np.ndarray, hu: np.ndarray) -> np.ndarray:
     half maximum, but its pieces still touch through that margin.
     """
     linked = (dilate(cand, 1, 1) & (hu > LOW_HU)) | cand
-    labels, count = ndimage.label(linked, structure=np.ones((3, 3, 3), bool))
+    labels, count = compact_label(linked, np.ones((3, 3, 3), bool))
     if not count:
         return cand
     seeded = np.zeros(count + 1, dtype=bool)
@@ -182,7 +183,7 @@ def _cavities(volume: Volume, shell: np.ndarray, hu: np.ndarray
     # Gaps in a thin shell (where a rib leaves the slab obliquely) are bridged.
     ry, rx = (max(r, 1) for r in radius_px(volume, BRIDGE_MM))
     holes = fill_holes(erode(dilate(shell, ry, rx), ry, rx) | shell) & ~shell
-    labels, count = ndimage.label(holes, structure=IN_PLANE)
+    labels, count = compact_label(holes, IN_PLANE)
     stats = LabelStats(labels, count)
     # Judge a cavity by its inside: next to a dense cortex its rim is blurred toward bone.
     inner = stats.mean(hu, erode(holes, 1, 1))
@@ -248,7 +249,10 @@ class Skeleton:
         # centre in part; their half maximum is that of the slice where it is whole.
         peak[1:] = np.maximum(peak[1:], peak[:-1] * Z_PEAK_WEIGHT)
         peak[:-1] = np.maximum(peak[:-1], peak[1:] * Z_PEAK_WEIGHT)
-        cand = (hu > LOW_HU) & (hu > (peak + SOFT_HU) / 2) & body[box]
+        peak += SOFT_HU  # in place: the half maximum needs no second box of floats
+        peak /= 2
+        cand = (hu > LOW_HU) & (hu > peak) & body[box]
+        del peak
         metal = hu > METAL_HU
         if metal.any():
             cand &= ~dilate(metal, *radius_px(volume, METAL_MARGIN_MM))
