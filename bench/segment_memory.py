@@ -6,6 +6,8 @@ peer reads the same files with pydicom and rescales them into one
 preallocated float32 HU array, the floor any reader holding the series in
 HU pays. Each runs as its own process; peak RSS is the kernel's ru_maxrss
 for it (what ``/usr/bin/time -v`` prints as Maximum resident set size).
+The phantom is written by a child too: a child's ru_maxrss starts from its
+parent's RSS at fork, so this process stays small.
 ``--steps`` also prints, in this process, each engine step's peak above the
 loaded volume (tracemalloc) and the process's VmHWM after it.
 Target: segment <= 1.5 MiB a slice. Run: python -m bench.segment_memory
@@ -23,7 +25,6 @@ import tracemalloc
 from pathlib import Path
 
 from bench.rtstruct_write import machine
-from oncoseg_node.commissioning.phantom import write_phantom
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "config" / "oncoseg-node.yaml"
@@ -93,7 +94,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         series, out = Path(tmp) / "series", Path(tmp) / "out"
         out.mkdir()
-        write_phantom(series, slices=args.slices)
+        peak_rss_mib([sys.executable, "-m", "oncoseg_node.cli", "phantom", str(series),
+                      "--slices", str(args.slices)])
         ours, took = peak_rss_mib([sys.executable, "-m", "oncoseg_node.cli", "segment",
                                    str(series), "-o", str(out), "--protocol", "thorax",
                                    "--config", str(CONFIG)])
