@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -39,6 +40,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--slices", type=int, default=150)
     parser.add_argument("--rois", type=int, default=30)
+    parser.add_argument("--repeat", type=int, default=5, help="runs of ours (median)")
     args = parser.parse_args()
     print(f"machine: {machine()}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -51,14 +53,27 @@ def main() -> None:
         print(f"input: {args.rois} ROIs, {args.slices} slices of 512x512, "
               f"{contoured} ROI-slices with contours")
 
-        started = time.perf_counter()
-        ds = build_rtstruct(phantom.volume, rois,
-                            GenerationInfo("bench", "bench", "bench", "0"), PROFILES["generic"])
-        built = time.perf_counter() - started
-        save_verified(ds, Path(tmp) / "ours.dcm", phantom.volume, PROFILES["generic"])
-        ours = time.perf_counter() - started
-        print(f"oncoseg-node: {ours:.2f} s (build {built:.2f} s, write + read back + "
-              f"check {ours - built:.2f} s)")
+        def ours(workers: int) -> tuple[float, float]:
+            started = time.perf_counter()
+            ds = build_rtstruct(phantom.volume, rois,
+                                GenerationInfo("bench", "bench", "bench", "0"),
+                                PROFILES["generic"], workers=workers)
+            built = time.perf_counter() - started
+            save_verified(ds, Path(tmp) / "ours.dcm", phantom.volume, PROFILES["generic"])
+            return time.perf_counter() - started, built
+
+        for label, workers in (("serial, 1 thread", 1), (f"{os.cpu_count()} threads",
+                                                         os.cpu_count() or 1)):
+            runs = [ours(workers) for _ in range(args.repeat)]
+            total = statistics.median(r[0] for r in runs)
+            built = statistics.median(r[1] for r in runs)
+            print(f"oncoseg-node, {label}: median {total:.2f} s of {args.repeat} (build "
+                  f"{built:.2f} s, encode + check + write {total - built:.2f} s; runs "
+                  f"{', '.join(f'{r[0]:.2f}' for r in runs)})")
+            if workers == 1:
+                serial = total
+        size = (Path(tmp) / "ours.dcm").stat().st_size
+        print(f"file: {size / 1e6:.2f} MB")
 
         from rt_utils import RTStructBuilder
 
@@ -73,7 +88,7 @@ def main() -> None:
         rt.save(str(Path(tmp) / "rtutils.dcm"))
         theirs = time.perf_counter() - started
         print(f"rt-utils 1.2.7: {theirs:.2f} s (build + write, no read back)")
-        print(f"ratio rt-utils / oncoseg-node: {theirs / ours:.2f} "
+        print(f"ratio rt-utils / oncoseg-node serial: {theirs / serial:.2f} "
               f"(> 1 means oncoseg-node is faster)")
 
 

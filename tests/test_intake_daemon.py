@@ -169,7 +169,7 @@ def test_kill_9_while_receiving_loses_nothing_acknowledged(tmp_path):
         sender.start()
         # the kill lands after the first acknowledgement, at a random point after it:
         # a fixed delay from the start missed the series altogether on a loaded machine
-        wait_until(lambda: sender.acknowledged, 60, "a first acknowledged instance",
+        wait_until(lambda s=sender: s.acknowledged, 60, "a first acknowledged instance",
                    interval=0.01)
         time.sleep(rng.uniform(0.0, 0.8))
         daemon.kill()

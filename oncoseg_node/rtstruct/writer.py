@@ -105,8 +105,11 @@ def build_rtstruct(volume: Volume, rois: Sequence[RoiMask], info: GenerationInfo
                    profile: DestinationProfile, *, sop_instance_uid: str | None = None,
                    series_instance_uid: str | None = None,
                    min_island_mm2: float = 0.0, label: str = STRUCTURE_SET_LABEL,
-                   notes: Sequence[str] = (), predecessor_uid: str | None = None) -> Dataset:
+                   notes: Sequence[str] = (), predecessor_uid: str | None = None,
+                   workers: int | None = None) -> Dataset:
     """The RT Structure Set for ``rois`` over ``volume`` (not yet written).
+
+    ``workers`` threads trace the ROIs (default: one per core).
 
     ``label`` is the StructureSetLabel (SH, 16 characters) a planning system
     lists the set under; ``notes`` (structures not found, geometry findings an
@@ -188,7 +191,8 @@ def build_rtstruct(volume: Volume, rois: Sequence[RoiMask], info: GenerationInfo
     image_references = contour_image_references(volume)
     # ROIs are traced and encoded in parallel: the work is array operations
     # that release the interpreter lock.
-    with ThreadPoolExecutor(max_workers=max(1, min(len(rois), os.cpu_count() or 1))) as pool:
+    threads = workers if workers is not None else (os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=max(1, min(len(rois), threads))) as pool:
         sequences = list(pool.map(
             lambda roi: contour_sequence(volume, roi.name, roi.mask, profile.hole_style,
                                          min_pixels, image_references), rois))
