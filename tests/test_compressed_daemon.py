@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pydicom
+import pytest
 from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, generate_uid
 
 from oncoseg_node.commissioning.phantom import write_phantom
@@ -23,6 +24,8 @@ from tests.conftest import write_config
 from tests.daemon import Daemon, wait_until
 from tests.orthanc_peer import Orthanc, orthanc
 from tests.peers import DCMTK_ENV, free_port, require, storescp, storescu
+
+pytestmark = pytest.mark.peers
 
 SLICES = 24
 

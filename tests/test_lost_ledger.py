@@ -23,6 +23,8 @@ from tests.ctfactory import encode, series
 from tests.daemon import Daemon, wait_until
 from tests.peers import free_port, storescp, storescu
 
+pytestmark = pytest.mark.peers
+
 
 def spooled(state) -> set[str]:
     spool = state / "spool"
