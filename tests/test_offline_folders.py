@@ -77,7 +77,6 @@ def folders(tmp_path_factory):
     return root, config, first, second
 
 
-@pytest.mark.peers
 @pytest.mark.peers  # dciodvfy judges the structure set
 def test_segment_lists_several_series_and_writes_the_chosen_one_as_on_a_clean_folder(folders):
     root, config, first, second = folders
