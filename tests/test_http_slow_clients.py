@@ -14,8 +14,6 @@ from tests.daemon import Daemon, wait_until
 from tests.peers import free_port
 from tests.test_http_daemon import get
 
-pytestmark = pytest.mark.peers
-
 THREADS, TIMEOUT_S = 4, 1.0
 
 pytestmark = pytest.mark.peers  # the daemon, as a subprocess
