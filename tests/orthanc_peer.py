@@ -25,6 +25,7 @@ class Orthanc:
     dicom_port: int
     http_port: int
     workdir: Path
+    pid: int = 0  # the server process (the receive bench reads its CPU time)
 
     def get(self, path: str) -> Any:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}",
@@ -64,7 +65,7 @@ def orthanc(workdir: Path, *, aet: str = "ORTHANC",
     try:
         wait_for_port(dicom_port, 30)
         wait_for_port(http_port, 30)
-        peer = Orthanc(aet, dicom_port, http_port, workdir)
+        peer = Orthanc(aet, dicom_port, http_port, workdir, proc.pid)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # the REST API answers once the index is open
             try:

@@ -27,6 +27,8 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from oncoseg_node.config import NodeConfig
 from oncoseg_node.intake.handlers import StoreHandlers
 from oncoseg_node.intake.headers import CT_SYNTAXES, IGNORED_SOP_CLASSES, UNCOMPRESSED
+from oncoseg_node.intake.reactor import Wakeup
+from oncoseg_node.intake.reactor import install as install_wakeups
 from oncoseg_node.intake.wire import BoundedSocket, PeerCounter, WireLimits
 
 log = structlog.get_logger("oncoseg_node.receiver")
@@ -62,7 +64,12 @@ class NodeRequestHandler(RequestHandler):
         assert sock is not None  # set by the base from the accepted connection
         sock.__class__ = BoundedSocket
         assert isinstance(sock, BoundedSocket)
-        sock.bind_limits(self.server.limits, self.server.peers, str(self.client_address[0]))
+        wakeup = Wakeup()
+        sock.bind_limits(self.server.limits, self.server.peers, str(self.client_address[0]),
+                         wakeup)
+        # Both of the association's threads block on what they wait for
+        # instead of polling every millisecond (see ``reactor``).
+        install_wakeups(assoc, wakeup)
         return assoc
 
 

@@ -40,6 +40,8 @@ import structlog
 from pynetdicom.pdu import A_ASSOCIATE_RQ as AssociateRequestPDU
 from pynetdicom.transport import AssociationSocket
 
+from oncoseg_node.intake.reactor import REACTOR_WAIT_S, Wakeup
+
 log = structlog.get_logger("oncoseg_node.receiver")
 
 PDU_HEADER_BYTES = 6
@@ -54,9 +56,9 @@ KNOWN_PDU_TYPES = range(0x01, 0x08)
 NON_DATA_PDU_CAP = 1024 * 1024
 # Buffers grow by at most this much at a time, as the bytes actually arrive.
 READ_CHUNK = 256 * 1024
-# A connection that has sent nothing yet is polled this often instead of
-# every millisecond: nothing is waiting to be sent to it.
-IDLE_POLL_S = 0.05
+# A closed connection's upper-layer thread checks this often whether its
+# association has stopped it (pynetdicom's own delay).
+CLOSED_POLL_S = 0.001
 
 # A-ABORT source 2: service provider (PS3.8 9.3.8).
 ABORT_SOURCE_PROVIDER = 2
@@ -130,8 +132,12 @@ class BoundedSocket(AssociationSocket):
     _pdu_type: int
     _sent_data: bool
     _finished: bool
+    wakeup: Wakeup
 
-    def bind_limits(self, limits: WireLimits, peers: PeerCounter, peer: str) -> None:
+    def bind_limits(self, limits: WireLimits, peers: PeerCounter, peer: str,
+                    wakeup: Wakeup) -> None:
+        """``wakeup`` is polled beside the socket (see ``reactor``); closed with it."""
+        self.wakeup = wakeup
         self.limits = limits
         self.peers = peers
         self.peer = peer
@@ -147,21 +153,37 @@ class BoundedSocket(AssociationSocket):
 
     @property
     def ready(self) -> bool:
-        """Whether data can be read; poll(), so descriptors above 1023 work too."""
+        """Whether data can be read; blocks until data, a queued send or a short timeout.
+
+        The DUL thread calls this whenever it has nothing queued to send, so
+        waiting here (on the socket and the association's wake-up, see
+        ``reactor``) replaces its millisecond sleep. poll(), so descriptors
+        above 1023 work too.
+        """
         sock = self.socket
         if sock is None or self._is_connected is False:
+            # Closed: the DUL thread loops until its association stops it.
+            time.sleep(CLOSED_POLL_S)
             return False
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return True
         poller = select.poll()
+        wake_fd = self.wakeup.fd
         try:
             poller.register(sock, select.POLLIN | select.POLLPRI)
-            wait_ms = 0 if self._sent_data else int(IDLE_POLL_S * 1000)
-            events = poller.poll(wait_ms)
+            if wake_fd is not None:
+                poller.register(wake_fd, select.POLLIN)
+            events = poller.poll(int(REACTOR_WAIT_S * 1000))
         except (OSError, ValueError):
             self.event_queue.put("Evt17")
             return False
-        return bool(events)
+        readable = False
+        for fd, _mask in events:
+            if fd == wake_fd:
+                self.wakeup.drain()
+            else:
+                readable = True
+        return readable
 
     def recv(self, nr_bytes: int) -> bytearray:
         if nr_bytes == PDU_HEADER_BYTES and self._pdu_type == 0:
@@ -171,6 +193,7 @@ class BoundedSocket(AssociationSocket):
     def close(self) -> None:
         self._finished = True
         super().close()
+        self.wakeup.close()
 
     # -- the two reads of a PDU ------------------------------------------------
 
