@@ -146,8 +146,9 @@ class StoreHandlers:
         calling_ae = str(event.assoc.requestor.ae_title).strip()
         bound = log.bind(calling_ae=calling_ae)
         try:
-            if self.spool.free_bytes() < self.min_free_bytes:
-                bound.warning("store_refused_disk_low", free_bytes=self.spool.free_bytes())
+            if (self.spool.free_bytes_recent() < self.min_free_bytes
+                    and (free := self.spool.free_bytes()) < self.min_free_bytes):
+                bound.warning("store_refused_disk_low", free_bytes=free)
                 return Refusal(status.OUT_OF_RESOURCES, "node disk below free-space limit"
                                ).as_dataset()
             syntax = UID(str(event.context.transfer_syntax))

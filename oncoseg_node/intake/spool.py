@@ -18,6 +18,8 @@ import hashlib
 import os
 import secrets
 import shutil
+import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +33,11 @@ from oncoseg_node.durable import (
     temporary_name,
     write_and_sync,
 )
+
+# The receive path measures free space at most this often; in between, what
+# this spool wrote since the last measure is subtracted, so the estimate errs
+# low (other writers to the disk are seen at the next measure).
+FREE_SPACE_MAX_AGE_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,7 @@ class PendingWrite:
 
     def commit(self, sha256: str) -> StoredFile:
         size = self._future.result()  # re-raises the writer's OSError
+        self._spool.wrote(size)
         os.replace(self._tmp, self._final)
         fsync_dir(self._final.parent)
         return StoredFile(self.relpath, sha256, size)
@@ -96,6 +104,10 @@ class Spool:
         if missing:
             fsync_dir(self.objects)
         self._pool = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="spool-writer")
+        self._free_lock = threading.Lock()
+        self._free_measured = 0
+        self._free_measured_at = -FREE_SPACE_MAX_AGE_S
+        self._written_since = 0
 
     def _new_path(self) -> Path:
         name = secrets.token_hex(16)
@@ -140,7 +152,28 @@ class Spool:
         fsync_dir(path.parent)
 
     def free_bytes(self) -> int:
-        return shutil.disk_usage(self.root).free
+        """Free bytes on the spool's filesystem, measured now."""
+        free = shutil.disk_usage(self.root).free
+        with self._free_lock:
+            self._free_measured, self._written_since = free, 0
+            self._free_measured_at = time.monotonic()
+        return free
+
+    def free_bytes_recent(self) -> int:
+        """Free bytes as of at most :data:`FREE_SPACE_MAX_AGE_S` ago, less what was written since.
+
+        For the per-instance check; a caller about to refuse asks
+        :meth:`free_bytes` again, so a refusal always rests on a fresh figure.
+        """
+        with self._free_lock:
+            if time.monotonic() - self._free_measured_at < FREE_SPACE_MAX_AGE_S:
+                return self._free_measured - self._written_since
+        return self.free_bytes()
+
+    def wrote(self, size: int) -> None:
+        """Count ``size`` bytes written since the last free-space measure."""
+        with self._free_lock:
+            self._written_since += size
 
     def clean_partials(self) -> int:
         """Delete temporary files left by a crash mid-write; returns how many."""
