@@ -28,14 +28,3 @@ def write_adapter(peft_model: Any, folder: Path, provenance: dict[str, Any]) -> 
     record = {"software": f"oncoseg-node {__version__}", **provenance}
     write_durably(folder / PROVENANCE, json.dumps(record, indent=2, sort_keys=True).encode())
     return folder
-
-
-def read_provenance(folder: Path) -> dict[str, Any] | None:
-    path = Path(folder) / PROVENANCE
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
