@@ -79,8 +79,14 @@ def external(volume: Volume) -> np.ndarray:
     sizes = np.bincount(labels.ravel())[1:]
     keep = np.concatenate([[False], sizes >= MIN_BODY_FRACTION * sizes.max()])
     core = keep[labels]
+    del labels
     # Give back the skin detail the opening shaved off, not what lies beyond it.
-    body[box] = fill_holes(cand & dilate(core, ry, rx) | core)
+    grown = dilate(core, ry, rx)
+    grown &= cand
+    grown |= core
+    del core
+    fill_holes(grown, out=grown)
+    body[box] = grown
     return body
 
 

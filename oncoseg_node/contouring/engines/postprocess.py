@@ -25,35 +25,62 @@ IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
 IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
 
 
-def shift_or(mask: np.ndarray, radius: int, axis: int, op: np.ufunc) -> np.ndarray:
-    """Combine each voxel with its neighbours up to ``radius`` along ``axis``."""
-    out = mask.copy()
+# Slices combined at a time by the in-plane morphology: each slab's shifts stay
+# in cache, and numpy's copy of an overlapping operand is a slab, not a volume.
+SLAB = 16
+
+
+def _slabs(mask: np.ndarray, axis: int = -1) -> list[np.ndarray]:
+    """Views of ``mask`` that an in-plane step along ``axis`` can take one at a time."""
+    if mask.ndim != 3 or axis % 3 == 0:
+        return [mask]
+    return [mask[z:z + SLAB] for z in range(0, mask.shape[0], SLAB)]
+
+
+def _shift_in_place(out: np.ndarray, radius: int, axis: int, op: np.ufunc) -> None:
     done = 0
     while done < radius:
         # Offsets covered grow {-d..d} -> {-d-s..d+s} per step: log2(radius) steps.
         s = min(done + 1, radius - done)
-        lo = [slice(None)] * mask.ndim
-        hi = [slice(None)] * mask.ndim
+        lo = [slice(None)] * out.ndim
+        hi = [slice(None)] * out.ndim
         lo[axis], hi[axis] = slice(None, -s), slice(s, None)
         op(out[tuple(hi)], out[tuple(lo)], out=out[tuple(hi)])
         op(out[tuple(lo)], out[tuple(hi)], out=out[tuple(lo)])
         done += s
+
+
+def shift_or(mask: np.ndarray, radius: int, axis: int, op: np.ufunc) -> np.ndarray:
+    """Combine each voxel with its neighbours up to ``radius`` along ``axis``."""
+    out = mask.copy()
+    for part in _slabs(out, axis):
+        _shift_in_place(part, radius, axis, op)
+    return out
+
+
+def _rectangle(mask: np.ndarray, ry: int, rx: int, op: np.ufunc) -> np.ndarray:
+    out = mask.copy()
+    for part in _slabs(out):
+        _shift_in_place(part, ry, -2, op)
+        _shift_in_place(part, rx, -1, op)
     return out
 
 
 def dilate(mask: np.ndarray, ry: int, rx: int) -> np.ndarray:
     """In-plane dilation by a (2 ry + 1) x (2 rx + 1) rectangle."""
-    return shift_or(shift_or(mask, ry, -2, np.logical_or), rx, -1, np.logical_or)
+    return _rectangle(mask, ry, rx, np.logical_or)
 
 
 def erode(mask: np.ndarray, ry: int, rx: int) -> np.ndarray:
     """In-plane erosion by a rectangle; voxels beyond the image edge count as set."""
-    return shift_or(shift_or(mask, ry, -2, np.logical_and), rx, -1, np.logical_and)
+    return _rectangle(mask, ry, rx, np.logical_and)
 
 
 def opening(mask: np.ndarray, ry: int, rx: int) -> np.ndarray:
     """Removes structures thinner than the rectangle (couch shells, mask straps)."""
-    return dilate(erode(mask, ry, rx), ry, rx) & mask
+    out = dilate(erode(mask, ry, rx), ry, rx)
+    out &= mask
+    return out
 
 
 def radius_px(volume: Volume, mm: float) -> tuple[int, int]:
@@ -73,23 +100,27 @@ def compact_label(mask: np.ndarray, structure: np.ndarray | None = None) -> tupl
         return ndimage.label(mask, structure=structure)
 
 
-# Slices labelled at a time by fill_holes: holes are per slice, so any slab
-# gives the same result; a slab's labels stay in cache instead of a volume's.
-FILL_SLAB = 16
+def fill_holes(mask: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Fill, on each slice, background not connected to that slice's border.
 
-
-def fill_holes(mask: np.ndarray) -> np.ndarray:
-    """Fill, on each slice, background not connected to that slice's border."""
+    Holes are per slice, so slabs of slices are labelled one at a time (their
+    labels stay in cache). ``out`` (``mask`` itself allowed) receives the result.
+    """
     if not mask.any():
-        return mask
-    out = mask.copy()
-    for z in range(0, mask.shape[0], FILL_SLAB):
-        labels, count = compact_label(~mask[z:z + FILL_SLAB], IN_PLANE)
+        if out is not None and out is not mask:
+            out[...] = mask
+        return mask if out is None else out
+    if out is None:
+        out = mask.copy()
+    elif out is not mask:
+        out[...] = mask
+    for z in range(0, mask.shape[0], SLAB):
+        labels, count = compact_label(~mask[z:z + SLAB], IN_PLANE)
         outside = np.zeros(count + 1, dtype=bool)
         for edge in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
             outside[edge] = True
         outside[0] = True  # label 0 is the mask itself
-        out[z:z + FILL_SLAB] |= ~outside[labels]
+        out[z:z + SLAB] |= ~outside[labels]
     return out
 
 
