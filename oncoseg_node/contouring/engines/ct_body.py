@@ -17,6 +17,7 @@ from oncoseg_node.contouring.engines.postprocess import (
     fill_holes,
     opening,
     radius_px,
+    voxel_counts,
 )
 from oncoseg_node.contouring.volume import Volume
 
@@ -76,7 +77,7 @@ def external(volume: Volume) -> np.ndarray:
     labels, count = compact_label(core)
     if count == 0:
         return body
-    sizes = np.bincount(labels.ravel())[1:]
+    sizes = voxel_counts(labels, count)[1:]
     keep = np.concatenate([[False], sizes >= MIN_BODY_FRACTION * sizes.max()])
     core = keep[labels]
     del labels

@@ -100,6 +100,19 @@ def compact_label(mask: np.ndarray, structure: np.ndarray | None = None) -> tupl
         return ndimage.label(mask, structure=structure)
 
 
+def voxel_counts(labels: np.ndarray, count: int) -> np.ndarray:
+    """Voxels of each label 0..count, a few million at a time.
+
+    ``np.bincount`` copies its input to int64 first: on a whole volume's
+    labels that copy is four times a uint16 label array.
+    """
+    flat = labels.reshape(-1)
+    counts = np.zeros(count + 1, dtype=np.int64)
+    for start in range(0, flat.size, 1 << 22):
+        counts += np.bincount(flat[start:start + (1 << 22)], minlength=count + 1)
+    return counts
+
+
 def fill_holes(mask: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Fill, on each slice, background not connected to that slice's border.
 
@@ -216,7 +229,7 @@ def drop_slice_islands(volume: Volume, mask: np.ndarray, min_mm2: float) -> np.n
     labels, count = compact_label(mask, IN_PLANE)
     if not count:
         return mask
-    area_mm2 = np.bincount(labels.ravel()) * volume.pixel_spacing[0] * volume.pixel_spacing[1]
+    area_mm2 = voxel_counts(labels, count) * volume.pixel_spacing[0] * volume.pixel_spacing[1]
     keep = area_mm2 >= min_mm2
     keep[0] = False
     return keep[labels]
