@@ -15,6 +15,11 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE, _config
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
@@ -88,3 +93,19 @@ def dciodvfy(path: Path) -> tuple[list[str], str]:
                           timeout=60)
     output = proc.stdout + proc.stderr
     return [line for line in output.splitlines() if line.startswith("Error")], output
+
+
+def send_raw(port: int, path: Path) -> Any:
+    """Send a file's bytes as they are: command UIDs from its file meta, dataset unparsed."""
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        ae = AE(ae_title="CTSIM")
+        ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+        assoc = ae.associate("127.0.0.1", port, ae_title="ONCOSEG")
+        assert assoc.is_established
+        try:
+            return assoc.send_c_store(path)
+        finally:
+            assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = False

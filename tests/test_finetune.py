@@ -35,13 +35,8 @@ from tests.sam3_tiny import build_tiny_sam3  # noqa: E402
 PROTOCOLS = """
 structures:
   Heart: {color: [255, 0, 0], type: ORGAN, engine: sam3, concepts: [heart]}
-  Lung_L: {color: [0, 128, 255], type: ORGAN, engine: sam3, concepts: [left lung],
-           laterality: left}
-protocols:
-  - name: thorax-sam3
-    priority: 1
-    structures: [Heart, Lung_L]
-fallback: thorax-sam3
+protocols: [{name: heart-sam3, priority: 1, structures: [Heart]}]
+fallback: heart-sam3
 """
 SMALL = {"slices": 8, "rows": 64, "columns": 64, "pixel_spacing": (6.0, 6.0)}
 
@@ -175,7 +170,7 @@ def engines_see_the_adapter(material, adapter: Path) -> None:
     as_array = [np.zeros(volume.shape, bool) if r.mask is None else r.mask
                 for r in (ours, theirs)]
     assert not np.array_equal(*as_array)
-    info = GenerationInfo("sam3", adapted.description, "thorax-sam3", "0123456789ab",
+    info = GenerationInfo("sam3", adapted.description, "heart-sam3", "0123456789ab",
                           models={"sam3": adapted.description},
                           short_models={"sam3": adapted.short_id})
     assert adapted.adapter is not None

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE, _config
+from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
 from oncoseg_node.dicom import status
@@ -27,7 +27,7 @@ from oncoseg_node.intake.spool import Spool
 from oncoseg_node.intake.transport import Receiver
 from oncoseg_node.ledger import Ledger
 from tests.ctfactory import encode, series
-from tests.peers import DCMTK_ENV, require
+from tests.peers import DCMTK_ENV, require, send_raw
 
 pytestmark = pytest.mark.peers
 
@@ -150,22 +150,6 @@ def test_malformed_instance_gets_its_named_status_and_nothing_is_kept(node, case
     assert int(answer.Status) == expected_status, status.describe(int(answer.Status))
     assert comment_part in str(answer.ErrorComment)
     assert_nothing_kept(ledger, spool)
-
-
-def send_raw(port: int, path: Path) -> Dataset:
-    """Send a file's bytes as they are: command UIDs from its file meta, dataset unparsed."""
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    try:
-        ae = AE(ae_title="CTSIM")
-        ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
-        assoc = ae.associate("127.0.0.1", port, ae_title="ONCOSEG")
-        assert assoc.is_established
-        try:
-            return assoc.send_c_store(path)
-        finally:
-            assoc.release()
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = False
 
 
 def test_odd_length_pixel_data_is_refused(node, tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE, _config
+from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage
 
 from oncoseg_node.dicom import status
@@ -23,7 +23,7 @@ from oncoseg_node.intake.spool import TMP_SUFFIX, Spool
 from oncoseg_node.intake.transport import Receiver
 from oncoseg_node.ledger import Ledger
 from tests.ctfactory import encode, series
-from tests.peers import DCMTK_ENV, require, storescu
+from tests.peers import DCMTK_ENV, require, send_raw, storescu
 
 pytestmark = pytest.mark.peers
 
@@ -180,22 +180,6 @@ def test_missing_uid_is_refused(node, keyword):
     _assert_nothing_stored(ledger, spool)
 
 
-def _send_file_raw(port: int, path: Path) -> int:
-    """Send a file as-is: the command UIDs come from its file meta, not its dataset."""
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    try:
-        ae = AE(ae_title="CTSIM")
-        ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
-        assoc = ae.associate("127.0.0.1", port, ae_title="ONCOSEG")
-        assert assoc.is_established
-        try:
-            return int(assoc.send_c_store(path).Status)
-        finally:
-            assoc.release()
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = False
-
-
 def test_missing_sop_instance_uid_is_refused(node, tmp_path):
     receiver, ledger, spool, _ = node()
     ds = series(1)[0]
@@ -205,7 +189,7 @@ def test_missing_sop_instance_uid_is_refused(node, tmp_path):
     del raw.SOPInstanceUID
     raw.preamble = b"\0" * 128
     raw.save_as(path, enforce_file_format=False)
-    assert _send_file_raw(receiver.port, path) == status.CANNOT_UNDERSTAND
+    assert int(send_raw(receiver.port, path).Status) == status.CANNOT_UNDERSTAND
     _assert_nothing_stored(ledger, spool)
 
 
@@ -216,7 +200,7 @@ def test_command_uid_differing_from_dataset_uid_is_refused(node, tmp_path):
     ds.preamble = b"\0" * 128  # written as-is: meta and dataset disagree on purpose
     path = tmp_path / "mismatch.dcm"
     ds.save_as(path, enforce_file_format=False)
-    assert _send_file_raw(receiver.port, path) == status.CANNOT_UNDERSTAND
+    assert int(send_raw(receiver.port, path).Status) == status.CANNOT_UNDERSTAND
     _assert_nothing_stored(ledger, spool)
 
 
