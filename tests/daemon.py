@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.peers import wait_for_port
+from tests.peers import storescu, wait_for_port
 
 
 class Daemon:
@@ -81,3 +81,23 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def phantom_files(directory: Path, slices: int = 96) -> list[Path]:
+    """A realistic 512 x 512 series written to ``directory``: contouring it takes a while."""
+    from oncoseg_node.commissioning.phantom import write_phantom
+
+    directory.mkdir()
+    write_phantom(directory, slices=slices, rows=512, columns=512)
+    return sorted(directory.iterdir())
+
+
+def tps_destination(tps_port: int, **extra: Any) -> dict[str, Any]:
+    """The one destination of these tests: a storescp playing the planning system."""
+    return {"name": "tps", "ae_title": "TPS", "host": "127.0.0.1", "port": tps_port, **extra}
+
+
+def send_until_contouring(daemon: Daemon, files: list[Path]) -> None:
+    """Send ``files`` by storescu and return once the daemon has started their job."""
+    assert storescu(files, daemon.port).returncode == 0
+    wait_until(lambda: '"job_started"' in daemon.log(), 60, "the job to start")

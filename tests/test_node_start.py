@@ -17,7 +17,7 @@ from oncoseg_node.cli import EXIT_START_FAILED
 from oncoseg_node.ledger import DeliveryState, JobState
 from tests.conftest import write_config
 from tests.ctfactory import encode, series
-from tests.daemon import Daemon, wait_until
+from tests.daemon import Daemon, phantom_files, send_until_contouring, tps_destination, wait_until
 from tests.peers import free_port, storescp, storescu
 from tests.test_systemd import UNIT, directives
 
@@ -47,20 +47,16 @@ def job_rows(daemon: Daemon) -> list[tuple]:
 
 def test_second_node_on_the_same_state_dir_is_refused_and_the_first_job_is_untouched(
         tmp_path):
-    from tests.test_shutdown import phantom_files  # a realistic series: the job takes a while
-
     port = free_port()
     tps = tmp_path / "tps"
     files = phantom_files(tmp_path / "phantom")
     with storescp(tps) as tps_port:
         config = write_config(
             tmp_path, node={"port": port}, series={"quiet_period_s": 1},
-            destinations=[{"name": "tps", "ae_title": "TPS", "host": "127.0.0.1",
-                           "port": tps_port}])
+            destinations=[tps_destination(tps_port)])
         first = Daemon(config, port, tmp_path / "first.log").start()
         try:
-            assert storescu(files, port).returncode == 0
-            wait_until(lambda: '"job_started"' in first.log(), 60, "the job to start")
+            send_until_contouring(first, files)
             before = job_rows(first)
             started = time.monotonic()
             second = run_node(config)
@@ -85,19 +81,15 @@ def test_second_node_on_the_same_state_dir_is_refused_and_the_first_job_is_untou
 
 
 def test_port_taken_four_starts_change_no_job_and_exit_with_a_no_restart_code(tmp_path):
-    from tests.test_shutdown import phantom_files
-
     port = free_port()
     tps = tmp_path / "tps"
     files = phantom_files(tmp_path / "phantom")
     with storescp(tps) as tps_port:
         config = write_config(
             tmp_path, node={"port": port, "host": "127.0.0.1"}, series={"quiet_period_s": 1},
-            destinations=[{"name": "tps", "ae_title": "TPS", "host": "127.0.0.1",
-                           "port": tps_port}])
+            destinations=[tps_destination(tps_port)])
         node = Daemon(config, port, tmp_path / "node.log").start()
-        assert storescu(files, port).returncode == 0
-        wait_until(lambda: '"job_started"' in node.log(), 60, "the job to start")
+        send_until_contouring(node, files)
         node.kill()  # a crash mid-job: the job stays running with one attempt
         before = job_rows(node)
         assert [r[1:3] for r in before] == [(JobState.RUNNING, 1)]

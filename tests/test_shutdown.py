@@ -26,7 +26,7 @@ from oncoseg_node.ledger import JobState, Ledger
 from oncoseg_node.ops.service import Service
 from tests.conftest import write_config
 from tests.ctfactory import ct_slice
-from tests.daemon import Daemon, wait_until
+from tests.daemon import Daemon, phantom_files, send_until_contouring, tps_destination, wait_until
 from tests.peers import free_port, storescp, storescu
 
 pytestmark = pytest.mark.peers
@@ -103,8 +103,7 @@ def test_sigterm_during_c_store_finishes_the_association_and_loses_nothing(tmp_p
     with storescp(tps) as tps_port:
         config = write_config(
             tmp_path, node={"port": port}, series={"quiet_period_s": 2},
-            destinations=[{"name": "tps", "ae_title": "TPS", "host": "127.0.0.1",
-                           "port": tps_port, "retry": {"first_delay_s": 1, "max_delay_s": 5}}])
+            destinations=[tps_destination(tps_port, retry={"first_delay_s": 1, "max_delay_s": 5})])
         cfg = load_config(config)
         daemon = Daemon(config, port, tmp_path / "daemon.log").start()
         datasets = slices("1.2.3.77", 120)
@@ -185,16 +184,6 @@ def test_association_outlasting_the_deadline_is_aborted_without_losing_acknowled
     assert acknowledged <= recorded and len(recorded - acknowledged) <= 1
 
 
-def phantom_files(directory) -> list:
-    from oncoseg_node.commissioning.phantom import (
-        write_phantom,  # the realistic series: a job takes a while
-    )
-
-    directory.mkdir()
-    write_phantom(directory, slices=96, rows=512, columns=512)
-    return sorted(directory.iterdir())
-
-
 def test_sigterm_during_a_job_finishes_it_and_delivers_once(tmp_path):
     port = free_port()
     tps = tmp_path / "tps"
@@ -202,11 +191,9 @@ def test_sigterm_during_a_job_finishes_it_and_delivers_once(tmp_path):
     with storescp(tps) as tps_port:
         config = write_config(
             tmp_path, node={"port": port}, series={"quiet_period_s": 1},
-            destinations=[{"name": "tps", "ae_title": "TPS", "host": "127.0.0.1",
-                           "port": tps_port, "retry": {"first_delay_s": 1, "max_delay_s": 5}}])
+            destinations=[tps_destination(tps_port, retry={"first_delay_s": 1, "max_delay_s": 5})])
         daemon = Daemon(config, port, tmp_path / "daemon.log").start()
-        assert storescu(files, port).returncode == 0
-        wait_until(lambda: '"job_started"' in daemon.log(), 60, "the job to start")
+        send_until_contouring(daemon, files)
         daemon.proc.send_signal(signal.SIGTERM)
         assert daemon.proc.wait(timeout=120) == 0, daemon.log()
         records = events(daemon)
@@ -239,8 +226,7 @@ def test_job_still_running_at_the_deadline_is_requeued_and_delivered_once(tmp_pa
     with storescp(tps) as tps_port:
         config = load_config(write_config(
             tmp_path, series={"quiet_period_s": 1},
-            destinations=[{"name": "tps", "ae_title": "TPS", "host": "127.0.0.1",
-                           "port": tps_port, "retry": {"first_delay_s": 1, "max_delay_s": 5}}]))
+            destinations=[tps_destination(tps_port, retry={"first_delay_s": 1, "max_delay_s": 5})]))
         first = Service(config, shutdown_deadline_s=0.0)
         first.start()
         assert storescu(files, first.receiver.port).returncode == 0

@@ -13,9 +13,8 @@ import time
 import pytest
 
 from tests.conftest import write_config
-from tests.daemon import Daemon, wait_until
-from tests.peers import free_port, storescp, storescu, wait_for_port
-from tests.test_shutdown import phantom_files
+from tests.daemon import Daemon, phantom_files, send_until_contouring, tps_destination, wait_until
+from tests.peers import free_port, storescp, wait_for_port
 
 pytestmark = pytest.mark.peers  # the daemon, as a subprocess
 
@@ -28,11 +27,9 @@ def test_second_signal_exits_at_once_and_the_job_is_done_at_next_start(tmp_path,
     with storescp(tps) as tps_port:
         config = write_config(
             tmp_path, node={"port": port}, series={"quiet_period_s": 1},
-            destinations=[{"name": "tps", "ae_title": "TPS", "host": "127.0.0.1",
-                           "port": tps_port}])
+            destinations=[tps_destination(tps_port)])
         node = Daemon(config, port, tmp_path / "node.log").start()
-        assert storescu(files, port).returncode == 0
-        wait_until(lambda: '"job_started"' in node.log(), 60, "the job to start")
+        send_until_contouring(node, files)
         node.proc.send_signal(signum)
         wait_until(lambda: '"stopping"' in node.log(), 10, "the first signal seen",
                    interval=0.05)
