@@ -24,8 +24,13 @@ from oncoseg_node.errors import PixelDecodeError, SeriesLoadError
 class Volume:
     """A sorted CT series.
 
-    ``hu`` is float32 ``(z, y, x)``: z indexes slices in ascending order along
-    the slice normal, y indexes rows and x columns. ``positions[k]`` is the
+    ``hu`` is int16 ``(z, y, x)`` in HU, rounded to the nearest integer (CT
+    stores 12 to 16 bit integers with slope 1 and an integer intercept, so
+    this is exact for CT; half the memory of float32): z indexes slices in
+    ascending order along the slice normal, y indexes rows and x columns.
+    Arithmetic on it casts first (``hu.astype(np.float32)``), never in place.
+    ``hu_clipped`` counts voxels whose rescaled value lay outside int16 and
+    were clipped to its range (-32768..32767 HU); it is 0 for real CT. ``positions[k]`` is the
     ImagePositionPatient (centre of the first transmitted pixel) of slice k.
     ``row_direction`` is the patient-space direction of increasing column
     index (x); ``col_direction`` that of increasing row index (y); both come
@@ -45,11 +50,20 @@ class Volume:
     frame_of_reference_uid: str
     patient_position: str
     header: Dataset = field(repr=False)
+    hu_clipped: int = 0
 
     @property
     def shape(self) -> tuple[int, int, int]:
         z, y, x = self.hu.shape
         return int(z), int(y), int(x)
+
+    @property
+    def hu_note(self) -> str:
+        """What an operator should know about the HU values; empty for real CT."""
+        if not self.hu_clipped:
+            return ""
+        return (f"{self.hu_clipped} voxels rescale to HU outside {HU_MIN}..{HU_MAX} "
+                "and were clipped to that range")
 
     @property
     def normal(self) -> np.ndarray:
@@ -181,16 +195,37 @@ def decode_pixels(ds: Dataset, *, as_stored: bool = False) -> np.ndarray:
     return arr if as_stored else arr.astype(np.float32)
 
 
-def _rescale_into(out: np.ndarray, ds: Dataset) -> None:
-    """One slice of ``ds`` decoded and rescaled to HU in ``out``, with no float copy of it."""
+HU_MIN, HU_MAX = -32768, 32767  # int16, the type of Volume.hu
+
+
+def _rescale_into(out: np.ndarray, ds: Dataset) -> int:
+    """One slice of ``ds`` decoded and rescaled to int16 HU in ``out``; voxels clipped.
+
+    Slope 1 with an integer intercept on 16-bit stored values (every CT
+    scanner) is added in 16-bit arithmetic with no float copy: the sum is
+    exact modulo 2**16, so once the range is checked it is the HU itself.
+    Anything else goes through one float64 slice, rounded and clipped.
+    """
     stored = decode_pixels(ds, as_stored=True)
     if stored.shape != out.shape:
         raise SeriesLoadError(f"slice {ds.get('SOPInstanceUID', '?')}: pixel data is "
                               f"{stored.shape}, Rows x Columns say {out.shape}")
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    np.multiply(stored, slope, out=out, casting="unsafe")
-    out += intercept
+    if (slope == 1.0 and intercept.is_integer() and stored.dtype.itemsize == 2
+            and stored.dtype.kind in "iu" and stored.size):
+        shift = int(intercept)
+        if int(stored.min()) + shift >= HU_MIN and int(stored.max()) + shift <= HU_MAX:
+            wrapped = np.array(shift % 65536, dtype=np.uint16).view(np.int16)
+            np.add(stored.view(np.int16), wrapped, out=out)
+            return 0
+    scaled = stored * slope  # float64: exact for any 32-bit stored value
+    scaled += intercept
+    np.rint(scaled, out=scaled)
+    clipped = int(np.count_nonzero((scaled < HU_MIN) | (scaled > HU_MAX)))
+    np.clip(scaled, HU_MIN, HU_MAX, out=scaled)
+    np.copyto(out, scaled, casting="unsafe")  # integral and in range by now
+    return clipped
 
 
 def volume_from_files(headers: Sequence[Dataset]) -> Volume:
@@ -238,9 +273,10 @@ def volume_from_datasets(datasets: Sequence[Dataset], *,
         raise SeriesLoadError(f"slices have different sizes: {sorted(shapes)}")
     # One preallocated HU volume, each slice decoded straight into its place:
     # the load holds one copy of the series, never a list of slices beside a stack.
-    hu = np.empty((len(keyed), *shapes.pop()), dtype=np.float32)
+    hu = np.empty((len(keyed), *shapes.pop()), dtype=np.int16)
+    clipped = 0
     for k, (_, _, ds) in enumerate(keyed):
-        _rescale_into(hu[k], ds if decode_from is None else decode_from(ds))
+        clipped += _rescale_into(hu[k], ds if decode_from is None else decode_from(ds))
     first = keyed[0][2]
     return Volume(
         hu=hu,
@@ -255,6 +291,7 @@ def volume_from_datasets(datasets: Sequence[Dataset], *,
         frame_of_reference_uid=str(first.FrameOfReferenceUID),
         patient_position=str(first.get("PatientPosition", "") or ""),
         header=_header_without_pixels(first),
+        hu_clipped=clipped,
     )
 
 

@@ -48,6 +48,8 @@ def segment_folder(config: Config, series_dir: Path, output: Path, *,
     output, output_is_folder = output_path(output)
     paths = series_paths(series_dir, series_uid, say=say)
     volume, report = load_ct_series(paths, config.series.slice_spacing_tolerance_mm)
+    if volume.hu_note:
+        say(f"warning: {volume.hu_note}")
     protocol = chosen or protocols.match(volume.header, None)
     if protocol is None:
         raise OncosegError("no protocol matches this series and no fallback is set")

@@ -164,6 +164,8 @@ class Worker:
             volume, report = load_ct_series(
                 paths, self.config.series.slice_spacing_tolerance_mm,
                 override_geometry=bool(job.override_geometry))
+            if volume.hu_note:
+                bound.warning("hu_clipped", voxels=volume.hu_clipped, note=volume.hu_note)
             if job.override_finding and not report.overridden:
                 # released as incomplete: the structure set says what was accepted
                 report = dataclasses.replace(report, overridden=job.override_finding)

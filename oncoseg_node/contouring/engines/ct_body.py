@@ -21,7 +21,8 @@ from oncoseg_node.contouring.engines.postprocess import (
 )
 from oncoseg_node.contouring.volume import Volume
 
-BODY_HU = -350.0       # skin/air edge; couch foam, headrests and vacuum bags stay below
+# HU levels are integers: int16 HU compare with them in 16-bit arithmetic.
+BODY_HU = -350         # skin/air edge; couch foam, headrests and vacuum bags stay below
 OPEN_MM = 3.0          # thinner than 2x this (masks, straps, cables) is not patient
 COUCH_STEP_MM = 30.0   # a couch top is this much wider than the body just above it
 MIN_BODY_FRACTION = 0.05  # body parts smaller than this share of the largest are devices

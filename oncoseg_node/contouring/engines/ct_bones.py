@@ -243,7 +243,8 @@ class Skeleton:
         if self.box is None:
             return
         box = self.box
-        hu = np.ascontiguousarray(volume.hu[box])
+        # float32: the half maximum below is float arithmetic, in place, on this crop
+        hu = volume.hu[box].astype(np.float32)
         peak = _local_max(hu, *radius_px(volume, PEAK_MM))
         # And along z: a rib crossing a slice obliquely fills the slices beside its
         # centre in part; their half maximum is that of the slice where it is whole.

@@ -23,11 +23,12 @@ from oncoseg_node.contouring.engines.postprocess import (
 )
 from oncoseg_node.contouring.volume import Volume
 
-LUNG_HU = -400.0       # half way between aerated lung (~-850) and soft tissue (~40)
-GAS_HU = -950.0        # pure air (airways, bowel, oesophagus); parenchyma stays above
+# HU levels are integers: int16 HU compare with them in 16-bit arithmetic.
+LUNG_HU = -400         # half way between aerated lung (~-850) and soft tissue (~40)
+GAS_HU = -950          # pure air (airways, bowel, oesophagus); parenchyma stays above
 WALL_MM = 3.0          # airway wall (and blurred lumen edge) excluded from lung with the air
 MIN_LUNG_CC = 30.0     # smaller aerated pockets are not a lung
-AIRWAY_EDGE_HU = -480.0  # half way between air and the airway wall
+AIRWAY_EDGE_HU = -480  # half way between air and the airway wall
 AIRWAY_WALL_MM = 1.5   # tracheal and bronchial wall, contoured with the airway
 MAIN_BRONCHUS_MM = 50.0  # main bronchi below the carina; lobar ones are lung
 
