@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 
 from oncoseg_node.contouring.engines.base import StructureResult
+from oncoseg_node.contouring.mask_crop import MaskCrop
 from oncoseg_node.contouring.protocols import Structure
-from oncoseg_node.contouring.sanity import flag_results
+from oncoseg_node.contouring.sanity import crop_volume_cc, flag_results, patient_centroid
 from oncoseg_node.contouring.volume import Volume
 
 ORIENTATIONS = {  # ImageOrientationPatient row and column directions
@@ -60,3 +63,24 @@ def test_volume_outside_expected_range_is_flagged():
     assert result.flags == ("volume 3.2 cc outside expected 300-1200 cc",)
     ok = Structure("Heart", (255, 0, 0), volume_cc=(1, 10))
     assert flag_results(volume, [ok], [StructureResult("Heart", mask)])[0].flags == ()
+
+
+def test_centroid_from_a_crop_matches_every_voxel_mapped():
+    volume = volume_for("FFP")
+    mask = np.zeros(volume.shape, dtype=bool)
+    mask[1:3, 12:19, 22:31] = True
+    mask[2, 25, 8] = True
+    z, r, c = np.nonzero(mask)
+    every_voxel = volume.index_to_patient(z, r, c).mean(axis=0)
+    assert np.allclose(patient_centroid(volume, MaskCrop.of(mask)), every_voxel)
+
+
+def test_volume_from_a_crop_uses_each_slices_own_thickness():
+    volume = volume_for("HFS")
+    uneven = volume.positions.copy()
+    uneven[2:] += np.array([0.0, 0.0, 3.0])  # slices 2 and 3 sit 3 mm further on
+    volume = replace(volume, positions=uneven)
+    mask = np.zeros(volume.shape, dtype=bool)
+    mask[1:4, 10:20, 10:15] = True
+    assert not np.allclose(volume.voxel_volume_mm3, volume.voxel_volume_mm3[0])
+    assert crop_volume_cc(volume, MaskCrop.of(mask)) == pytest.approx(volume.mask_volume_cc(mask))

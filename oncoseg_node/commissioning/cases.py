@@ -91,7 +91,7 @@ def evaluate_case(series_dir: Path, reference: Path, ours: Path | None, *, case:
         if chosen is None:
             raise OncosegError(f"{series_dir}: no protocol matches and no fallback is set")
         results = contour(volume, report, chosen, build_engines(config.engine)).results
-        our_masks = {r.name: r.found_mask for r in results if not r.absent}
+        our_masks = {r.name: r.found_crop.full() for r in results if not r.absent}
         node_version, protocol = __version__, f"{chosen.name}@{protocols.version}"
         ours_file = "contoured now"
     header = volume.header

@@ -18,7 +18,7 @@ from oncoseg_node.contouring.engines.base import StructureResult
 from oncoseg_node.contouring.engines.registry import EngineSet
 from oncoseg_node.contouring.geometry import GeometryReport, check_series
 from oncoseg_node.contouring.protocols import Protocol
-from oncoseg_node.contouring.sanity import flag_results
+from oncoseg_node.contouring.sanity import crop_volume_cc, flag_results
 from oncoseg_node.contouring.volume import Volume, check_type1, read_ct_slices, volume_from_files
 from oncoseg_node.errors import GeometryError, SeriesLoadError
 
@@ -36,7 +36,8 @@ class Contoured:
         """Per-structure record for the ledger and the QA page."""
         rows = []
         for result in self.results:
-            volume_cc = None if result.absent else self.volume.mask_volume_cc(result.found_mask)
+            volume_cc = (None if result.absent
+                         else crop_volume_cc(self.volume, result.found_crop))
             rows.append({
                 "name": result.name,
                 "absent": result.absent,

@@ -8,41 +8,50 @@ coordinates (LPS: +x is the patient's left), never from image columns.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 
 from oncoseg_node.contouring.engines.base import StructureResult
+from oncoseg_node.contouring.mask_crop import MaskCrop
 from oncoseg_node.contouring.protocols import Structure
 from oncoseg_node.contouring.volume import Volume
 
 BODY_HU = -300.0
 
 
-def patient_centroid(volume: Volume, mask: np.ndarray) -> np.ndarray:
-    """Centroid of a ``(z, y, x)`` mask in patient coordinates (mm, LPS).
+def patient_centroid(volume: Volume, mask: MaskCrop) -> np.ndarray:
+    """Centroid of a mask in patient coordinates (mm, LPS), read from its crop.
 
     Each slice's pixel-to-patient map is affine, so a slice's centroid is the
     map of its mean pixel index; the slices' centroids are then weighted by
-    their pixel counts. Three reductions instead of a coordinate per voxel.
+    their pixel counts. Three reductions over the crop instead of a
+    coordinate per voxel; indices are shifted by the crop's origin.
     """
-    per_row = mask.sum(axis=2)     # (z, y)
-    per_column = mask.sum(axis=1)  # (z, x)
+    array = mask.array
+    per_row = array.sum(axis=2)     # (z, y)
+    per_column = array.sum(axis=1)  # (z, x)
     counts = per_row.sum(axis=1)
     present = np.flatnonzero(counts)
     if present.size == 0:
         raise ValueError("the mask is empty")
+    z0, y0, x0 = mask.origin
     n = counts[present].astype(np.float64)
-    rows = (per_row[present] @ np.arange(mask.shape[1], dtype=np.float64)) / n
-    cols = (per_column[present] @ np.arange(mask.shape[2], dtype=np.float64)) / n
-    points = volume.index_to_patient(present, rows, cols)
+    rows = (per_row[present] @ np.arange(y0, y0 + array.shape[1], dtype=np.float64)) / n
+    cols = (per_column[present] @ np.arange(x0, x0 + array.shape[2], dtype=np.float64)) / n
+    points = volume.index_to_patient(present + z0, rows, cols)
     return (points * n[:, None]).sum(axis=0) / n.sum()
 
 
-def body_midline_x(volume: Volume, body: np.ndarray | None = None) -> float:
+def crop_volume_cc(volume: Volume, mask: MaskCrop) -> float:
+    """Volume of a mask in cubic centimetres, each slice with its own thickness."""
+    z = mask.box[0]
+    per_slice = mask.array.reshape(mask.array.shape[0], -1).sum(axis=1)
+    return float((per_slice * volume.voxel_volume_mm3[z]).sum() / 1000.0)
+
+
+def body_midline_x(volume: Volume, body: MaskCrop | None = None) -> float:
     """Patient x (mm) of the body's centre: the reference for left and right."""
-    mask = body if body is not None and body.any() else volume.hu > BODY_HU
-    if not mask.any():
+    mask = body if body is not None and not body.empty else MaskCrop.of(volume.hu > BODY_HU)
+    if mask.empty:
         return 0.0
     return float(patient_centroid(volume, mask)[0])
 
@@ -51,7 +60,7 @@ def flag_results(volume: Volume, structures: list[Structure] | tuple[Structure, 
                  results: list[StructureResult]) -> list[StructureResult]:
     """Return the results with volume and laterality flags added."""
     by_name = {s.name: s for s in structures}
-    body = next((r.mask for r in results if r.name == "External" and not r.absent), None)
+    body = next((r.crop for r in results if r.name == "External" and not r.absent), None)
     midline: float | None = None
     flagged = []
     for result in results:
@@ -62,16 +71,16 @@ def flag_results(volume: Volume, structures: list[Structure] | tuple[Structure, 
         flags = list(result.flags)
         if structure.volume_cc is not None:
             lo, hi = structure.volume_cc
-            cc = volume.mask_volume_cc(result.found_mask)
+            cc = crop_volume_cc(volume, result.found_crop)
             if not lo <= cc <= hi:
                 flags.append(f"volume {cc:.1f} cc outside expected {lo:g}-{hi:g} cc")
         if structure.laterality in ("left", "right"):
             if midline is None:
                 midline = body_midline_x(volume, body)
-            x = float(patient_centroid(volume, result.found_mask)[0])
+            x = float(patient_centroid(volume, result.found_crop)[0])
             side = "left" if x > midline else "right"
             if side != structure.laterality:
                 flags.append(f"centre lies on the patient's {side} "
                              f"({x - midline:+.1f} mm from midline)")
-        flagged.append(replace(result, flags=tuple(flags)))
+        flagged.append(result.with_flags(tuple(flags)))
     return flagged
