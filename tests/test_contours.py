@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from oncoseg_node.contouring.mask_crop import MaskCrop
+from oncoseg_node.rtstruct.contour_items import roi_loops
 from oncoseg_node.rtstruct.contours import signed_area, trace_volume
 from tests.test_staircase import refill
 
@@ -82,3 +84,17 @@ def test_min_pixels_drops_only_the_small_regions():
     (kept,) = trace_volume(mask, min_pixels=2)[0]
     assert kept.pixels == 16
     assert trace_volume(mask, min_pixels=17) == {}
+
+
+@pytest.mark.parametrize("hole_style", ["keyhole", "separate"])
+def test_a_crop_is_traced_to_the_same_loops_as_its_full_mask(hole_style):
+    """Loops traced inside a crop's box are placed on the grid exactly as the full mask's."""
+    for mask in VOLUMES[:80]:
+        grid = np.zeros((mask.shape[0] + 3, mask.shape[1] + 7, mask.shape[2] + 5), bool)
+        grid[2:2 + mask.shape[0], 5:5 + mask.shape[1], 1:1 + mask.shape[2]] = mask
+        crop = MaskCrop.of(grid)
+        whole = roi_loops(grid, hole_style, 1)
+        cropped = roi_loops(crop, hole_style, 1)
+        assert whole[0] == cropped[0]
+        assert len(whole[1]) == len(cropped[1])
+        assert all(np.array_equal(a, b) for a, b in zip(whole[1], cropped[1], strict=True))

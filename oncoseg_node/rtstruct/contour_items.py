@@ -16,6 +16,7 @@ import numpy as np
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 
+from oncoseg_node.contouring.mask_crop import MaskCrop
 from oncoseg_node.contouring.volume import Volume
 from oncoseg_node.errors import RTStructError
 from oncoseg_node.rtstruct import encode as le
@@ -82,15 +83,20 @@ def contour_image_references(volume: Volume) -> list[bytes]:
 CLOSED_PLANAR = le.element(CONTOUR_GEOMETRIC_TYPE, "CS", b"CLOSED_PLANAR")
 
 
-def roi_loops(mask: np.ndarray, hole_style: str, min_pixels: int
+def roi_loops(mask: np.ndarray | MaskCrop, hole_style: str, min_pixels: int
               ) -> tuple[list[int], list[np.ndarray]]:
     """Slice index and closed loop (corner coordinates) of every contour of one ROI.
 
+    A crop is traced within its box, its loops placed on the volume's grid.
     Holes are joined to their region by keyhole cuts or kept as separate
     inner loops, as the destination's profile says.
     """
+    if isinstance(mask, MaskCrop):
+        traced = trace_volume(mask.array, min_pixels, straight=True, origin=mask.origin)
+    else:
+        traced = trace_volume(mask, min_pixels, straight=True)
     slices, loops = [], []
-    for z, regions in trace_volume(mask, min_pixels, straight=True).items():
+    for z, regions in traced.items():
         for region in regions:
             for loop in ([keyhole(region.outer, region.holes)] if hole_style == "keyhole"
                          else [region.outer, *region.holes]):
@@ -99,9 +105,10 @@ def roi_loops(mask: np.ndarray, hole_style: str, min_pixels: int
     return slices, loops
 
 
-def contour_sequence(volume: Volume, name: str, mask: np.ndarray, hole_style: str,
-                     min_pixels: int, image_references: list[bytes]) -> RawDataElement:
-    """The ContourSequence of ROI ``name`` with ``(z, y, x)`` ``mask``, encoded directly.
+def contour_sequence(volume: Volume, name: str, mask: np.ndarray | MaskCrop,
+                     hole_style: str, min_pixels: int,
+                     image_references: list[bytes]) -> RawDataElement:
+    """The ContourSequence of ROI ``name`` from its ``(z, y, x)`` mask or crop, encoded directly.
 
     Every point is placed with its own slice's position; the items carry
     their image reference, CLOSED_PLANAR, point count, number and data.

@@ -191,12 +191,14 @@ def _footprint(mask: np.ndarray) -> np.ndarray:
     return union.view(np.bool_).reshape(mask.shape[1:])
 
 
-def trace_volume(mask: np.ndarray, min_pixels: int = 1, *,
-                 straight: bool = False) -> dict[int, list[Region]]:
+def trace_volume(mask: np.ndarray, min_pixels: int = 1, *, straight: bool = False,
+                 origin: tuple[int, int, int] = (0, 0, 0)) -> dict[int, list[Region]]:
     """Regions of every slice of a (z, y, x) mask with their outer loop and holes.
 
     ``straight`` returns the loops with their staircases straightened
     (:mod:`oncoseg_node.rtstruct.staircase`): fewer points, the same pixels.
+    ``origin`` is the grid index (z, y, x) of ``mask[0, 0, 0]`` when ``mask``
+    is a crop of a larger grid: keys and corners are then the grid's.
 
     Keys are slice indices with at least one region of ``min_pixels`` or
     more; coordinates are corner coordinates of the slice. Each 4-connected
@@ -208,6 +210,7 @@ def trace_volume(mask: np.ndarray, min_pixels: int = 1, *,
     if occupied.size == 0:
         return {}
     z0, z1 = int(occupied[0]), int(occupied[-1])
+    oz, oy, ox = origin
     footprint = _footprint(mask[z0:z1 + 1])
     rows, cols = np.flatnonzero(footprint.any(axis=1)), np.flatnonzero(footprint.any(axis=0))
     r0, r1, c0, c1 = int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
@@ -220,7 +223,9 @@ def trace_volume(mask: np.ndarray, min_pixels: int = 1, *,
     previous[nxt] = np.arange(len(nxt))
     turning = np.any(dirs != dirs[previous], axis=1)[order]
     counts = np.add.reduceat(turning.astype(np.int64), loop_starts)
-    vertices = (starts[order[turning]] + np.array([c0 - 1, r0 - 1])).astype(np.float64)
+    # framed crop corners -> the grid's corners
+    shift = np.array([c0 - 1 + ox, r0 - 1 + oy])
+    vertices = (starts[order[turning]] + shift).astype(np.float64)
     ends = np.cumsum(counts)
     firsts = ends - counts
     # Shoelace area of every loop at once: each vertex's successor wraps
@@ -235,8 +240,8 @@ def trace_volume(mask: np.ndarray, min_pixels: int = 1, *,
     left = np.minimum.reduceat(np.where(y == np.repeat(top, counts), x, np.inf), firsts)
     # The pixel on the inside of each loop's first edge (inside is on the right).
     right = np.stack([-dirs[leaders, 1], dirs[leaders, 0]], axis=1)
-    beside = starts[leaders] + np.array([c0 - 1, r0 - 1]) + 0.5 * (dirs[leaders] + right)
-    loop_slices = (slices[leaders] + z0).tolist()
+    beside = starts[leaders] + shift + 0.5 * (dirs[leaders] + right)
+    loop_slices = (slices[leaders] + z0 + oz).tolist()
 
     # Per slice: outer loops (positive area) smallest first, each with its holes.
     outers: dict[int, list[list]] = {}

@@ -65,7 +65,7 @@ def write_structure_set(contoured: Contoured, protocols: ProtocolSet, engines: E
     by_name = {s.name: s for s in contoured.protocol.structures}
     rois = [
         RoiMask(name=r.name, color=by_name[r.name].color,
-                interpreted_type=by_name[r.name].interpreted_type, mask=r.found_mask,
+                interpreted_type=by_name[r.name].interpreted_type, mask=r.found_crop,
                 engine=by_name[r.name].engine)
         for r in contoured.results if not r.absent
     ]

@@ -25,6 +25,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, generate_uid
 
 from oncoseg_node import __version__
+from oncoseg_node.contouring.mask_crop import MaskCrop
 from oncoseg_node.contouring.volume import Volume
 from oncoseg_node.dicom.filemeta import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from oncoseg_node.errors import RTStructError
@@ -56,12 +57,15 @@ TYPE2_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientS
 
 @dataclass(frozen=True, eq=False)
 class RoiMask:
-    """One structure to write: ``mask`` is ``(z, y, x)`` on the volume's grid."""
+    """One structure to write: ``mask`` is ``(z, y, x)`` on the volume's grid, or its crop.
+
+    A crop is traced within its box; a full array is traced as it is.
+    """
 
     name: str
     color: tuple[int, int, int]
     interpreted_type: str
-    mask: np.ndarray
+    mask: np.ndarray | MaskCrop
     engine: str | None = None  # which engine drew it, for its ROIGenerationDescription
 
 
