@@ -30,13 +30,16 @@ from scipy import ndimage
 
 from oncoseg_node.contouring.engines.postprocess import (
     IN_PLANE,
+    SLAB,
     LabelStats,
-    bbox,
+    bbox_by_slab,
     compact_label,
     dilate,
+    enclosed,
     erode,
     fill_holes,
     radius_px,
+    shift_in_place,
 )
 from oncoseg_node.contouring.volume import Volume
 
@@ -63,17 +66,46 @@ FATTY_MM2 = 800.0      # fatty marrow cavities are small; a fat-filled pelvis is
 
 
 def _local_max(hu: np.ndarray, ry: int, rx: int) -> np.ndarray:
-    """In-plane maximum over a (2 ry + 1) x (2 rx + 1) window, by shifts."""
+    """In-plane maximum over a (2 ry + 1) x (2 rx + 1) window, cut at the image's edge."""
     out = hu.copy()
-    for axis, radius in ((1, max(ry, 1)), (2, max(rx, 1))):
-        lo = [slice(None)] * 3
-        hi = [slice(None)] * 3
-        lo[axis], hi[axis] = slice(None, -1), slice(1, None)
-        for _ in range(radius):
-            np.maximum(out[tuple(hi)], out[tuple(lo)], out=out[tuple(hi)])
-        for _ in range(radius):
-            np.maximum(out[tuple(lo)], out[tuple(hi)], out=out[tuple(lo)])
+    shift_in_place(out, max(ry, 1), 1, np.maximum)
+    shift_in_place(out, max(rx, 1), 2, np.maximum)
     return out
+
+
+def _floats(hu: np.ndarray) -> np.dtype:
+    """The float type arithmetic on ``hu`` needs: float32 for int16 HU, else its own."""
+    return np.result_type(hu.dtype, np.float32)
+
+
+def _half_maximum(volume: Volume, hu: np.ndarray, body: np.ndarray) -> np.ndarray:
+    """Step 1 on ``hu`` (the bone box): candidate bone, a slab of slices at a time.
+
+    Each slab's peaks need the slice on either side (they count along z), so
+    a slab is computed with one slice of margin; the peaks never exist for the
+    whole box at once.
+    """
+    ry, rx = radius_px(volume, PEAK_MM)
+    floats = _floats(hu)
+    n = hu.shape[0]
+    cand = np.empty(hu.shape, dtype=bool)
+    for z0 in range(0, n, SLAB):
+        z1 = min(z0 + SLAB, n)
+        first, stop = max(z0 - 1, 0), min(z1 + 1, n)
+        peak = _local_max(hu[first:stop], ry, rx).astype(floats, copy=False)
+        # And along z: a rib crossing a slice obliquely fills the slices beside its
+        # centre in part; their half maximum is that of the slice where it is whole.
+        # (The margin slices come out wrong, lacking their own neighbours: unused.)
+        peak[1:] = np.maximum(peak[1:], peak[:-1] * Z_PEAK_WEIGHT)
+        peak[:-1] = np.maximum(peak[:-1], peak[1:] * Z_PEAK_WEIGHT)
+        half = peak[z0 - first:z1 - first]
+        half += SOFT_HU
+        half /= 2
+        part = hu[z0:z1]
+        np.greater(part, LOW_HU, out=cand[z0:z1])
+        cand[z0:z1] &= part > half
+        cand[z0:z1] &= body[z0:z1]
+    return cand
 
 
 def _cut_by_the_image(volume: Volume, box: tuple[slice, ...]) -> np.ndarray:
@@ -106,13 +138,14 @@ def _without_contrast(volume: Volume, cand: np.ndarray, hu: np.ndarray, edge: np
     core_hu = stats.mean(hu, core)
     # The ring's edge is blurred for bone and iodine alike; its densest voxels are not:
     # a cortex stands well above the marrow it holds, a plateau's rim never above it.
-    ring_mean = stats.mean(hu, ring)
-    ring_sd = np.sqrt(np.maximum(stats.mean(hu * hu, ring) - ring_mean ** 2, 0.0))
+    ring_mean, ring_sd = stats.mean_and_sd(hu, ring)
     plateau = ring_mean + 1.28 * ring_sd < core_hu + CORTEX_STEP_HU  # ~ 90th percentile
     # A long bone's shaft is a plateau of cortex too, but it rings its medullary
     # cavity (marrow, never gas: iodine around bowel gas is still iodine).
     enclosing = np.zeros(count + 1, dtype=bool)
-    cavities = dilate(fill_holes(cand) & ~cand & (hu > FATTY_HU[0]), 2, 2)
+    cavities = enclosed(cand)
+    cavities &= hu > FATTY_HU[0]
+    cavities = dilate(cavities, 2, 2)
     enclosing[np.unique(labels[cavities])] = True
     # What the field of view cuts shows no rim: it cannot be judged, so it is kept.
     enclosing[np.unique(labels[edge])] = True
@@ -221,9 +254,25 @@ def _orthogonal_fill(shell: np.ndarray, dense: np.ndarray) -> np.ndarray:
     encloses soft tissue on one of them, never on both.
     """
     out = dense & ~shell
-    for order in ((1, 0, 2), (2, 0, 1)):  # coronal planes (z, x), sagittal planes (z, y)
-        view = np.ascontiguousarray(shell.transpose(order))
-        out &= fill_holes(view).transpose(np.argsort(order))
+    for axis in (1, 2):  # coronal planes (z, x) at each row, sagittal planes (z, y) at each column
+        for start in range(0, shell.shape[axis], SLAB):
+            # A slab of planes at a time, made contiguous: never a transposed copy of it all.
+            where = [slice(None)] * 3
+            where[axis] = slice(start, start + SLAB)
+            planes = np.ascontiguousarray(np.moveaxis(shell[tuple(where)], axis, 0))
+            out[tuple(where)] &= np.moveaxis(fill_holes(planes), 0, axis)
+    return out
+
+
+def _smoothed_above(hu: np.ndarray, *levels: float) -> list[np.ndarray]:
+    """Where ``hu`` averaged over 3 x 3 in-plane exceeds each level; a slab at a time."""
+    floats = _floats(hu)
+    out = [np.empty(hu.shape, dtype=bool) for _ in levels]
+    for z in range(0, hu.shape[0], SLAB):
+        # int16 would truncate the average: the filter runs on floats
+        smooth = ndimage.uniform_filter(hu[z:z + SLAB].astype(floats, copy=False), size=(1, 3, 3))
+        for mask, level in zip(out, levels, strict=True):
+            np.greater(smooth, level, out=mask[z:z + SLAB])
     return out
 
 
@@ -235,7 +284,7 @@ class Skeleton:
     """
 
     def __init__(self, volume: Volume, body: np.ndarray) -> None:
-        self.box = bbox((volume.hu > LOW_HU) & body, pad=2)
+        self.box = bbox_by_slab(volume.shape, lambda z: (volume.hu[z] > LOW_HU) & body[z], pad=2)
         self.bones = np.zeros(volume.shape, dtype=bool)
         self.solid = np.zeros((0, 0, 0), dtype=bool)
         self.hu = np.zeros((0, 0, 0), dtype=np.float32)
@@ -243,17 +292,10 @@ class Skeleton:
         if self.box is None:
             return
         box = self.box
-        # float32: the half maximum below is float arithmetic, in place, on this crop
-        hu = volume.hu[box].astype(np.float32)
-        peak = _local_max(hu, *radius_px(volume, PEAK_MM))
-        # And along z: a rib crossing a slice obliquely fills the slices beside its
-        # centre in part; their half maximum is that of the slice where it is whole.
-        peak[1:] = np.maximum(peak[1:], peak[:-1] * Z_PEAK_WEIGHT)
-        peak[:-1] = np.maximum(peak[:-1], peak[1:] * Z_PEAK_WEIGHT)
-        peak += SOFT_HU  # in place: the half maximum needs no second box of floats
-        peak /= 2
-        cand = (hu > LOW_HU) & (hu > peak) & body[box]
-        del peak
+        # HU as they are (int16 from the series): each step casts a slab to floats
+        # where it needs arithmetic, so the box is never held as floats whole.
+        hu = np.ascontiguousarray(volume.hu[box])
+        cand = _half_maximum(volume, hu, body[box])
         metal = hu > METAL_HU
         if metal.any():
             cand &= ~dilate(metal, *radius_px(volume, METAL_MARGIN_MM))
@@ -262,10 +304,10 @@ class Skeleton:
         # What encloses marrow: the shell, and beside it whatever is denser than
         # ENCLOSE_HU once smoothed (a thin cortex blended with marrow and with the
         # endplate beside it over a thick slice is below the shell's half maximum).
-        smooth = ndimage.uniform_filter(hu, size=(1, 3, 3))
         # Voxel by voxel, marrow is denser than MARROW_HU once smoothed; the canal is not.
-        dense = smooth > MARROW_HU
-        ring = shell | ((smooth > ENCLOSE_HU) & dilate(shell, 2, 2))
+        dense, enclose = _smoothed_above(hu, MARROW_HU, ENCLOSE_HU)
+        ring = shell | (enclose & dilate(shell, 2, 2))
+        del enclose
         self.cavities = _cavities(volume, shell, hu)
         marrow = _trabecular(self.cavities, dense) | \
             _trabecular(_cavities(volume, ring, hu), dense)

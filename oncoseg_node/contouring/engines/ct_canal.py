@@ -23,7 +23,7 @@ from oncoseg_node.contouring.engines.postprocess import (
     LabelStats,
     dilate,
     erode,
-    fill_holes,
+    label_enclosed,
     radius_px,
 )
 from oncoseg_node.contouring.volume import Volume
@@ -96,12 +96,12 @@ def _holes_at(volume: Volume, shell: np.ndarray, hu: np.ndarray, box: tuple[slic
     """Per slice, the best canal-like hole in the shell closed by ``close_mm``."""
     ry, rx = radius_px(volume, close_mm)
     closed = erode(dilate(shell, ry, rx), ry, rx) | shell
-    holes = fill_holes(closed) & ~closed
-    labels, count = ndimage.label(holes, structure=IN_PLANE)
+    labels, count = label_enclosed(closed)
     out = np.zeros(shell.shape, dtype=bool)
     if not count:
         return out
-    stats = LabelStats(labels, count)
+    holes = labels != 0
+    stats = LabelStats(labels, count, holes)
     area = stats.size * volume.pixel_spacing[0] * volume.pixel_spacing[1]
     # Judge a hole by its inside: next to a dense cortex its rim is blurred toward bone.
     inner = stats.mean(hu, erode(holes, 1, 1))

@@ -14,6 +14,8 @@ the same whichever engine contours the structure.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import numpy as np
 from scipy import ndimage
 
@@ -37,7 +39,12 @@ def _slabs(mask: np.ndarray, axis: int = -1) -> list[np.ndarray]:
     return [mask[z:z + SLAB] for z in range(0, mask.shape[0], SLAB)]
 
 
-def _shift_in_place(out: np.ndarray, radius: int, axis: int, op: np.ufunc) -> None:
+def shift_in_place(out: np.ndarray, radius: int, axis: int, op: np.ufunc) -> None:
+    """Combine each element of ``out`` with its neighbours up to ``radius`` along ``axis``.
+
+    ``op`` is idempotent (or, and, maximum, minimum), so coverage can double each
+    step; the window is cut at the array's ends.
+    """
     done = 0
     while done < radius:
         # Offsets covered grow {-d..d} -> {-d-s..d+s} per step: log2(radius) steps.
@@ -54,15 +61,15 @@ def shift_or(mask: np.ndarray, radius: int, axis: int, op: np.ufunc) -> np.ndarr
     """Combine each voxel with its neighbours up to ``radius`` along ``axis``."""
     out = mask.copy()
     for part in _slabs(out, axis):
-        _shift_in_place(part, radius, axis, op)
+        shift_in_place(part, radius, axis, op)
     return out
 
 
 def _rectangle(mask: np.ndarray, ry: int, rx: int, op: np.ufunc) -> np.ndarray:
     out = mask.copy()
     for part in _slabs(out):
-        _shift_in_place(part, ry, -2, op)
-        _shift_in_place(part, rx, -1, op)
+        shift_in_place(part, ry, -2, op)
+        shift_in_place(part, rx, -1, op)
     return out
 
 
@@ -113,28 +120,83 @@ def voxel_counts(labels: np.ndarray, count: int) -> np.ndarray:
     return counts
 
 
+def _plane_box(part: np.ndarray) -> tuple[slice, slice] | None:
+    """In-plane bounding box of a slab's set pixels, one pixel of background around."""
+    plane = np.logical_or.reduce(part, axis=0)
+    rows = np.flatnonzero(plane.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(plane.any(axis=0))
+    return (slice(max(int(rows[0]) - 1, 0), min(int(rows[-1]) + 2, part.shape[1])),
+            slice(max(int(cols[0]) - 1, 0), min(int(cols[-1]) + 2, part.shape[2])))
+
+
+def _enclosed_by_slab(mask: np.ndarray
+                      ) -> Iterator[tuple[tuple[slice, slice, slice], np.ndarray, np.ndarray]]:
+    """Per slab of slices: (where, background labels there, which labels are enclosed).
+
+    ``where`` is the slab cut to its mask's in-plane box and one pixel more:
+    everything outside it is background open to the image's border, and so
+    is any background piece touching its edge (the edge is either the
+    image's border or background next to it). Labelling that cut instead of
+    whole slices skips what cannot be a hole.
+    """
+    for z in range(0, mask.shape[0], SLAB):
+        part = mask[z:z + SLAB]
+        plane = _plane_box(part)
+        if plane is None:
+            continue
+        where = (slice(z, z + part.shape[0]), *plane)
+        labels, count = compact_label(~mask[where], IN_PLANE)
+        inside = np.ones(count + 1, dtype=bool)
+        for edge in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
+            inside[edge] = False
+        inside[0] = False  # label 0 is the mask itself
+        yield where, labels, inside
+
+
 def fill_holes(mask: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Fill, on each slice, background not connected to that slice's border.
 
     Holes are per slice, so slabs of slices are labelled one at a time (their
     labels stay in cache). ``out`` (``mask`` itself allowed) receives the result.
     """
-    if not mask.any():
-        if out is not None and out is not mask:
-            out[...] = mask
-        return mask if out is None else out
     if out is None:
         out = mask.copy()
     elif out is not mask:
         out[...] = mask
-    for z in range(0, mask.shape[0], SLAB):
-        labels, count = compact_label(~mask[z:z + SLAB], IN_PLANE)
-        outside = np.zeros(count + 1, dtype=bool)
-        for edge in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
-            outside[edge] = True
-        outside[0] = True  # label 0 is the mask itself
-        out[z:z + SLAB] |= ~outside[labels]
+    for where, labels, inside in _enclosed_by_slab(mask):
+        out[where] |= inside[labels]
     return out
+
+
+def enclosed(mask: np.ndarray) -> np.ndarray:
+    """The holes ``fill_holes`` fills: ``fill_holes(mask) & ~mask`` in one pass."""
+    out = np.zeros(mask.shape, dtype=bool)
+    for where, labels, inside in _enclosed_by_slab(mask):
+        out[where] = inside[labels]
+    return out
+
+
+def label_enclosed(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """``ndimage.label(enclosed(mask), IN_PLANE)``, from the labels that found the holes.
+
+    Numbering is scipy's (raster order of each hole's first voxel): a hole
+    is one background piece of its slab, numbered in that same order.
+    """
+    out = np.zeros(mask.shape, dtype=np.uint16)
+    count = 0
+    for where, labels, inside in _enclosed_by_slab(mask):
+        found = int(inside.sum())
+        if not found:
+            continue
+        if count + found > np.iinfo(out.dtype).max:
+            out = out.astype(np.int32)
+        number = np.zeros(len(inside), dtype=out.dtype)
+        number[inside] = np.arange(count + 1, count + found + 1)
+        out[where] = number[labels]
+        count += found
+    return out, count
 
 
 def bbox(mask: np.ndarray, pad: int = 0) -> tuple[slice, ...] | None:
@@ -150,29 +212,77 @@ def bbox(mask: np.ndarray, pad: int = 0) -> tuple[slice, ...] | None:
     return tuple(spans)
 
 
+def bbox_by_slab(shape: tuple[int, int, int], part: Callable[[slice], np.ndarray],
+                 pad: int = 0) -> tuple[slice, ...] | None:
+    """``bbox`` of the mask that ``part(slices)`` gives a slab of slices at a time.
+
+    The same box, without the volume-sized temporaries (each one new memory to
+    the process) that building the whole mask first would cost.
+    """
+    hit_z = np.zeros(shape[0], dtype=bool)
+    hit_y = np.zeros(shape[1], dtype=bool)
+    hit_x = np.zeros(shape[2], dtype=bool)
+    for z in range(0, shape[0], SLAB):
+        mask = part(slice(z, z + SLAB))
+        hit_z[z:z + SLAB] = mask.any(axis=(1, 2))
+        plane = np.logical_or.reduce(mask, axis=0)
+        hit_y |= plane.any(axis=1)
+        hit_x |= plane.any(axis=0)
+    spans = []
+    for axis, hit in enumerate((hit_z, hit_y, hit_x)):
+        found = np.flatnonzero(hit)
+        if found.size == 0:
+            return None
+        p = pad if axis > 0 else 0
+        spans.append(slice(max(int(found[0]) - p, 0), min(int(found[-1]) + 1 + p, shape[axis])))
+    return tuple(spans)
+
+
 class LabelStats:
     """Per-label voxel count and mean of a few values, from the labelled voxels only.
 
     Labels are usually a few percent of the array: bincount over their flat
     indices costs a pass over those, where ``ndimage.mean`` passes over all.
+    ``mask`` (``labels != 0``, when the caller holds it) spares a pass.
     """
 
-    def __init__(self, labels: np.ndarray, count: int) -> None:
+    def __init__(self, labels: np.ndarray, count: int, mask: np.ndarray | None = None) -> None:
         self.count = count
-        self.flat = np.flatnonzero(labels)
+        # nonzero of a boolean array is several times faster than of the labels
+        self.flat = np.flatnonzero(labels != 0 if mask is None else mask)
         self.lab = labels.ravel()[self.flat]
         self.size = np.bincount(self.lab, minlength=count + 1)[1:]
 
+    def _select(self, where: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        if where is None:
+            return self.lab, self.flat
+        keep = where.ravel()[self.flat]
+        return self.lab[keep], self.flat[keep]
+
     def mean(self, values: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
         """Mean of ``values`` per label (over voxels also in ``where``); NaN where none."""
-        lab, flat = self.lab, self.flat
-        if where is not None:
-            keep = where.ravel()[flat]
-            lab, flat = lab[keep], flat[keep]
+        lab, flat = self._select(where)
         n = np.bincount(lab, minlength=self.count + 1)[1:]
         total = np.bincount(lab, weights=values.ravel()[flat], minlength=self.count + 1)[1:]
         with np.errstate(invalid="ignore", divide="ignore"):
             return total / n
+
+    def mean_and_sd(self, values: np.ndarray, where: np.ndarray | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and standard deviation of ``values`` per label (over ``where``); NaN where none.
+
+        Squares are taken of the labelled voxels alone, in at least float32 (an
+        int16 square overflows), never of a whole array.
+        """
+        lab, flat = self._select(where)
+        picked = values.ravel()[flat]
+        picked = picked.astype(np.result_type(picked.dtype, np.float32), copy=False)
+        n = np.bincount(lab, minlength=self.count + 1)[1:]
+        total = np.bincount(lab, weights=picked, minlength=self.count + 1)[1:]
+        squares = np.bincount(lab, weights=picked * picked, minlength=self.count + 1)[1:]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = total / n
+            return mean, np.sqrt(np.maximum(squares / n - mean ** 2, 0.0))
 
     def any(self, mask: np.ndarray) -> np.ndarray:
         """Per label, whether any of its voxels is set in ``mask``."""

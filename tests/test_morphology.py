@@ -1,0 +1,93 @@
+"""The slab-wise morphology the classical engine is built from, against scipy's own."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from oncoseg_node.commissioning.phantom import make_phantom
+from oncoseg_node.contouring.engines import classical
+from oncoseg_node.contouring.engines.postprocess import (
+    IN_PLANE,
+    LabelStats,
+    bbox,
+    bbox_by_slab,
+    enclosed,
+    fill_holes,
+    label_enclosed,
+)
+
+
+def rings(shape: tuple[int, int, int], seed: int) -> np.ndarray:
+    """Random open and closed rings: holes of many sizes, some cut by the image edge."""
+    rng = np.random.default_rng(seed)
+    dots = rng.random(shape) > 0.985
+    grown = ndimage.binary_dilation(dots, np.ones((1, 7, 7)))
+    return grown & ~ndimage.binary_erosion(grown, np.ones((1, 3, 3)))
+
+
+@pytest.mark.parametrize("shape", [(1, 30, 40), (17, 61, 45), (40, 33, 90)])
+def test_enclosed_and_its_labels_are_scipys(shape):
+    mask = rings(shape, seed=sum(shape))
+    filled = np.stack([ndimage.binary_fill_holes(s) for s in mask])
+    holes = filled & ~mask
+    assert holes.sum() > 20  # the rings really enclose something
+    assert np.array_equal(fill_holes(mask), filled)
+    assert np.array_equal(enclosed(mask), holes)
+    expected, count = ndimage.label(holes, structure=IN_PLANE)
+    labels, found = label_enclosed(mask)
+    assert found == count
+    assert np.array_equal(labels, expected)
+
+
+def test_holes_of_an_empty_or_full_mask():
+    empty = np.zeros((20, 10, 12), dtype=bool)
+    assert not fill_holes(empty).any() and not enclosed(empty).any()
+    assert label_enclosed(empty)[1] == 0
+    full = np.ones((20, 10, 12), dtype=bool)
+    assert fill_holes(full).all() and not enclosed(full).any()
+
+
+def test_fill_holes_into_the_mask_itself():
+    mask = rings((18, 40, 40), seed=5)
+    expected = fill_holes(mask)
+    assert fill_holes(mask, out=mask) is mask
+    assert np.array_equal(mask, expected)
+
+
+def test_bbox_by_slab_is_bbox():
+    rng = np.random.default_rng(4)
+    mask = np.zeros((37, 50, 60), dtype=bool)
+    mask[20:30, 10:12, 40:44] = rng.random((10, 2, 4)) > 0.3
+    for pad in (0, 2, 11):
+        assert bbox_by_slab(mask.shape, lambda z: mask[z], pad=pad) == bbox(mask, pad=pad)
+    assert bbox_by_slab(mask.shape, lambda z: np.zeros_like(mask[z])) is None
+
+
+def test_label_stats_mean_and_sd_of_int16_do_not_overflow():
+    labels = np.array([[[1, 1, 2, 2, 0]]], dtype=np.uint16)
+    values = np.array([[[3000, 1000, -1000, -1000, 5]]], dtype=np.int16)
+    mean, sd = LabelStats(labels, 2).mean_and_sd(values)
+    assert np.allclose(mean, [2000.0, -1000.0]) and np.allclose(sd, [1000.0, 0.0])
+    mean, sd = LabelStats(labels, 2).mean_and_sd(values, values > 0)
+    assert np.allclose(mean[0], 2000.0) and np.isnan(mean[1]) and np.isnan(sd[1])
+
+
+def test_bones_and_canal_the_same_from_float32_and_int16_hu():
+    # Integer HU (as series store them) give the same masks whether held as int16
+    # (the volume's own type) or as float32: no step truncates or overflows.
+    p = make_phantom(slices=40, rows=256, columns=256, pixel_spacing=(1.95, 1.95), seed=3)
+    volume = p.volume
+    body = classical.external(volume)
+    mid = classical.midlines(volume, body)
+    results = {}
+    for dtype in (np.int16, np.float32):
+        held = dataclasses.replace(volume, hu=volume.hu.astype(dtype))
+        results[dtype] = classical.bones_and_canal(held, body, mid)
+    bones, canal = results[np.int16]
+    assert bones.sum() > 1000 and canal.sum() > 100
+    assert np.array_equal(results[np.float32][0], bones)
+    assert np.array_equal(results[np.float32][1], canal)
