@@ -18,7 +18,7 @@ from scipy import ndimage
 
 from oncoseg_node.contouring.mask_crop import MaskCrop
 from oncoseg_node.rtstruct.contour_items import roi_loops
-from oncoseg_node.rtstruct.contours import signed_area, trace_volume
+from oncoseg_node.rtstruct.contours import fill_polygons, signed_area, trace_volume
 from tests.test_staircase import refill
 
 SEED = 20261201
@@ -98,3 +98,15 @@ def test_a_crop_is_traced_to_the_same_loops_as_its_full_mask(hole_style):
         assert whole[0] == cropped[0]
         assert len(whole[1]) == len(cropped[1])
         assert all(np.array_equal(a, b) for a, b in zip(whole[1], cropped[1], strict=True))
+
+
+def test_a_window_is_filled_exactly_as_that_part_of_the_whole_slice():
+    """Polygons with fractional vertices, some beyond the image: window fill == full fill."""
+    rng = np.random.default_rng(SEED)
+    for _ in range(200):
+        polygons = [rng.uniform(-6, 46, size=(int(rng.integers(3, 12)), 2)) for _ in range(3)]
+        whole = fill_polygons(polygons, (40, 40))
+        r0, c0 = int(rng.integers(0, 20)), int(rng.integers(0, 20))
+        h, w = int(rng.integers(1, 41 - r0)), int(rng.integers(1, 41 - c0))
+        window = fill_polygons(polygons, (h, w), origin=(r0, c0))
+        assert np.array_equal(window, whole[r0:r0 + h, c0:c0 + w])

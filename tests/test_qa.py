@@ -193,3 +193,37 @@ def test_snapshot_file_is_written_under_a_generated_name(tmp_path):
     assert image.shape[0] > 160 / 2 and image.shape[1] > 3 * 80
     assert image[GAP_PX // 2, GAP_PX // 2].tolist() == list(BACKGROUND)
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left
+
+
+@pytest.mark.parametrize("position", ["HFS", "HFP", "FFS"])
+def test_crops_render_as_their_full_masks_and_no_full_mask_is_built(position):
+    import tracemalloc
+
+    from oncoseg_node.contouring.mask_crop import MaskCrop
+
+    hu, body, heart, cord = supine_phantom()
+    turn = {"HFS": lambda a: a, "HFP": lambda a: a[:, ::-1, ::-1],
+            "FFS": lambda a: a[::-1, :, ::-1]}[position]
+    row_dir, col_dir, first, step = {
+        "HFS": ((1, 0, 0), (0, 1, 0), (-63.0, -63.0, -60.0), (0, 0, THICKNESS_MM)),
+        "HFP": ((-1, 0, 0), (0, -1, 0), (63.0, 63.0, -60.0), (0, 0, THICKNESS_MM)),
+        "FFS": ((-1, 0, 0), (0, 1, 0), (63.0, -63.0, -60.0 + (SLICES - 1) * THICKNESS_MM),
+                (0, 0, -THICKNESS_MM)),
+    }[position]
+    # a taller grid so that one full mask outweighs everything the snapshot draws
+    tall = 8
+    hu, masks = np.tile(hu, (tall, 1, 1)), [np.tile(m, (tall, 1, 1)) for m in (heart, cord)]
+    volume = make_volume(np.ascontiguousarray(turn(hu)), row_dir, col_dir, first, step)
+    full = [np.ascontiguousarray(turn(m)) for m in masks]
+    crops = [MaskCrop.of(m) for m in full]
+    layers = [Overlay("Heart", full[0], RED), Overlay("SpinalCord", full[1], BLUE)]
+    cropped = [Overlay("Heart", crops[0], RED), Overlay("SpinalCord", crops[1], BLUE)]
+    expected = render_qa(volume, layers, panel_px=120)
+    tracemalloc.start()
+    try:
+        image = render_qa(volume, cropped, panel_px=120)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(image, expected)
+    assert peak < hu.size, f"{peak} bytes traced; one full mask is {hu.size}"

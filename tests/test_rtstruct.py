@@ -224,3 +224,15 @@ def test_a_contour_too_long_for_one_contour_data_value_is_refused_by_name(tmp_pa
     with pytest.raises(RTStructError, match="Comb.*slice 1"):
         build_rtstruct(phantom.volume, [RoiMask("Comb", (1, 2, 3), "ORGAN", mask)], INFO,
                        PROFILES["generic"])
+
+
+def test_read_back_as_crops_holds_each_structure_in_its_own_box(tmp_path):
+    from oncoseg_node.contouring.mask_crop import MaskCrop
+    from oncoseg_node.rtstruct.reader import rasterize_crops
+
+    phantom, path = written(tmp_path, "HFS")
+    crops = rasterize_crops(pydicom.dcmread(path), phantom.volume)
+    assert set(crops) == set(phantom.truth)
+    for name, truth in phantom.truth.items():
+        assert crops[name].box == MaskCrop.of(truth).box, name
+        assert np.array_equal(crops[name].full(), truth), name

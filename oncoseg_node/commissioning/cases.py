@@ -23,7 +23,7 @@ from oncoseg_node.contouring.folder import series_paths
 from oncoseg_node.contouring.pipeline import contour, load_ct_series
 from oncoseg_node.errors import OncosegError
 from oncoseg_node.rtstruct.reader import (
-    rasterize_rtstruct,
+    rasterize_crops,
     read_structure_set,
     referenced_series_uid,
 )
@@ -73,11 +73,11 @@ def evaluate_case(series_dir: Path, reference: Path, ours: Path | None, *, case:
     ours_ds = read_structure_set(ours) if ours is not None else None
     paths = series_paths(series_dir, series_uid, referenced_series_uid(reference_ds))
     volume, report = load_ct_series(paths)
-    reference_masks = rasterize_rtstruct(reference_ds, volume)
+    reference_masks = rasterize_crops(reference_ds, volume)
     if ours is not None and ours_ds is not None:
         # the same file given twice (a self-comparison) is rasterised once
         same = Path(ours).resolve() == Path(reference).resolve()
-        our_masks = reference_masks if same else rasterize_rtstruct(ours_ds, volume)
+        our_masks = reference_masks if same else rasterize_crops(ours_ds, volume)
         node_version = str(ours_ds.get("SoftwareVersions", "") or "-")
         protocol = _protocol_of(ours_ds)
         ours_file = str(ours)
@@ -91,7 +91,7 @@ def evaluate_case(series_dir: Path, reference: Path, ours: Path | None, *, case:
         if chosen is None:
             raise OncosegError(f"{series_dir}: no protocol matches and no fallback is set")
         results = contour(volume, report, chosen, build_engines(config.engine)).results
-        our_masks = {r.name: r.found_crop.full() for r in results if not r.absent}
+        our_masks = {r.name: r.found_crop for r in results if not r.absent}
         node_version, protocol = __version__, f"{chosen.name}@{protocols.version}"
         ours_file = "contoured now"
     header = volume.header

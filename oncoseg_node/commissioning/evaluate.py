@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from oncoseg_node.commissioning.surface import bounding_box, surface_scores
+from oncoseg_node.contouring.mask_crop import MaskCrop
 from oncoseg_node.contouring.volume import Volume
 
 
@@ -55,17 +56,26 @@ def compare(volume: Volume, ours: np.ndarray, reference: np.ndarray, *, case: st
                             float(count_b @ per_voxel_mm3 / 1000.0))
 
 
-def compare_sets(volume: Volume, ours: Mapping[str, np.ndarray],
-                 reference: Mapping[str, np.ndarray], *, case: str = "",
+def compare_sets(volume: Volume, ours: Mapping[str, np.ndarray | MaskCrop],
+                 reference: Mapping[str, np.ndarray | MaskCrop], *, case: str = "",
                  aliases: Mapping[str, str] | None = None,
                  tolerance_mm: float = 2.0) -> list[StructureMetrics]:
-    """Match structures by TG-263 name (reference names mapped through ``aliases``)."""
+    """Match structures by TG-263 name (reference names mapped through ``aliases``).
+
+    Masks may be crops: surface distances need whole arrays, so each pair is
+    made full only while it is compared.
+    """
     aliases = aliases or {}
     renamed = {aliases.get(name, name): mask for name, mask in reference.items()}
-    empty = np.zeros(volume.shape, dtype=bool)
-    return [compare(volume, ours.get(name, empty), renamed[name], case=case, structure=name,
-                    tolerance_mm=tolerance_mm)
+    return [compare(volume, _full(volume, ours.get(name)), _full(volume, renamed[name]),
+                    case=case, structure=name, tolerance_mm=tolerance_mm)
             for name in sorted(renamed)]
+
+
+def _full(volume: Volume, mask: np.ndarray | MaskCrop | None) -> np.ndarray:
+    if mask is None:
+        return np.zeros(volume.shape, dtype=bool)
+    return mask.full() if isinstance(mask, MaskCrop) else mask
 
 
 def aggregate(rows: Sequence[StructureMetrics]) -> list[dict[str, Any]]:

@@ -48,7 +48,7 @@ from oncoseg_node.ops.qa import qa_relpath
 from oncoseg_node.ops.status import series_header
 from oncoseg_node.ops.viewer import JobViewer, ViewerCache
 from oncoseg_node.ops.viewer_script import JOB_PAGE_CSP
-from oncoseg_node.rtstruct.reader import rasterize_rtstruct, read_structure_set
+from oncoseg_node.rtstruct.reader import rasterize_crops, read_structure_set
 
 log = structlog.get_logger("oncoseg_node.ops.http")
 
@@ -129,7 +129,7 @@ class StatusSite:
         # the gate already ruled on this series; here it is only displayed
         volume, _ = load_ct_series(paths, override_geometry=True)
         ds = read_structure_set(path)
-        masks = rasterize_rtstruct(ds, volume)
+        masks = rasterize_crops(ds, volume)
         colors = {int(r.ReferencedROINumber): tuple(int(c) for c in r.ROIDisplayColor)
                   for r in ds.ROIContourSequence if "ROIDisplayColor" in r}
         numbers = {str(item.ROIName): int(item.ROINumber) for item in ds.StructureSetROISequence}

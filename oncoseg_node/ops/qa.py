@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import ndimage
 
+from oncoseg_node.contouring.mask_crop import MaskCrop
 from oncoseg_node.contouring.volume import Volume
 from oncoseg_node.durable import private_dir, write_durably
 
@@ -56,14 +57,14 @@ _GLYPHS = {
 
 @dataclass(frozen=True, eq=False)
 class Overlay:
-    """One structure to outline: a boolean ``(z, y, x)`` mask on the volume's grid.
+    """One structure to outline: a boolean ``(z, y, x)`` mask on the volume's grid, or its crop.
 
     ``external`` marks the body outline: drawn like any other, but left out
     when choosing where the planes cut (see :func:`render_qa`).
     """
 
     name: str
-    mask: np.ndarray
+    mask: np.ndarray | MaskCrop
     color: tuple[int, int, int]
     external: bool = False
 
@@ -79,10 +80,9 @@ def qa_relpath(job_id: int, version: int) -> str:
 def overlays_of(contoured: Contoured) -> list[Overlay]:
     """The present structures of a contoured series, in their protocol colours."""
     library = {s.name: s for s in contoured.protocol.structures}
-    return [Overlay(r.name, r.mask, library[r.name].color,
+    return [Overlay(r.name, r.found_crop, library[r.name].color,
                     external=library[r.name].interpreted_type == "EXTERNAL")
-            for r in contoured.results
-            if not r.absent and r.mask is not None and r.name in library]
+            for r in contoured.results if not r.absent and r.name in library]
 
 
 def write_qa_snapshot(path: Path, volume: Volume, overlays: Sequence[Overlay], *,
@@ -98,17 +98,33 @@ def write_qa_snapshot(path: Path, volume: Volume, overlays: Sequence[Overlay], *
 @dataclass(frozen=True)
 class _Canonical:
     """The volume as an LPS-ordered array: axis 0 -> +z (head), 1 -> +y (posterior),
-    2 -> +x (patient's left); ``coords`` are voxel centres in mm along each axis."""
+    2 -> +x (patient's left); ``coords`` are voxel centres in mm along each axis.
+
+    ``hu`` is a view of the volume's array; the masks are crops reoriented
+    with their boxes, so no full-size mask is built."""
 
     hu: np.ndarray
-    masks: list[np.ndarray]
+    masks: list[MaskCrop]
     coords: tuple[np.ndarray, np.ndarray, np.ndarray]
     # for each canonical axial index, the slice of the series it shows (None
     # when the series was not acquired axially)
     slice_of_z: np.ndarray | None = None
 
 
-def _canonical(volume: Volume, masks: Sequence[np.ndarray]) -> _Canonical:
+def _reoriented(crop: MaskCrop, order: Sequence[int], flips: Sequence[bool]) -> MaskCrop:
+    """A crop on the canonical grid: its box permuted and mirrored with the array."""
+    shape, box, array = [], [], np.transpose(crop.array, order)
+    for axis, (a, flip) in enumerate(zip(order, flips, strict=True)):
+        n, cut = crop.shape[a], crop.box[a]
+        shape.append(n)
+        box.append(slice(n - cut.stop, n - cut.start) if flip else cut)
+        if flip:
+            array = np.flip(array, axis=axis)
+    return MaskCrop((shape[0], shape[1], shape[2]), (box[0], box[1], box[2]),
+                    np.ascontiguousarray(array))
+
+
+def _canonical(volume: Volume, masks: Sequence[np.ndarray | MaskCrop]) -> _Canonical:
     # Patient direction of increasing index along each array axis (z, y, x).
     directions = np.stack([volume.normal, volume.col_direction, volume.row_direction])
     n_rows, n_cols = volume.shape[1], volume.shape[2]
@@ -139,7 +155,8 @@ def _canonical(volume: Volume, masks: Sequence[np.ndarray]) -> _Canonical:
     slice_of_z = None
     if order[0] == 0:
         slice_of_z = np.arange(volume.shape[0])[::-1] if flips[0] else np.arange(volume.shape[0])
-    return _Canonical(reorient(volume.hu), [reorient(m) for m in masks],
+    crops = [m if isinstance(m, MaskCrop) else MaskCrop.of(m) for m in masks]
+    return _Canonical(reorient(volume.hu), [_reoriented(c, order, flips) for c in crops],
                       (coords[0], coords[1], coords[2]), slice_of_z)
 
 
@@ -164,17 +181,17 @@ def _spans(canon: _Canonical) -> list[tuple[float, float]]:
     structures) spends the pixels on anatomy rather than on the air and couch
     around it. Without structures the whole volume is shown.
     """
-    union = np.zeros(canon.hu.shape, dtype=bool)
-    for mask in canon.masks:
-        union |= mask
+    present = [m for m in canon.masks if not m.empty]
     spans = []
     for axis, coords in enumerate(canon.coords):
-        if not union.any():
+        if not present:
             spans.append((float(coords[0]), float(coords[-1])))
             continue
-        present = np.flatnonzero(union.any(axis=tuple(a for a in range(3) if a != axis)))
-        lo = max(float(coords[present[0]]) - CROP_MARGIN_MM, float(coords[0]))
-        hi = min(float(coords[present[-1]]) + CROP_MARGIN_MM, float(coords[-1]))
+        # the union's extent is the hull of the (tight) boxes
+        first = min(m.box[axis].start for m in present)
+        last = max(m.box[axis].stop for m in present) - 1
+        lo = max(float(coords[first]) - CROP_MARGIN_MM, float(coords[0]))
+        hi = min(float(coords[last]) + CROP_MARGIN_MM, float(coords[-1]))
         spans.append((lo, hi))
     return spans
 
@@ -182,13 +199,19 @@ def _spans(canon: _Canonical) -> list[tuple[float, float]]:
 def _center(canon: _Canonical, external: Sequence[bool]) -> tuple[int, int, int]:
     """Canonical index of the centroid of the organs (the body outline only if alone)."""
     chosen = [m for m, ext in zip(canon.masks, external, strict=True) if not ext]
-    union = np.zeros(canon.hu.shape, dtype=bool)
-    for mask in chosen or canon.masks:
-        union |= mask
-    if not union.any():
+    present = [m for m in chosen or canon.masks if not m.empty]
+    if not present:
         z, y, x = canon.hu.shape
         return z // 2, y // 2, x // 2
-    iz, iy, ix = (int(round(float(np.mean(i)))) for i in np.nonzero(union))
+    # the union (overlapping structures count once) within the hull of their boxes
+    low = [min(m.box[a].start for m in present) for a in range(3)]
+    high = [max(m.box[a].stop for m in present) for a in range(3)]
+    union = np.zeros([h - lo for lo, h in zip(low, high, strict=True)], dtype=bool)
+    for m in present:
+        union[tuple(slice(c.start - lo, c.stop - lo)
+                    for c, lo in zip(m.box, low, strict=True))] |= m.array
+    iz, iy, ix = (int(round(float(np.mean(i + lo))))
+                  for i, lo in zip(np.nonzero(union), low, strict=True))
     return iz, iy, ix
 
 
@@ -268,10 +291,11 @@ def render_views(volume: Volume, overlays: Sequence[Overlay], *, panel_px: int =
     zi, yi, xi = (_axis_samples(span, c, step) for span, c in zip(spans, canon.coords,
                                                                    strict=True))
     zi_top = zi[::-1]  # head at the top of coronal and sagittal views
-    axial = _panel(canon.hu[cz], [m[cz] for m in canon.masks], colors, yi, xi, window)
-    coronal = _panel(canon.hu[:, cy, :], [m[:, cy, :] for m in canon.masks], colors,
+    axial = _panel(canon.hu[cz], [m.section(0, cz) for m in canon.masks], colors, yi, xi,
+                   window)
+    coronal = _panel(canon.hu[:, cy, :], [m.section(1, cy) for m in canon.masks], colors,
                      zi_top, xi, window)
-    sagittal = _panel(canon.hu[:, :, cx], [m[:, :, cx] for m in canon.masks], colors,
+    sagittal = _panel(canon.hu[:, :, cx], [m.section(2, cx) for m in canon.masks], colors,
                       zi_top, yi, window)
     return [_labelled(axial, "A", "P", "R", "L"), _labelled(coronal, "S", "I", "R", "L"),
             _labelled(sagittal, "S", "I", "A", "P")]

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from oncoseg_node.contouring.mask_crop import MaskCrop
 from oncoseg_node.contouring.volume import Volume
 from oncoseg_node.ops.qa import _axis_samples, _canonical, _labelled, _panel, encode_png
 
@@ -45,33 +46,26 @@ class ViewerStructure:
 
     name: str
     color: tuple[int, int, int]
-    box: tuple[slice, slice, slice]
-    mask: np.ndarray
+    crop: MaskCrop
+
+    @property
+    def box(self) -> tuple[slice, slice, slice]:
+        return self.crop.box
 
 
 class JobViewer:
     """A job's CT and structures, ready to render any slice."""
 
     def __init__(self, volume: Volume, structures: Sequence[tuple[str, tuple[int, int, int],
-                                                                  np.ndarray]]) -> None:
+                                                                  np.ndarray | MaskCrop]]
+                 ) -> None:
         canon = _canonical(volume, [mask for _, _, mask in structures])
         # HU fit int16 exactly (CT stores 12 to 16 bits); half the memory of float32
         self.hu = np.clip(np.rint(canon.hu), -32768, 32767).astype(np.int16)
         self.coords = canon.coords
         self.structures: list[ViewerStructure] = []
-        for (name, color, _), mask in zip(structures, canon.masks, strict=True):
-            planes = np.flatnonzero(mask.any(axis=(1, 2)))
-            if not len(planes):
-                box = (slice(0, 0), slice(0, 0), slice(0, 0))
-            else:
-                inner = mask[planes[0]:planes[-1] + 1]
-                rows = np.flatnonzero(inner.any(axis=(0, 2)))
-                cols = np.flatnonzero(inner.any(axis=(0, 1)))
-                box = (slice(int(planes[0]), int(planes[-1]) + 1),
-                       slice(int(rows[0]), int(rows[-1]) + 1),
-                       slice(int(cols[0]), int(cols[-1]) + 1))
-            self.structures.append(ViewerStructure(name, color, box,
-                                                   np.ascontiguousarray(mask[box])))
+        for (name, color, _), crop in zip(structures, canon.masks, strict=True):
+            self.structures.append(ViewerStructure(name, color, crop))
         slices = canon.slice_of_z if canon.slice_of_z is not None else np.arange(len(canon.hu))
         # Each axial slice's table position: the z of its own ImagePositionPatient.
         self.axial_mm = [float(volume.positions[int(k)][2]) for k in slices]
@@ -113,17 +107,7 @@ class JobViewer:
 
     def _plane_mask(self, s: ViewerStructure, plane: str, index: int) -> np.ndarray:
         """The structure's full-size 2D mask on one slice of ``plane``."""
-        axis = PLANES.index(plane)
-        shape = [n for a, n in enumerate(self.hu.shape) if a != axis]
-        out = np.zeros(shape, dtype=bool)
-        box = s.box
-        if not box[axis].start <= index < box[axis].stop:
-            return out
-        local = index - box[axis].start
-        cut = np.take(s.mask, local, axis=axis)
-        rest = [b for a, b in enumerate(box) if a != axis]
-        out[rest[0], rest[1]] = cut
-        return out
+        return s.crop.section(PLANES.index(plane), index)
 
     def render(self, plane: str, index: int, window: str = "soft",
                visible: Sequence[int] | None = None) -> np.ndarray:

@@ -308,15 +308,21 @@ def corners_to_index(vertices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fill_polygons(polygons: list[np.ndarray], shape: tuple[int, int],
-                  out: np.ndarray | None = None) -> np.ndarray:
+                  out: np.ndarray | None = None,
+                  origin: tuple[int, int] = (0, 0)) -> np.ndarray:
     """Even-odd fill of polygons given as fractional (row, col) index arrays, shape (n, 2).
 
     A pixel is inside when its centre is; contours nested inside another on
     the same slice are holes (the convention of every planning system).
     ``out``, when given, is a zeroed boolean slice of ``shape`` filled in place
     (a volume's slice, so a structure set is rasterised without a copy per slice).
+    ``origin`` is the (row, column) of ``out[0, 0]`` when it is a window of a
+    larger slice: the crossings are computed in the slice's own indices, so a
+    window holds exactly what the whole slice would.
     """
-    rows, cols = shape
+    height, width = shape
+    row0, col0 = origin
+    rows, cols = row0 + height, col0 + width  # the window's ends in slice indices
     if out is None:
         out = np.zeros(shape, dtype=bool)
     if not polygons:
@@ -327,7 +333,7 @@ def fill_polygons(polygons: list[np.ndarray], shape: tuple[int, int],
     x1 = np.concatenate([np.roll(p[:, 1], -1) for p in polygons]).astype(np.float64)
     lo, hi = np.minimum(y0, y1), np.maximum(y0, y1)
     # rows whose centre y lies in [lo, hi): a vertex shared by two edges is counted once
-    first = np.maximum(np.ceil(lo), 0).astype(np.int64)
+    first = np.maximum(np.ceil(lo), row0).astype(np.int64)
     last = np.minimum(np.ceil(hi) - 1, rows - 1).astype(np.int64)
     keep = (hi > lo) & (first <= last)
     first, last = first[keep], last[keep]
@@ -338,11 +344,11 @@ def fill_polygons(polygons: list[np.ndarray], shape: tuple[int, int],
                                                                   counts))
     x = x0[edge] + (row - y0[edge]) * (x1[edge] - x0[edge]) / (y1[edge] - y0[edge])
     # a crossing at x flips every pixel whose centre column c satisfies x <= c
-    start = np.clip(np.ceil(x), 0, cols).astype(np.int64)
+    start = (np.clip(np.ceil(x), col0, cols) - col0).astype(np.int64)
     if not len(row):
         return out
     top, bottom = int(row.min()), int(row.max()) + 1  # only the rows the polygons cross
-    toggles = np.zeros((bottom - top, cols + 1), dtype=np.int32)
+    toggles = np.zeros((bottom - top, width + 1), dtype=np.int32)
     np.add.at(toggles, (row - top, start), 1)
-    out[top:bottom] = (np.cumsum(toggles[:, :cols], axis=1) & 1).astype(bool)
+    out[top - row0:bottom - row0] = (np.cumsum(toggles[:, :width], axis=1) & 1).astype(bool)
     return out

@@ -15,6 +15,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
+from oncoseg_node.contouring.mask_crop import MaskCrop
 from oncoseg_node.contouring.volume import Volume
 from oncoseg_node.errors import RTStructError
 from oncoseg_node.rtstruct.contours import fill_polygons
@@ -46,13 +47,14 @@ def contour_points(contour: Dataset) -> np.ndarray:
     return numbers.reshape(-1, 3)
 
 
-def rasterize_rtstruct(ds: Dataset, volume: Volume) -> dict[str, np.ndarray]:
-    """ROI name -> ``(z, y, x)`` boolean mask on ``volume``'s grid."""
+def rasterize_crops(ds: Dataset, volume: Volume) -> dict[str, MaskCrop]:
+    """ROI name -> its mask on ``volume``'s grid, filled only within its contours' box."""
     slice_of = {uid: k for k, uid in enumerate(volume.sop_instance_uids)}
     offsets = volume.slice_offsets
     names = {int(item.ROINumber): str(item.ROIName)
              for item in ds.get("StructureSetROISequence", [])}
-    masks = {}
+    depth, height, width = volume.shape
+    crops = {}
     for roi in ds.get("ROIContourSequence", []):
         per_slice: dict[int, list[np.ndarray]] = {}
         for contour in roi.get("ContourSequence", []):
@@ -64,11 +66,30 @@ def rasterize_rtstruct(ds: Dataset, volume: Volume) -> dict[str, np.ndarray]:
             if z is None:
                 z = int(np.argmin(np.abs(offsets - float(points[0] @ volume.normal))))
             per_slice.setdefault(z, []).append(_to_index(volume, z, points))
-        mask = np.zeros(volume.shape, dtype=bool)
+        name = names.get(int(roi.ReferencedROINumber), str(roi.ReferencedROINumber))
+        if not per_slice:
+            crops[name] = MaskCrop.of(np.zeros((0, 0, 0), bool), shape=volume.shape)
+            continue
+        # the box of every pixel centre the contours can enclose, within the grid
+        every = np.concatenate([p for polygons in per_slice.values() for p in polygons])
+        low, high = np.floor(every.min(axis=0)), np.ceil(every.max(axis=0))
+        r0, c0 = (int(np.clip(v, 0, n)) for v, n in zip(low, (height, width), strict=True))
+        r1, c1 = (int(np.clip(v + 1, 0, n)) for v, n in zip(high, (height, width), strict=True))
+        z0, z1 = min(per_slice), max(per_slice) + 1
+        block = np.zeros((z1 - z0, r1 - r0, c1 - c0), dtype=bool)
         for z, polygons in per_slice.items():
-            fill_polygons(polygons, volume.shape[1:], out=mask[z])
-        masks[names.get(int(roi.ReferencedROINumber), str(roi.ReferencedROINumber))] = mask
-    return masks
+            fill_polygons(polygons, (r1 - r0, c1 - c0), out=block[z - z0], origin=(r0, c0))
+        crops[name] = MaskCrop.of(block, shape=(depth, height, width), origin=(z0, r0, c0))
+    return crops
+
+
+def rasterize_rtstruct(ds: Dataset, volume: Volume) -> dict[str, np.ndarray]:
+    """ROI name -> full ``(z, y, x)`` boolean mask on ``volume``'s grid.
+
+    For comparisons that need whole arrays (tests, commissioning metrics);
+    :func:`rasterize_crops` holds only each ROI's box.
+    """
+    return {name: crop.full() for name, crop in rasterize_crops(ds, volume).items()}
 
 
 def read_structure_set(path: Path) -> Dataset:

@@ -41,7 +41,7 @@ def score(config: Sam3Config, cases: Sequence[TrainingCase],
     rows: list[StructureMetrics] = []
     for case in cases:
         results = engine.segment(case.volume, wanted)
-        ours = {r.name: r.mask for r in results if not r.absent and r.mask is not None}
+        ours = {r.name: r.found_crop for r in results if not r.absent}
         rows += compare_sets(case.volume, ours, dict(case.masks), case=case.name)
     return rows
 
