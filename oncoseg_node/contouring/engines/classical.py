@@ -21,7 +21,14 @@ from functools import cached_property
 import numpy as np
 
 from oncoseg_node.contouring.engines.base import StructureResult
-from oncoseg_node.contouring.engines.ct_body import BODY_HU, external, midlines, patient_x
+from oncoseg_node.contouring.engines.blocks import Block, tight
+from oncoseg_node.contouring.engines.ct_body import (
+    BODY_HU,
+    external,
+    external_block,
+    midlines,
+    patient_x,
+)
 from oncoseg_node.contouring.engines.ct_bones import Skeleton
 from oncoseg_node.contouring.engines.ct_canal import spinal_canal
 from oncoseg_node.contouring.engines.ct_lungs import (
@@ -31,7 +38,7 @@ from oncoseg_node.contouring.engines.ct_lungs import (
     LungsAndAirways,
     lungs,
 )
-from oncoseg_node.contouring.engines.postprocess import postprocess
+from oncoseg_node.contouring.engines.postprocess import postprocess_block
 from oncoseg_node.contouring.protocols import Structure
 from oncoseg_node.contouring.volume import Volume
 
@@ -52,34 +59,73 @@ def bones_and_canal(volume: Volume, body: np.ndarray, mid: np.ndarray
 
 
 class _Steps:
-    """Each step at most once per volume, and only when a structure needs it."""
+    """Each step at most once per volume, and only when a structure needs it.
+
+    Outputs are held as blocks (their box only); :meth:`release` drops a step
+    once no structure left needs it, so its memory goes before the next step.
+    """
 
     def __init__(self, volume: Volume) -> None:
         self.volume = volume
 
     @cached_property
+    def body_block(self) -> Block | None:
+        return external_block(self.volume)
+
+    @cached_property
     def body(self) -> np.ndarray:
-        return external(self.volume)
+        """External in full; the block then views it, so it is held once."""
+        block = self.body_block
+        if block is None:
+            return np.zeros(self.volume.shape, dtype=bool)
+        full = block.full(self.volume.shape)
+        self.body_block = Block(block.box, full[block.box])
+        return full
 
     @cached_property
     def mid(self) -> np.ndarray:
-        return midlines(self.volume, self.body)
+        return midlines(self.volume, self.body_block)
 
     @cached_property
     def chest(self) -> LungsAndAirways:
-        return LungsAndAirways(self.volume, self.body, self.mid)
+        body = self.body_block
+        if body is None:
+            return LungsAndAirways(self.volume, self.body, self.mid)
+        return LungsAndAirways(self.volume, body, self.mid)
 
     @cached_property
-    def skeleton(self) -> tuple[np.ndarray, np.ndarray]:
-        return bones_and_canal(self.volume, self.body, self.mid)
+    def skeleton(self) -> tuple[Block | None, Block | None]:
+        bones, canal = bones_and_canal(self.volume, self.body, self.mid)
+        return tight(bones), tight(canal)
+
+    def release(self, name: str) -> None:
+        self.__dict__.pop(name, None)
+
+
+# What each structure is built from, in the order the steps run: a structure
+# is contoured with the others of its step, so each step's memory is freed
+# before the next one starts; results keep the protocol's order.
+_BUILDERS: dict[str, tuple[str, Callable[[_Steps], Block | None]]] = {
+    "External": ("body", lambda steps: steps.body_block),
+    "Lung_L": ("chest", lambda steps: steps.chest.block("left")),
+    "Lung_R": ("chest", lambda steps: steps.chest.block("right")),
+    "Lungs": ("chest", lambda steps: steps.chest.both_block()),
+    "Trachea": ("chest", lambda steps: steps.chest.block("trachea")),
+    "Bronchus": ("chest", lambda steps: steps.chest.block("bronchus")),
+    "Bones": ("skeleton", lambda steps: steps.skeleton[0]),
+    "SpinalCanal": ("skeleton", lambda steps: steps.skeleton[1]),
+}
+_STEP_ORDER = ("body", "chest", "skeleton")
+# What _Steps holds, and the steps that use it: kept until the last of them has run.
+_HELD_FOR = {"body_block": ("chest", "skeleton"), "body": ("chest", "skeleton"),
+             "mid": ("chest", "skeleton"), "chest": ("chest",), "skeleton": ("skeleton",)}
 
 
 class ClassicalEngine:
     """Engine protocol implementation with no model weights."""
 
     name = "classical"
-    SUPPORTED = ("External", "Lung_L", "Lung_R", "Lungs", "Trachea", "Bronchus", "Bones",
-                 "SpinalCanal")
+    SUPPORTED = tuple(_BUILDERS)
 
     @property
     def description(self) -> str:
@@ -90,26 +136,26 @@ class ClassicalEngine:
 
     def segment(self, volume: Volume, structures: Sequence[Structure]) -> list[StructureResult]:
         steps = _Steps(volume)
-        builders: dict[str, Callable[[], np.ndarray]] = {
-            "External": lambda: steps.body,
-            "Lung_L": lambda: steps.chest.left,
-            "Lung_R": lambda: steps.chest.right,
-            "Lungs": lambda: steps.chest.both(),
-            "Trachea": lambda: steps.chest.trachea,
-            "Bronchus": lambda: steps.chest.bronchus,
-            "Bones": lambda: steps.skeleton[0],
-            "SpinalCanal": lambda: steps.skeleton[1],
-        }
-        results = []
-        for structure in structures:
-            if structure.name not in builders:
-                results.append(StructureResult(structure.name, None,
-                                               note="not supported by the classical engine"))
-                continue
-            mask = postprocess(volume, builders[structure.name](), structure.postprocess)
-            if not mask.any():
-                results.append(StructureResult(structure.name, None,
-                                               note="not found in this series"))
-                continue
-            results.append(StructureResult(structure.name, mask))
-        return results
+        results: dict[int, StructureResult] = {}
+        for index, structure in enumerate(structures):
+            if structure.name not in _BUILDERS:
+                results[index] = StructureResult(structure.name, None,
+                                                 note="not supported by the classical engine")
+        wanted = [(i, s) for i, s in enumerate(structures) if s.name in _BUILDERS]
+        needed = {_BUILDERS[s.name][0] for _, s in wanted}
+        for step in _STEP_ORDER:
+            for index, structure in wanted:
+                if _BUILDERS[structure.name][0] != step:
+                    continue
+                block = postprocess_block(volume, _BUILDERS[structure.name][1](steps),
+                                          structure.postprocess)
+                if block is None:
+                    results[index] = StructureResult(structure.name, None,
+                                                     note="not found in this series")
+                else:
+                    results[index] = StructureResult(structure.name, block.full(volume.shape))
+            needed.discard(step)
+            for held, users in _HELD_FOR.items():
+                if not needed & set(users):
+                    steps.release(held)
+        return [results[i] for i in range(len(structures))]

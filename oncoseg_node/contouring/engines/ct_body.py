@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from oncoseg_node.contouring.engines.blocks import Block
 from oncoseg_node.contouring.engines.postprocess import (
-    bbox,
     compact_label,
     dilate,
     fill_holes,
@@ -29,7 +29,49 @@ MIN_BODY_FRACTION = 0.05  # body parts smaller than this share of the largest ar
 SUPINE, PRONE = frozenset({"HFS", "FFS"}), frozenset({"HFP", "FFP"})
 
 
-def _couch_rows(volume: Volume, candidate: np.ndarray) -> slice | None:
+# Slices thresholded at a time: the candidate is never a whole volume of booleans.
+SLAB = 16
+
+
+class _Rows:
+    """Per (slice, row) of the dense (> BODY_HU) material: any, first and end column.
+
+    Found slab by slab, with the columns hit on each row over all slices, so
+    the couch and the candidate's box come without a full candidate mask.
+    """
+
+    def __init__(self, volume: Volume) -> None:
+        z, y, x = volume.shape
+        self.any = np.zeros((z, y), dtype=bool)
+        self.first = np.zeros((z, y), dtype=np.intp)
+        self.last = np.zeros((z, y), dtype=np.intp)
+        self.columns = np.zeros((y, x), dtype=bool)  # per row: columns dense on some slice
+        for k in range(0, z, SLAB):
+            dense = volume.hu[k:k + SLAB] > BODY_HU
+            self.any[k:k + SLAB] = dense.any(axis=2)
+            self.first[k:k + SLAB] = np.argmax(dense, axis=2)
+            self.last[k:k + SLAB] = x - np.argmax(dense[:, :, ::-1], axis=2)
+            self.columns |= dense.any(axis=0)
+
+    def box(self, couch: slice | None, pad: int) -> tuple[slice, ...] | None:
+        """Bounding box of the dense material off the couch, grown ``pad`` in-plane."""
+        rows = np.ones(self.any.shape[1], dtype=bool)
+        if couch is not None:
+            rows[couch] = False
+        on_rows = self.any & rows[None, :]
+        spans = []
+        for axis, hit in enumerate((on_rows.any(axis=1), on_rows.any(axis=0),
+                                    self.columns[rows].any(axis=0))):
+            where = np.flatnonzero(hit)
+            if where.size == 0:
+                return None
+            p = pad if axis > 0 else 0
+            spans.append(slice(max(int(where[0]) - p, 0),
+                               min(int(where[-1]) + 1 + p, hit.size)))
+        return tuple(spans)
+
+
+def _couch_rows(volume: Volume, rows: _Rows) -> slice | None:
     """Image rows at and beyond the couch top, or None when no couch is found.
 
     The couch is on the patient's posterior side when supine and anterior
@@ -44,13 +86,10 @@ def _couch_rows(volume: Volume, candidate: np.ndarray) -> slice | None:
     if volume.patient_position not in SUPINE | PRONE or abs(col_y) < 0.5:
         return None  # decubitus or an oblique image: leave it to the opening
     down = int(np.sign(col_y)) * (1 if volume.patient_position in SUPINE else -1)
-    any_row = candidate.any(axis=2)
-    per_row = any_row.sum(axis=0)
+    per_row = rows.any.sum(axis=0)
     if not per_row.any():
         return None
-    first = np.argmax(candidate, axis=2)
-    last = candidate.shape[2] - np.argmax(candidate[:, :, ::-1], axis=2)
-    extent = np.median((last - first) * any_row, axis=0) * volume.pixel_spacing[1]
+    extent = np.median((rows.last - rows.first) * rows.any, axis=0) * volume.pixel_spacing[1]
     middle = int(np.searchsorted(np.cumsum(per_row), per_row.sum() / 2))
     widest = extent[middle]
     stop = len(extent) if down > 0 else -1
@@ -62,34 +101,64 @@ def _couch_rows(volume: Volume, candidate: np.ndarray) -> slice | None:
     return None
 
 
-def external(volume: Volume) -> np.ndarray:
-    """Body outline: couch cut, thin devices opened away, main parts kept, holes filled."""
-    candidate = volume.hu > BODY_HU
-    couch = _couch_rows(volume, candidate)
+def _dense(volume: Volume, box: tuple[slice, ...], couch: slice | None) -> np.ndarray:
+    """The candidate on ``box``: dense material, the couch rows cleared."""
+    dense = volume.hu[box] > BODY_HU
     if couch is not None:
-        candidate[:, couch, :] = False
-    box = bbox(candidate, pad=2)
-    body = np.zeros(volume.shape, dtype=bool)
+        ys = np.arange(box[1].start, box[1].stop)
+        on_couch = np.zeros(volume.shape[1], dtype=bool)
+        on_couch[couch] = True
+        dense[:, on_couch[ys], :] = False
+    return dense
+
+
+def external_block(volume: Volume) -> Block | None:
+    """Body outline as a block: couch cut, thin devices opened away, main parts kept,
+    holes filled. None when the series holds no body.
+
+    At most three box-sized masks live at once (the opened core, its labels at
+    two bytes a voxel); the candidate is thresholded again where it is needed
+    rather than kept beside them.
+    """
+    rows = _Rows(volume)
+    couch = _couch_rows(volume, rows)
+    box = rows.box(couch, pad=2)
     if box is None:
-        return body
-    cand = candidate[box]
+        return None
     ry, rx = radius_px(volume, OPEN_MM)
-    core = opening(cand, ry, rx) if ry or rx else cand
+    cand = _dense(volume, box, couch)
+    if ry or rx:
+        core = np.empty_like(cand)
+        for k in range(0, core.shape[0], SLAB):  # in-plane: slabs are independent
+            core[k:k + SLAB] = opening(cand[k:k + SLAB], ry, rx)
+    else:
+        core = cand
+    del cand
     labels, count = compact_label(core)
     if count == 0:
-        return body
+        return None
     sizes = voxel_counts(labels, count)[1:]
     keep = np.concatenate([[False], sizes >= MIN_BODY_FRACTION * sizes.max()])
-    core = keep[labels]
+    for k in range(0, core.shape[0], SLAB):
+        np.take(keep, labels[k:k + SLAB], out=core[k:k + SLAB])
     del labels
     # Give back the skin detail the opening shaved off, not what lies beyond it.
     grown = dilate(core, ry, rx)
-    grown &= cand
-    grown |= core
+    for k in range(0, grown.shape[0], SLAB):
+        part = (slice(box[0].start + k, min(box[0].start + k + SLAB, box[0].stop)),
+                box[1], box[2])
+        grown[k:k + SLAB] &= _dense(volume, part, couch)
+        grown[k:k + SLAB] |= core[k:k + SLAB]
     del core
     fill_holes(grown, out=grown)
-    body[box] = grown
-    return body
+    return Block(box, grown)
+
+
+def external(volume: Volume) -> np.ndarray:
+    """Body outline ``(z, y, x)``: couch cut, thin devices opened away, main parts kept,
+    holes filled."""
+    block = external_block(volume)
+    return np.zeros(volume.shape, dtype=bool) if block is None else block.full(volume.shape)
 
 
 def patient_x(volume: Volume, box: tuple[slice, ...]) -> np.ndarray:
@@ -103,14 +172,23 @@ def patient_x(volume: Volume, box: tuple[slice, ...]) -> np.ndarray:
     return x
 
 
-def midlines(volume: Volume, body: np.ndarray) -> np.ndarray:
-    """Mean patient x (mm) of the body on each slice; NaN where there is none."""
-    count = body.sum(axis=(1, 2)).astype(float)
-    rows = body.sum(axis=2) @ np.arange(body.shape[1])
-    cols = body.sum(axis=1) @ np.arange(body.shape[2])
+def midlines(volume: Volume, body: np.ndarray | Block | None) -> np.ndarray:
+    """Mean patient x (mm) of the body on each slice; NaN where there is none.
+
+    ``body`` is the full mask or its block (the same numbers, from the box only).
+    """
+    block = body if isinstance(body, Block) or body is None else Block(
+        tuple(slice(0, n) for n in body.shape), body)
+    z = volume.shape[0]
+    count = np.zeros(z)
+    rows = np.zeros(z, dtype=np.int64)
+    cols = np.zeros(z, dtype=np.int64)
+    if block is not None:
+        zs, ys, xs = block.box
+        count[zs] = block.array.sum(axis=(1, 2))
+        rows[zs] = block.array.sum(axis=2) @ np.arange(ys.start, ys.stop)
+        cols[zs] = block.array.sum(axis=1) @ np.arange(xs.start, xs.stop)
     with np.errstate(invalid="ignore", divide="ignore"):
         return (volume.positions[:, 0]
                 + volume.pixel_spacing[0] * volume.col_direction[0] * rows / count
                 + volume.pixel_spacing[1] * volume.row_direction[0] * cols / count)
-
-

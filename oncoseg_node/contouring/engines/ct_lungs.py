@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from oncoseg_node.contouring.engines.blocks import Block, box_in, inner, tight
 from oncoseg_node.contouring.engines.ct_body import patient_x
 from oncoseg_node.contouring.engines.postprocess import (
     bbox,
@@ -72,40 +73,92 @@ def _gas_tree(aerated: np.ndarray, hu: np.ndarray) -> tuple[np.ndarray, int, np.
 
 
 class LungsAndAirways:
-    """Both lungs and the airway tree; every mask ``(z, y, x)``, empty when not in view."""
+    """Both lungs and the airway tree, each held as a block on its own box.
 
-    def __init__(self, volume: Volume, body: np.ndarray, mid: np.ndarray) -> None:
-        # np.zeros leaves pages untouched until written: a mask costs memory
-        # only for the rows of the box it is written in.
-        self.left, self.right, self.trachea, self.bronchus = (
-            np.zeros(volume.shape, dtype=bool) for _ in range(4))
-        self.box = bbox((volume.hu < LUNG_HU) & body, pad=2)
+    ``left``, ``right``, ``trachea`` and ``bronchus`` give full ``(z, y, x)``
+    masks (empty when not in view); :meth:`block` gives one on its box only.
+    ``body`` is External, full or as its block: the lungs are looked for in
+    its box, so no full-volume temporary is made.
+    """
+
+    NAMES = ("left", "right", "trachea", "bronchus")
+
+    def __init__(self, volume: Volume, body: np.ndarray | Block, mid: np.ndarray) -> None:
+        self.shape = volume.shape
+        self._held: dict[str, Block] = {}
+        if not isinstance(body, Block):
+            body = Block(tuple(slice(0, n) for n in body.shape), body)
+        self.box = box_in((volume.hu[body.box] < LUNG_HU) & body.array, body.box,
+                          volume.shape, pad=2)
         box = self.box
         if box is None:
             return
         hu = volume.hu[box]
-        aerated = (hu < LUNG_HU) & body[box]
+        aerated = (hu < LUNG_HU) & body.within(box)
         labels, count, tree_labels = _gas_tree(aerated, hu)
         tree = np.isin(labels, tree_labels) if count else np.zeros_like(aerated)
         airway = dilate(tree, *radius_px(volume, WALL_MM)) if tree.any() else tree
-        left, right = _lungs(volume, aerated & ~airway, box, mid)
+        del tree
+        aerated &= ~airway
+        left, right = _lungs(volume, aerated, box, mid)
+        del aerated
+        per_slice_cc = volume.voxel_volume_mm3
+        found: dict[str, np.ndarray] = {}  # on the lungs' box
         for name, side in (("left", left), ("right", right)):
-            full = np.zeros(volume.shape, dtype=bool)
             # Vessels inside a lung are lung; airways stay out even where a lung encloses them.
-            full[box] = fill_holes(side) & ~airway
-            if volume.mask_volume_cc(full) >= MIN_LUNG_CC:
-                setattr(self, name, full)
-        if self.left.any() and self.right.any() and count:
-            trachea, bronchus = _trachea_and_bronchi(volume, labels, tree_labels, hu, box,
-                                                     self.left[box], self.right[box])
-            self.trachea[box], self.bronchus[box] = trachea, bronchus
+            lung = fill_holes(side, out=side)
+            lung &= ~airway
+            # Counted per slice of the whole series, as Volume.mask_volume_cc does.
+            per_slice = np.zeros(volume.shape[0])
+            per_slice[box[0]] = lung.reshape(lung.shape[0], -1).sum(axis=1)
+            if float((per_slice * per_slice_cc).sum() / 1000.0) >= MIN_LUNG_CC:
+                found[name] = lung
+        del left, right, airway
+        if "left" in found and "right" in found and count:
+            found["trachea"], found["bronchus"] = _trachea_and_bronchi(
+                volume, labels, tree_labels, hu, box, found["left"], found["right"])
+        del labels
+        sides = [found[n] for n in ("left", "right") if n in found]
+        if sides:
+            found["both"] = np.logical_or(*sides) if len(sides) == 2 else sides[0].copy()
+        # Each kept on its own box: the lungs' box is several times a lung's.
+        for name, array in found.items():
+            held = tight(array, box, volume.shape)
+            if held is not None:
+                self._held[name] = held
+
+    def block(self, name: str) -> Block | None:
+        """``name`` (one of NAMES, or "both") on its own box; None when not found."""
+        return self._held.get(name)
+
+    def both_block(self) -> Block | None:
+        """Left and right lung together."""
+        return self.block("both")
+
+    def _full(self, name: str) -> np.ndarray:
+        block = self.block(name)
+        return np.zeros(self.shape, dtype=bool) if block is None else block.full(self.shape)
+
+    @property
+    def left(self) -> np.ndarray:
+        return self._full("left")
+
+    @property
+    def right(self) -> np.ndarray:
+        return self._full("right")
+
+    @property
+    def trachea(self) -> np.ndarray:
+        return self._full("trachea")
+
+    @property
+    def bronchus(self) -> np.ndarray:
+        return self._full("bronchus")
 
     def both(self) -> np.ndarray:
         """Left and right lung together, written only inside the lungs' box."""
-        out = np.zeros(self.left.shape, dtype=bool)
-        if self.box is not None:
-            np.logical_or(self.left[self.box], self.right[self.box], out=out[self.box])
-        return out
+        block = self.both_block()
+        return np.zeros(self.shape, dtype=bool) if block is None else block.full(self.shape)
 
 
 def _lungs(volume: Volume, aerated: np.ndarray, box: tuple[slice, ...], mid: np.ndarray
@@ -127,7 +180,7 @@ def _lungs(volume: Volume, aerated: np.ndarray, box: tuple[slice, ...], mid: np.
             assert part_box is not None  # a labelled component has voxels
             on_left = np.zeros_like(part)
             on_left[part_box] = _split_merged(volume, part[part_box],
-                                              _abs_box(box, part_box), np.nan_to_num(mid))
+                                              inner(box, part_box), np.nan_to_num(mid))
             left |= on_left
             right |= part & ~on_left
     return left, right
@@ -185,10 +238,3 @@ def lungs(volume: Volume, body: np.ndarray, mid: np.ndarray
     """
     found = LungsAndAirways(volume, body, mid)
     return found.left, found.right
-
-
-def _abs_box(outer: tuple[slice, ...], inner: tuple[slice, ...]) -> tuple[slice, ...]:
-    return tuple(slice(o.start + i.start, o.start + i.stop)
-                 for o, i in zip(outer, inner, strict=True))
-
-
