@@ -39,6 +39,7 @@ from oncoseg_node.contouring.engines.ct_lungs import (
     lungs,
 )
 from oncoseg_node.contouring.engines.postprocess import postprocess_block
+from oncoseg_node.contouring.mask_crop import MaskCrop
 from oncoseg_node.contouring.protocols import Structure
 from oncoseg_node.contouring.volume import Volume
 
@@ -153,7 +154,9 @@ class ClassicalEngine:
                     results[index] = StructureResult(structure.name, None,
                                                      note="not found in this series")
                 else:
-                    results[index] = StructureResult(structure.name, block.full(volume.shape))
+                    origin = (block.box[0].start, block.box[1].start, block.box[2].start)
+                    crop = MaskCrop.of(block.array, volume.shape, origin)
+                    results[index] = StructureResult(structure.name, crop)
             needed.discard(step)
             for held, users in _HELD_FOR.items():
                 if not needed & set(users):
