@@ -83,3 +83,10 @@ def closed_within(sock: socket.socket, seconds: float) -> float | None:
     except ConnectionResetError:
         pass
     return time.monotonic() - started
+
+
+def p_data(*values: tuple[int, int, bytes]) -> bytes:
+    """A P-DATA-TF PDU of (context ID, message control header, fragment) values."""
+    body = b"".join(struct.pack(">IBB", len(data) + 2, cid, control) + data
+                    for cid, control, data in values)
+    return pdu_header(0x04, len(body)) + body

@@ -60,7 +60,8 @@ def test_idle_association_threads_do_not_poll(receiver):
         while len(association_threads()) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         threads = association_threads()
-        assert {type(t) for t in threads} == {DULServiceProvider, Association}
+        # upper-layer and association threads (the node subclasses Association)
+        assert {isinstance(t, Association) for t in threads} == {False, True}
         time.sleep(0.2)  # past the negotiation
         before = {t: wakeups(t) for t in threads}
         started = time.monotonic()

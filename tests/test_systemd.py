@@ -94,7 +94,7 @@ def test_unit_runs_the_daemon_as_a_notify_service_with_a_watchdog():
     assert unit["Restart"] == ["on-failure"]
     assert unit["User"] == ["oncoseg"] and "DynamicUser" not in unit
     assert unit["StateDirectory"] == ["oncoseg-node oncoseg-node/incoming"]
-    # received data sets are written to TMPDIR before the spool: on the state disk
+    # temporary files on the state disk, not a RAM-backed /tmp
     assert "TMPDIR=/var/lib/oncoseg-node/incoming" in " ".join(unit["Environment"])
     args = build_parser().parse_args(shlex.split(unit["ExecStart"][0])[1:])
     assert args.func is cmd_run

@@ -6,10 +6,9 @@ association thread.
 
 from __future__ import annotations
 
-import struct
+import hashlib
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -31,31 +30,12 @@ from oncoseg_node.intake.headers import (
     parse_instance,
     slice_position,
 )
-from oncoseg_node.intake.spool import PendingWrite, Spool
+from oncoseg_node.intake.spool import IncomingFile, PendingWrite, Spool
+from oncoseg_node.intake.streaming import take_incoming
 from oncoseg_node.ledger import Ledger
 from oncoseg_node.ledger.intake import ENDED_BY_RELEASE, Recorded
 
 log = structlog.get_logger("oncoseg_node.receiver")
-
-# (0002,0000) File Meta Information Group Length, UL, explicit VR little endian
-META_GROUP_LENGTH = b"\x02\x00\x00\x00UL"
-
-
-def received_region(path: Path) -> tuple[Path, int, int]:
-    """Where the dataset sits in a file pynetdicom received: (path, offset, length).
-
-    The file is preamble, ``DICM``, pynetdicom's own File Meta Information
-    (which we replace with ours) and then the dataset exactly as sent.
-    """
-    path = Path(path)
-    with open(path, "rb") as fh:
-        head = fh.read(144)
-    if len(head) < 144 or head[128:132] != b"DICM" or head[132:138] != META_GROUP_LENGTH:
-        raise OSError(f"{path}: not the received-dataset file pynetdicom writes")
-    (meta_length,) = struct.unpack("<I", head[140:144])
-    offset = 144 + meta_length
-    return path, offset, path.stat().st_size - offset
-
 
 class StoreHandlers:
     """The event handlers bound to the listener."""
@@ -145,12 +125,14 @@ class StoreHandlers:
     def handle_store(self, event: Any) -> int | Dataset:
         calling_ae = str(event.assoc.requestor.ae_title).strip()
         bound = log.bind(calling_ae=calling_ae)
+        pending: PendingWrite | None = None
+        incoming: IncomingFile | None = None
+        source: bytes | tuple[Path, int, int]
         try:
-            if (self.spool.free_bytes_recent() < self.min_free_bytes
-                    and (free := self.spool.free_bytes()) < self.min_free_bytes):
-                bound.warning("store_refused_disk_low", free_bytes=free)
-                return Refusal(status.OUT_OF_RESOURCES, "node disk below free-space limit"
-                               ).as_dataset()
+            # The data set was written to its spool file as it arrived and
+            # its fsync started at the last fragment (see ``streaming``);
+            # from here the file is this handler's: committed or removed.
+            incoming = take_incoming(event.assoc, event.request)
             syntax = UID(str(event.context.transfer_syntax))
             request = event.request
             refusal = check_command(request)
@@ -158,53 +140,73 @@ class StoreHandlers:
                 bound.warning("store_refused", status=status.describe(refusal.status),
                               reason=refusal.comment)
                 return refusal.as_dataset()
-            # The dataset arrived in a file (pynetdicom's chunked receive, see
-            # transport): it is copied behind our file meta by the kernel and
-            # hashed on a writer thread, both starting at once, named from the
-            # command's UIDs (which check_header requires to equal the
-            # dataset's); validation runs meanwhile and decides if it is kept.
-            received = received_region(event.dataset_path)
-            pending = self.spool.begin_copy(encode_file_meta(
-                str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID),
-                str(syntax), calling_ae), *received)
-            try:
-                digest = self.spool.digest(*received)
-                return self._validate_and_accept(pending, received, digest, syntax, request,
-                                                 calling_ae, bound, event.assoc)
-            except BaseException:
-                pending.abort()
-                raise
+            if incoming is None:  # the data set came in memory
+                pending, digest, source = self._write_in_memory(request, syntax, calling_ae)
+            else:
+                pending = incoming.pending()
+                digest, source = incoming.sha256, self._header_source(incoming)
+            if (self.spool.free_bytes_recent() < self.min_free_bytes
+                    and (free := self.spool.free_bytes()) < self.min_free_bytes):
+                bound.warning("store_refused_disk_low", free_bytes=free)
+                return Refusal(status.OUT_OF_RESOURCES, "node disk below free-space limit"
+                               ).as_dataset()
+            return self._validate_and_accept(pending, source, digest, syntax, request,
+                                             calling_ae, bound, event.assoc)
         except OSError as exc:
             bound.error("store_failed_io", error=str(exc))
-            return Refusal(status.OUT_OF_RESOURCES, f"storage error: {exc.strerror}").as_dataset()
+            return Refusal(status.OUT_OF_RESOURCES, f"storage error: {exc.strerror or exc}"
+                           ).as_dataset()
         except Exception as exc:
             # A bug or an input no check foresaw: the sender gets a named
             # failure it can report, the log gets the traceback, once.
             bound.exception("store_failed_unexpected", error=f"{type(exc).__name__}: {exc}")
             return Refusal(status.PROCESSING_FAILURE,
                            f"node error {type(exc).__name__}; nothing stored").as_dataset()
+        finally:
+            # Unless committed, a refused or failed instance leaves no file.
+            if pending is not None:
+                pending.abort()
+            elif incoming is not None:
+                incoming.discard()
 
-    def _validate_and_accept(self, pending: PendingWrite, received: tuple[Path, int, int],
-                             digest: Future[str], syntax: UID, request: Any, calling_ae: str,
+    def _write_in_memory(self, request: Any, syntax: UID,
+                         calling_ae: str) -> tuple[PendingWrite, str, bytes]:
+        """Start the spool file of a data set pynetdicom held in memory."""
+        data = request.DataSet.getvalue()
+        meta = encode_file_meta(str(request.AffectedSOPClassUID),
+                                str(request.AffectedSOPInstanceUID), str(syntax), calling_ae)
+        return self.spool.begin([meta, data]), hashlib.sha256(data).hexdigest(), data
+
+    @staticmethod
+    def _header_source(incoming: IncomingFile) -> bytes | tuple[Path, int, int]:
+        """The received data set's bytes if all are in memory, else where its file holds it."""
+        if incoming.whole_in_head:
+            return bytes(incoming.head)
+        return incoming.tmp, incoming.meta_length, incoming.length
+
+    def _validate_and_accept(self, pending: PendingWrite,
+                             source: bytes | tuple[Path, int, int], digest: str,
+                             syntax: UID, request: Any, calling_ae: str,
                              bound: Any, assoc: Any) -> int | Dataset:
-        path, offset, length = received
         try:
-            with open(path, "rb") as fh:
-                fh.seek(offset)
-                parsed = parse_instance(fh, syntax, length)
+            if isinstance(source, bytes):
+                parsed = parse_instance(source, syntax)
+            else:
+                path, offset, length = source
+                with open(path, "rb") as fh:
+                    fh.seek(offset)
+                    parsed = parse_instance(fh, syntax, length)
         except Exception as exc:  # any parse failure is the peer's malformed data
-            pending.abort()
             bound.warning("store_refused_unparsable", error=str(exc))
             return Refusal(status.CANNOT_UNDERSTAND, f"unparsable data set: {exc}").as_dataset()
         refusal = check_header(parsed, request)
         if refusal is not None:
-            pending.abort()
             bound.warning("store_refused", status=status.describe(refusal.status),
                           reason=refusal.comment)
             return refusal.as_dataset()
         return self._accept(pending, digest, parsed.header, calling_ae, bound, assoc)
 
-    def _accept(self, pending: PendingWrite, digest_of: Future[str], header: Dataset,
+    def _accept(self, pending: PendingWrite, digest: str, header: Dataset,
                 calling_ae: str, bound: Any, assoc: Any) -> int:
         sop_class = str(header.SOPClassUID)
         uid = str(header.SOPInstanceUID)
@@ -220,7 +222,6 @@ class StoreHandlers:
             bound.info("instance_ignored", reason="localizer (ImageType LOCALIZER)")
             return status.SUCCESS
         # Identity of an instance is its dataset as sent, not our file meta.
-        digest = digest_of.result()
         existing = self.ledger.find_instance(uid)
         if existing is not None and (existing.sha256 == digest
                                      or self.series.duplicate_policy == "keep_first"):

@@ -6,9 +6,13 @@ file is either complete under its final name or absent (a leftover
 temporary file is never mistaken for an instance). Names are generated here;
 no received value (UID, patient name, ...) ever becomes part of a path.
 
-The write and fsync of an instance run on a small writer pool while the
-association thread validates and looks up the same instance, because the
-fsync is the largest single cost of receiving and needs no Python.
+A received instance is written by :class:`IncomingFile` as its fragments
+arrive (see ``streaming``): the node's file meta, then the data set exactly
+as sent, hashed on the way, so its bytes are copied once, from the received
+PDU to the file. Its fsync starts on a small writer pool the moment the last
+fragment is written, while the association thread validates and looks up the
+same instance, because the fsync is the largest single cost of receiving and
+needs no Python.
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from oncoseg_node.durable import (
+    PRIVATE_FILE,
     TMP_SUFFIX,
-    copy_and_sync,
     fsync_dir,
     private_dir,
     temporary_name,
@@ -38,6 +42,10 @@ from oncoseg_node.durable import (
 # this spool wrote since the last measure is subtracted, so the estimate errs
 # low (other writers to the disk are seen at the next measure).
 FREE_SPACE_MAX_AGE_S = 1.0
+# The first bytes of each received data set are also kept in memory, for the
+# header parse: a CT slice up to 512 x 1024 is parsed without reading its file
+# back; a larger data set's header is read from its file.
+HEAD_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -47,20 +55,6 @@ class StoredFile:
     relpath: str
     sha256: str
     size: int
-
-
-def sha256_of_region(source: Path, offset: int, length: int) -> str:
-    digest = hashlib.sha256()
-    with open(source, "rb") as fh:
-        fh.seek(offset)
-        remaining = length
-        while remaining:
-            piece = fh.read(min(remaining, 1 << 20))
-            if not piece:
-                raise OSError(f"{source}: ended {remaining} bytes early")
-            digest.update(piece)
-            remaining -= len(piece)
-    return digest.hexdigest()
 
 
 class PendingWrite:
@@ -74,18 +68,143 @@ class PendingWrite:
         self._future = future
         self.size = size
         self.relpath = str(final.relative_to(spool.root))
+        self._committed = False
 
     def commit(self, sha256: str) -> StoredFile:
         size = self._future.result()  # re-raises the writer's OSError
         self._spool.wrote(size)
         os.replace(self._tmp, self._final)
+        self._committed = True
         fsync_dir(self._final.parent)
         return StoredFile(self.relpath, sha256, size)
 
     def abort(self) -> None:
+        """Drop the file unless it was committed (so callers may always call this)."""
+        if self._committed:
+            return
         with contextlib.suppress(OSError):  # the writer already removed its file
             self._future.result()
         self._tmp.unlink(missing_ok=True)
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _sync_and_close(fd: int, tmp: Path, size: int) -> int:
+    """The writer's part of an :class:`IncomingFile`: fsync, close; no file stays on failure."""
+    try:
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    return size
+
+
+class IncomingFile:
+    """One instance's spool file, written as its data set arrives.
+
+    Created when the C-STORE request's command is complete, with the node's
+    file meta; :meth:`write` appends each data fragment (and hashes it);
+    :meth:`finish` starts the fsync on a writer; :meth:`pending` then gives
+    the :class:`PendingWrite` the handler commits or aborts. A write that
+    fails (disk full) is kept in :attr:`error` and later fragments are
+    dropped, so the handler can refuse the instance; :meth:`discard` drops
+    an instance whose association ended before it was handled. Writes come
+    from the connection's thread, a discard may come from another: one lock.
+    """
+
+    def __init__(self, spool: Spool, meta: bytes | None) -> None:
+        self._spool = spool
+        self.final = spool._new_path()
+        self.tmp = temporary_name(self.final)
+        self.meta_length = len(meta or b"")
+        self.length = 0  # data set bytes written
+        self.head = bytearray()  # the data set's first HEAD_BYTES
+        self.error: OSError | None = None
+        self._hash = hashlib.sha256()
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._future: Future[int] | None = None
+        self._discarded = False
+        if meta is None:  # nothing to write it under: the data set is dropped as it arrives
+            self.error = OSError("the command's UIDs cannot be encoded in a file meta")
+            return
+        try:
+            self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                               PRIVATE_FILE)
+            _write_all(self._fd, meta)
+        except OSError as exc:
+            self._fail(exc)
+
+    def write(self, data: memoryview) -> None:
+        with self._lock:
+            if self._fd is None:  # failed or discarded: the rest is not kept
+                return
+            try:
+                _write_all(self._fd, data)
+            except OSError as exc:
+                self._fail(exc)
+                return
+            self._hash.update(data)
+            self.length += len(data)
+            if len(self.head) < HEAD_BYTES:
+                self.head += data[:HEAD_BYTES - len(self.head)]
+
+    def finish(self) -> None:
+        """The data set is complete: its fsync starts on a writer."""
+        with self._lock:
+            if self._fd is None:
+                return
+            fd, self._fd = self._fd, None
+            self._future = self._spool._pool.submit(_sync_and_close, fd, self.tmp,
+                                                    self.meta_length + self.length)
+
+    @property
+    def sha256(self) -> str:
+        """SHA-256 (hex) of the data set as sent (not of the file meta)."""
+        return self._hash.hexdigest()
+
+    @property
+    def whole_in_head(self) -> bool:
+        return self.length <= len(self.head)
+
+    def pending(self) -> PendingWrite:
+        """The finished file to commit or abort; raises the write's error if it failed."""
+        with self._lock:
+            if self.error is not None:
+                raise self.error
+            if self._discarded or self._future is None:
+                raise OSError(f"{self.tmp.name}: data set incomplete")
+            return PendingWrite(self._spool, self.final, self.tmp, self._future,
+                                self.meta_length + self.length)
+
+    def discard(self) -> None:
+        """Drop the file (its association ended before the instance was handled)."""
+        with self._lock:
+            self._discarded = True
+            if self._fd is not None:
+                fd, self._fd = self._fd, None
+                os.close(fd)
+            future = self._future
+        if future is not None:
+            with contextlib.suppress(OSError):
+                future.result()
+        self.tmp.unlink(missing_ok=True)
+
+    def _fail(self, exc: OSError) -> None:
+        """Keep the error, close and remove the file (called holding the lock, or in init)."""
+        self.error = exc
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        with contextlib.suppress(OSError):
+            self.tmp.unlink(missing_ok=True)
 
 
 class Spool:
@@ -120,20 +239,12 @@ class Spool:
         return PendingWrite(self, final, tmp, self._pool.submit(write_and_sync, tmp, parts),
                             sum(len(p) for p in parts))
 
-    def begin_copy(self, head: bytes, source: Path, offset: int, length: int) -> PendingWrite:
-        """Start writing ``head`` and a region of ``source`` (an instance received to disk)."""
-        final = self._new_path()
-        tmp = temporary_name(final)
-        return PendingWrite(self, final, tmp,
-                            self._pool.submit(copy_and_sync, tmp, head, source, offset, length),
-                            len(head) + length)
+    def incoming(self, meta: bytes | None) -> IncomingFile:
+        """Start the file of an instance arriving now, with ``meta`` (its file meta) first.
 
-    def digest(self, source: Path, offset: int, length: int) -> Future[str]:
-        """SHA-256 (hex) of a region of ``source``, computed on a writer thread.
-
-        Read in 1 MiB pieces: a large instance is hashed without being held.
+        With ``meta`` None nothing is written and the instance is refused later.
         """
-        return self._pool.submit(sha256_of_region, source, offset, length)
+        return IncomingFile(self, meta)
 
     def store(self, data: bytes) -> StoredFile:
         """Durably store one encoded instance and wait for it."""

@@ -19,7 +19,13 @@ from typing import Any
 
 import structlog
 from pydicom.uid import CTImageStorage
-from pynetdicom import AE, _config
+from pynetdicom import AE, evt
+from pynetdicom._handlers import (
+    standard_dimse_recv_handler,
+    standard_dimse_sent_handler,
+    standard_pdu_recv_handler,
+    standard_pdu_sent_handler,
+)
 from pynetdicom.events import EventHandlerType
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
@@ -29,6 +35,8 @@ from oncoseg_node.intake.handlers import StoreHandlers
 from oncoseg_node.intake.headers import CT_SYNTAXES, IGNORED_SOP_CLASSES, UNCOMPRESSED
 from oncoseg_node.intake.reactor import Wakeup
 from oncoseg_node.intake.reactor import install as install_wakeups
+from oncoseg_node.intake.spool import Spool
+from oncoseg_node.intake.streaming import install as install_spooling
 from oncoseg_node.intake.wire import BoundedSocket, PeerCounter, WireLimits
 
 log = structlog.get_logger("oncoseg_node.receiver")
@@ -36,6 +44,12 @@ log = structlog.get_logger("oncoseg_node.receiver")
 # Descriptors kept free for the ledger, spool writes, HTTP and logging when
 # the DICOM listener refuses connections near the limit.
 FD_RESERVE = 64
+STANDARD_LOG_HANDLERS = (
+    (evt.EVT_PDU_RECV, standard_pdu_recv_handler),
+    (evt.EVT_PDU_SENT, standard_pdu_sent_handler),
+    (evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
+    (evt.EVT_DIMSE_SENT, standard_dimse_sent_handler),
+)
 
 
 @dataclass(frozen=True)
@@ -70,6 +84,13 @@ class NodeRequestHandler(RequestHandler):
         # Both of the association's threads block on what they wait for
         # instead of polling every millisecond (see ``reactor``).
         install_wakeups(assoc, wakeup)
+        # C-STORE data sets go straight into the spool as they arrive.
+        install_spooling(assoc, self.server.spool)
+        # pynetdicom's standard handlers format a description of every PDU
+        # and DIMSE message for its debug log, which the node never shows
+        # (its records below WARNING are dropped, see ``ops.logs``).
+        for event, handler in STANDARD_LOG_HANDLERS:
+            assoc.unbind(event, handler)
         return assoc
 
 
@@ -94,6 +115,7 @@ class NodeServer(ThreadedAssociationServer):
     allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     limits: WireLimits
     peers: PeerCounter
+    spool: Spool
 
     def get_request(self) -> tuple[socket.socket, Any]:
         client, address = self.socket.accept()  # type: ignore[union-attr]
@@ -193,13 +215,10 @@ class Receiver:
         self.node = node
         self.handlers = handlers
         self.extra = list(extra)
-        # Every C-STORE data set is written to a file as its fragments arrive
-        # (pynetdicom's chunked receive; a process-wide switch, and the node's
-        # only receiver is this one), so an instance is never held in memory
-        # whole: a 1 GiB enhanced CT costs a PDU buffer, not a gigabyte. The
-        # file goes to the temporary folder (TMPDIR; the unit points it at the
-        # state disk); the handlers copy it into the spool.
-        _config.STORE_RECV_CHUNKED_DATASET = True
+        # Every C-STORE data set is written to its spool file as its
+        # fragments arrive (see ``streaming``), so an instance is never held
+        # in memory whole: a 1 GiB enhanced CT costs a PDU buffer, not a
+        # gigabyte, and its bytes are copied once, into the spool.
         self.ae = build_ae(node, self.extra)
         self.server: NodeServer | None = None
         self._thread: threading.Thread | None = None
@@ -230,6 +249,7 @@ class Receiver:
             max_per_peer=self.node.max_associations_per_peer,
         )
         server.peers = PeerCounter(self.node.max_associations_per_peer)
+        server.spool = self.handlers.spool
         server.allowed_networks = tuple(
             ipaddress.ip_network(p, strict=False) for p in self.node.allowed_peers
         )
