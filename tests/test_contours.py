@@ -110,3 +110,20 @@ def test_a_window_is_filled_exactly_as_that_part_of_the_whole_slice():
         h, w = int(rng.integers(1, 41 - r0)), int(rng.integers(1, 41 - c0))
         window = fill_polygons(polygons, (h, w), origin=(r0, c0))
         assert np.array_equal(window, whole[r0:r0 + h, c0:c0 + w])
+
+
+def test_slab_by_slab_edges_trace_the_same_loops_as_one_pass(monkeypatch):
+    """The edge finder's slabs (here one slice each) change nothing in what is traced."""
+    from oncoseg_node.rtstruct import contours
+
+    stacked = [np.concatenate([m, m[::-1], m[:, ::-1]]) for m in VOLUMES[:60]]
+    one_pass = [trace_volume(m, straight=True) for m in stacked]
+    monkeypatch.setattr(contours, "SLAB_BYTES", 1)
+    for mask, expected in zip(stacked, one_pass, strict=True):
+        got = trace_volume(mask, straight=True)
+        assert list(got) == list(expected)
+        for z in got:
+            assert len(got[z]) == len(expected[z])
+            for a, b in zip(got[z], expected[z], strict=True):
+                assert np.array_equal(a.outer, b.outer) and a.pixels == b.pixels
+                assert all(np.array_equal(h, k) for h, k in zip(a.holes, b.holes, strict=True))

@@ -40,3 +40,24 @@ def test_bytes_that_are_not_items_of_defined_length_are_refused():
         list(le.items(le.item(b"\0" * 8)[:-2]))
     with pytest.raises(le.EncodingError, match="does not fit"):
         le.elements(le.element(0x00100010, "PN", b"DOE^JOHN")[:-2])
+
+
+def test_ds_groups_read_like_python_formatting_of_the_rounded_millimetres():
+    import numpy as np
+
+    from oncoseg_node.errors import RTStructError
+    from oncoseg_node.rtstruct.contour_items import encode_ds_groups
+
+    rng = np.random.default_rng(7)
+    values = np.concatenate([
+        rng.uniform(-1, 1, 4000) * 10.0 ** rng.integers(-4, 7, 4000),
+        [0.0, -0.0, -0.0004, 0.0005, -0.0006, 9.9995, 999999.999, -999999.999, 1e-9]])
+    counts = [3, 1, 2000, len(values) - 2004]
+    milli = np.round(values * 1000.0).astype(np.int64)
+    expected = [("-" if m < 0 else "") + f"{abs(m) // 1000}.{abs(m) % 1000:03d}" for m in milli]
+    groups = encode_ds_groups(values, counts)
+    assert [len(g.split(b"\\")) for g in groups] == counts
+    assert b"\\".join(groups).decode().split("\\") == expected
+    assert max(len(v) for v in expected) <= 16  # DS values hold at most 16 characters
+    with pytest.raises(RTStructError, match="999999 mm"):
+        encode_ds_groups(np.array([1e6]), [1])

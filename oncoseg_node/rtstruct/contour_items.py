@@ -32,39 +32,44 @@ REFERENCED_SOP_CLASS_UID = 0x00081150
 REFERENCED_SOP_INSTANCE_UID = 0x00081155
 
 
+# Zero-padded three-digit ASCII of 0..999, and per digit count (1 to 6) which of
+# the six integer columns are leading blanks.
+_THREE_DIGITS = np.array([list(f"{k:03d}".encode()) for k in range(1000)], dtype=np.uint8)
+_LEADING_BLANK = np.arange(1, 7)[None, :] < 7 - np.arange(7)[:, None]
+_POWERS = 10 ** np.arange(1, 6)
+
+
 def encode_ds_groups(values: np.ndarray, counts: Sequence[int] | np.ndarray) -> list[bytes]:
     """Backslash-separated DS text for consecutive groups of ``counts`` values each.
 
     0.001 mm resolution, built without per-value Python: each value is laid
     out in a fixed-width row (sign, six integer digits, point, three
-    decimals, separator), the padding spaces are squeezed out and the text
-    is cut at group ends. Values read like ``-123.456``, at most 11
-    characters.
+    decimals, separator) from a table of three-digit groups, the padding
+    spaces are squeezed out and the text is cut at group ends. Values read
+    like ``-123.456``, at most 11 characters.
     """
     milli = np.round(np.asarray(values, dtype=np.float64).ravel() * 1000.0).astype(np.int64)
     magnitude = np.abs(milli)
-    whole, frac = magnitude // 1000, magnitude % 1000
+    whole, frac = np.divmod(magnitude, 1000)
     if whole.size and int(whole.max()) >= 10**6:
         raise RTStructError("a contour coordinate exceeds 999999 mm")
+    digits = np.searchsorted(_POWERS, whole, side="right") + 1  # integer digits, 1 to 6
     # Columns: 0 sign, 1-6 integer digits, 7 point, 8-10 decimals, 11 separator.
-    digits = np.ones(milli.size, dtype=np.int64)
-    for power in range(1, 6):
-        digits += whole >= 10**power
-    integer_columns = np.arange(1, 7)
-    shown = (whole[:, None] // 10 ** (6 - integer_columns)) % 10
     rows = np.empty((milli.size, 12), dtype=np.uint8)
     rows[:, 0] = ord(" ")
-    rows[:, 1:7] = np.where(integer_columns < 7 - digits[:, None], ord(" "), ord("0") + shown)
+    thousands, units = np.divmod(whole, 1000)
+    rows[:, 1:4] = _THREE_DIGITS[thousands]
+    rows[:, 4:7] = _THREE_DIGITS[units]
+    rows[:, 1:7][_LEADING_BLANK[digits]] = ord(" ")
     rows[:, 7] = ord(".")
-    rows[:, 8] = ord("0") + frac // 100
-    rows[:, 9] = ord("0") + (frac // 10) % 10
-    rows[:, 10] = ord("0") + frac % 10
+    rows[:, 8:11] = _THREE_DIGITS[frac]
     rows[:, 11] = ord("\\")
-    negative = np.flatnonzero(milli < 0)
-    rows[negative, 6 - digits[negative]] = ord("-")
-    kept = rows != ord(" ")
-    text = rows[kept].tobytes()
-    value_ends = np.cumsum(kept.sum(axis=1))
+    negative = milli < 0
+    where = np.flatnonzero(negative)
+    rows[where, 6 - digits[where]] = ord("-")
+    text = rows[rows != ord(" ")].tobytes()
+    # each value: its digits, point, three decimals, separator, and a sign if negative
+    value_ends = np.cumsum(digits + 5 + negative)
     group_ends = value_ends[np.cumsum(counts) - 1].tolist()
     group_starts = [0, *group_ends[:-1]]
     # Each group drops its last separator.

@@ -196,10 +196,14 @@ def build_rtstruct(volume: Volume, rois: Sequence[RoiMask], info: GenerationInfo
     # ROIs are traced and encoded in parallel: the work is array operations
     # that release the interpreter lock.
     threads = workers if workers is not None else (os.cpu_count() or 1)
+    # Largest boxes first, so that the longest (body, bones) run side by side
+    # rather than one of them last and alone.
+    order = sorted(range(len(rois)), key=lambda i: -_extent(rois[i].mask))
     with ThreadPoolExecutor(max_workers=max(1, min(len(rois), threads))) as pool:
-        sequences = list(pool.map(
-            lambda roi: contour_sequence(volume, roi.name, roi.mask, profile.hole_style,
-                                         min_pixels, image_references), rois))
+        traced = dict(zip(order, pool.map(
+            lambda i: contour_sequence(volume, rois[i].name, rois[i].mask, profile.hole_style,
+                                       min_pixels, image_references), order), strict=True))
+    sequences = [traced[i] for i in range(len(rois))]
     for number, roi in enumerate(rois, start=1):
         item = Dataset()
         item.ROINumber = number
@@ -232,6 +236,11 @@ def build_rtstruct(volume: Volume, rois: Sequence[RoiMask], info: GenerationInfo
     for dataset in (ds, *contour_rois):
         dataset.set_original_encoding(False, True, dataset._character_set)
     return ds
+
+
+def _extent(mask: np.ndarray | MaskCrop) -> int:
+    """Voxels the tracer scans for one ROI: its crop's, or the whole array's."""
+    return int(mask.array.size if isinstance(mask, MaskCrop) else mask.size)
 
 
 def _image_ref(volume: Volume, uid: str) -> Dataset:
