@@ -25,6 +25,8 @@ Masks are ``(z, y, x)`` on the volume's grid.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from scipy import ndimage
 
@@ -123,9 +125,20 @@ def _cut_by_the_image(volume: Volume, box: tuple[slice, ...]) -> np.ndarray:
     return edge
 
 
+def _mask_of(shape: tuple[int, ...], flat: np.ndarray) -> np.ndarray:
+    """A boolean array of ``shape`` set at the flat indices ``flat``."""
+    out = np.zeros(shape, dtype=bool)
+    out.ravel()[flat] = True
+    return out
+
+
 def _without_contrast(volume: Volume, cand: np.ndarray, hu: np.ndarray, edge: np.ndarray
                       ) -> np.ndarray:
-    """``cand`` less the thick plateaus brighter than their rim (iodine), with their rim."""
+    """``cand`` less the thick plateaus brighter than their rim (iodine), with their rim.
+
+    Candidates are a few percent of the box: what is judged per voxel is
+    gathered at their flat indices rather than computed over the whole box.
+    """
     ry, rx = radius_px(volume, THICK_MM)
     core = erode(cand, ry, rx) & cand
     if not core.any():
@@ -133,12 +146,15 @@ def _without_contrast(volume: Volume, cand: np.ndarray, hu: np.ndarray, edge: np
     # Each core with its ring (what lies within a few pixels of it): one component.
     grown = cand & dilate(core, ry + 1, rx + 1)
     labels, count = compact_label(grown)
-    stats = LabelStats(labels, count)
-    ring = grown & ~core
-    core_hu = stats.mean(hu, core)
+    stats = LabelStats(labels, count, grown)
+    del grown
+    in_core = core.ravel()[stats.flat]
+    del core
+    core_stats, ring_stats = stats.subset(in_core), stats.subset(~in_core)
+    core_hu = core_stats.mean(hu)
     # The ring's edge is blurred for bone and iodine alike; its densest voxels are not:
     # a cortex stands well above the marrow it holds, a plateau's rim never above it.
-    ring_mean, ring_sd = stats.mean_and_sd(hu, ring)
+    ring_mean, ring_sd = ring_stats.mean_and_sd(hu)
     plateau = ring_mean + 1.28 * ring_sd < core_hu + CORTEX_STEP_HU  # ~ 90th percentile
     # A long bone's shaft is a plateau of cortex too, but it rings its medullary
     # cavity (marrow, never gas: iodine around bowel gas is still iodine).
@@ -146,17 +162,19 @@ def _without_contrast(volume: Volume, cand: np.ndarray, hu: np.ndarray, edge: np
     cavities = enclosed(cand)
     cavities &= hu > FATTY_HU[0]
     cavities = dilate(cavities, 2, 2)
-    enclosing[np.unique(labels[cavities])] = True
+    enclosing[np.unique(stats.lab[cavities.ravel()[stats.flat]])] = True
+    del cavities
     # What the field of view cuts shows no rim: it cannot be judged, so it is kept.
-    enclosing[np.unique(labels[edge])] = True
+    enclosing[np.unique(stats.lab[edge.ravel()[stats.flat]])] = True
     contrast = np.concatenate([[False], plateau & ~enclosing[1:]])
     if not contrast.any():
         return cand
     flagged = np.flatnonzero(contrast)
     vessel = np.zeros(count + 1, dtype=bool)
-    vessel[flagged] = _round_tubes(volume, np.where(core, labels, 0), flagged)
+    vessel[flagged] = _round_tubes(volume, cand.shape, core_stats, flagged)
     reach = radius_px(volume, REACH_MM)
-    near = dilate(contrast[labels], *reach)
+    plateaus = stats.flat[contrast[stats.lab]]
+    near = dilate(_mask_of(cand.shape, plateaus), *reach)
     for _ in range(NEAR_SLICES):  # an oblique loop's core may skip a slice or two
         near[1:] |= near[:-1]
         near[:-1] |= near[1:]
@@ -165,30 +183,53 @@ def _without_contrast(volume: Volume, cand: np.ndarray, hu: np.ndarray, edge: np
     # tissue, and goes whole, except a great vessel on the spine: a round tube too
     # long for a vertebra, which goes as far as it reaches.
     pieces, n = compact_label(cand, np.ones((3, 3, 3), bool))
+    everywhere = np.flatnonzero(cand)
+    piece_of = pieces.ravel()[everywhere]
+    del pieces
+    away = (hu.ravel()[everywhere] > SEED_HU) & ~near.ravel()[everywhere]
+    del near
     attached = np.zeros(n + 1, dtype=bool)
-    attached[np.unique(pieces[cand & ~near & (hu > SEED_HU)])] = True
+    attached[np.unique(piece_of[away])] = True
     holds = np.zeros(n + 1, dtype=bool)
-    holds[np.unique(pieces[contrast[labels]])] = True
+    holds[np.unique(piece_of[contrast[labels.ravel()[everywhere]]])] = True
     holds[0] = False
-    drop = (holds & ~attached)[pieces] | (dilate(vessel[labels], *reach) & cand)
-    return cand & ~drop
+    out = cand.copy()
+    out.ravel()[everywhere[(holds & ~attached)[piece_of]]] = False
+    if vessel.any():
+        out &= ~dilate(_mask_of(cand.shape, stats.flat[vessel[stats.lab]]), *reach)
+    return out
 
 
-def _round_tubes(volume: Volume, labels: np.ndarray, which: np.ndarray) -> np.ndarray:
-    """For labels ``which``: a round cross-section of a vessel's size, longer than a vertebra."""
+def _round_tubes(volume: Volume, shape: tuple[int, ...], core: LabelStats, which: np.ndarray
+                 ) -> np.ndarray:
+    """For labels ``which`` (their ``core`` voxels): a round cross-section of a vessel's
+    size, longer than a vertebra."""
     out = np.zeros(len(which), dtype=bool)
     pixel_mm2 = volume.pixel_spacing[0] * volume.pixel_spacing[1]
     offsets = volume.slice_offsets
-    found = ndimage.find_objects(labels)
+    wanted = np.zeros(core.count + 1, dtype=bool)
+    wanted[which] = True
+    pick = wanted[core.lab]
+    order = np.argsort(core.lab[pick], kind="stable")
+    lab = core.lab[pick][order]
+    if lab.size == 0:
+        return out
+    zyx = np.unravel_index(core.flat[pick][order], shape)
+    starts = np.flatnonzero(np.concatenate([[True], lab[1:] != lab[:-1]]))
+    first = [np.minimum.reduceat(i, starts) for i in zyx]
+    last = [np.maximum.reduceat(i, starts) for i in zyx]
+    sizes = np.diff(np.concatenate([starts, [lab.size]]))
+    at = {int(label): j for j, label in enumerate(lab[starts])}
     for k, label in enumerate(which):
-        box = found[label - 1] if label - 1 < len(found) else None
-        if box is None:
+        if int(label) not in at:
             continue
-        size = int((labels[box] == label).sum())
-        n_slices = box[0].stop - box[0].start
-        length = abs(offsets[box[0].stop - 1] - offsets[box[0].start])
+        j = at[int(label)]
+        size = int(sizes[j])
+        n_slices = int(last[0][j] - first[0][j]) + 1
+        length = abs(offsets[last[0][j]] - offsets[first[0][j]])
         area = size / n_slices * pixel_mm2
-        fill = size / (n_slices * (box[1].stop - box[1].start) * (box[2].stop - box[2].start))
+        fill = size / (n_slices * int(last[1][j] - first[1][j] + 1)
+                       * int(last[2][j] - first[2][j] + 1))
         out[k] = length >= VESSEL_MM and area >= VESSEL_CORE_MM2 and fill >= ROUND_FILL
     return out
 
@@ -200,32 +241,60 @@ def _seeded(cand: np.ndarray, hu: np.ndarray) -> np.ndarray:
     LOW_HU: a thin rib blended over a thick slice falls apart at its own
     half maximum, but its pieces still touch through that margin.
     """
-    linked = (dilate(cand, 1, 1) & (hu > LOW_HU)) | cand
+    linked = dilate(cand, 1, 1)
+    linked &= hu > LOW_HU
+    linked |= cand
     labels, count = compact_label(linked, np.ones((3, 3, 3), bool))
+    del linked
     if not count:
         return cand
+    everywhere = np.flatnonzero(cand)
+    lab = labels.ravel()[everywhere]
+    del labels
     seeded = np.zeros(count + 1, dtype=bool)
-    seeded[np.unique(labels[cand & (hu > SEED_HU)])] = True
+    seeded[np.unique(lab[hu.ravel()[everywhere] > SEED_HU])] = True
     seeded[0] = False
-    return cand & seeded[labels]
+    return _mask_of(cand.shape, everywhere[seeded[lab]])
 
 
-def _cavities(volume: Volume, shell: np.ndarray, hu: np.ndarray
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Regions a shell encloses on each slice: (labels, mean HU inside, area mm^2)."""
+class Cavities(NamedTuple):
+    """Regions a shell encloses on each slice, held as their voxels (a few percent of the box)."""
+
+    stats: LabelStats  # each region's voxels, numbered slice by slice
+    mean: np.ndarray   # mean HU inside, per region
+    area: np.ndarray   # mm^2, per region
+
+
+def _cavities(volume: Volume, shell: np.ndarray, hu: np.ndarray) -> Cavities:
+    """Regions a shell encloses on each slice, with their mean HU inside and area.
+
+    Every step is in-plane, so it runs a slab of slices at a time (each slab's
+    closing, filling and labels stay in cache); numbering the slabs' regions on
+    from one another numbers them as one labelling of the box would.
+    """
     # Gaps in a thin shell (where a rib leaves the slab obliquely) are bridged.
     ry, rx = (max(r, 1) for r in radius_px(volume, BRIDGE_MM))
-    holes = fill_holes(erode(dilate(shell, ry, rx), ry, rx) | shell) & ~shell
-    labels, count = compact_label(holes, IN_PLANE)
-    stats = LabelStats(labels, count)
-    # Judge a cavity by its inside: next to a dense cortex its rim is blurred toward bone.
-    inner = stats.mean(hu, erode(holes, 1, 1))
-    mean = np.where(np.isnan(inner), stats.mean(hu), inner)
+    plane = shell.shape[1] * shell.shape[2]
+    flats, labs, inner = [], [], []
+    count = 0
+    for z in range(0, shell.shape[0], SLAB):
+        part = shell[z:z + SLAB]
+        holes = erode(dilate(part, ry, rx), ry, rx)
+        holes |= part
+        fill_holes(holes, out=holes)
+        holes &= ~part
+        labels, found = compact_label(holes, IN_PLANE)
+        flat = np.flatnonzero(holes)
+        flats.append(flat + z * plane)
+        labs.append(labels.ravel()[flat].astype(np.int64) + count)
+        # Judge a cavity by its inside: next to a dense cortex its rim is blurred toward bone.
+        inner.append(erode(holes, 1, 1).ravel()[flat])
+        count += found
+    stats = LabelStats.from_voxels(np.concatenate(flats), np.concatenate(labs), count)
+    inside = stats.subset(np.concatenate(inner)).mean(hu)
+    mean = np.where(np.isnan(inside), stats.mean(hu), inside)
     area = stats.size * volume.pixel_spacing[0] * volume.pixel_spacing[1]
-    return labels, mean, area
-
-
-Cavities = tuple[np.ndarray, np.ndarray, np.ndarray]
+    return Cavities(stats, mean, area)
 
 
 def _trabecular(cavities: Cavities, dense: np.ndarray) -> np.ndarray:
@@ -234,17 +303,17 @@ def _trabecular(cavities: Cavities, dense: np.ndarray) -> np.ndarray:
     Voxel by voxel too, so neither the canal (CSF, cord and fat lie below
     MARROW_HU) nor soft tissue let in by the closing is taken.
     """
-    labels, mean, area = cavities
+    stats, mean, area = cavities
     keep = np.concatenate([[False], (mean > MARROW_HU) & (area <= MARROW_MM2)])
-    return keep[labels] & dense
+    return stats.where(keep, dense.shape, among=dense)
 
 
 def _fatty(cavities: Cavities, canal: np.ndarray) -> np.ndarray:
     """Fatty marrow: small cavities of fat density (a long bone's shaft), not the canal."""
-    labels, mean, area = cavities
-    in_canal = LabelStats(labels, len(mean)).any(canal)
+    stats, mean, area = cavities
+    in_canal = stats.any(canal)
     fatty = (mean > FATTY_HU[0]) & (mean < FATTY_HU[1]) & (area <= FATTY_MM2) & ~in_canal
-    return np.concatenate([[False], fatty])[labels]
+    return stats.where(np.concatenate([[False], fatty]), canal.shape)
 
 
 def _orthogonal_fill(shell: np.ndarray, dense: np.ndarray) -> np.ndarray:
@@ -288,7 +357,9 @@ class Skeleton:
         self.bones = np.zeros(volume.shape, dtype=bool)
         self.solid = np.zeros((0, 0, 0), dtype=bool)
         self.hu = np.zeros((0, 0, 0), dtype=np.float32)
-        self.cavities: Cavities = (np.zeros((0, 0, 0), np.int32), np.zeros(0), np.zeros(0))
+        nothing = np.zeros(0, dtype=np.int64)
+        self.cavities = Cavities(LabelStats.from_voxels(nothing, nothing, 0), np.zeros(0),
+                                 np.zeros(0))
         if self.box is None:
             return
         box = self.box

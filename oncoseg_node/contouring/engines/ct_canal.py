@@ -21,6 +21,7 @@ from scipy import ndimage
 from oncoseg_node.contouring.engines.postprocess import (
     IN_PLANE,
     LabelStats,
+    bbox,
     dilate,
     erode,
     label_enclosed,
@@ -133,7 +134,14 @@ def _longest_channel(volume: Volume, found: np.ndarray, box: tuple[slice, ...]
     dilated a little (the canal moves slowly); runs separated by open-ring
     slices join when a find on either side overlaps within GAP_MM.
     """
-    grown = dilate(found, *radius_px(volume, 3.0))
+    # Finds are one region per slice at most: labelled within their in-plane box
+    # (and the dilation's reach), with scipy's numbering all the same.
+    reach = radius_px(volume, 3.0)
+    around = bbox(found, pad=max(reach) + 1)
+    if around is None:
+        return found
+    plane = (slice(None), around[1], around[2])
+    grown = dilate(found[plane], *reach)
     labels, count = ndimage.label(grown)
     if not count:
         return found
@@ -157,8 +165,8 @@ def _longest_channel(volume: Volume, found: np.ndarray, box: tuple[slice, ...]
             si, sj = slices[i], slices[j]
             if gap > GAP_MM or si is None or sj is None:
                 continue
-            fi = np.zeros(found.shape[1:], dtype=bool)
-            fj = np.zeros(found.shape[1:], dtype=bool)
+            fi = np.zeros(grown.shape[1:], dtype=bool)
+            fj = np.zeros(grown.shape[1:], dtype=bool)
             fi[si[1:]] = footprints[i]
             fj[sj[1:]] = footprints[j]
             if (fi & fj).any():
@@ -173,7 +181,9 @@ def _longest_channel(volume: Volume, found: np.ndarray, box: tuple[slice, ...]
         return np.zeros_like(found)
     keep = np.zeros(count + 1, dtype=bool)
     keep[groups[best]] = True
-    return found & keep[labels]
+    out = np.zeros_like(found)
+    out[plane] = found[plane] & keep[labels]
+    return out
 
 
 def _carry(volume: Volume, canal: np.ndarray, shell: np.ndarray, hu: np.ndarray,

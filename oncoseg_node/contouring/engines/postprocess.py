@@ -256,6 +256,33 @@ class LabelStats:
         self.lab = labels.ravel()[self.flat]
         self.size = np.bincount(self.lab, minlength=count + 1)[1:]
 
+    @classmethod
+    def from_voxels(cls, flat: np.ndarray, lab: np.ndarray, count: int) -> LabelStats:
+        """Statistics of labelled voxels given directly: flat indices (ascending) and labels."""
+        stats = object.__new__(cls)
+        stats.count = count
+        stats.flat = flat
+        stats.lab = lab
+        stats.size = np.bincount(lab, minlength=count + 1)[1:]
+        return stats
+
+    def subset(self, keep: np.ndarray) -> LabelStats:
+        """The same labels over fewer voxels: ``keep`` is a boolean per labelled voxel
+        (in ``flat`` order), as ``where.ravel()[stats.flat]`` gives for a mask ``where``."""
+        return LabelStats.from_voxels(self.flat[keep], self.lab[keep], self.count)
+
+    def where(self, keep: np.ndarray, shape: tuple[int, ...],
+              among: np.ndarray | None = None) -> np.ndarray:
+        """The mask of the voxels whose label ``keep`` (indexed 0..count) marks; only
+        those also in ``among`` when given (``keep[labels] & among`` without a pass
+        over the labels)."""
+        chosen = keep[self.lab]
+        if among is not None:
+            chosen &= among.ravel()[self.flat]
+        out = np.zeros(shape, dtype=bool)
+        out.ravel()[self.flat[chosen]] = True
+        return out
+
     def _select(self, where: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         if where is None:
             return self.lab, self.flat
