@@ -107,3 +107,24 @@ def test_results_keep_the_protocols_order_whatever_order_steps_run():
         assert result.absent == alone.absent
         if not alone.absent:
             assert np.array_equal(result.mask, alone.mask), result.name
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_body_parts_sized_slab_by_slab_are_those_of_one_3d_label(seed):
+    from oncoseg_node.contouring.engines.ct_body import (
+        LABEL_SLAB,
+        MIN_BODY_FRACTION,
+        _keep_main_parts,
+    )
+
+    rng = np.random.default_rng(seed)
+    core = rng.random((3 * LABEL_SLAB + 5, 40, 40)) < 0.3  # many pieces, across slab borders
+    core[:, 5:35, 18:22] = True   # one tall part through every slab
+    core[:, 2, 2:38] = False      # pieces joined only in a later slab (a U along z)
+    labels, count = ndimage.label(core)
+    sizes = np.bincount(labels.ravel())[1:]
+    expected = np.isin(labels, np.flatnonzero(sizes >= MIN_BODY_FRACTION * sizes.max()) + 1)
+    assert 0 < expected.sum() < core.sum()  # some pieces are dropped
+    assert _keep_main_parts(core)
+    assert np.array_equal(core, expected)
+    assert not _keep_main_parts(np.zeros((5, 8, 8), dtype=bool))

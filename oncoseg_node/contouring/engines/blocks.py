@@ -9,6 +9,7 @@ tuples of ``start:stop`` slices on ``(z, y, x)``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +42,30 @@ class Block:
                          for a, b, s in zip(lo, hi, self.box, strict=True))
             out[into] = self.array[take]
         return out
+
+
+def box_by_slab(origin: Box, shape: tuple[int, ...], part: Callable[[slice], np.ndarray],
+                pad: int = 0, slab: int = 16) -> Box | None:
+    """:func:`box_in` of the mask on ``origin`` that ``part(slices)`` gives a few slices
+    at a time (``slices`` relative to ``origin``): the same box, with no block-sized
+    temporary."""
+    extent = tuple(s.stop - s.start for s in origin)
+    hits = [np.zeros(n, dtype=bool) for n in extent]
+    for z in range(0, extent[0], slab):
+        mask = part(slice(z, z + slab))
+        hits[0][z:z + slab] = mask.any(axis=(1, 2))
+        plane = np.logical_or.reduce(mask, axis=0)
+        hits[1] |= plane.any(axis=1)
+        hits[2] |= plane.any(axis=0)
+    spans = []
+    for axis, hit in enumerate(hits):
+        where = np.flatnonzero(hit)
+        if where.size == 0:
+            return None
+        p = pad if axis > 0 else 0
+        lo, hi = origin[axis].start + int(where[0]), origin[axis].start + int(where[-1]) + 1
+        spans.append(slice(max(lo - p, 0), min(hi + p, shape[axis])))
+    return tuple(spans)
 
 
 def tight(mask: np.ndarray, origin: Box | None = None,

@@ -66,8 +66,10 @@ class _Steps:
     once no structure left needs it, so its memory goes before the next step.
     """
 
-    def __init__(self, volume: Volume) -> None:
+    def __init__(self, volume: Volume, names: Sequence[str] | None = None) -> None:
         self.volume = volume
+        # The airways cost a third of the chest step: found only when asked for.
+        self.airways = names is None or bool({"Trachea", "Bronchus"} & set(names))
 
     @cached_property
     def body_block(self) -> Block | None:
@@ -90,9 +92,8 @@ class _Steps:
     @cached_property
     def chest(self) -> LungsAndAirways:
         body = self.body_block
-        if body is None:
-            return LungsAndAirways(self.volume, self.body, self.mid)
-        return LungsAndAirways(self.volume, body, self.mid)
+        return LungsAndAirways(self.volume, self.body if body is None else body, self.mid,
+                               airways=self.airways)
 
     @cached_property
     def skeleton(self) -> tuple[Block | None, Block | None]:
@@ -136,7 +137,7 @@ class ClassicalEngine:
         return structure.name in self.SUPPORTED
 
     def segment(self, volume: Volume, structures: Sequence[Structure]) -> list[StructureResult]:
-        steps = _Steps(volume)
+        steps = _Steps(volume, [s.name for s in structures])
         results: dict[int, StructureResult] = {}
         for index, structure in enumerate(structures):
             if structure.name not in _BUILDERS:

@@ -9,6 +9,8 @@ on the volume's grid; patient coordinates are DICOM LPS (+x: patient's left).
 from __future__ import annotations
 
 import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from oncoseg_node.contouring.engines.blocks import Block
 from oncoseg_node.contouring.engines.postprocess import (
@@ -31,6 +33,7 @@ SUPINE, PRONE = frozenset({"HFS", "FFS"}), frozenset({"HFP", "FFP"})
 
 # Slices thresholded at a time: the candidate is never a whole volume of booleans.
 SLAB = 16
+LABEL_SLAB = 32  # slices labelled at a time when the body's parts are sized
 
 
 class _Rows:
@@ -112,6 +115,48 @@ def _dense(volume: Volume, box: tuple[slice, ...], couch: slice | None) -> np.nd
     return dense
 
 
+def _keep_main_parts(core: np.ndarray) -> bool:
+    """Keep in ``core`` its 3D parts of at least MIN_BODY_FRACTION of the largest.
+
+    The parts are those of ``ndimage.label`` on the whole box, found a slab at a
+    time: each slab is labelled on its own, the pieces that touch across slab
+    borders are joined, and only slabs holding a dropped piece are labelled
+    again to clear it. The labels never exist for the whole box at once (they
+    would be twice its size). False when ``core`` is empty.
+    """
+    starts = range(0, core.shape[0], LABEL_SLAB)
+    sizes, offsets, pairs = [np.zeros(1, dtype=np.int64)], [], []
+    total, previous = 1, None  # global piece 0 is the background
+    for k in starts:
+        labels, count = compact_label(core[k:k + LABEL_SLAB])
+        offsets.append(total)
+        sizes.append(voxel_counts(labels, count)[1:])
+        first = labels[0]
+        if previous is not None:
+            touching = (previous > 0) & (first > 0)
+            pairs.append(np.stack([previous[touching].astype(np.int64) + offsets[-2] - 1,
+                                   first[touching].astype(np.int64) + total - 1]))
+        previous = labels[-1].copy()
+        total += count
+    if total == 1:
+        return False
+    edges = np.concatenate(pairs, axis=1) if pairs else np.zeros((2, 0), dtype=np.int64)
+    graph = coo_matrix((np.ones(edges.shape[1], dtype=np.int8), (edges[0], edges[1])),
+                       shape=(total, total))
+    _, part = connected_components(graph, directed=False)
+    piece_sizes = np.concatenate(sizes)
+    part_sizes = np.bincount(part[1:], weights=piece_sizes[1:])
+    keep = np.concatenate([[False], part_sizes[part[1:]] >= MIN_BODY_FRACTION * part_sizes.max()])
+    for slab, k in enumerate(starts):
+        stop = offsets[slab + 1] if slab + 1 < len(offsets) else total
+        pieces = keep[offsets[slab]:stop]
+        if pieces.all():
+            continue  # every piece here is kept: the slab stays as it is
+        labels, _ = compact_label(core[k:k + LABEL_SLAB])
+        np.take(np.concatenate([[False], pieces]), labels, out=core[k:k + LABEL_SLAB])
+    return True
+
+
 def external_block(volume: Volume) -> Block | None:
     """Body outline as a block: couch cut, thin devices opened away, main parts kept,
     holes filled. None when the series holds no body.
@@ -134,14 +179,8 @@ def external_block(volume: Volume) -> Block | None:
     else:
         core = cand
     del cand
-    labels, count = compact_label(core)
-    if count == 0:
+    if not _keep_main_parts(core):
         return None
-    sizes = voxel_counts(labels, count)[1:]
-    keep = np.concatenate([[False], sizes >= MIN_BODY_FRACTION * sizes.max()])
-    for k in range(0, core.shape[0], SLAB):
-        np.take(keep, labels[k:k + SLAB], out=core[k:k + SLAB])
-    del labels
     # Give back the skin detail the opening shaved off, not what lies beyond it.
     grown = dilate(core, ry, rx)
     for k in range(0, grown.shape[0], SLAB):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from oncoseg_node.contouring.engines.blocks import Block, box_in, inner, tight
+from oncoseg_node.contouring.engines.blocks import Block, box_by_slab, inner, tight
 from oncoseg_node.contouring.engines.ct_body import patient_x
 from oncoseg_node.contouring.engines.postprocess import (
     bbox,
@@ -63,12 +63,20 @@ def _gas_tree(aerated: np.ndarray, hu: np.ndarray) -> tuple[np.ndarray, int, np.
     and so is all pure air connected to it in 3D: the main bronchi inside the
     lungs. Pure air enclosed by lung throughout (bullae, noise) stays lung.
     """
-    gas = (hu < GAS_HU) & aerated
+    gas = hu < GAS_HU
+    gas &= aerated
     if not gas.any():
         return np.zeros(gas.shape, dtype=np.int32), 0, np.zeros(0, dtype=np.int64)
     labels, count = compact_label(gas, np.ones((3, 3, 3)))  # bronchi run obliquely
     # Leave out the air's own blurred rim, or every airway would look enclosed by "lung".
-    outside = labels[gas & ~fill_holes(aerated & ~dilate(gas, 1, 1))]
+    # (In place, one box of booleans: gas & ~fill_holes(aerated & ~dilate(gas, 1, 1)).)
+    beyond = dilate(gas, 1, 1)
+    np.logical_not(beyond, out=beyond)
+    beyond &= aerated
+    fill_holes(beyond, out=beyond)
+    np.logical_not(beyond, out=beyond)
+    beyond &= gas
+    outside = labels[beyond]
     return labels, count, np.unique(outside[outside > 0])
 
 
@@ -78,18 +86,25 @@ class LungsAndAirways:
     ``left``, ``right``, ``trachea`` and ``bronchus`` give full ``(z, y, x)``
     masks (empty when not in view); :meth:`block` gives one on its box only.
     ``body`` is External, full or as its block: the lungs are looked for in
-    its box, so no full-volume temporary is made.
+    its box, so no full-volume temporary is made. ``airways=False`` skips the
+    trachea and bronchi (then reported empty) when no structure asks for them.
     """
 
     NAMES = ("left", "right", "trachea", "bronchus")
 
-    def __init__(self, volume: Volume, body: np.ndarray | Block, mid: np.ndarray) -> None:
+    def __init__(self, volume: Volume, body: np.ndarray | Block, mid: np.ndarray, *,
+                 airways: bool = True) -> None:
         self.shape = volume.shape
         self._held: dict[str, Block] = {}
         if not isinstance(body, Block):
             body = Block(tuple(slice(0, n) for n in body.shape), body)
-        self.box = box_in((volume.hu[body.box] < LUNG_HU) & body.array, body.box,
-                          volume.shape, pad=2)
+        zs, ys, xs = body.box
+
+        def aerated_in(part: slice) -> np.ndarray:
+            z = slice(zs.start + part.start, min(zs.start + part.stop, zs.stop))
+            return (volume.hu[z, ys, xs] < LUNG_HU) & body.array[part]
+
+        self.box = box_by_slab(body.box, volume.shape, aerated_in, pad=2)
         box = self.box
         if box is None:
             return
@@ -114,7 +129,7 @@ class LungsAndAirways:
             if float((per_slice * per_slice_cc).sum() / 1000.0) >= MIN_LUNG_CC:
                 found[name] = lung
         del left, right, airway
-        if "left" in found and "right" in found and count:
+        if airways and "left" in found and "right" in found and count:
             found["trachea"], found["bronchus"] = _trachea_and_bronchi(
                 volume, labels, tree_labels, hu, box, found["left"], found["right"])
         del labels
