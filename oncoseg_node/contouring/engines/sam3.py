@@ -46,7 +46,8 @@ from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
 from oncoseg_node.config import Sam3Config
 from oncoseg_node.contouring.engines.base import StructureResult
-from oncoseg_node.contouring.engines.postprocess import postprocess
+from oncoseg_node.contouring.engines.blocks import Block
+from oncoseg_node.contouring.engines.postprocess import postprocess_block
 from oncoseg_node.contouring.engines.sam3_follow import FollowSettings, TrackerRun, follow
 from oncoseg_node.contouring.engines.sam3_load import (
     DTYPES,
@@ -72,8 +73,9 @@ from oncoseg_node.contouring.engines.sam3_track import (
     Track,
     next_seed,
 )
+from oncoseg_node.contouring.mask_crop import MaskCrop
 from oncoseg_node.contouring.protocols import Structure
-from oncoseg_node.contouring.sanity import body_midline_x
+from oncoseg_node.contouring.sanity import body_midline_x, crop_volume_cc
 from oncoseg_node.contouring.volume import Volume
 
 Box = tuple[float, float, float, float]  # CT pixel indices (row0, col0, row1, col1), inclusive
@@ -337,7 +339,7 @@ class Sam3Engine:
             if seed is None:
                 break
             track = self._track(store, seed, candidates, structure)
-            cc = volume.mask_volume_cc(self._mask(volume, frame, structure, track))
+            cc = crop_volume_cc(volume, self._mask(volume, frame, structure, track))
             tried.append((track, cc))
             if _fits(structure, cc):
                 break
@@ -354,18 +356,27 @@ class Sam3Engine:
 
     @staticmethod
     def _mask(volume: Volume, frame: SliceFrame, structure: Structure,
-              track: Track) -> np.ndarray:
-        mask = np.zeros(volume.shape, dtype=bool)
+              track: Track) -> MaskCrop:
+        """The tracked mask after clean-up, as its crop: only the tracked slices are built."""
+        if not track.logits:
+            return MaskCrop.of(np.zeros((0, 0, 0), dtype=bool), shape=volume.shape)
+        z0, z1 = min(track.logits), max(track.logits) + 1
+        slab = np.zeros((z1 - z0, *volume.shape[1:]), dtype=bool)
         for z, logits in track.logits.items():
-            mask[z] = frame.logits_to_ct(torch.from_numpy(logits)[None])[0]
+            slab[z - z0] = frame.logits_to_ct(torch.from_numpy(logits)[None])[0]
+        box = (slice(z0, z1), slice(0, volume.shape[1]), slice(0, volume.shape[2]))
         # the physicists' clean-up applies to every engine; judge the volume after it
-        return postprocess(volume, mask, structure.postprocess)
+        cleaned = postprocess_block(volume, Block(box, slab), structure.postprocess)
+        if cleaned is None:
+            return MaskCrop.of(np.zeros((0, 0, 0), dtype=bool), shape=volume.shape)
+        origin = (cleaned.box[0].start, cleaned.box[1].start, cleaned.box[2].start)
+        return MaskCrop.of(cleaned.array, volume.shape, origin)
 
     def _result(self, volume: Volume, frame: SliceFrame, structure: Structure,
                 choice: _Choice) -> StructureResult:
         track = choice.track
         mask = self._mask(volume, frame, structure, track)
-        if not mask.any():
+        if mask.empty:
             return StructureResult(structure.name, None, score=track.score,
                                    note="tracked mask vanished on the CT grid")
         slices = sorted(track.logits)
@@ -373,7 +384,7 @@ class Sam3Engine:
         if track.score < float(self.config.low_score_flag):
             flags.append(f"low SAM3 score {track.score:.2f} < {self.config.low_score_flag:.2f}")
         note = (f"slices {slices[0]}-{slices[-1]}, {choice.seeds_tried} seed(s) tried, "
-                f"{volume.mask_volume_cc(mask):.1f} cc")
+                f"{crop_volume_cc(volume, mask):.1f} cc")
         return StructureResult(structure.name, mask, score=track.score, flags=tuple(flags),
                                note=note)
 
