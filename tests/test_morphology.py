@@ -15,9 +15,10 @@ from oncoseg_node.contouring.engines.postprocess import (
     LabelStats,
     bbox,
     bbox_by_slab,
+    compact_label,
     enclosed,
+    enclosed_regions,
     fill_holes,
-    label_enclosed,
 )
 
 
@@ -38,15 +39,18 @@ def test_enclosed_and_its_labels_are_scipys(shape):
     assert np.array_equal(fill_holes(mask), filled)
     assert np.array_equal(enclosed(mask), holes)
     expected, count = ndimage.label(holes, structure=IN_PLANE)
-    labels, found = label_enclosed(mask)
-    assert found == count
+    regions = enclosed_regions(mask)
+    assert regions.count == count
+    labels = np.zeros(shape, dtype=np.int64)
+    labels.ravel()[regions.flat] = regions.lab
     assert np.array_equal(labels, expected)
+    assert np.array_equal(regions.size, np.bincount(expected.ravel())[1:])
 
 
 def test_holes_of_an_empty_or_full_mask():
     empty = np.zeros((20, 10, 12), dtype=bool)
     assert not fill_holes(empty).any() and not enclosed(empty).any()
-    assert label_enclosed(empty)[1] == 0
+    assert enclosed_regions(empty).count == 0
     full = np.ones((20, 10, 12), dtype=bool)
     assert fill_holes(full).all() and not enclosed(full).any()
 
@@ -56,6 +60,19 @@ def test_fill_holes_into_the_mask_itself():
     expected = fill_holes(mask)
     assert fill_holes(mask, out=mask) is mask
     assert np.array_equal(mask, expected)
+
+
+def test_compact_label_into_a_reused_buffer():
+    mask = rings((5, 30, 30), seed=9)
+    expected, count = ndimage.label(mask)
+    buffer = np.full(mask.shape, 7, dtype=np.uint16)
+    labels, found = compact_label(mask, out=buffer)
+    assert labels is buffer and found == count and np.array_equal(labels, expected)
+    # more pieces than uint16 holds: labelled again into a new int32 array
+    dots = np.zeros((1, 600, 600), dtype=bool)
+    dots[0, ::2, ::2] = True
+    labels, found = compact_label(dots, out=np.zeros(dots.shape, dtype=np.uint16))
+    assert found == 90000 and labels.dtype == np.int32 and labels.max() == 90000
 
 
 def test_bbox_by_slab_is_bbox():

@@ -132,12 +132,13 @@ def _mask_of(shape: tuple[int, ...], flat: np.ndarray) -> np.ndarray:
     return out
 
 
-def _without_contrast(volume: Volume, cand: np.ndarray, hu: np.ndarray, edge: np.ndarray
-                      ) -> np.ndarray:
+def _without_contrast(volume: Volume, cand: np.ndarray, hu: np.ndarray, edge: np.ndarray,
+                      scratch: np.ndarray) -> np.ndarray:
     """``cand`` less the thick plateaus brighter than their rim (iodine), with their rim.
 
     Candidates are a few percent of the box: what is judged per voxel is
     gathered at their flat indices rather than computed over the whole box.
+    Both labellings are written into ``scratch``.
     """
     ry, rx = radius_px(volume, THICK_MM)
     core = erode(cand, ry, rx) & cand
@@ -145,9 +146,9 @@ def _without_contrast(volume: Volume, cand: np.ndarray, hu: np.ndarray, edge: np
         return cand
     # Each core with its ring (what lies within a few pixels of it): one component.
     grown = cand & dilate(core, ry + 1, rx + 1)
-    labels, count = compact_label(grown)
+    labels, count = compact_label(grown, out=scratch)
     stats = LabelStats(labels, count, grown)
-    del grown
+    del grown, labels  # the scratch is relabelled below
     in_core = core.ravel()[stats.flat]
     del core
     core_stats, ring_stats = stats.subset(in_core), stats.subset(~in_core)
@@ -182,17 +183,17 @@ def _without_contrast(volume: Volume, cand: np.ndarray, hu: np.ndarray, edge: np
     # a spinous process on its vertebra) it is bone; iodine lies apart, in soft
     # tissue, and goes whole, except a great vessel on the spine: a round tube too
     # long for a vertebra, which goes as far as it reaches.
-    pieces, n = compact_label(cand, np.ones((3, 3, 3), bool))
+    pieces, n = compact_label(cand, np.ones((3, 3, 3), bool), out=scratch)
     everywhere = np.flatnonzero(cand)
     piece_of = pieces.ravel()[everywhere]
+    holds = np.zeros(n + 1, dtype=bool)
+    holds[np.unique(pieces.ravel()[plateaus])] = True
+    holds[0] = False
     del pieces
     away = (hu.ravel()[everywhere] > SEED_HU) & ~near.ravel()[everywhere]
     del near
     attached = np.zeros(n + 1, dtype=bool)
     attached[np.unique(piece_of[away])] = True
-    holds = np.zeros(n + 1, dtype=bool)
-    holds[np.unique(piece_of[contrast[labels.ravel()[everywhere]]])] = True
-    holds[0] = False
     out = cand.copy()
     out.ravel()[everywhere[(holds & ~attached)[piece_of]]] = False
     if vessel.any():
@@ -234,17 +235,18 @@ def _round_tubes(volume: Volume, shape: tuple[int, ...], core: LabelStats, which
     return out
 
 
-def _seeded(cand: np.ndarray, hu: np.ndarray) -> np.ndarray:
+def _seeded(cand: np.ndarray, hu: np.ndarray, scratch: np.ndarray) -> np.ndarray:
     """Parts of ``cand`` connected to a voxel denser than SEED_HU.
 
     Connected in 3D through ``cand`` grown by a pixel where denser than
     LOW_HU: a thin rib blended over a thick slice falls apart at its own
-    half maximum, but its pieces still touch through that margin.
+    half maximum, but its pieces still touch through that margin. The
+    labels are written into ``scratch``.
     """
     linked = dilate(cand, 1, 1)
     linked &= hu > LOW_HU
     linked |= cand
-    labels, count = compact_label(linked, np.ones((3, 3, 3), bool))
+    labels, count = compact_label(linked, np.ones((3, 3, 3), bool), out=scratch)
     del linked
     if not count:
         return cand
@@ -370,8 +372,11 @@ class Skeleton:
         metal = hu > METAL_HU
         if metal.any():
             cand &= ~dilate(metal, *radius_px(volume, METAL_MARGIN_MM))
-        cand = _without_contrast(volume, cand, hu, _cut_by_the_image(volume, box))
-        shell = _seeded(cand, hu)
+        # One box of labels, written by each 3D labelling in turn.
+        scratch = np.empty(hu.shape, dtype=np.uint16)
+        cand = _without_contrast(volume, cand, hu, _cut_by_the_image(volume, box), scratch)
+        shell = _seeded(cand, hu, scratch)
+        del scratch
         # What encloses marrow: the shell, and beside it whatever is denser than
         # ENCLOSE_HU once smoothed (a thin cortex blended with marrow and with the
         # endplate beside it over a thick slice is below the shell's half maximum).

@@ -20,11 +20,10 @@ from scipy import ndimage
 
 from oncoseg_node.contouring.engines.postprocess import (
     IN_PLANE,
-    LabelStats,
     bbox,
     dilate,
+    enclosed_regions,
     erode,
-    label_enclosed,
     radius_px,
 )
 from oncoseg_node.contouring.volume import Volume
@@ -97,12 +96,11 @@ def _holes_at(volume: Volume, shell: np.ndarray, hu: np.ndarray, box: tuple[slic
     """Per slice, the best canal-like hole in the shell closed by ``close_mm``."""
     ry, rx = radius_px(volume, close_mm)
     closed = erode(dilate(shell, ry, rx), ry, rx) | shell
-    labels, count = label_enclosed(closed)
-    out = np.zeros(shell.shape, dtype=bool)
-    if not count:
-        return out
-    holes = labels != 0
-    stats = LabelStats(labels, count, holes)
+    stats = enclosed_regions(closed)
+    del closed
+    if not stats.count:
+        return np.zeros(shell.shape, dtype=bool)
+    holes = stats.where(np.ones(stats.count + 1, dtype=bool), shell.shape)
     area = stats.size * volume.pixel_spacing[0] * volume.pixel_spacing[1]
     # Judge a hole by its inside: next to a dense cortex its rim is blurred toward bone.
     inner = stats.mean(hu, erode(holes, 1, 1))
@@ -121,9 +119,10 @@ def _holes_at(volume: Volume, shell: np.ndarray, hu: np.ndarray, box: tuple[slic
             continue  # the canal is near the midline, right behind a vertebral body
         if z not in best or off < best[z][0]:
             best[z] = (off, int(label))
-    for z, (_, chosen) in best.items():
-        out[z] = labels[z] == chosen
-    return out
+    # Each hole lies on one slice: marking the chosen ones marks one per slice.
+    keep = np.zeros(stats.count + 1, dtype=bool)
+    keep[[chosen for _, chosen in best.values()]] = True
+    return stats.where(keep, shell.shape)
 
 
 def _longest_channel(volume: Volume, found: np.ndarray, box: tuple[slice, ...]

@@ -98,13 +98,18 @@ def radius_px(volume: Volume, mm: float) -> tuple[int, int]:
     return (int(round(mm / volume.pixel_spacing[0])), int(round(mm / volume.pixel_spacing[1])))
 
 
-def compact_label(mask: np.ndarray, structure: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+def compact_label(mask: np.ndarray, structure: np.ndarray | None = None,
+                  out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """``ndimage.label`` into uint16 when the labels fit: half the memory of int32.
 
     The numbering is scipy's either way; a mask of more than 65535 pieces is
-    labelled again into int32.
+    labelled again into int32. ``out`` (uint16, the mask's shape) is written
+    instead of a new array: a box-sized array is memory the process must map
+    afresh each time, a buffer reused by several labellings is mapped once.
     """
     try:
+        if out is not None:
+            return out, int(ndimage.label(mask, structure=structure, output=out))
         return ndimage.label(mask, structure=structure, output=np.uint16)
     except RuntimeError:  # scipy's "insufficient bit-depth in requested output type"
         return ndimage.label(mask, structure=structure)
@@ -181,25 +186,31 @@ def enclosed(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def label_enclosed(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """``ndimage.label(enclosed(mask), IN_PLANE)``, from the labels that found the holes.
+def enclosed_regions(mask: np.ndarray) -> LabelStats:
+    """The holes ``fill_holes`` fills, as voxels labelled ``ndimage.label(enclosed(mask),
+    IN_PLANE)`` would label them, from the labelling that found them.
 
     Numbering is scipy's (raster order of each hole's first voxel): a hole
-    is one background piece of its slab, numbered in that same order.
+    is one background piece of its slab, numbered in that same order. No
+    volume of labels is made: holes are a small part of it.
     """
-    out = np.zeros(mask.shape, dtype=np.uint16)
+    flats, labs = [], []
     count = 0
     for where, labels, inside in _enclosed_by_slab(mask):
         found = int(inside.sum())
         if not found:
             continue
-        if count + found > np.iinfo(out.dtype).max:
-            out = out.astype(np.int32)
-        number = np.zeros(len(inside), dtype=out.dtype)
+        number = np.zeros(len(inside), dtype=np.int64)
         number[inside] = np.arange(count + 1, count + found + 1)
-        out[where] = number[labels]
+        at = np.nonzero(inside[labels])
+        flats.append(np.ravel_multi_index(
+            tuple(i + w.start for i, w in zip(at, where, strict=True)), mask.shape))
+        labs.append(number[labels[at]])
         count += found
-    return out, count
+    if not flats:
+        nothing = np.zeros(0, dtype=np.int64)
+        return LabelStats.from_voxels(nothing, nothing, 0)
+    return LabelStats.from_voxels(np.concatenate(flats), np.concatenate(labs), count)
 
 
 def bbox(mask: np.ndarray, pad: int = 0) -> tuple[slice, ...] | None:
