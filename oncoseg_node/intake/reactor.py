@@ -21,6 +21,10 @@ block on what they wait for, through the objects pynetdicom hands them:
   primitive (:class:`UserQueue`) arrives, or :data:`REACTOR_WAIT_S` passes,
   after which its own checks (timeouts, a dead DUL thread) run as before.
 
+- the association thread's own 1 ms sleep at the top of each pass is
+  skipped right after it served a message (:class:`WakingAssociation`): the
+  sender's next request usually arrives within that millisecond.
+
 Timers and shutdown keep a resolution of :data:`REACTOR_WAIT_S`.
 """
 
@@ -30,12 +34,21 @@ import contextlib
 import os
 import queue
 import threading
-from typing import Any
+import time
+from typing import Any, cast
+
+import structlog
+from pynetdicom import evt
+from pynetdicom.association import Association
+
+log = structlog.get_logger("oncoseg_node.receiver")
 
 # The longest either thread blocks before running its periodic checks (the
 # ARTIM and network-idle timers, a peer that vanished): well inside any
 # timeout a DICOM peer would notice.
 REACTOR_WAIT_S = 0.05
+# pynetdicom's sleep between passes of the association loop.
+IDLE_PASS_SLEEP_S = 0.001
 
 
 class Wakeup:
@@ -135,6 +148,60 @@ def install(assoc: Any, wakeup: Wakeup) -> None:
     dul.to_provider_queue = provider
     dul.to_user_queue = user
     assoc.dimse.msg_queue = messages
+    assoc.__class__ = WakingAssociation
     # The DUL thread now blocks in the socket's ``ready``; its own sleep after
     # an idle pass would only delay the response the wake-up announced.
     dul._run_loop_delay = 0
+
+
+class WakingAssociation(Association):
+    """An acceptor association whose loop goes straight back to its queue after a message.
+
+    pynetdicom's ``_run_reactor`` with one change: the sleep at the top of
+    a pass is skipped when the pass before served a message. A pass that
+    found nothing still sleeps, so a primitive the loop never consumes
+    cannot make it spin.
+    """
+
+    def _run_reactor(self) -> None:
+        self._is_paused = False
+        served = False
+        while not self._kill:
+            if not served:
+                time.sleep(IDLE_PASS_SLEEP_S)
+            # Paused while this association itself sends (see pynetdicom).
+            self._is_paused = True
+            self._reactor_checkpoint.wait()
+            self._is_paused = False
+            context_id, msg = self.dimse.get_msg(block=False)
+            served = msg is not None
+            if msg:
+                self._serve_request(msg, cast(int, context_id))
+            if self.is_established and self.acse.is_release_requested():
+                self.acse.send_release(is_response=True)
+                self.is_released = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_RELEASED, {})
+                self.kill()
+                return
+            if self.acse.is_aborted():
+                self.dul.receive_pdu(wait=False)  # so EVT_ACSE_RECV fires for subscribers
+                self.is_aborted = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_ABORTED, {})
+                self.kill()
+                return
+            if not self.dul.is_alive():
+                self.kill()
+                return
+            if self.dul.idle_timer_expired():
+                log.warning("association_network_timeout", timeout_s=self.network_timeout)
+                if self.network_timeout_response == "A-RELEASE":
+                    self._is_paused = True
+                    self._reactor_checkpoint.wait()
+                    self.release()
+                    self._is_paused = False
+                else:
+                    self.abort()
+                self.kill()
+                return

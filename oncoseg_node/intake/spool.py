@@ -24,7 +24,7 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,20 +58,25 @@ class StoredFile:
 
 
 class PendingWrite:
-    """An instance being written; ``commit`` makes it visible, ``abort`` drops it."""
+    """An instance being written; ``commit`` makes it visible, ``abort`` drops it.
 
-    def __init__(self, spool: Spool, final: Path, tmp: Path, future: Future[int],
-                 size: int) -> None:
+    ``finish`` completes the file (waits for or runs its fsync; returns its
+    size, raises its OSError); ``drop`` ends the write without keeping it.
+    """
+
+    def __init__(self, spool: Spool, final: Path, tmp: Path, finish: Callable[[], int],
+                 drop: Callable[[], None], size: int) -> None:
         self._spool = spool
         self._final = final
         self._tmp = tmp
-        self._future = future
+        self._finish = finish
+        self._drop = drop
         self.size = size
         self.relpath = str(final.relative_to(spool.root))
         self._committed = False
 
     def commit(self, sha256: str) -> StoredFile:
-        size = self._future.result()  # re-raises the writer's OSError
+        size = self._finish()
         self._spool.wrote(size)
         os.replace(self._tmp, self._final)
         self._committed = True
@@ -82,8 +87,7 @@ class PendingWrite:
         """Drop the file unless it was committed (so callers may always call this)."""
         if self._committed:
             return
-        with contextlib.suppress(OSError):  # the writer already removed its file
-            self._future.result()
+        self._drop()
         self._tmp.unlink(missing_ok=True)
 
 
@@ -131,6 +135,7 @@ class IncomingFile:
         self._fd: int | None = None
         self._future: Future[int] | None = None
         self._discarded = False
+        self._complete = False
         if meta is None:  # nothing to write it under: the data set is dropped as it arrives
             self.error = OSError("the command's UIDs cannot be encoded in a file meta")
             return
@@ -160,9 +165,15 @@ class IncomingFile:
         with self._lock:
             if self._fd is None:
                 return
+            self._complete = True
             fd, self._fd = self._fd, None
             self._future = self._spool._pool.submit(_sync_and_close, fd, self.tmp,
                                                     self.meta_length + self.length)
+
+    def _sync(self) -> int:
+        """Wait for the fsync :meth:`finish` started; the file's size."""
+        assert self._future is not None  # pending() is given out only once finished
+        return self._future.result()
 
     @property
     def sha256(self) -> str:
@@ -178,9 +189,9 @@ class IncomingFile:
         with self._lock:
             if self.error is not None:
                 raise self.error
-            if self._discarded or self._future is None:
+            if self._discarded or not self._complete:
                 raise OSError(f"{self.tmp.name}: data set incomplete")
-            return PendingWrite(self._spool, self.final, self.tmp, self._future,
+            return PendingWrite(self._spool, self.final, self.tmp, self._sync, self.discard,
                                 self.meta_length + self.length)
 
     def discard(self) -> None:
@@ -236,8 +247,13 @@ class Spool:
         """Start writing one encoded instance (given in parts) under a generated name."""
         final = self._new_path()
         tmp = temporary_name(final)
-        return PendingWrite(self, final, tmp, self._pool.submit(write_and_sync, tmp, parts),
-                            sum(len(p) for p in parts))
+        future = self._pool.submit(write_and_sync, tmp, parts)
+
+        def drop() -> None:
+            with contextlib.suppress(OSError):  # the writer already removed its file
+                future.result()
+
+        return PendingWrite(self, final, tmp, future.result, drop, sum(len(p) for p in parts))
 
     def incoming(self, meta: bytes | None) -> IncomingFile:
         """Start the file of an instance arriving now, with ``meta`` (its file meta) first.

@@ -26,10 +26,13 @@ from typing import Any, cast
 import structlog
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
 from oncoseg_node.dicom.filemeta import encode_file_meta
+from oncoseg_node.intake.commands import store_request, store_response
+from oncoseg_node.intake.reactor import WakingAssociation
 from oncoseg_node.intake.spool import IncomingFile, Spool
 
 log = structlog.get_logger("oncoseg_node.receiver")
@@ -37,6 +40,9 @@ log = structlog.get_logger("oncoseg_node.receiver")
 # Message Control Header bits of a presentation data value (PS3.8 E.2).
 COMMAND_FRAGMENT = 0x01
 LAST_FRAGMENT = 0x02
+WHOLE_COMMAND = COMMAND_FRAGMENT | LAST_FRAGMENT
+# A presentation data value's length, context ID and control header (PS3.8 9.3.5.1).
+PDV_OVERHEAD = 6
 # CommandDataSetType when no data set follows the command (PS3.7 E.1).
 NO_DATA_SET = 0x0101
 
@@ -46,18 +52,29 @@ class SpoolingDIMSE(DIMSEServiceProvider):
 
     spool: Spool
     _receiving: IncomingFile | None
+    _request: C_STORE | None  # decoded directly, waiting for its data set
     _unhandled: set[IncomingFile]
     _lock: threading.Lock
 
     def receive_primitive(self, primitive: P_DATA) -> None:
         """Decode a P-DATA: a spooled request's data fragments go to its file."""
         for context_id, data in primitive.presentation_data_value_list:
+            control = data[0]
             incoming = self._receiving
-            if incoming is not None and not data[0] & COMMAND_FRAGMENT:
+            if incoming is not None and not control & COMMAND_FRAGMENT:
                 incoming.write(memoryview(data)[1:])
-                if data[0] & LAST_FRAGMENT:
+                if control & LAST_FRAGMENT:
                     self._received(incoming)
                 continue
+            if (control & WHOLE_COMMAND == WHOLE_COMMAND and self.message is None
+                    and incoming is None):
+                # The usual case: the whole command in one fragment.
+                request = store_request(memoryview(data)[1:])
+                if request is not None and context_id in self.assoc._accepted_cx:
+                    request._context_id = context_id
+                    self._request = request
+                    self._start_file(request, context_id)
+                    continue
             single = P_DATA()
             # pynetdicom's setter wants lists, its annotation says tuples
             single.presentation_data_value_list = cast(Any, [[context_id, data]])
@@ -66,16 +83,13 @@ class SpoolingDIMSE(DIMSEServiceProvider):
             super().receive_primitive(single)
             message = self.message
             if (command_was_pending and isinstance(message, C_STORE_RQ)
-                    and message.command_set.CommandDataSetType != NO_DATA_SET):
-                self._start_file(message)
+                    and message.command_set.CommandDataSetType != NO_DATA_SET
+                    and message.context_id in self.assoc._accepted_cx):
+                self._start_file(message.command_set, message.context_id)
 
-    def _start_file(self, message: DIMSEMessage) -> None:
+    def _start_file(self, command: Any, context_id: int | None) -> None:
         """The command is complete and a data set follows: open its spool file."""
-        context_id = message.context_id
-        context = None if context_id is None else self.assoc._accepted_cx.get(context_id)
-        if context is None:  # pynetdicom refuses the request itself
-            return
-        command = message.command_set
+        context = self.assoc._accepted_cx[cast(int, context_id)]
         try:
             meta = encode_file_meta(
                 str(command.AffectedSOPClassUID), str(command.AffectedSOPInstanceUID),
@@ -95,17 +109,36 @@ class SpoolingDIMSE(DIMSEServiceProvider):
         """The last fragment arrived: start the fsync, queue the request (as pynetdicom does)."""
         incoming.finish()
         self._receiving = None
-        message = self.message
-        assert message is not None
-        self.message = None
-        try:
-            request = message.message_to_primitive()
-        except Exception:
-            log.exception("dimse_message_invalid")
-            self.dul.event_queue.put("Evt19")  # pynetdicom's answer: abort
-            return
-        request._node_incoming = incoming  # type: ignore[union-attr]
-        self.msg_queue.put(cast(Any, (message.context_id, request)))
+        request: Any = self._request
+        if request is not None:
+            self._request = None
+            context_id = request._context_id
+        else:
+            message = self.message
+            assert message is not None
+            self.message = None
+            context_id = message.context_id
+            try:
+                request = message.message_to_primitive()
+            except Exception:
+                log.exception("dimse_message_invalid")
+                self.dul.event_queue.put("Evt19")  # pynetdicom's answer: abort
+                return
+        request._node_incoming = incoming
+        self.msg_queue.put(cast(Any, (context_id, request)))
+
+    def send_msg(self, primitive: Any, context_id: int) -> None:
+        """Send a DIMSE message; a plain C-STORE response is encoded directly."""
+        if isinstance(primitive, C_STORE) and primitive.MessageIDBeingRespondedTo is not None:
+            command = store_response(primitive)
+            limit = self.maximum_pdu_size
+            if command is not None and (not limit or len(command) + PDV_OVERHEAD <= limit):
+                pdata = P_DATA()
+                pdata.presentation_data_value_list = cast(
+                    Any, [[context_id, bytes([WHOLE_COMMAND]) + command]])
+                self.dul.send_pdu(pdata)
+                return
+        super().send_msg(primitive, context_id)
 
     def take(self, request: Any) -> IncomingFile | None:
         """The file of ``request``, now the caller's; None if it came in memory.
@@ -126,11 +159,12 @@ class SpoolingDIMSE(DIMSEServiceProvider):
         with self._lock:
             left, self._unhandled = self._unhandled, set()
         self._receiving = None
+        self._request = None
         for incoming in left:
             incoming.discard()
 
 
-class SpoolingAssociation(Association):
+class SpoolingAssociation(WakingAssociation):
     """An acceptor association whose unhandled spool files go when its thread ends."""
 
     def run(self) -> None:
@@ -149,6 +183,7 @@ def install(assoc: Association, spool: Spool) -> None:
     assert isinstance(dimse, SpoolingDIMSE)
     dimse.spool = spool
     dimse._receiving = None
+    dimse._request = None
     dimse._unhandled = set()
     dimse._lock = threading.Lock()
     assoc.__class__ = SpoolingAssociation
