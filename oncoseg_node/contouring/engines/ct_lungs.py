@@ -15,7 +15,6 @@ from scipy import ndimage
 from oncoseg_node.contouring.engines.blocks import Block, box_by_slab, inner, tight
 from oncoseg_node.contouring.engines.ct_body import patient_x
 from oncoseg_node.contouring.engines.postprocess import (
-    bbox,
     compact_label,
     component_sizes_cc,
     dilate,
@@ -109,9 +108,13 @@ class LungsAndAirways:
         if box is None:
             return
         hu = volume.hu[box]
-        aerated = (hu < LUNG_HU) & body.within(box)
+        aerated = hu < LUNG_HU
+        aerated &= body.within(box)
         labels, count, tree_labels = _gas_tree(aerated, hu)
         tree = np.isin(labels, tree_labels) if count else np.zeros_like(aerated)
+        if not airways:
+            del labels  # only the trachea and bronchi need the gas tree's labels
+            labels = np.zeros((0, 0, 0), dtype=np.uint16)
         airway = dilate(tree, *radius_px(volume, WALL_MM)) if tree.any() else tree
         del tree
         aerated &= ~airway
@@ -183,21 +186,22 @@ def _lungs(volume: Volume, aerated: np.ndarray, box: tuple[slice, ...], mid: np.
     sizes = component_sizes_cc(volume, labels, count, box[0].start)
     x_of = patient_x(volume, box) - np.nan_to_num(mid[box[0]])[:, None, None]
     left, right = np.zeros_like(aerated), np.zeros_like(aerated)
+    # Each component judged on its own box, not as a mask the size of the lungs' box.
+    objects = ndimage.find_objects(labels)
     for label in np.flatnonzero(sizes >= MIN_LUNG_CC) + 1:
-        part = labels == label
-        share_left = float((part & (x_of > 0)).sum() / part.sum())
+        at = objects[label - 1]
+        assert at is not None  # a labelled component has voxels
+        part = labels[at] == label
+        x_part = x_of[at[0], slice(None) if x_of.shape[1] == 1 else at[1], at[2]]
+        share_left = float((part & (x_part > 0)).sum() / part.sum())
         if share_left >= 0.8:
-            left |= part
+            left[at] |= part
         elif share_left <= 0.2:
-            right |= part
+            right[at] |= part
         else:  # both lungs in one component: joined at the anterior junction
-            part_box = bbox(part)
-            assert part_box is not None  # a labelled component has voxels
-            on_left = np.zeros_like(part)
-            on_left[part_box] = _split_merged(volume, part[part_box],
-                                              inner(box, part_box), np.nan_to_num(mid))
-            left |= on_left
-            right |= part & ~on_left
+            on_left = _split_merged(volume, part, inner(box, at), np.nan_to_num(mid))
+            left[at] |= on_left
+            right[at] |= part & ~on_left
     return left, right
 
 
