@@ -9,7 +9,7 @@ import pytest
 from scipy import ndimage
 
 from oncoseg_node.commissioning.phantom import make_phantom
-from oncoseg_node.contouring.engines import classical
+from oncoseg_node.contouring.engines import classical, postprocess
 from oncoseg_node.contouring.engines.postprocess import (
     IN_PLANE,
     LabelStats,
@@ -108,3 +108,27 @@ def test_bones_and_canal_the_same_from_float32_and_int16_hu():
     assert bones.sum() > 1000 and canal.sum() > 100
     assert np.array_equal(results[np.float32][0], bones)
     assert np.array_equal(results[np.float32][1], canal)
+
+
+def test_each_slab_keeps_order_and_runs_nested_steps_in_place():
+    def inner(k: int) -> int:
+        return k * k
+
+    def outer(k: int) -> list[int]:
+        return postprocess.each_slab(inner, range(k, k + 3))
+
+    assert postprocess.each_slab(outer, range(5)) == [[k * k for k in range(j, j + 3)]
+                                                      for j in range(5)]
+
+
+def test_bones_and_canal_the_same_on_one_thread_as_on_several(monkeypatch):
+    p = make_phantom(slices=40, rows=256, columns=256, pixel_spacing=(1.95, 1.95), seed=4,
+                     patient_position="FFP")
+    body = classical.external(p.volume)
+    mid = classical.midlines(p.volume, body)
+    monkeypatch.setattr(postprocess, "WORKERS", 2)
+    bones, canal = classical.bones_and_canal(p.volume, body, mid)
+    monkeypatch.setattr(postprocess, "WORKERS", 1)
+    bones1, canal1 = classical.bones_and_canal(p.volume, body, mid)
+    assert bones.sum() > 1000 and canal.sum() > 100
+    assert np.array_equal(bones, bones1) and np.array_equal(canal, canal1)

@@ -37,6 +37,7 @@ from oncoseg_node.contouring.engines.postprocess import (
     bbox_by_slab,
     compact_label,
     dilate,
+    each_slab,
     enclosed,
     erode,
     fill_holes,
@@ -91,7 +92,8 @@ def _half_maximum(volume: Volume, hu: np.ndarray, body: np.ndarray) -> np.ndarra
     floats = _floats(hu)
     n = hu.shape[0]
     cand = np.empty(hu.shape, dtype=bool)
-    for z0 in range(0, n, SLAB):
+
+    def step(z0: int) -> None:
         z1 = min(z0 + SLAB, n)
         first, stop = max(z0 - 1, 0), min(z1 + 1, n)
         peak = _local_max(hu[first:stop], ry, rx).astype(floats, copy=False)
@@ -107,6 +109,8 @@ def _half_maximum(volume: Volume, hu: np.ndarray, body: np.ndarray) -> np.ndarra
         np.greater(part, LOW_HU, out=cand[z0:z1])
         cand[z0:z1] &= part > half
         cand[z0:z1] &= body[z0:z1]
+
+    each_slab(step, range(0, n, SLAB))
     return cand
 
 
@@ -277,9 +281,8 @@ def _cavities(volume: Volume, shell: np.ndarray, hu: np.ndarray) -> Cavities:
     # Gaps in a thin shell (where a rib leaves the slab obliquely) are bridged.
     ry, rx = (max(r, 1) for r in radius_px(volume, BRIDGE_MM))
     plane = shell.shape[1] * shell.shape[2]
-    flats, labs, inner = [], [], []
-    count = 0
-    for z in range(0, shell.shape[0], SLAB):
+
+    def step(z: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         part = shell[z:z + SLAB]
         holes = erode(dilate(part, ry, rx), ry, rx)
         holes |= part
@@ -287,10 +290,16 @@ def _cavities(volume: Volume, shell: np.ndarray, hu: np.ndarray) -> Cavities:
         holes &= ~part
         labels, found = compact_label(holes, IN_PLANE)
         flat = np.flatnonzero(holes)
-        flats.append(flat + z * plane)
-        labs.append(labels.ravel()[flat].astype(np.int64) + count)
         # Judge a cavity by its inside: next to a dense cortex its rim is blurred toward bone.
-        inner.append(erode(holes, 1, 1).ravel()[flat])
+        inner = erode(holes, 1, 1).ravel()[flat]
+        return flat + z * plane, labels.ravel()[flat].astype(np.int64), inner, found
+
+    flats, labs, inner = [], [], []
+    count = 0
+    for flat, lab, inside, found in each_slab(step, range(0, shell.shape[0], SLAB)):
+        flats.append(flat)
+        labs.append(lab + count)
+        inner.append(inside)
         count += found
     stats = LabelStats.from_voxels(np.concatenate(flats), np.concatenate(labs), count)
     inside = stats.subset(np.concatenate(inner)).mean(hu)
@@ -326,12 +335,15 @@ def _orthogonal_fill(shell: np.ndarray, dense: np.ndarray) -> np.ndarray:
     """
     out = dense & ~shell
     for axis in (1, 2):  # coronal planes (z, x) at each row, sagittal planes (z, y) at each column
-        for start in range(0, shell.shape[axis], SLAB):
+
+        def step(start: int, axis: int = axis) -> None:
             # A slab of planes at a time, made contiguous: never a transposed copy of it all.
             where = [slice(None)] * 3
             where[axis] = slice(start, start + SLAB)
             planes = np.ascontiguousarray(np.moveaxis(shell[tuple(where)], axis, 0))
             out[tuple(where)] &= np.moveaxis(fill_holes(planes), 0, axis)
+
+        each_slab(step, range(0, shell.shape[axis], SLAB))
     return out
 
 
@@ -339,11 +351,14 @@ def _smoothed_above(hu: np.ndarray, *levels: float) -> list[np.ndarray]:
     """Where ``hu`` averaged over 3 x 3 in-plane exceeds each level; a slab at a time."""
     floats = _floats(hu)
     out = [np.empty(hu.shape, dtype=bool) for _ in levels]
-    for z in range(0, hu.shape[0], SLAB):
+
+    def step(z: int) -> None:
         # int16 would truncate the average: the filter runs on floats
         smooth = ndimage.uniform_filter(hu[z:z + SLAB].astype(floats, copy=False), size=(1, 3, 3))
         for mask, level in zip(out, levels, strict=True):
             np.greater(smooth, level, out=mask[z:z + SLAB])
+
+    each_slab(step, range(0, hu.shape[0], SLAB))
     return out
 
 

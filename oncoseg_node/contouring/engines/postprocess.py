@@ -14,7 +14,11 @@ the same whichever engine contours the structure.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 from scipy import ndimage
@@ -22,6 +26,8 @@ from scipy import ndimage
 from oncoseg_node.contouring.engines.blocks import Block, box_in
 from oncoseg_node.contouring.protocols import PostProcess
 from oncoseg_node.contouring.volume import Volume
+
+T = TypeVar("T")
 
 # 4-connectivity within a slice, none across slices.
 IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
@@ -40,6 +46,35 @@ def _slabs(mask: np.ndarray, axis: int = -1) -> list[np.ndarray]:
     if mask.ndim != 3 or axis % 3 == 0:
         return [mask]
     return [mask[z:z + SLAB] for z in range(0, mask.shape[0], SLAB)]
+
+
+# Slab steps run on this many threads: numpy's loops and scipy's labelling
+# release the GIL, and slabs write disjoint parts of their output, so the result
+# is the same whatever the order they finish in.
+WORKERS = min(2, os.cpu_count() or 1)
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+_worker = threading.local()
+
+
+def _mark_worker() -> None:
+    _worker.busy = True
+
+
+def each_slab(step: Callable[[int], T], starts: Sequence[int]) -> list[T]:
+    """``step(start)`` for each start, results in order; on WORKERS threads at once.
+
+    Called again from inside a step it runs in place (a step waiting for
+    steps queued behind it would wait for ever).
+    """
+    global _pool
+    if WORKERS < 2 or len(starts) < 2 or getattr(_worker, "busy", False):
+        return [step(start) for start in starts]
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="slab",
+                                       initializer=_mark_worker)
+    return list(_pool.map(step, starts))
 
 
 def shift_in_place(out: np.ndarray, radius: int, axis: int, op: np.ufunc) -> None:
@@ -70,9 +105,13 @@ def shift_or(mask: np.ndarray, radius: int, axis: int, op: np.ufunc) -> np.ndarr
 
 def _rectangle(mask: np.ndarray, ry: int, rx: int, op: np.ufunc) -> np.ndarray:
     out = mask.copy()
-    for part in _slabs(out):
+
+    def step(part: np.ndarray) -> None:
         shift_in_place(part, ry, -2, op)
         shift_in_place(part, rx, -1, op)
+
+    parts = _slabs(out)
+    each_slab(lambda k: step(parts[k]), range(len(parts)))
     return out
 
 
@@ -139,28 +178,33 @@ def _plane_box(part: np.ndarray) -> tuple[slice, slice] | None:
             slice(max(int(cols[0]) - 1, 0), min(int(cols[-1]) + 2, part.shape[2])))
 
 
-def _enclosed_by_slab(mask: np.ndarray
-                      ) -> Iterator[tuple[tuple[slice, slice, slice], np.ndarray, np.ndarray]]:
-    """Per slab of slices: (where, background labels there, which labels are enclosed).
+Enclosed = tuple[tuple[slice, slice, slice], np.ndarray, np.ndarray]
+
+
+def _enclosed_in_slab(mask: np.ndarray, z: int) -> Enclosed | None:
+    """For the slab of slices from ``z``: (where, background labels, which are enclosed).
 
     ``where`` is the slab cut to its mask's in-plane box and one pixel more:
     everything outside it is background open to the image's border, and so
     is any background piece touching its edge (the edge is either the
     image's border or background next to it). Labelling that cut instead of
-    whole slices skips what cannot be a hole.
+    whole slices skips what cannot be a hole. None when the slab is empty.
     """
-    for z in range(0, mask.shape[0], SLAB):
-        part = mask[z:z + SLAB]
-        plane = _plane_box(part)
-        if plane is None:
-            continue
-        where = (slice(z, z + part.shape[0]), *plane)
-        labels, count = compact_label(~mask[where], IN_PLANE)
-        inside = np.ones(count + 1, dtype=bool)
-        for edge in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
-            inside[edge] = False
-        inside[0] = False  # label 0 is the mask itself
-        yield where, labels, inside
+    part = mask[z:z + SLAB]
+    plane = _plane_box(part)
+    if plane is None:
+        return None
+    where = (slice(z, z + part.shape[0]), *plane)
+    labels, count = compact_label(~mask[where], IN_PLANE)
+    inside = np.ones(count + 1, dtype=bool)
+    for edge in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
+        inside[edge] = False
+    inside[0] = False  # label 0 is the mask itself
+    return where, labels, inside
+
+
+def _slab_starts(mask: np.ndarray) -> range:
+    return range(0, mask.shape[0], SLAB)
 
 
 def fill_holes(mask: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -173,16 +217,28 @@ def fill_holes(mask: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         out = mask.copy()
     elif out is not mask:
         out[...] = mask
-    for where, labels, inside in _enclosed_by_slab(mask):
-        out[where] |= inside[labels]
+
+    def step(z: int) -> None:
+        found = _enclosed_in_slab(mask, z)
+        if found is not None:
+            where, labels, inside = found
+            out[where] |= inside[labels]
+
+    each_slab(step, _slab_starts(mask))
     return out
 
 
 def enclosed(mask: np.ndarray) -> np.ndarray:
     """The holes ``fill_holes`` fills: ``fill_holes(mask) & ~mask`` in one pass."""
     out = np.zeros(mask.shape, dtype=bool)
-    for where, labels, inside in _enclosed_by_slab(mask):
-        out[where] = inside[labels]
+
+    def step(z: int) -> None:
+        found = _enclosed_in_slab(mask, z)
+        if found is not None:
+            where, labels, inside = found
+            out[where] = inside[labels]
+
+    each_slab(step, _slab_starts(mask))
     return out
 
 
@@ -194,19 +250,26 @@ def enclosed_regions(mask: np.ndarray) -> LabelStats:
     is one background piece of its slab, numbered in that same order. No
     volume of labels is made: holes are a small part of it.
     """
+    def step(z: int) -> tuple[np.ndarray, np.ndarray, int] | None:
+        found = _enclosed_in_slab(mask, z)
+        if found is None:
+            return None
+        where, labels, inside = found
+        # numbered 1.. within the slab here, on from the slabs before below
+        number = np.cumsum(inside) * inside
+        at = np.nonzero(inside[labels])
+        flat = np.ravel_multi_index(
+            tuple(i + w.start for i, w in zip(at, where, strict=True)), mask.shape)
+        return flat, number[labels[at]], int(inside.sum())
+
     flats, labs = [], []
     count = 0
-    for where, labels, inside in _enclosed_by_slab(mask):
-        found = int(inside.sum())
-        if not found:
+    for found in each_slab(step, _slab_starts(mask)):
+        if found is None or not found[2]:
             continue
-        number = np.zeros(len(inside), dtype=np.int64)
-        number[inside] = np.arange(count + 1, count + found + 1)
-        at = np.nonzero(inside[labels])
-        flats.append(np.ravel_multi_index(
-            tuple(i + w.start for i, w in zip(at, where, strict=True)), mask.shape))
-        labs.append(number[labels[at]])
-        count += found
+        flats.append(found[0])
+        labs.append(found[1] + count)
+        count += found[2]
     if not flats:
         nothing = np.zeros(0, dtype=np.int64)
         return LabelStats.from_voxels(nothing, nothing, 0)
