@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 
 import numpy as np
 import pytest
@@ -132,3 +133,11 @@ def test_bones_and_canal_the_same_on_one_thread_as_on_several(monkeypatch):
     bones1, canal1 = classical.bones_and_canal(p.volume, body, mid)
     assert bones.sum() > 1000 and canal.sum() > 100
     assert np.array_equal(bones, bones1) and np.array_equal(canal, canal1)
+
+
+def test_each_slab_in_a_forked_child():
+    postprocess.each_slab(abs, range(-3, 3))  # the parent's pool exists
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as pool:
+        result = pool.apply_async(postprocess.each_slab, (abs, range(-3, 3)))
+        assert result.get(timeout=30) == [3, 2, 1, 0, 1, 2]

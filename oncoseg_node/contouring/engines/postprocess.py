@@ -61,6 +61,15 @@ def _mark_worker() -> None:
     _worker.busy = True
 
 
+def _forget_pool() -> None:
+    # A forked child has none of the parent's threads: it starts its own pool.
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
 def each_slab(step: Callable[[int], T], starts: Sequence[int]) -> list[T]:
     """``step(start)`` for each start, results in order; on WORKERS threads at once.
 
