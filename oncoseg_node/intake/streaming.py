@@ -28,6 +28,8 @@ from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 
 from oncoseg_node.dicom.filemeta import encode_file_meta
@@ -43,6 +45,10 @@ LAST_FRAGMENT = 0x02
 WHOLE_COMMAND = COMMAND_FRAGMENT | LAST_FRAGMENT
 # A presentation data value's length, context ID and control header (PS3.8 9.3.5.1).
 PDV_OVERHEAD = 6
+P_DATA_TF_TYPE = 0x04
+P_DATA_TF_EVENT = "Evt10"  # P-DATA-TF PDU received (PS3.8 9.2)
+PDU_HEADER = 6
+PDV_HEADER = 6  # item length (4), context ID (1), control header (1)
 # CommandDataSetType when no data set follows the command (PS3.7 E.1).
 NO_DATA_SET = 0x0101
 
@@ -76,8 +82,8 @@ class SpoolingDIMSE(DIMSEServiceProvider):
                     self._start_file(request, context_id)
                     continue
             single = P_DATA()
-            # pynetdicom's setter wants lists, its annotation says tuples
-            single.presentation_data_value_list = cast(Any, [[context_id, data]])
+            # pynetdicom's setter wants lists of bytes, its annotation says tuples
+            single.presentation_data_value_list = cast(Any, [[context_id, bytes(data)]])
             before = self.message
             command_was_pending = not isinstance(before, C_STORE_RQ)
             super().receive_primitive(single)
@@ -164,6 +170,47 @@ class SpoolingDIMSE(DIMSEServiceProvider):
             incoming.discard()
 
 
+class ReceivedPData(P_DATA_TF):
+    """A received P-DATA-TF whose values are views of the PDU as read, not copies."""
+
+    def __init__(self, values: list[tuple[int, memoryview]]) -> None:
+        super().__init__()
+        self.values = values
+
+    def to_primitive(self) -> P_DATA:
+        primitive = P_DATA()
+        primitive.presentation_data_value_list = []
+        primitive.presentation_data_value_list.extend(cast(Any, self.values))
+        return primitive
+
+
+class SpoolingDUL(DULServiceProvider):
+    """The upper layer of an acceptor association: P-DATA-TF decoded without copies.
+
+    pynetdicom copies each received PDU twice more before its values reach
+    the DIMSE provider (to ``bytes``, then each value sliced out); a C-STORE
+    data set's fragments are only written to their file, so views do. A
+    PDU whose items do not add up, and every other PDU type, is decoded by
+    pynetdicom as before.
+    """
+
+    def _decode_pdu(self, bytestream: bytearray) -> tuple[Any, str]:
+        if bytestream[0] != P_DATA_TF_TYPE:
+            return super()._decode_pdu(bytestream)
+        view = memoryview(bytestream)
+        values: list[tuple[int, memoryview]] = []
+        at, end = PDU_HEADER, len(bytestream)
+        while at < end:
+            if end - at < PDV_HEADER:
+                return super()._decode_pdu(bytestream)
+            (length,) = struct.unpack_from(">I", bytestream, at)
+            if length < 2 or at + 4 + length > end:
+                return super()._decode_pdu(bytestream)
+            values.append((bytestream[at + 4], view[at + 5:at + 4 + length]))
+            at += 4 + length
+        return ReceivedPData(values), P_DATA_TF_EVENT
+
+
 class SpoolingAssociation(WakingAssociation):
     """An acceptor association whose unhandled spool files go when its thread ends."""
 
@@ -187,6 +234,7 @@ def install(assoc: Association, spool: Spool) -> None:
     dimse._unhandled = set()
     dimse._lock = threading.Lock()
     assoc.__class__ = SpoolingAssociation
+    assoc.dul.__class__ = SpoolingDUL
 
 
 def take_incoming(assoc: Any, request: Any) -> IncomingFile | None:
