@@ -86,12 +86,22 @@ class SpoolingDIMSE(DIMSEServiceProvider):
             single.presentation_data_value_list = cast(Any, [[context_id, bytes(data)]])
             before = self.message
             command_was_pending = not isinstance(before, C_STORE_RQ)
-            super().receive_primitive(single)
-            message = self.message
-            if (command_was_pending and isinstance(message, C_STORE_RQ)
-                    and message.command_set.CommandDataSetType != NO_DATA_SET
-                    and message.context_id in self.assoc._accepted_cx):
-                self._start_file(message.command_set, message.context_id)
+            try:
+                super().receive_primitive(single)
+                message = self.message
+                if (command_was_pending and isinstance(message, C_STORE_RQ)
+                        and message.command_set.CommandDataSetType != NO_DATA_SET
+                        and message.context_id in self.assoc._accepted_cx):
+                    self._start_file(message.command_set, message.context_id)
+            except Exception:
+                # A command set lacking an element PS3.7 requires (CommandField,
+                # CommandDataSetType, a UID) makes pynetdicom's decoding raise on
+                # this reader thread, which would die with the connection held:
+                # answered as pynetdicom answers a message it cannot convert.
+                log.exception("dimse_message_invalid")
+                self.message = None
+                self.dul.event_queue.put("Evt19")
+                return
 
     def _start_file(self, command: Any, context_id: int | None) -> None:
         """The command is complete and a data set follows: open its spool file."""
@@ -129,6 +139,13 @@ class SpoolingDIMSE(DIMSEServiceProvider):
             except Exception:
                 log.exception("dimse_message_invalid")
                 self.dul.event_queue.put("Evt19")  # pynetdicom's answer: abort
+                return
+            if not request.is_valid_request:
+                # No MessageID: pynetdicom would drop the request unanswered and
+                # leave the sender waiting for the network timeout; a response
+                # cannot name the request, so the association is aborted.
+                log.warning("dimse_request_incomplete", message=type(request).__name__)
+                self.dul.event_queue.put("Evt19")
                 return
         request._node_incoming = incoming
         self.msg_queue.put(cast(Any, (context_id, request)))

@@ -1,0 +1,89 @@
+"""C-STORE command sets no conformant sender makes, sent over a raw socket.
+
+Each one lacks an element PS3.7 9.3.1.1 requires (the command field, the
+data set type, a UID the file meta needs) or is empty. The node must answer
+as pynetdicom answers a message it cannot decode, an A-ABORT, and end the
+association: no thread of it may die on the way (a dead reader thread leaves
+the connection and its association slot held), nothing may be stored and no
+spool file left.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+import time
+
+import pytest
+
+from tests import rawpdu
+from tests.ctfactory import series
+from tests.test_streaming_receive import (
+    COMMAND_LAST,
+    DATA_LAST,
+    associated,
+    data_set_bytes,
+    node,  # noqa: F401  (the fixture)
+    spool_leftovers,
+)
+
+pytestmark = pytest.mark.peers
+
+A_ABORT = 0x07
+
+
+def element(number: int, value: bytes) -> bytes:
+    return struct.pack("<HHI", 0, number, len(value)) + value
+
+
+def uid(value: object) -> bytes:
+    raw = str(value).encode("ascii")
+    return raw + b"\0" if len(raw) % 2 else raw
+
+
+def command_without(ds, left_out: int | None) -> bytes:
+    """A C-STORE-RQ command set for ``ds`` with element ``left_out`` missing."""
+    elements = {
+        0x0002: uid(ds.SOPClassUID),
+        0x0100: struct.pack("<H", 0x0001),
+        0x0110: struct.pack("<H", 1),
+        0x0700: struct.pack("<H", 0),
+        0x0800: struct.pack("<H", 0x0001),
+        0x1000: uid(ds.SOPInstanceUID),
+    }
+    elements.pop(left_out, None)
+    body = b"".join(element(number, value) for number, value in sorted(elements.items()))
+    return element(0x0000, struct.pack("<I", len(body))) + body
+
+
+@pytest.fixture
+def thread_deaths(monkeypatch):
+    died: list[str] = []
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        died.append(f"{args.thread.name if args.thread else '?'}: {args.exc_type.__name__}")
+
+    monkeypatch.setattr(threading, "excepthook", hook)
+    return died
+
+
+@pytest.mark.parametrize("left_out", [0x1000, 0x0002, 0x0800, 0x0100, 0x0110, "all"],
+                         ids=["no-instance-uid", "no-class-uid", "no-data-set-type",
+                              "no-command-field", "no-message-id", "empty"])
+def test_command_set_lacking_a_required_element_is_aborted(node, thread_deaths,  # noqa: F811
+                                                           left_out):
+    receiver, ledger, spool = node
+    ds = series(1, size=16)[0]
+    command = b"" if left_out == "all" else command_without(ds, left_out)
+    sock = associated(receiver.port)
+    sock.sendall(rawpdu.p_data((1, COMMAND_LAST, command), (1, DATA_LAST, data_set_bytes(ds))))
+    pdu_type, _ = rawpdu.read_pdu(sock)
+    sock.close()
+    assert pdu_type == A_ABORT
+    deadline = time.monotonic() + 10
+    while receiver.active_associations() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert receiver.active_associations() == 0
+    assert thread_deaths == []
+    assert ledger.find_instance(str(ds.SOPInstanceUID)) is None
+    assert spool_leftovers(spool) == []
