@@ -136,13 +136,13 @@ def _mask_of(shape: tuple[int, ...], flat: np.ndarray) -> np.ndarray:
     return out
 
 
-def _without_contrast(volume: Volume, cand: np.ndarray, hu: np.ndarray, edge: np.ndarray,
-                      scratch: np.ndarray) -> np.ndarray:
+def _without_contrast(volume: Volume, box: tuple[slice, ...], cand: np.ndarray,
+                      hu: np.ndarray, scratch: np.ndarray) -> np.ndarray:
     """``cand`` less the thick plateaus brighter than their rim (iodine), with their rim.
 
     Candidates are a few percent of the box: what is judged per voxel is
     gathered at their flat indices rather than computed over the whole box.
-    Both labellings are written into ``scratch``.
+    Both labellings are written into ``scratch``. ``cand`` and ``hu`` lie on ``box``.
     """
     ry, rx = radius_px(volume, THICK_MM)
     core = erode(cand, ry, rx) & cand
@@ -170,13 +170,15 @@ def _without_contrast(volume: Volume, cand: np.ndarray, hu: np.ndarray, edge: np
     enclosing[np.unique(stats.lab[cavities.ravel()[stats.flat]])] = True
     del cavities
     # What the field of view cuts shows no rim: it cannot be judged, so it is kept.
+    edge = _cut_by_the_image(volume, box)
     enclosing[np.unique(stats.lab[edge.ravel()[stats.flat]])] = True
+    del edge
     contrast = np.concatenate([[False], plateau & ~enclosing[1:]])
     if not contrast.any():
         return cand
     flagged = np.flatnonzero(contrast)
     vessel = np.zeros(count + 1, dtype=bool)
-    vessel[flagged] = _round_tubes(volume, cand.shape, core_stats, flagged)
+    vessel[flagged] = _round_tubes(volume, box, core_stats, flagged)
     reach = radius_px(volume, REACH_MM)
     plateaus = stats.flat[contrast[stats.lab]]
     near = dilate(_mask_of(cand.shape, plateaus), *reach)
@@ -205,13 +207,16 @@ def _without_contrast(volume: Volume, cand: np.ndarray, hu: np.ndarray, edge: np
     return out
 
 
-def _round_tubes(volume: Volume, shape: tuple[int, ...], core: LabelStats, which: np.ndarray
+def _round_tubes(volume: Volume, box: tuple[slice, ...], core: LabelStats, which: np.ndarray
                  ) -> np.ndarray:
-    """For labels ``which`` (their ``core`` voxels): a round cross-section of a vessel's
-    size, longer than a vertebra."""
+    """For labels ``which`` (their ``core`` voxels, flat indices on ``box``): a round
+    cross-section of a vessel's size, longer than a vertebra."""
     out = np.zeros(len(which), dtype=bool)
     pixel_mm2 = volume.pixel_spacing[0] * volume.pixel_spacing[1]
-    offsets = volume.slice_offsets
+    shape = tuple(s.stop - s.start for s in box)
+    # Slice k of the box is slice box[0].start + k of the volume: its own offsets,
+    # which differ from the volume's first ones wherever the spacing is not uniform.
+    offsets = volume.slice_offsets[box[0]]
     wanted = np.zeros(core.count + 1, dtype=bool)
     wanted[which] = True
     pick = wanted[core.lab]
@@ -389,7 +394,7 @@ class Skeleton:
             cand &= ~dilate(metal, *radius_px(volume, METAL_MARGIN_MM))
         # One box of labels, written by each 3D labelling in turn.
         scratch = np.empty(hu.shape, dtype=np.uint16)
-        cand = _without_contrast(volume, cand, hu, _cut_by_the_image(volume, box), scratch)
+        cand = _without_contrast(volume, box, cand, hu, scratch)
         shell = _seeded(cand, hu, scratch)
         del scratch
         # What encloses marrow: the shell, and beside it whatever is denser than
