@@ -44,19 +44,31 @@ from oncoseg_node.contouring.protocols import Structure
 from oncoseg_node.contouring.volume import Volume
 
 __all__ = ["BODY_HU", "GAS_HU", "LUNG_HU", "MIN_LUNG_CC", "ClassicalEngine", "bones_and_canal",
-           "external", "lungs", "midlines", "patient_x"]
+           "external", "lungs", "midlines", "patient_x", "skeleton_blocks"]
 
+
+
+def skeleton_blocks(volume: Volume, body: np.ndarray, mid: np.ndarray
+                    ) -> tuple[Block | None, Block | None]:
+    """Skeleton (marrow included, contrast and metal left out) and the spinal canal,
+    each on its own box (None when empty): never a whole volume of either."""
+    skeleton = Skeleton(volume, body)
+    if skeleton.box is None:
+        return None, None
+    box = skeleton.box
+    canal = spinal_canal(volume, skeleton.solid, skeleton.hu, box, mid)
+    bones = skeleton.fill(canal)
+    del skeleton
+    return tight(bones, box, volume.shape), tight(canal, box, volume.shape)
 
 
 def bones_and_canal(volume: Volume, body: np.ndarray, mid: np.ndarray
                     ) -> tuple[np.ndarray, np.ndarray]:
-    """Skeleton (marrow included, contrast and metal left out) and the spinal canal."""
-    skeleton = Skeleton(volume, body)
-    canal = np.zeros(volume.shape, dtype=bool)
-    if skeleton.box is None:
-        return skeleton.bones, canal
-    canal[skeleton.box] = spinal_canal(volume, skeleton.solid, skeleton.hu, skeleton.box, mid)
-    return skeleton.fill(volume, canal[skeleton.box]), canal
+    """:func:`skeleton_blocks` as whole masks."""
+    bones, canal = skeleton_blocks(volume, body, mid)
+    nothing = np.zeros(volume.shape, dtype=bool)
+    return (nothing if bones is None else bones.full(volume.shape),
+            nothing.copy() if canal is None else canal.full(volume.shape))
 
 
 class _Steps:
@@ -97,8 +109,7 @@ class _Steps:
 
     @cached_property
     def skeleton(self) -> tuple[Block | None, Block | None]:
-        bones, canal = bones_and_canal(self.volume, self.body, self.mid)
-        return tight(bones), tight(canal)
+        return skeleton_blocks(self.volume, self.body, self.mid)
 
     def release(self, name: str) -> None:
         self.__dict__.pop(name, None)

@@ -82,13 +82,14 @@ def _floats(hu: np.ndarray) -> np.dtype:
 
 
 def _half_maximum(volume: Volume, hu: np.ndarray, body: np.ndarray) -> np.ndarray:
-    """Step 1 on ``hu`` (the bone box): candidate bone, a slab of slices at a time.
+    """Steps 1 and 2 on ``hu`` (the bone box): candidate bone, a slab of slices at a time.
 
     Each slab's peaks need the slice on either side (they count along z), so
     a slab is computed with one slice of margin; the peaks never exist for the
     whole box at once.
     """
     ry, rx = radius_px(volume, PEAK_MM)
+    margin = radius_px(volume, METAL_MARGIN_MM)
     floats = _floats(hu)
     n = hu.shape[0]
     cand = np.empty(hu.shape, dtype=bool)
@@ -109,6 +110,9 @@ def _half_maximum(volume: Volume, hu: np.ndarray, body: np.ndarray) -> np.ndarra
         np.greater(part, LOW_HU, out=cand[z0:z1])
         cand[z0:z1] &= part > half
         cand[z0:z1] &= body[z0:z1]
+        metal = part > METAL_HU
+        if metal.any():  # its blur is in-plane: a slab's own metal is all it reaches
+            cand[z0:z1] &= ~dilate(metal, *margin)
 
     each_slab(step, range(0, n, SLAB))
     return cand
@@ -138,7 +142,8 @@ def _mask_of(shape: tuple[int, ...], flat: np.ndarray) -> np.ndarray:
 
 def _without_contrast(volume: Volume, box: tuple[slice, ...], cand: np.ndarray,
                       hu: np.ndarray, scratch: np.ndarray) -> np.ndarray:
-    """``cand`` less the thick plateaus brighter than their rim (iodine), with their rim.
+    """``cand`` less the thick plateaus brighter than their rim (iodine), with their rim;
+    ``cand`` itself is cut (the caller holds it no more).
 
     Candidates are a few percent of the box: what is judged per voxel is
     gathered at their flat indices rather than computed over the whole box.
@@ -200,11 +205,13 @@ def _without_contrast(volume: Volume, box: tuple[slice, ...], cand: np.ndarray,
     del near
     attached = np.zeros(n + 1, dtype=bool)
     attached[np.unique(piece_of[away])] = True
-    out = cand.copy()
-    out.ravel()[everywhere[(holds & ~attached)[piece_of]]] = False
+    # The caller's candidates are its to give up: they are cut where they lie.
+    cand.ravel()[everywhere[(holds & ~attached)[piece_of]]] = False
     if vessel.any():
-        out &= ~dilate(_mask_of(cand.shape, stats.flat[vessel[stats.lab]]), *reach)
-    return out
+        cut = dilate(_mask_of(cand.shape, stats.flat[vessel[stats.lab]]), *reach)
+        np.logical_not(cut, out=cut)
+        cand &= cut
+    return cand
 
 
 def _round_tubes(volume: Volume, box: tuple[slice, ...], core: LabelStats, which: np.ndarray
@@ -253,7 +260,8 @@ def _seeded(cand: np.ndarray, hu: np.ndarray, scratch: np.ndarray) -> np.ndarray
     labels are written into ``scratch``.
     """
     linked = dilate(cand, 1, 1)
-    linked &= hu > LOW_HU
+    for z in range(0, hu.shape[0], SLAB):  # a slab's comparison at a time, not a box of it
+        linked[z:z + SLAB] &= hu[z:z + SLAB] > LOW_HU
     linked |= cand
     labels, count = compact_label(linked, np.ones((3, 3, 3), bool), out=scratch)
     del linked
@@ -332,23 +340,28 @@ def _fatty(cavities: Cavities, canal: np.ndarray) -> np.ndarray:
     return stats.where(np.concatenate([[False], fatty]), canal.shape)
 
 
-def _orthogonal_fill(shell: np.ndarray, dense: np.ndarray) -> np.ndarray:
-    """Marrow enclosed on both coronal and sagittal planes (voxels denser than MARROW_HU).
+def _orthogonal_fill(ring: np.ndarray, marrow: np.ndarray, dense: np.ndarray) -> np.ndarray:
+    """Marrow enclosed by ``ring | marrow`` on both coronal and sagittal planes (voxels
+    denser than MARROW_HU).
 
     Both: a plane tangent to a curved shell (the skull) cuts it in a ring that
-    encloses soft tissue on one of them, never on both.
+    encloses soft tissue on one of them, never on both. The enclosing shell is
+    made a slab at a time, never held whole.
     """
-    out = dense & ~shell
+    out = np.logical_or(ring, marrow)
+    np.logical_not(out, out=out)
+    out &= dense
     for axis in (1, 2):  # coronal planes (z, x) at each row, sagittal planes (z, y) at each column
 
         def step(start: int, axis: int = axis) -> None:
             # A slab of planes at a time, made contiguous: never a transposed copy of it all.
             where = [slice(None)] * 3
             where[axis] = slice(start, start + SLAB)
-            planes = np.ascontiguousarray(np.moveaxis(shell[tuple(where)], axis, 0))
+            planes = np.moveaxis(ring[tuple(where)] | marrow[tuple(where)], axis, 0)
+            planes = np.ascontiguousarray(planes)
             out[tuple(where)] &= np.moveaxis(fill_holes(planes), 0, axis)
 
-        each_slab(step, range(0, shell.shape[axis], SLAB))
+        each_slab(step, range(0, ring.shape[axis], SLAB))
     return out
 
 
@@ -371,14 +384,14 @@ class Skeleton:
     """Bones (marrow included) and the solid bone the canal search looks in.
 
     ``solid`` (cortex and trabecular marrow, on ``box``) is what rings the
-    canal; ``fill`` adds fatty marrow and leaves the canal out.
+    canal; ``fill`` adds fatty marrow and leaves the canal out. ``box`` is None
+    when nothing in the body is as dense as bone.
     """
 
     def __init__(self, volume: Volume, body: np.ndarray) -> None:
         self.box = bbox_by_slab(volume.shape, lambda z: (volume.hu[z] > LOW_HU) & body[z], pad=2)
-        self.bones = np.zeros(volume.shape, dtype=bool)
         self.solid = np.zeros((0, 0, 0), dtype=bool)
-        self.hu = np.zeros((0, 0, 0), dtype=np.float32)
+        self.hu = np.zeros((0, 0, 0), dtype=np.int16)
         nothing = np.zeros(0, dtype=np.int64)
         self.cavities = Cavities(LabelStats.from_voxels(nothing, nothing, 0), np.zeros(0),
                                  np.zeros(0))
@@ -389,32 +402,44 @@ class Skeleton:
         # where it needs arithmetic, so the box is never held as floats whole.
         hu = np.ascontiguousarray(volume.hu[box])
         cand = _half_maximum(volume, hu, body[box])
-        metal = hu > METAL_HU
-        if metal.any():
-            cand &= ~dilate(metal, *radius_px(volume, METAL_MARGIN_MM))
         # One box of labels, written by each 3D labelling in turn.
         scratch = np.empty(hu.shape, dtype=np.uint16)
         cand = _without_contrast(volume, box, cand, hu, scratch)
         shell = _seeded(cand, hu, scratch)
-        del scratch
+        del scratch, cand
         # What encloses marrow: the shell, and beside it whatever is denser than
         # ENCLOSE_HU once smoothed (a thin cortex blended with marrow and with the
         # endplate beside it over a thick slice is below the shell's half maximum).
         # Voxel by voxel, marrow is denser than MARROW_HU once smoothed; the canal is not.
         dense, enclose = _smoothed_above(hu, MARROW_HU, ENCLOSE_HU)
-        ring = shell | (enclose & dilate(shell, 2, 2))
+        # Each box-sized mask is built in place: ``a | b`` would be one more box each.
+        ring = dilate(shell, 2, 2)
+        ring &= enclose
         del enclose
+        ring |= shell
         self.cavities = _cavities(volume, shell, hu)
-        marrow = _trabecular(self.cavities, dense) | \
-            _trabecular(_cavities(volume, ring, hu), dense)
-        marrow |= _orthogonal_fill(ring | marrow, dense)
-        self.solid = shell | marrow | (ring & dilate(marrow, 2, 2))
+        marrow = _trabecular(self.cavities, dense)
+        marrow |= _trabecular(_cavities(volume, ring, hu), dense)
+        marrow |= _orthogonal_fill(ring, marrow, dense)
+        del dense
+        solid = dilate(marrow, 2, 2)
+        solid &= ring
+        del ring
+        solid |= marrow
+        del marrow
+        solid |= shell
+        del shell
+        self.solid = solid
         self.hu = hu
 
-    def fill(self, volume: Volume, canal_in_box: np.ndarray) -> np.ndarray:
-        """The bones with their marrow, the canal left out; on the whole volume."""
-        if self.box is None:
-            return self.bones
-        bone = self.solid | (_fatty(self.cavities, canal_in_box) & ~self.solid)
-        self.bones[self.box] = bone & ~canal_in_box
-        return self.bones
+    def fill(self, canal_in_box: np.ndarray) -> np.ndarray:
+        """The bones with their marrow, the canal left out; on ``box``.
+
+        The last step: the box's HU and solid bone are let go here.
+        """
+        bone = _fatty(self.cavities, canal_in_box)
+        bone |= self.solid
+        bone &= ~canal_in_box
+        self.solid = np.zeros((0, 0, 0), dtype=bool)
+        self.hu = np.zeros((0, 0, 0), dtype=np.int16)
+        return bone
