@@ -41,6 +41,7 @@ from oncoseg_node.contouring.engines.postprocess import (
     enclosed,
     erode,
     fill_holes,
+    gather,
     radius_px,
     shift_in_place,
 )
@@ -170,7 +171,8 @@ def _without_contrast(volume: Volume, box: tuple[slice, ...], cand: np.ndarray,
     # cavity (marrow, never gas: iodine around bowel gas is still iodine).
     enclosing = np.zeros(count + 1, dtype=bool)
     cavities = enclosed(cand)
-    cavities &= hu > FATTY_HU[0]
+    for z in range(0, hu.shape[0], SLAB):
+        cavities[z:z + SLAB] &= hu[z:z + SLAB] > FATTY_HU[0]
     cavities = dilate(cavities, 2, 2)
     enclosing[np.unique(stats.lab[cavities.ravel()[stats.flat]])] = True
     del cavities
@@ -201,7 +203,7 @@ def _without_contrast(volume: Volume, box: tuple[slice, ...], cand: np.ndarray,
     holds[np.unique(pieces.ravel()[plateaus])] = True
     holds[0] = False
     del pieces
-    away = (hu.ravel()[everywhere] > SEED_HU) & ~near.ravel()[everywhere]
+    away = (gather(hu, everywhere) > SEED_HU) & ~near.ravel()[everywhere]
     del near
     attached = np.zeros(n + 1, dtype=bool)
     attached[np.unique(piece_of[away])] = True
@@ -271,7 +273,7 @@ def _seeded(cand: np.ndarray, hu: np.ndarray, scratch: np.ndarray) -> np.ndarray
     lab = labels.ravel()[everywhere]
     del labels
     seeded = np.zeros(count + 1, dtype=bool)
-    seeded[np.unique(lab[hu.ravel()[everywhere] > SEED_HU])] = True
+    seeded[np.unique(lab[gather(hu, everywhere) > SEED_HU])] = True
     seeded[0] = False
     return _mask_of(cand.shape, everywhere[seeded[lab]])
 
@@ -398,9 +400,10 @@ class Skeleton:
         if self.box is None:
             return
         box = self.box
-        # HU as they are (int16 from the series): each step casts a slab to floats
-        # where it needs arithmetic, so the box is never held as floats whole.
-        hu = np.ascontiguousarray(volume.hu[box])
+        # HU as they are (int16 from the series), a view of the volume's, never a copy:
+        # each step casts a slab to floats where it needs arithmetic, and reads
+        # the candidates' own voxels through ``gather``.
+        hu = volume.hu[box]
         cand = _half_maximum(volume, hu, body[box])
         # One box of labels, written by each 3D labelling in turn.
         scratch = np.empty(hu.shape, dtype=np.uint16)

@@ -324,6 +324,16 @@ def bbox_by_slab(shape: tuple[int, int, int], part: Callable[[slice], np.ndarray
     return tuple(spans)
 
 
+def gather(values: np.ndarray, flat: np.ndarray) -> np.ndarray:
+    """``values.ravel()[flat]`` without ravel's copy of a strided view (a box of a volume)."""
+    if values.flags.c_contiguous:
+        return values.ravel()[flat]
+    plane = values.shape[1] * values.shape[2]
+    z, rest = np.divmod(flat, plane)
+    y, x = np.divmod(rest, values.shape[2])
+    return values[z, y, x]
+
+
 class LabelStats:
     """Per-label voxel count and mean of a few values, from the labelled voxels only.
 
@@ -376,7 +386,7 @@ class LabelStats:
         """Mean of ``values`` per label (over voxels also in ``where``); NaN where none."""
         lab, flat = self._select(where)
         n = np.bincount(lab, minlength=self.count + 1)[1:]
-        total = np.bincount(lab, weights=values.ravel()[flat], minlength=self.count + 1)[1:]
+        total = np.bincount(lab, weights=gather(values, flat), minlength=self.count + 1)[1:]
         with np.errstate(invalid="ignore", divide="ignore"):
             return total / n
 
@@ -388,7 +398,7 @@ class LabelStats:
         int16 square overflows), never of a whole array.
         """
         lab, flat = self._select(where)
-        picked = values.ravel()[flat]
+        picked = gather(values, flat)
         picked = picked.astype(np.result_type(picked.dtype, np.float32), copy=False)
         n = np.bincount(lab, minlength=self.count + 1)[1:]
         total = np.bincount(lab, weights=picked, minlength=self.count + 1)[1:]
