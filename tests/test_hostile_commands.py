@@ -87,3 +87,28 @@ def test_command_set_lacking_a_required_element_is_aborted(node, thread_deaths, 
     assert thread_deaths == []
     assert ledger.find_instance(str(ds.SOPInstanceUID)) is None
     assert spool_leftovers(spool) == []
+
+
+def test_a_abort_in_the_middle_of_a_data_set_leaves_no_file_and_no_row(node,  # noqa: F811
+                                                                       thread_deaths):
+    from tests.test_streaming_receive import DATA_MORE, command_bytes
+
+    receiver, ledger, spool = node
+    ds = series(1, size=256)[0]
+    data = data_set_bytes(ds)
+    sock = associated(receiver.port)
+    sock.sendall(rawpdu.p_data((1, COMMAND_LAST, command_bytes(ds)), (1, DATA_MORE, data[:8000])))
+    deadline = time.monotonic() + 10
+    while not spool_leftovers(spool) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert spool_leftovers(spool), "the data set is written to the spool as it arrives"
+    sock.sendall(rawpdu.pdu_header(A_ABORT, 4) + bytes(4))  # A-ABORT from the sender
+    deadline = time.monotonic() + 10
+    while (spool_leftovers(spool) or receiver.active_associations()) \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    sock.close()
+    assert spool_leftovers(spool) == []
+    assert receiver.active_associations() == 0
+    assert ledger.find_instance(str(ds.SOPInstanceUID)) is None
+    assert thread_deaths == []
