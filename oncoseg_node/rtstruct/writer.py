@@ -216,7 +216,10 @@ def build_rtstruct(volume: Volume, rois: Sequence[RoiMask], info: GenerationInfo
         roi_contour = Dataset()
         roi_contour.ROIDisplayColor = list(roi.color)
         roi_contour.ReferencedROINumber = number
-        roi_contour[CONTOUR_SEQUENCE] = sequences[number - 1]
+        if sequences[number - 1].length:
+            # ContourSequence is Type 3 but, when present, needs an item
+            # (PS3.3 C.8.8.6): an ROI with nothing to draw leaves it out.
+            roi_contour[CONTOUR_SEQUENCE] = sequences[number - 1]
         contour_rois.append(roi_contour)
 
         observation = Dataset()
