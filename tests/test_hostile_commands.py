@@ -112,3 +112,28 @@ def test_a_abort_in_the_middle_of_a_data_set_leaves_no_file_and_no_row(node,  # 
     assert receiver.active_associations() == 0
     assert ledger.find_instance(str(ds.SOPInstanceUID)) is None
     assert thread_deaths == []
+
+
+def test_a_command_in_the_middle_of_a_data_set_aborts(node, thread_deaths):  # noqa: F811
+    # PS3.8 E.2: a message's fragments follow each other; a new command before
+    # the last data set fragment cannot belong to either message.
+    from tests.test_streaming_receive import DATA_MORE, command_bytes
+
+    receiver, ledger, spool = node
+    first, second = series(2, size=32)
+    sock = associated(receiver.port)
+    sock.sendall(rawpdu.p_data((1, COMMAND_LAST, command_bytes(first, 1)),
+                               (1, DATA_MORE, data_set_bytes(first)[:500])))
+    sock.sendall(rawpdu.p_data((1, COMMAND_LAST, command_bytes(second, 2)),
+                               (1, DATA_LAST, data_set_bytes(second))))
+    pdu_type, _ = rawpdu.read_pdu(sock)
+    sock.close()
+    assert pdu_type == A_ABORT
+    deadline = time.monotonic() + 10
+    while receiver.active_associations() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert receiver.active_associations() == 0
+    for ds in (first, second):
+        assert ledger.find_instance(str(ds.SOPInstanceUID)) is None
+    assert spool_leftovers(spool) == []
+    assert thread_deaths == []

@@ -72,6 +72,16 @@ class SpoolingDIMSE(DIMSEServiceProvider):
                 if control & LAST_FRAGMENT:
                     self._received(incoming)
                 continue
+            if incoming is not None:
+                # A command before the data set's last fragment (PS3.8 E.2):
+                # it would be answered as the earlier request, with the later
+                # one's data set. Nothing can be trusted of either: abort.
+                log.warning("dimse_command_inside_data_set", context_id=context_id)
+                self._receiving = None
+                self._request = None
+                self.message = None
+                self.dul.event_queue.put("Evt19")
+                return
             if (control & WHOLE_COMMAND == WHOLE_COMMAND and self.message is None
                     and incoming is None):
                 # The usual case: the whole command in one fragment.
