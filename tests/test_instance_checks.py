@@ -123,6 +123,10 @@ MALFORMED = {
     "pixel_data_short": (dict(PixelData=bytes(100)), status.PIXEL_DATA_LENGTH_WRONG,
                          "expected 512"),
     "pixel_data_missing": (dict(PixelData=None), status.PIXEL_DATA_MISSING, "PixelData"),
+    # HU = stored x slope + intercept: a slope of 0 makes every voxel one value.
+    "rescale_slope_zero": (dict(RescaleSlope=0), status.RESCALE_INVALID, "RescaleSlope 0"),
+    "rescale_intercept_missing_value": (dict(RescaleIntercept=""), status.RESCALE_INVALID,
+                                        "RescaleIntercept"),
     "modality_mr": (dict(Modality="MR"), status.MODALITY_DOES_NOT_MATCH_SOP_CLASS, "MR"),
     # The comment quotes the value: non-ASCII comes back as "?" (LO, default set).
     "modality_non_ascii": (dict(Modality="\u00dcS"), status.MODALITY_DOES_NOT_MATCH_SOP_CLASS,

@@ -17,6 +17,7 @@ import pydicom
 import pytest
 
 from oncoseg_node.contouring.volume import read_ct_slices, volume_from_datasets, volume_from_files
+from oncoseg_node.errors import SeriesLoadError
 from tests.ctfactory import encode, series
 from tests.peers import DCMTK_ENV, require
 
@@ -72,6 +73,15 @@ def test_rescales_match_float_hu(slope, intercept, signed, lo, hi):
     hu, clipped = expected_hu(stored, 1.0 if slope is None else slope, intercept)
     assert np.array_equal(vol.hu[0], hu)
     assert vol.hu_clipped == clipped
+
+
+@pytest.mark.parametrize("slope", [0, float("inf"), float("nan")])
+def test_a_rescale_that_gives_no_hu_is_refused_by_name(slope):
+    """A file read offline never passed the receiver's checks: the load refuses it."""
+    ds = instance(np.zeros((SIZE, SIZE)), slope=1, intercept=-1024, signed=False)
+    ds.RescaleSlope = slope
+    with pytest.raises(SeriesLoadError, match="RescaleSlope"):
+        volume_from_datasets([ds])
 
 
 def compressed(source: Path, target: Path, how: str) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 
+from oncoseg_node.dicom.rescale import rescale
 from oncoseg_node.errors import PixelDecodeError, SeriesLoadError
 
 
@@ -210,8 +211,10 @@ def _rescale_into(out: np.ndarray, ds: Dataset) -> int:
     if stored.shape != out.shape:
         raise SeriesLoadError(f"slice {ds.get('SOPInstanceUID', '?')}: pixel data is "
                               f"{stored.shape}, Rows x Columns say {out.shape}")
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    found = rescale(ds)
+    if isinstance(found, str):
+        raise SeriesLoadError(f"slice {ds.get('SOPInstanceUID', '?')}: {found}")
+    slope, intercept = found
     if (slope == 1.0 and intercept.is_integer() and stored.dtype.itemsize == 2
             and stored.dtype.kind in "iu" and stored.size):
         shift = int(intercept)

@@ -26,6 +26,7 @@ MODALITY_DOES_NOT_MATCH_SOP_CLASS = 0xA901
 IMAGE_PIXEL_MODULE_INVALID = 0xA902
 PIXEL_DATA_MISSING = 0xA903
 PIXEL_DATA_LENGTH_WRONG = 0xA904
+RESCALE_INVALID = 0xA905  # RescaleSlope / RescaleIntercept that give no HU
 UID_NOT_CONFORMANT = 0xC001
 ELEMENT_VR_UNKNOWN = 0xC002
 # General failure (PS3.7 C); also the answer to an unexpected error in a handler

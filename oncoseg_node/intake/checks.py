@@ -14,7 +14,8 @@ is decoded here.
 - CT Image Storage carries Modality CT and an Image Pixel module a CT volume
   can be built from (PS3.3 C.7.6.3 and C.8.2.1), with PixelData exactly as
   long as Rows x Columns x SamplesPerPixel x BitsAllocated / 8 imply (plus
-  the one pad byte of an odd length) when it is not encapsulated.
+  the one pad byte of an odd length) when it is not encapsulated, and a
+  RescaleSlope and RescaleIntercept that give HU (``dicom.rescale``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pydicom.uid import CTImageStorage
 from pydicom.valuerep import VR
 
 from oncoseg_node.dicom import status
+from oncoseg_node.dicom.rescale import rescale
 from oncoseg_node.intake.headers import ParsedInstance, Refusal
 
 UID_MAX_CHARS = 64
@@ -86,6 +88,9 @@ def check_header(parsed: ParsedInstance, command: Any) -> Refusal | None:
         if modality != "CT":
             return Refusal(status.MODALITY_DOES_NOT_MATCH_SOP_CLASS,
                            f"Modality {modality or 'missing'!r}, CT Image Storage needs CT")
+        problem = rescale(ds)
+        if isinstance(problem, str):
+            return Refusal(status.RESCALE_INVALID, problem)
         return _check_pixels(parsed)
     return None
 
