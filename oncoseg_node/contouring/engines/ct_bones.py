@@ -30,6 +30,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy import ndimage
 
+from oncoseg_node.contouring.engines.packed import PackedMask
 from oncoseg_node.contouring.engines.postprocess import (
     IN_PLANE,
     SLAB,
@@ -151,11 +152,13 @@ def _without_contrast(volume: Volume, box: tuple[slice, ...], cand: np.ndarray,
     Both labellings are written into ``scratch``. ``cand`` and ``hu`` lie on ``box``.
     """
     ry, rx = radius_px(volume, THICK_MM)
-    core = erode(cand, ry, rx) & cand
+    core = erode(cand, ry, rx)
+    core &= cand
     if not core.any():
         return cand
     # Each core with its ring (what lies within a few pixels of it): one component.
-    grown = cand & dilate(core, ry + 1, rx + 1)
+    grown = dilate(core, ry + 1, rx + 1)
+    grown &= cand
     labels, count = compact_label(grown, out=scratch)
     stats = LabelStats(labels, count, grown)
     del grown, labels  # the scratch is relabelled below
@@ -323,7 +326,7 @@ def _cavities(volume: Volume, shell: np.ndarray, hu: np.ndarray) -> Cavities:
     return Cavities(stats, mean, area)
 
 
-def _trabecular(cavities: Cavities, dense: np.ndarray) -> np.ndarray:
+def _trabecular(cavities: Cavities, dense: PackedMask) -> np.ndarray:
     """Trabecular marrow: dense voxels in small cavities whose inside is denser than MARROW_HU.
 
     Voxel by voxel too, so neither the canal (CSF, cord and fat lie below
@@ -331,7 +334,11 @@ def _trabecular(cavities: Cavities, dense: np.ndarray) -> np.ndarray:
     """
     stats, mean, area = cavities
     keep = np.concatenate([[False], (mean > MARROW_HU) & (area <= MARROW_MM2)])
-    return stats.where(keep, dense.shape, among=dense)
+    chosen = keep[stats.lab]
+    chosen &= dense.at(stats.flat)
+    out = np.zeros(dense.shape, dtype=bool)
+    out.ravel()[stats.flat[chosen]] = True
+    return out
 
 
 def _fatty(cavities: Cavities, canal: np.ndarray) -> np.ndarray:
@@ -342,7 +349,7 @@ def _fatty(cavities: Cavities, canal: np.ndarray) -> np.ndarray:
     return stats.where(np.concatenate([[False], fatty]), canal.shape)
 
 
-def _orthogonal_fill(ring: np.ndarray, marrow: np.ndarray, dense: np.ndarray) -> np.ndarray:
+def _orthogonal_fill(ring: np.ndarray, marrow: np.ndarray, dense: PackedMask) -> np.ndarray:
     """Marrow enclosed by ``ring | marrow`` on both coronal and sagittal planes (voxels
     denser than MARROW_HU).
 
@@ -352,7 +359,8 @@ def _orthogonal_fill(ring: np.ndarray, marrow: np.ndarray, dense: np.ndarray) ->
     """
     out = np.logical_or(ring, marrow)
     np.logical_not(out, out=out)
-    out &= dense
+    for z in range(0, out.shape[0], SLAB):
+        out[z:z + SLAB] &= dense.slab(z, z + SLAB)
     for axis in (1, 2):  # coronal planes (z, x) at each row, sagittal planes (z, y) at each column
 
         def step(start: int, axis: int = axis) -> None:
@@ -414,13 +422,18 @@ class Skeleton:
         # ENCLOSE_HU once smoothed (a thin cortex blended with marrow and with the
         # endplate beside it over a thick slice is below the shell's half maximum).
         # Voxel by voxel, marrow is denser than MARROW_HU once smoothed; the canal is not.
-        dense, enclose = _smoothed_above(hu, MARROW_HU, ENCLOSE_HU)
-        # Each box-sized mask is built in place: ``a | b`` would be one more box each.
+        dense_mask, enclose = _smoothed_above(hu, MARROW_HU, ENCLOSE_HU)
+        # Masks waiting for a later use are held as bits; each box-sized mask is
+        # built in place (``a | b`` would be one more box each).
+        dense = PackedMask(dense_mask)
+        del dense_mask
         ring = dilate(shell, 2, 2)
         ring &= enclose
         del enclose
         ring |= shell
         self.cavities = _cavities(volume, shell, hu)
+        shell_bits = PackedMask(shell)
+        del shell
         marrow = _trabecular(self.cavities, dense)
         marrow |= _trabecular(_cavities(volume, ring, hu), dense)
         marrow |= _orthogonal_fill(ring, marrow, dense)
@@ -430,8 +443,7 @@ class Skeleton:
         del ring
         solid |= marrow
         del marrow
-        solid |= shell
-        del shell
+        solid |= shell_bits.unpack()
         self.solid = solid
         self.hu = hu
 

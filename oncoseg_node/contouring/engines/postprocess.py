@@ -329,9 +329,13 @@ def gather(values: np.ndarray, flat: np.ndarray) -> np.ndarray:
     if values.flags.c_contiguous:
         return values.ravel()[flat]
     plane = values.shape[1] * values.shape[2]
-    z, rest = np.divmod(flat, plane)
-    y, x = np.divmod(rest, values.shape[2])
-    return values[z, y, x]
+    out = np.empty(flat.shape, dtype=values.dtype)
+    # A million at a time: the indices' row and column are four more int64 arrays.
+    for start in range(0, flat.size, 1 << 20):
+        z, rest = np.divmod(flat[start:start + (1 << 20)], plane)
+        y, x = np.divmod(rest, values.shape[2])
+        out[start:start + (1 << 20)] = values[z, y, x]
+    return out
 
 
 class LabelStats:
