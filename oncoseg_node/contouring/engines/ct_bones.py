@@ -176,7 +176,7 @@ def _without_contrast(volume: Volume, box: tuple[slice, ...], cand: np.ndarray,
     cavities = enclosed(cand)
     for z in range(0, hu.shape[0], SLAB):
         cavities[z:z + SLAB] &= hu[z:z + SLAB] > FATTY_HU[0]
-    cavities = dilate(cavities, 2, 2)
+    dilate(cavities, 2, 2, in_place=True)
     enclosing[np.unique(stats.lab[cavities.ravel()[stats.flat]])] = True
     del cavities
     # What the field of view cuts shows no rim: it cannot be judged, so it is kept.
@@ -191,7 +191,11 @@ def _without_contrast(volume: Volume, box: tuple[slice, ...], cand: np.ndarray,
     vessel[flagged] = _round_tubes(volume, box, core_stats, flagged)
     reach = radius_px(volume, REACH_MM)
     plateaus = stats.flat[contrast[stats.lab]]
-    near = dilate(_mask_of(cand.shape, plateaus), *reach)
+    tubes = stats.flat[vessel[stats.lab]]
+    del stats, core_stats, ring_stats
+    everywhere = np.flatnonzero(cand)
+    away = gather(hu, everywhere) > SEED_HU
+    near = dilate(_mask_of(cand.shape, plateaus), *reach, in_place=True)
     for _ in range(NEAR_SLICES):  # an oblique loop's core may skip a slice or two
         near[1:] |= near[:-1]
         near[:-1] |= near[1:]
@@ -199,21 +203,20 @@ def _without_contrast(volume: Volume, box: tuple[slice, ...], cand: np.ndarray,
     # a spinous process on its vertebra) it is bone; iodine lies apart, in soft
     # tissue, and goes whole, except a great vessel on the spine: a round tube too
     # long for a vertebra, which goes as far as it reaches.
+    away &= ~near.ravel()[everywhere]
+    del near
     pieces, n = compact_label(cand, np.ones((3, 3, 3), bool), out=scratch)
-    everywhere = np.flatnonzero(cand)
     piece_of = pieces.ravel()[everywhere]
     holds = np.zeros(n + 1, dtype=bool)
     holds[np.unique(pieces.ravel()[plateaus])] = True
     holds[0] = False
     del pieces
-    away = (gather(hu, everywhere) > SEED_HU) & ~near.ravel()[everywhere]
-    del near
     attached = np.zeros(n + 1, dtype=bool)
     attached[np.unique(piece_of[away])] = True
     # The caller's candidates are its to give up: they are cut where they lie.
     cand.ravel()[everywhere[(holds & ~attached)[piece_of]]] = False
-    if vessel.any():
-        cut = dilate(_mask_of(cand.shape, stats.flat[vessel[stats.lab]]), *reach)
+    if tubes.size:
+        cut = dilate(_mask_of(cand.shape, tubes), *reach, in_place=True)
         np.logical_not(cut, out=cut)
         cand &= cut
     return cand

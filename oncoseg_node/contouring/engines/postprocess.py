@@ -112,8 +112,9 @@ def shift_or(mask: np.ndarray, radius: int, axis: int, op: np.ufunc) -> np.ndarr
     return out
 
 
-def _rectangle(mask: np.ndarray, ry: int, rx: int, op: np.ufunc) -> np.ndarray:
-    out = mask.copy()
+def _rectangle(mask: np.ndarray, ry: int, rx: int, op: np.ufunc, in_place: bool = False
+               ) -> np.ndarray:
+    out = mask if in_place else mask.copy()
 
     def step(part: np.ndarray) -> None:
         shift_in_place(part, ry, -2, op)
@@ -124,14 +125,15 @@ def _rectangle(mask: np.ndarray, ry: int, rx: int, op: np.ufunc) -> np.ndarray:
     return out
 
 
-def dilate(mask: np.ndarray, ry: int, rx: int) -> np.ndarray:
-    """In-plane dilation by a (2 ry + 1) x (2 rx + 1) rectangle."""
-    return _rectangle(mask, ry, rx, np.logical_or)
+def dilate(mask: np.ndarray, ry: int, rx: int, in_place: bool = False) -> np.ndarray:
+    """In-plane dilation by a (2 ry + 1) x (2 rx + 1) rectangle; ``in_place`` dilates
+    ``mask`` itself (a mask the caller needs no more: no second box)."""
+    return _rectangle(mask, ry, rx, np.logical_or, in_place)
 
 
-def erode(mask: np.ndarray, ry: int, rx: int) -> np.ndarray:
+def erode(mask: np.ndarray, ry: int, rx: int, in_place: bool = False) -> np.ndarray:
     """In-plane erosion by a rectangle; voxels beyond the image edge count as set."""
-    return _rectangle(mask, ry, rx, np.logical_and)
+    return _rectangle(mask, ry, rx, np.logical_and, in_place)
 
 
 def opening(mask: np.ndarray, ry: int, rx: int) -> np.ndarray:
@@ -330,11 +332,11 @@ def gather(values: np.ndarray, flat: np.ndarray) -> np.ndarray:
         return values.ravel()[flat]
     plane = values.shape[1] * values.shape[2]
     out = np.empty(flat.shape, dtype=values.dtype)
-    # A million at a time: the indices' row and column are four more int64 arrays.
-    for start in range(0, flat.size, 1 << 20):
-        z, rest = np.divmod(flat[start:start + (1 << 20)], plane)
+    # A quarter million at a time: each index's slice, row and column are int64 arrays.
+    for start in range(0, flat.size, 1 << 18):
+        z, rest = np.divmod(flat[start:start + (1 << 18)], plane)
         y, x = np.divmod(rest, values.shape[2])
-        out[start:start + (1 << 20)] = values[z, y, x]
+        out[start:start + (1 << 18)] = values[z, y, x]
     return out
 
 
