@@ -197,8 +197,12 @@ def _without_contrast(volume: Volume, box: tuple[slice, ...], cand: np.ndarray,
     away = gather(hu, everywhere) > SEED_HU
     near = dilate(_mask_of(cand.shape, plateaus), *reach, in_place=True)
     for _ in range(NEAR_SLICES):  # an oblique loop's core may skip a slice or two
-        near[1:] |= near[:-1]
-        near[:-1] |= near[1:]
+        # Slice by slice, each from a neighbour not yet grown: ``near[1:] |= near[:-1]``
+        # would buffer a copy of the whole box for its overlap.
+        for z in range(near.shape[0] - 1, 0, -1):
+            near[z] |= near[z - 1]
+        for z in range(near.shape[0] - 1):
+            near[z] |= near[z + 1]
     # Attached to the skeleton (its piece holds dense bone away from every plateau:
     # a spinous process on its vertebra) it is bone; iodine lies apart, in soft
     # tissue, and goes whole, except a great vessel on the spine: a round tube too

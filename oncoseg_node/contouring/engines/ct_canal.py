@@ -95,7 +95,8 @@ def _holes_at(volume: Volume, shell: np.ndarray, hu: np.ndarray, box: tuple[slic
               mid: np.ndarray, close_mm: float) -> np.ndarray:
     """Per slice, the best canal-like hole in the shell closed by ``close_mm``."""
     ry, rx = radius_px(volume, close_mm)
-    closed = erode(dilate(shell, ry, rx), ry, rx) | shell
+    closed = erode(dilate(shell, ry, rx), ry, rx, in_place=True)
+    closed |= shell
     stats = enclosed_regions(closed)
     del closed
     if not stats.count:
@@ -103,9 +104,10 @@ def _holes_at(volume: Volume, shell: np.ndarray, hu: np.ndarray, box: tuple[slic
     holes = stats.where(np.ones(stats.count + 1, dtype=bool), shell.shape)
     area = stats.size * volume.pixel_spacing[0] * volume.pixel_spacing[1]
     # Judge a hole by its inside: next to a dense cortex its rim is blurred toward bone.
-    inner = stats.mean(hu, erode(holes, 1, 1))
+    inner = stats.mean(hu, erode(holes, 1, 1, in_place=True))
+    del holes
     mean = np.where(np.isnan(inner), stats.mean(hu), inner)
-    centres = stats.centres(holes.shape)
+    centres = stats.centres(shell.shape)
     best: dict[int, tuple[float, int]] = {}
     ok = (area >= CANAL_MM2[0]) & (area <= CANAL_MM2[1]) \
         & (mean >= CANAL_HU[0]) & (mean <= CANAL_HU[1])
@@ -192,7 +194,11 @@ def _carry(volume: Volume, canal: np.ndarray, shell: np.ndarray, hu: np.ndarray,
     if found.size == 0:
         return canal
     offsets = volume.slice_offsets[box[0]]
-    soft = (hu >= CANAL_HU[0] - 50) & (hu <= CANAL_HU[1] + 50) & ~shell
+
+    def soft(z: int) -> np.ndarray:
+        """Slice ``z``'s soft tissue and fluid outside bone (only the slices carried to)."""
+        return (hu[z] >= CANAL_HU[0] - 50) & (hu[z] <= CANAL_HU[1] + 50) & ~shell[z]
+
     out = canal.copy()
     for prev, nxt in zip(found, found[1:], strict=False):
         if nxt - prev <= 1 or offsets[nxt] - offsets[prev] > GAP_MM:
@@ -205,7 +211,7 @@ def _carry(volume: Volume, canal: np.ndarray, shell: np.ndarray, hu: np.ndarray,
             else:
                 carried = canal[prev] if offsets[z] - offsets[prev] <= offsets[nxt] - offsets[z] \
                     else canal[nxt]
-            out[z] = carried & soft[z]
+            out[z] = carried & soft(z)
     near = dilate(canal[[found[0], found[-1]]], *radius_px(volume, 10.0))
     pixel_mm2 = volume.pixel_spacing[0] * volume.pixel_spacing[1]
     for end, step, around in ((found[0], -1, near[0]), (found[-1], 1, near[1])):
@@ -217,7 +223,7 @@ def _carry(volume: Volume, canal: np.ndarray, shell: np.ndarray, hu: np.ndarray,
         for z in reach:
             if not to_edge and (shell[z] & around).sum() * pixel_mm2 < 50:
                 break
-            out[z] = canal[end] & soft[z]
+            out[z] = canal[end] & soft(z)
     return out
 
 
