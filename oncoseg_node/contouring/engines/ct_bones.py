@@ -25,14 +25,19 @@ Masks are ``(z, y, x)`` on the volume's grid.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import numpy as np
 from scipy import ndimage
 
-from oncoseg_node.contouring.engines.packed import PackedMask
+from oncoseg_node.contouring.engines.ct_marrow import (
+    FATTY_HU,
+    MARROW_HU,
+    Cavities,
+    cavities,
+    fatty,
+    orthogonal_fill,
+    trabecular,
+)
 from oncoseg_node.contouring.engines.postprocess import (
-    IN_PLANE,
     SLAB,
     LabelStats,
     bbox_by_slab,
@@ -41,11 +46,10 @@ from oncoseg_node.contouring.engines.postprocess import (
     each_slab,
     enclosed,
     erode,
-    fill_holes,
-    gather,
     radius_px,
     shift_in_place,
 )
+from oncoseg_node.contouring.engines.voxels import PackedMask, gather
 from oncoseg_node.contouring.volume import Volume
 
 LOW_HU = 120.0         # above unenhanced soft tissue with noise; below any cortex blend
@@ -62,12 +66,7 @@ VESSEL_MM = 30.0       # a plateau this long along the table is a vessel, not a 
 VESSEL_CORE_MM2 = 30.0  # and this wide once eroded (the aorta, the cava)
 ROUND_FILL = 0.35      # share of its bounding box a round cross-section fills
 CORTEX_STEP_HU = 60.0  # a cortex's densest voxels stand this far above its marrow
-BRIDGE_MM = 2.0        # gaps in a cortex up to twice this are closed before filling
 ENCLOSE_HU = 150.0     # smoothed, a thin cortex is still denser than this
-MARROW_HU = 60.0       # trabecular marrow (100-300 HU) stays above, the canal below
-FATTY_HU = (-200.0, -20.0)  # fatty marrow of a long bone's shaft
-MARROW_MM2 = 3000.0    # larger enclosed regions are body cavities (pelvic inlet, skull)
-FATTY_MM2 = 800.0      # fatty marrow cavities are small; a fat-filled pelvis is not one
 
 
 def _local_max(hu: np.ndarray, ry: int, rx: int) -> np.ndarray:
@@ -173,12 +172,12 @@ def _without_contrast(volume: Volume, box: tuple[slice, ...], cand: np.ndarray,
     # A long bone's shaft is a plateau of cortex too, but it rings its medullary
     # cavity (marrow, never gas: iodine around bowel gas is still iodine).
     enclosing = np.zeros(count + 1, dtype=bool)
-    cavities = enclosed(cand)
+    holes = enclosed(cand)
     for z in range(0, hu.shape[0], SLAB):
-        cavities[z:z + SLAB] &= hu[z:z + SLAB] > FATTY_HU[0]
-    dilate(cavities, 2, 2, in_place=True)
-    enclosing[np.unique(stats.lab[cavities.ravel()[stats.flat]])] = True
-    del cavities
+        holes[z:z + SLAB] &= hu[z:z + SLAB] > FATTY_HU[0]
+    dilate(holes, 2, 2, in_place=True)
+    enclosing[np.unique(stats.lab[holes.ravel()[stats.flat]])] = True
+    del holes
     # What the field of view cuts shows no rim: it cannot be judged, so it is kept.
     edge = _cut_by_the_image(volume, box)
     enclosing[np.unique(stats.lab[edge.ravel()[stats.flat]])] = True
@@ -288,100 +287,6 @@ def _seeded(cand: np.ndarray, hu: np.ndarray, scratch: np.ndarray) -> np.ndarray
     return _mask_of(cand.shape, everywhere[seeded[lab]])
 
 
-class Cavities(NamedTuple):
-    """Regions a shell encloses on each slice, held as their voxels (a few percent of the box)."""
-
-    stats: LabelStats  # each region's voxels, numbered slice by slice
-    mean: np.ndarray   # mean HU inside, per region
-    area: np.ndarray   # mm^2, per region
-
-
-def _cavities(volume: Volume, shell: np.ndarray, hu: np.ndarray) -> Cavities:
-    """Regions a shell encloses on each slice, with their mean HU inside and area.
-
-    Every step is in-plane, so it runs a slab of slices at a time (each slab's
-    closing, filling and labels stay in cache); numbering the slabs' regions on
-    from one another numbers them as one labelling of the box would.
-    """
-    # Gaps in a thin shell (where a rib leaves the slab obliquely) are bridged.
-    ry, rx = (max(r, 1) for r in radius_px(volume, BRIDGE_MM))
-    plane = shell.shape[1] * shell.shape[2]
-
-    def step(z: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-        part = shell[z:z + SLAB]
-        holes = erode(dilate(part, ry, rx), ry, rx)
-        holes |= part
-        fill_holes(holes, out=holes)
-        holes &= ~part
-        labels, found = compact_label(holes, IN_PLANE)
-        flat = np.flatnonzero(holes)
-        # Judge a cavity by its inside: next to a dense cortex its rim is blurred toward bone.
-        inner = erode(holes, 1, 1).ravel()[flat]
-        return flat + z * plane, labels.ravel()[flat].astype(np.int64), inner, found
-
-    flats, labs, inner = [], [], []
-    count = 0
-    for flat, lab, inside, found in each_slab(step, range(0, shell.shape[0], SLAB)):
-        flats.append(flat)
-        labs.append(lab + count)
-        inner.append(inside)
-        count += found
-    stats = LabelStats.from_voxels(np.concatenate(flats), np.concatenate(labs), count)
-    inside = stats.subset(np.concatenate(inner)).mean(hu)
-    mean = np.where(np.isnan(inside), stats.mean(hu), inside)
-    area = stats.size * volume.pixel_spacing[0] * volume.pixel_spacing[1]
-    return Cavities(stats, mean, area)
-
-
-def _trabecular(cavities: Cavities, dense: PackedMask) -> np.ndarray:
-    """Trabecular marrow: dense voxels in small cavities whose inside is denser than MARROW_HU.
-
-    Voxel by voxel too, so neither the canal (CSF, cord and fat lie below
-    MARROW_HU) nor soft tissue let in by the closing is taken.
-    """
-    stats, mean, area = cavities
-    keep = np.concatenate([[False], (mean > MARROW_HU) & (area <= MARROW_MM2)])
-    chosen = keep[stats.lab]
-    chosen &= dense.at(stats.flat)
-    out = np.zeros(dense.shape, dtype=bool)
-    out.ravel()[stats.flat[chosen]] = True
-    return out
-
-
-def _fatty(cavities: Cavities, canal: np.ndarray) -> np.ndarray:
-    """Fatty marrow: small cavities of fat density (a long bone's shaft), not the canal."""
-    stats, mean, area = cavities
-    in_canal = stats.any(canal)
-    fatty = (mean > FATTY_HU[0]) & (mean < FATTY_HU[1]) & (area <= FATTY_MM2) & ~in_canal
-    return stats.where(np.concatenate([[False], fatty]), canal.shape)
-
-
-def _orthogonal_fill(ring: np.ndarray, marrow: np.ndarray, dense: PackedMask) -> np.ndarray:
-    """Marrow enclosed by ``ring | marrow`` on both coronal and sagittal planes (voxels
-    denser than MARROW_HU).
-
-    Both: a plane tangent to a curved shell (the skull) cuts it in a ring that
-    encloses soft tissue on one of them, never on both. The enclosing shell is
-    made a slab at a time, never held whole.
-    """
-    out = np.logical_or(ring, marrow)
-    np.logical_not(out, out=out)
-    for z in range(0, out.shape[0], SLAB):
-        out[z:z + SLAB] &= dense.slab(z, z + SLAB)
-    for axis in (1, 2):  # coronal planes (z, x) at each row, sagittal planes (z, y) at each column
-
-        def step(start: int, axis: int = axis) -> None:
-            # A slab of planes at a time, made contiguous: never a transposed copy of it all.
-            where = [slice(None)] * 3
-            where[axis] = slice(start, start + SLAB)
-            planes = np.moveaxis(ring[tuple(where)] | marrow[tuple(where)], axis, 0)
-            planes = np.ascontiguousarray(planes)
-            out[tuple(where)] &= np.moveaxis(fill_holes(planes), 0, axis)
-
-        each_slab(step, range(0, ring.shape[axis], SLAB))
-    return out
-
-
 def _smoothed_above(hu: np.ndarray, *levels: float) -> list[np.ndarray]:
     """Where ``hu`` averaged over 3 x 3 in-plane exceeds each level; a slab at a time."""
     floats = _floats(hu)
@@ -438,12 +343,12 @@ class Skeleton:
         ring &= enclose
         del enclose
         ring |= shell
-        self.cavities = _cavities(volume, shell, hu)
+        self.cavities = cavities(volume, shell, hu)
         shell_bits = PackedMask(shell)
         del shell
-        marrow = _trabecular(self.cavities, dense)
-        marrow |= _trabecular(_cavities(volume, ring, hu), dense)
-        marrow |= _orthogonal_fill(ring, marrow, dense)
+        marrow = trabecular(self.cavities, dense)
+        marrow |= trabecular(cavities(volume, ring, hu), dense)
+        marrow |= orthogonal_fill(ring, marrow, dense)
         del dense
         solid = dilate(marrow, 2, 2)
         solid &= ring
@@ -459,7 +364,7 @@ class Skeleton:
 
         The last step: the box's HU and solid bone are let go here.
         """
-        bone = _fatty(self.cavities, canal_in_box)
+        bone = fatty(self.cavities, canal_in_box)
         bone |= self.solid
         bone &= ~canal_in_box
         self.solid = np.zeros((0, 0, 0), dtype=bool)
