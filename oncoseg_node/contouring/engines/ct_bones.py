@@ -158,11 +158,13 @@ def _without_contrast(volume: Volume, box: tuple[slice, ...], cand: np.ndarray,
     # Each core with its ring (what lies within a few pixels of it): one component.
     grown = dilate(core, ry + 1, rx + 1)
     grown &= cand
-    labels, count = compact_label(grown, out=scratch)
-    stats = LabelStats(labels, count, grown)
-    del grown, labels  # the scratch is relabelled below
-    in_core = core.ravel()[stats.flat]
+    # Which of its voxels are core, read before labelling: the core's box goes first.
+    flat = np.flatnonzero(grown)
+    in_core = core.ravel()[flat]
     del core
+    labels, count = compact_label(grown, out=scratch)
+    stats = LabelStats.from_voxels(flat, labels.ravel()[flat], count)
+    del grown, labels, flat  # the scratch is relabelled below
     core_stats, ring_stats = stats.subset(in_core), stats.subset(~in_core)
     core_hu = core_stats.mean(hu)
     # The ring's edge is blurred for bone and iodine alike; its densest voxels are not:
@@ -366,7 +368,7 @@ class Skeleton:
         """
         bone = fatty(self.cavities, canal_in_box)
         bone |= self.solid
-        bone &= ~canal_in_box
         self.solid = np.zeros((0, 0, 0), dtype=bool)
         self.hu = np.zeros((0, 0, 0), dtype=np.int16)
+        np.greater(bone, canal_in_box, out=bone)  # bone & ~canal, without a box for ~canal
         return bone
