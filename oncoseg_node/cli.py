@@ -20,6 +20,7 @@ from oncoseg_node import __version__
 from oncoseg_node.cli_setup import cmd_check_config, cmd_init, cmd_run  # set-up and run
 from oncoseg_node.config import DEFAULT_CONFIG, Config, load_config
 from oncoseg_node.errors import ConfigError, OncosegError, StartupError
+from oncoseg_node.ops.malloc import limit_malloc_arenas
 
 EXIT_FAILURE = 1
 EXIT_INVALID_CONFIG = 2
@@ -286,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    limit_malloc_arenas()  # before any thread: each keeps the arena it first got
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -127,3 +127,22 @@ def test_slab_by_slab_edges_trace_the_same_loops_as_one_pass(monkeypatch):
             for a, b in zip(got[z], expected[z], strict=True):
                 assert np.array_equal(a.outer, b.outer) and a.pixels == b.pixels
                 assert all(np.array_equal(h, k) for h, k in zip(a.holes, b.holes, strict=True))
+
+
+def test_a_few_slices_at_a_time_trace_the_same_loops_as_the_whole_mask(monkeypatch):
+    """The tracer's slice chunks (here one slice, then two) change nothing in what is traced."""
+    from oncoseg_node.rtstruct import contours
+
+    stacked = [np.concatenate([m, m[::-1], m[:, ::-1]]) for m in VOLUMES[:60]]
+    whole = [trace_volume(m, straight=True, origin=(3, 5, 7)) for m in stacked]
+    for voxels in (1, 2 * 40 * 40):
+        monkeypatch.setattr(contours, "TRACE_VOXELS", voxels)
+        for mask, expected in zip(stacked, whole, strict=True):
+            got = trace_volume(mask, straight=True, origin=(3, 5, 7))
+            assert list(got) == list(expected)
+            for z in got:
+                assert len(got[z]) == len(expected[z])
+                for a, b in zip(got[z], expected[z], strict=True):
+                    assert np.array_equal(a.outer, b.outer) and a.pixels == b.pixels
+                    assert all(np.array_equal(h, k)
+                               for h, k in zip(a.holes, b.holes, strict=True))

@@ -11,11 +11,11 @@ from scipy import ndimage
 
 from oncoseg_node.commissioning.phantom import make_phantom
 from oncoseg_node.contouring.engines import classical, postprocess
+from oncoseg_node.contouring.engines.blocks import box_by_slab, rows_box
 from oncoseg_node.contouring.engines.postprocess import (
     IN_PLANE,
     LabelStats,
     bbox,
-    bbox_by_slab,
     compact_label,
     enclosed,
     enclosed_regions,
@@ -76,13 +76,19 @@ def test_compact_label_into_a_reused_buffer():
     assert found == 90000 and labels.dtype == np.int32 and labels.max() == 90000
 
 
-def test_bbox_by_slab_is_bbox():
+def test_box_by_slab_is_bbox_whatever_block_it_searches():
     rng = np.random.default_rng(4)
     mask = np.zeros((37, 50, 60), dtype=bool)
     mask[20:30, 10:12, 40:44] = rng.random((10, 2, 4)) > 0.3
+    whole = (slice(0, 37), slice(0, 50), slice(0, 60))
+    part = (slice(15, 37), slice(5, 20), slice(30, 60))
     for pad in (0, 2, 11):
-        assert bbox_by_slab(mask.shape, lambda z: mask[z], pad=pad) == bbox(mask, pad=pad)
-    assert bbox_by_slab(mask.shape, lambda z: np.zeros_like(mask[z])) is None
+        for origin in (whole, part):
+            found = box_by_slab(origin, mask.shape,
+                                lambda rows, o=origin: mask[rows_box(o, rows)],
+                                pad=pad)
+            assert found == bbox(mask, pad=pad)
+    assert box_by_slab(whole, mask.shape, lambda rows: np.zeros((1, 50, 60), bool)) is None
 
 
 def test_label_stats_mean_and_sd_of_int16_do_not_overflow():

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from oncoseg_node.contouring.engines.voxels import PackedMask
+
 Box = tuple[slice, ...]
 
 
@@ -24,24 +26,78 @@ class Block:
     box: Box
     array: np.ndarray
 
+    @classmethod
+    def whole(cls, mask: np.ndarray) -> Block:
+        """A full mask as the block on the whole grid (a view, not a copy)."""
+        return cls(tuple(slice(0, n) for n in mask.shape), mask)
+
     def full(self, shape: tuple[int, ...]) -> np.ndarray:
         """The whole mask; np.zeros leaves the pages outside the box untouched (no RSS)."""
         out = np.zeros(shape, dtype=bool)
         out[self.box] = self.array
         return out
 
+    def rows(self, z0: int, z1: int) -> np.ndarray:
+        """Slices ``z0:z1`` of the block (indices within its box): a view."""
+        return self.array[z0:z1]
+
     def within(self, box: Box) -> np.ndarray:
         """The mask on ``box`` (any box of the volume), as a new array."""
-        out = np.zeros(tuple(s.stop - s.start for s in box), dtype=bool)
-        lo = [max(b.start, o.start) for b, o in zip(self.box, box, strict=True)]
-        hi = [min(b.stop, o.stop) for b, o in zip(self.box, box, strict=True)]
-        if all(h > low for low, h in zip(lo, hi, strict=True)):
-            into = tuple(slice(a - o.start, b - o.start)
-                         for a, b, o in zip(lo, hi, box, strict=True))
-            take = tuple(slice(a - s.start, b - s.start)
-                         for a, b, s in zip(lo, hi, self.box, strict=True))
-            out[into] = self.array[take]
+        return _within(self, box)
+
+
+class PackedBlock:
+    """A block held as bits, eight voxels a byte, while it waits for the steps that read it.
+
+    External at 400 slices is a 58 MiB block of booleans and 7 MiB of bits;
+    the later steps read it a slab at a time (:meth:`rows`, :meth:`within`),
+    so it is never whole again until :meth:`unpack`.
+    """
+
+    def __init__(self, block: Block | None) -> None:
+        self.box: Box = _NO_BOX if block is None else block.box
+        self.bits = PackedMask(np.zeros((0, 0, 0), dtype=bool) if block is None else block.array)
+
+    def rows(self, z0: int, z1: int) -> np.ndarray:
+        """Slices ``z0:z1`` of the block (indices within its box), as a new array."""
+        return self.bits.slab(z0, z1)
+
+    def within(self, box: Box) -> np.ndarray:
+        """The mask on ``box`` (any box of the volume), as a new array."""
+        return _within(self, box)
+
+    def unpack(self) -> Block | None:
+        """The block as booleans again; None when it holds nothing."""
+        if self.bits.shape[0] == 0:
+            return None
+        return Block(self.box, self.bits.unpack())
+
+
+_NO_BOX: Box = (slice(0, 0), slice(0, 0), slice(0, 0))
+_ROWS = 16  # slices of a packed block unpacked at a time
+
+
+def _within(block: Block | PackedBlock, box: Box) -> np.ndarray:
+    """``block`` on ``box``: a new array, filled from the block's rows a slab at a time."""
+    out = np.zeros(tuple(s.stop - s.start for s in box), dtype=bool)
+    lo = [max(b.start, o.start) for b, o in zip(block.box, box, strict=True)]
+    hi = [min(b.stop, o.stop) for b, o in zip(block.box, box, strict=True)]
+    if not all(h > low for low, h in zip(lo, hi, strict=True)):
         return out
+    origin = [s.start for s in block.box]
+    ys, xs = (slice(lo[a] - origin[a], hi[a] - origin[a]) for a in (1, 2))
+    into_y, into_x = (slice(lo[a] - box[a].start, hi[a] - box[a].start) for a in (1, 2))
+    for z in range(lo[0], hi[0], _ROWS):
+        stop = min(z + _ROWS, hi[0])
+        out[z - box[0].start:stop - box[0].start, into_y, into_x] = (
+            block.rows(z - origin[0], stop - origin[0])[:, ys, xs])
+    return out
+
+
+def rows_box(box: Box, part: slice) -> Box:
+    """Slices ``part`` of the block on ``box`` (indices within it) as a volume box."""
+    z = slice(box[0].start + part.start, min(box[0].start + part.stop, box[0].stop))
+    return (z, *box[1:])
 
 
 def box_by_slab(origin: Box, shape: tuple[int, ...], part: Callable[[slice], np.ndarray],

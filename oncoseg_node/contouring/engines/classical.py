@@ -21,7 +21,7 @@ from functools import cached_property
 import numpy as np
 
 from oncoseg_node.contouring.engines.base import StructureResult
-from oncoseg_node.contouring.engines.blocks import Block, tight
+from oncoseg_node.contouring.engines.blocks import Block, PackedBlock, tight
 from oncoseg_node.contouring.engines.ct_body import (
     BODY_HU,
     external,
@@ -39,7 +39,8 @@ from oncoseg_node.contouring.engines.ct_lungs import (
     lungs,
 )
 from oncoseg_node.contouring.engines.postprocess import postprocess_block
-from oncoseg_node.contouring.mask_crop import MaskCrop
+from oncoseg_node.contouring.engines.voxels import PackedMask
+from oncoseg_node.contouring.mask_crop import Box, MaskCrop
 from oncoseg_node.contouring.protocols import Structure
 from oncoseg_node.contouring.volume import Volume
 
@@ -48,7 +49,7 @@ __all__ = ["BODY_HU", "GAS_HU", "LUNG_HU", "MIN_LUNG_CC", "ClassicalEngine", "bo
 
 
 
-def skeleton_blocks(volume: Volume, body: np.ndarray, mid: np.ndarray
+def skeleton_blocks(volume: Volume, body: np.ndarray | Block | PackedBlock, mid: np.ndarray
                     ) -> tuple[Block | None, Block | None]:
     """Skeleton (marrow included, contrast and metal left out) and the spinal canal,
     each on its own box (None when empty): never a whole volume of either."""
@@ -76,6 +77,7 @@ class _Steps:
 
     Outputs are held as blocks (their box only); :meth:`release` drops a step
     once no structure left needs it, so its memory goes before the next step.
+    External waits for the later steps as bits, an eighth of its block.
     """
 
     def __init__(self, volume: Volume, names: Sequence[str] | None = None) -> None:
@@ -84,28 +86,17 @@ class _Steps:
         self.airways = names is None or bool({"Trachea", "Bronchus"} & set(names))
 
     @cached_property
-    def body_block(self) -> Block | None:
-        return external_block(self.volume)
-
-    @cached_property
-    def body(self) -> np.ndarray:
-        """External in full; the block then views it, so it is held once."""
-        block = self.body_block
-        if block is None:
-            return np.zeros(self.volume.shape, dtype=bool)
-        full = block.full(self.volume.shape)
-        self.body_block = Block(block.box, full[block.box])
-        return full
+    def body(self) -> PackedBlock:
+        """External as bits on its box (empty when the series holds no body)."""
+        return PackedBlock(external_block(self.volume))
 
     @cached_property
     def mid(self) -> np.ndarray:
-        return midlines(self.volume, self.body_block)
+        return midlines(self.volume, self.body)
 
     @cached_property
     def chest(self) -> LungsAndAirways:
-        body = self.body_block
-        return LungsAndAirways(self.volume, self.body if body is None else body, self.mid,
-                               airways=self.airways)
+        return LungsAndAirways(self.volume, self.body, self.mid, airways=self.airways)
 
     @cached_property
     def skeleton(self) -> tuple[Block | None, Block | None]:
@@ -119,7 +110,7 @@ class _Steps:
 # is contoured with the others of its step, so each step's memory is freed
 # before the next one starts; results keep the protocol's order.
 _BUILDERS: dict[str, tuple[str, Callable[[_Steps], Block | None]]] = {
-    "External": ("body", lambda steps: steps.body_block),
+    "External": ("body", lambda steps: steps.body.unpack()),
     "Lung_L": ("chest", lambda steps: steps.chest.block("left")),
     "Lung_R": ("chest", lambda steps: steps.chest.block("right")),
     "Lungs": ("chest", lambda steps: steps.chest.both_block()),
@@ -130,8 +121,8 @@ _BUILDERS: dict[str, tuple[str, Callable[[_Steps], Block | None]]] = {
 }
 _STEP_ORDER = ("body", "chest", "skeleton")
 # What _Steps holds, and the steps that use it: kept until the last of them has run.
-_HELD_FOR = {"body_block": ("chest", "skeleton"), "body": ("chest", "skeleton"),
-             "mid": ("chest", "skeleton"), "chest": ("chest",), "skeleton": ("skeleton",)}
+_HELD_FOR = {"body": ("chest", "skeleton"), "mid": ("chest", "skeleton"), "chest": ("chest",),
+             "skeleton": ("skeleton",)}
 
 
 class ClassicalEngine:
@@ -150,6 +141,9 @@ class ClassicalEngine:
     def segment(self, volume: Volume, structures: Sequence[Structure]) -> list[StructureResult]:
         steps = _Steps(volume, [s.name for s in structures])
         results: dict[int, StructureResult] = {}
+        # Each found mask waits as bits for the steps after its own: at 400 slices
+        # External is 58 MiB of booleans, 7 MiB of bits.
+        waiting: dict[int, tuple[Box, PackedMask]] = {}
         for index, structure in enumerate(structures):
             if structure.name not in _BUILDERS:
                 results[index] = StructureResult(structure.name, None,
@@ -168,9 +162,14 @@ class ClassicalEngine:
                 else:
                     origin = (block.box[0].start, block.box[1].start, block.box[2].start)
                     crop = MaskCrop.of(block.array, volume.shape, origin)
-                    results[index] = StructureResult(structure.name, crop)
+                    waiting[index] = (crop.box, PackedMask(crop.array))
+                del block
             needed.discard(step)
             for held, users in _HELD_FOR.items():
                 if not needed & set(users):
                     steps.release(held)
+        del steps
+        for index, (box, bits) in waiting.items():
+            crop = MaskCrop(volume.shape, box, bits.unpack())
+            results[index] = StructureResult(structures[index].name, crop)
         return [results[i] for i in range(len(structures))]

@@ -12,7 +12,7 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from oncoseg_node.contouring.engines.blocks import Block
+from oncoseg_node.contouring.engines.blocks import Block, PackedBlock
 from oncoseg_node.contouring.engines.postprocess import (
     compact_label,
     dilate,
@@ -211,22 +211,25 @@ def patient_x(volume: Volume, box: tuple[slice, ...]) -> np.ndarray:
     return x
 
 
-def midlines(volume: Volume, body: np.ndarray | Block | None) -> np.ndarray:
+def midlines(volume: Volume, body: np.ndarray | Block | PackedBlock | None) -> np.ndarray:
     """Mean patient x (mm) of the body on each slice; NaN where there is none.
 
-    ``body`` is the full mask or its block (the same numbers, from the box only).
+    ``body`` is the full mask or its block, as booleans or bits (the same
+    numbers, from the box only, a slab at a time).
     """
-    block = body if isinstance(body, Block) or body is None else Block(
-        tuple(slice(0, n) for n in body.shape), body)
+    block = Block.whole(body) if isinstance(body, np.ndarray) else body
     z = volume.shape[0]
     count = np.zeros(z)
     rows = np.zeros(z, dtype=np.int64)
     cols = np.zeros(z, dtype=np.int64)
     if block is not None:
         zs, ys, xs = block.box
-        count[zs] = block.array.sum(axis=(1, 2))
-        rows[zs] = block.array.sum(axis=2) @ np.arange(ys.start, ys.stop)
-        cols[zs] = block.array.sum(axis=1) @ np.arange(xs.start, xs.stop)
+        for k in range(0, zs.stop - zs.start, SLAB):
+            part = block.rows(k, k + SLAB)
+            at = slice(zs.start + k, zs.start + k + part.shape[0])
+            count[at] = part.sum(axis=(1, 2))
+            rows[at] = part.sum(axis=2) @ np.arange(ys.start, ys.stop)
+            cols[at] = part.sum(axis=1) @ np.arange(xs.start, xs.stop)
     with np.errstate(invalid="ignore", divide="ignore"):
         return (volume.positions[:, 0]
                 + volume.pixel_spacing[0] * volume.col_direction[0] * rows / count

@@ -28,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from oncoseg_node.contouring.engines.blocks import Block, PackedBlock, box_by_slab, rows_box
 from oncoseg_node.contouring.engines.ct_marrow import (
     FATTY_HU,
     MARROW_HU,
@@ -39,8 +40,8 @@ from oncoseg_node.contouring.engines.ct_marrow import (
 )
 from oncoseg_node.contouring.engines.postprocess import (
     SLAB,
+    LabelBuffer,
     LabelStats,
-    bbox_by_slab,
     compact_label,
     dilate,
     each_slab,
@@ -82,12 +83,13 @@ def _floats(hu: np.ndarray) -> np.dtype:
     return np.result_type(hu.dtype, np.float32)
 
 
-def _half_maximum(volume: Volume, hu: np.ndarray, body: np.ndarray) -> np.ndarray:
-    """Steps 1 and 2 on ``hu`` (the bone box): candidate bone, a slab of slices at a time.
+def _half_maximum(volume: Volume, hu: np.ndarray, body: Block | PackedBlock,
+                  box: tuple[slice, ...]) -> np.ndarray:
+    """Steps 1 and 2 on ``hu`` (the bone ``box``): candidate bone, a slab of slices at a time.
 
     Each slab's peaks need the slice on either side (they count along z), so
     a slab is computed with one slice of margin; the peaks never exist for the
-    whole box at once.
+    whole box at once, nor does the body on it.
     """
     ry, rx = radius_px(volume, PEAK_MM)
     margin = radius_px(volume, METAL_MARGIN_MM)
@@ -110,7 +112,7 @@ def _half_maximum(volume: Volume, hu: np.ndarray, body: np.ndarray) -> np.ndarra
         part = hu[z0:z1]
         np.greater(part, LOW_HU, out=cand[z0:z1])
         cand[z0:z1] &= part > half
-        cand[z0:z1] &= body[z0:z1]
+        cand[z0:z1] &= body.within((slice(box[0].start + z0, box[0].start + z1), *box[1:]))
         metal = part > METAL_HU
         if metal.any():  # its blur is in-plane: a slab's own metal is all it reaches
             cand[z0:z1] &= ~dilate(metal, *margin)
@@ -142,7 +144,7 @@ def _mask_of(shape: tuple[int, ...], flat: np.ndarray) -> np.ndarray:
 
 
 def _without_contrast(volume: Volume, box: tuple[slice, ...], cand: np.ndarray,
-                      hu: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+                      hu: np.ndarray, scratch: LabelBuffer) -> np.ndarray:
     """``cand`` less the thick plateaus brighter than their rim (iodine), with their rim;
     ``cand`` itself is cut (the caller holds it no more).
 
@@ -162,7 +164,7 @@ def _without_contrast(volume: Volume, box: tuple[slice, ...], cand: np.ndarray,
     flat = np.flatnonzero(grown)
     in_core = core.ravel()[flat]
     del core
-    labels, count = compact_label(grown, out=scratch)
+    labels, count = compact_label(grown, out=scratch.array())
     stats = LabelStats.from_voxels(flat, labels.ravel()[flat], count)
     del grown, labels, flat  # the scratch is relabelled below
     core_stats, ring_stats = stats.subset(in_core), stats.subset(~in_core)
@@ -210,7 +212,7 @@ def _without_contrast(volume: Volume, box: tuple[slice, ...], cand: np.ndarray,
     # long for a vertebra, which goes as far as it reaches.
     away &= ~near.ravel()[everywhere]
     del near
-    pieces, n = compact_label(cand, np.ones((3, 3, 3), bool), out=scratch)
+    pieces, n = compact_label(cand, np.ones((3, 3, 3), bool), out=scratch.array())
     piece_of = pieces.ravel()[everywhere]
     holds = np.zeros(n + 1, dtype=bool)
     holds[np.unique(pieces.ravel()[plateaus])] = True
@@ -264,7 +266,7 @@ def _round_tubes(volume: Volume, box: tuple[slice, ...], core: LabelStats, which
     return out
 
 
-def _seeded(cand: np.ndarray, hu: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+def _seeded(cand: np.ndarray, hu: np.ndarray, scratch: LabelBuffer) -> np.ndarray:
     """Parts of ``cand`` connected to a voxel denser than SEED_HU.
 
     Connected in 3D through ``cand`` grown by a pixel where denser than
@@ -276,7 +278,7 @@ def _seeded(cand: np.ndarray, hu: np.ndarray, scratch: np.ndarray) -> np.ndarray
     for z in range(0, hu.shape[0], SLAB):  # a slab's comparison at a time, not a box of it
         linked[z:z + SLAB] &= hu[z:z + SLAB] > LOW_HU
     linked |= cand
-    labels, count = compact_label(linked, np.ones((3, 3, 3), bool), out=scratch)
+    labels, count = compact_label(linked, np.ones((3, 3, 3), bool), out=scratch.array())
     del linked
     if not count:
         return cand
@@ -312,8 +314,15 @@ class Skeleton:
     when nothing in the body is as dense as bone.
     """
 
-    def __init__(self, volume: Volume, body: np.ndarray) -> None:
-        self.box = bbox_by_slab(volume.shape, lambda z: (volume.hu[z] > LOW_HU) & body[z], pad=2)
+    def __init__(self, volume: Volume, body: np.ndarray | Block | PackedBlock) -> None:
+        outline = Block.whole(body) if isinstance(body, np.ndarray) else body
+
+        def dense_in(part: slice) -> np.ndarray:
+            found = volume.hu[rows_box(outline.box, part)] > LOW_HU
+            found &= outline.rows(part.start, part.stop)
+            return found
+
+        self.box = box_by_slab(outline.box, volume.shape, dense_in, pad=2)
         self.solid = np.zeros((0, 0, 0), dtype=bool)
         self.hu = np.zeros((0, 0, 0), dtype=np.int16)
         nothing = np.zeros(0, dtype=np.int64)
@@ -326,9 +335,9 @@ class Skeleton:
         # each step casts a slab to floats where it needs arithmetic, and reads
         # the candidates' own voxels through ``gather``.
         hu = volume.hu[box]
-        cand = _half_maximum(volume, hu, body[box])
+        cand = _half_maximum(volume, hu, outline, box)
         # One box of labels, written by each 3D labelling in turn.
-        scratch = np.empty(hu.shape, dtype=np.uint16)
+        scratch = LabelBuffer(hu.shape)
         cand = _without_contrast(volume, box, cand, hu, scratch)
         shell = _seeded(cand, hu, scratch)
         del scratch, cand

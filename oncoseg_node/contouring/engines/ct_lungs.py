@@ -12,7 +12,14 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from oncoseg_node.contouring.engines.blocks import Block, box_by_slab, inner, tight
+from oncoseg_node.contouring.engines.blocks import (
+    Block,
+    PackedBlock,
+    box_by_slab,
+    inner,
+    rows_box,
+    tight,
+)
 from oncoseg_node.contouring.engines.ct_body import patient_x
 from oncoseg_node.contouring.engines.postprocess import (
     compact_label,
@@ -21,6 +28,7 @@ from oncoseg_node.contouring.engines.postprocess import (
     fill_holes,
     radius_px,
 )
+from oncoseg_node.contouring.engines.voxels import labelled_as, voxel_counts
 from oncoseg_node.contouring.volume import Volume
 
 # HU levels are integers: int16 HU compare with them in 16-bit arithmetic.
@@ -84,34 +92,33 @@ class LungsAndAirways:
 
     ``left``, ``right``, ``trachea`` and ``bronchus`` give full ``(z, y, x)``
     masks (empty when not in view); :meth:`block` gives one on its box only.
-    ``body`` is External, full or as its block: the lungs are looked for in
+    ``body`` is External, full or as its block (booleans or bits): the lungs are looked for in
     its box, so no full-volume temporary is made. ``airways=False`` skips the
     trachea and bronchi (then reported empty) when no structure asks for them.
     """
 
     NAMES = ("left", "right", "trachea", "bronchus")
 
-    def __init__(self, volume: Volume, body: np.ndarray | Block, mid: np.ndarray, *,
-                 airways: bool = True) -> None:
+    def __init__(self, volume: Volume, body: np.ndarray | Block | PackedBlock, mid: np.ndarray,
+                 *, airways: bool = True) -> None:
         self.shape = volume.shape
         self._held: dict[str, Block] = {}
-        if not isinstance(body, Block):
-            body = Block(tuple(slice(0, n) for n in body.shape), body)
-        zs, ys, xs = body.box
+        outline = Block.whole(body) if isinstance(body, np.ndarray) else body
 
         def aerated_in(part: slice) -> np.ndarray:
-            z = slice(zs.start + part.start, min(zs.start + part.stop, zs.stop))
-            return (volume.hu[z, ys, xs] < LUNG_HU) & body.array[part]
+            found = volume.hu[rows_box(outline.box, part)] < LUNG_HU
+            found &= outline.rows(part.start, part.stop)
+            return found
 
-        self.box = box_by_slab(body.box, volume.shape, aerated_in, pad=2)
+        self.box = box_by_slab(outline.box, volume.shape, aerated_in, pad=2)
         box = self.box
         if box is None:
             return
         hu = volume.hu[box]
         aerated = hu < LUNG_HU
-        aerated &= body.within(box)
+        aerated &= outline.within(box)
         labels, count, tree_labels = _gas_tree(aerated, hu)
-        tree = np.isin(labels, tree_labels) if count else np.zeros_like(aerated)
+        tree = labelled_as(labels, tree_labels, count) if count else np.zeros_like(aerated)
         if not airways:
             del labels  # only the trachea and bronchi need the gas tree's labels
             labels = np.zeros((0, 0, 0), dtype=np.uint16)
@@ -133,8 +140,11 @@ class LungsAndAirways:
                 found[name] = lung
         del left, right, airway
         if airways and "left" in found and "right" in found and count:
-            found["trachea"], found["bronchus"] = _trachea_and_bronchi(
-                volume, labels, tree_labels, hu, box, found["left"], found["right"])
+            for name, airway_block in zip(("trachea", "bronchus"), _trachea_and_bronchi(
+                    volume, labels, count, tree_labels, hu, box, found["left"], found["right"]),
+                    strict=True):
+                if airway_block is not None:
+                    self._held[name] = airway_block
         del labels
         sides = [found[n] for n in ("left", "right") if n in found]
         if sides:
@@ -205,33 +215,56 @@ def _lungs(volume: Volume, aerated: np.ndarray, box: tuple[slice, ...], mid: np.
     return left, right
 
 
-def _trachea_and_bronchi(volume: Volume, labels: np.ndarray, tree_labels: np.ndarray,
-                         hu: np.ndarray, box: tuple[slice, ...], left: np.ndarray,
-                         right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Trachea above the carina and the main bronchi below it, walls included.
+def _airway_label(volume: Volume, labels: np.ndarray, count: int, tree_labels: np.ndarray,
+                  left: np.ndarray, right: np.ndarray) -> int:
+    """The largest piece of the gas tree (``count`` labels, ``tree_labels`` among them)
+    that comes near both lungs; 0 when none does."""
+    reach = radius_px(volume, WALL_MM + 3.0)
+    near_both = np.ones(count + 1, dtype=bool)
+    for lung in (left, right):
+        near = dilate(lung, *reach)
+        touches = np.zeros(count + 1, dtype=bool)
+        for z in range(0, near.shape[0], 16):  # the labels under it, a slab at a time
+            touches[labels[z:z + 16][near[z:z + 16]]] = True
+        near_both &= touches
+        del near
+    sizes = voxel_counts(labels, count)
+    best, best_size = 0, 0
+    for label in tree_labels.tolist():  # ascending: of equal sizes, the first is kept
+        if sizes[label] > best_size and near_both[label]:
+            best, best_size = int(label), int(sizes[label])
+    return best
+
+
+def _trachea_and_bronchi(volume: Volume, labels: np.ndarray, count: int,
+                         tree_labels: np.ndarray, hu: np.ndarray, box: tuple[slice, ...],
+                         left: np.ndarray, right: np.ndarray) -> tuple[Block | None, Block | None]:
+    """Trachea above the carina and the main bronchi below it, walls included,
+    each on its own box (volume indices).
 
     The airway is the gas tree that reaches both lungs (oesophageal or bowel
     gas does not). Its lumen edge lies half way between air and the wall; the
     wall is AIRWAY_WALL_MM thick. The carina is the most cranial slice where
     the lumen splits in two; bronchi are kept to MAIN_BRONCHUS_MM below it.
+    The airway is worked on its own box, grown in-plane by what its lumen
+    and wall reach, not on the lungs' box.
     """
-    near_l = dilate(left, *radius_px(volume, WALL_MM + 3.0))
-    near_r = dilate(right, *radius_px(volume, WALL_MM + 3.0))
-    best, best_size = 0, 0
-    for label in tree_labels:
-        part = labels == label
-        size = int(part.sum())
-        if size > best_size and (part & near_l).any() and (part & near_r).any():
-            best, best_size = int(label), size
-    empty = np.zeros(labels.shape, dtype=bool)
+    best = _airway_label(volume, labels, count, tree_labels, left, right)
     if not best:
-        return empty, empty.copy()
-    core = labels == best
-    lumen = dilate(core, 1, 1) & (hu < AIRWAY_EDGE_HU)
-    lumen = core | (lumen & ~(left | right))
-    outer = dilate(lumen, *radius_px(volume, AIRWAY_WALL_MM)) & ~(left | right)
+        return None, None
+    at = ndimage.find_objects(labels, max_label=best)[best - 1]
+    assert at is not None  # a label of the tree has voxels
+    wall = radius_px(volume, AIRWAY_WALL_MM)
+    near = (at[0],) + tuple(slice(max(at[a].start - 1 - wall[a - 1], 0),
+                                  min(at[a].stop + 1 + wall[a - 1], labels.shape[a]))
+                            for a in (1, 2))
+    core = labels[near] == best
+    lungs_there = left[near] | right[near]
+    lumen = dilate(core, 1, 1) & (hu[near] < AIRWAY_EDGE_HU)
+    lumen = core | (lumen & ~lungs_there)
+    outer = dilate(lumen, *wall) & ~lungs_there
     # Patient z of each slice: the carina is found from the head down.
-    z_mm = volume.positions[box[0], 2]
+    z_mm = volume.positions[box[0], 2][at[0]]
     order = np.argsort(-z_mm)
     min_px = 10.0 / (volume.pixel_spacing[0] * volume.pixel_spacing[1])
     carina = None
@@ -242,11 +275,13 @@ def _trachea_and_bronchi(volume: Volume, labels: np.ndarray, tree_labels: np.nda
         if n >= 2 and int((np.bincount(slab.ravel())[1:] >= min_px).sum()) >= 2:
             carina = float(z_mm[k])
             break
+    where = inner(box, near)
     if carina is None:
-        return outer, empty
+        return tight(outer, where, volume.shape), None
     above = (z_mm > carina)[:, None, None]
     bronchial = ((z_mm <= carina) & (z_mm >= carina - MAIN_BRONCHUS_MM))[:, None, None]
-    return outer & above, outer & bronchial
+    return (tight(outer & above, where, volume.shape),
+            tight(outer & bronchial, where, volume.shape))
 
 
 def lungs(volume: Volume, body: np.ndarray, mid: np.ndarray

@@ -149,6 +149,23 @@ def radius_px(volume: Volume, mm: float) -> tuple[int, int]:
     return (int(round(mm / volume.pixel_spacing[0])), int(round(mm / volume.pixel_spacing[1])))
 
 
+class LabelBuffer:
+    """One box of uint16 labels written by several labellings in turn.
+
+    Mapped at its first use, not before: the masks built ahead of the first
+    labelling are then gone, and the buffer is not beside them.
+    """
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = tuple(shape)
+        self._array: np.ndarray | None = None
+
+    def array(self) -> np.ndarray:
+        if self._array is None:
+            self._array = np.empty(self.shape, dtype=np.uint16)
+        return self._array
+
+
 def compact_label(mask: np.ndarray, structure: np.ndarray | None = None,
                   out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """``ndimage.label`` into uint16 when the labels fit: half the memory of int32.
@@ -285,32 +302,6 @@ def bbox(mask: np.ndarray, pad: int = 0) -> tuple[slice, ...] | None:
             return None
         p = pad if axis > 0 else 0
         spans.append(slice(max(int(hit[0]) - p, 0), min(int(hit[-1]) + 1 + p, mask.shape[axis])))
-    return tuple(spans)
-
-
-def bbox_by_slab(shape: tuple[int, int, int], part: Callable[[slice], np.ndarray],
-                 pad: int = 0) -> tuple[slice, ...] | None:
-    """``bbox`` of the mask that ``part(slices)`` gives a slab of slices at a time.
-
-    The same box, without the volume-sized temporaries (each one new memory to
-    the process) that building the whole mask first would cost.
-    """
-    hit_z = np.zeros(shape[0], dtype=bool)
-    hit_y = np.zeros(shape[1], dtype=bool)
-    hit_x = np.zeros(shape[2], dtype=bool)
-    for z in range(0, shape[0], SLAB):
-        mask = part(slice(z, z + SLAB))
-        hit_z[z:z + SLAB] = mask.any(axis=(1, 2))
-        plane = np.logical_or.reduce(mask, axis=0)
-        hit_y |= plane.any(axis=1)
-        hit_x |= plane.any(axis=0)
-    spans = []
-    for axis, hit in enumerate((hit_z, hit_y, hit_x)):
-        found = np.flatnonzero(hit)
-        if found.size == 0:
-            return None
-        p = pad if axis > 0 else 0
-        spans.append(slice(max(int(found[0]) - p, 0), min(int(found[-1]) + 1 + p, shape[axis])))
     return tuple(spans)
 
 
