@@ -59,17 +59,27 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
 
 
-def _synced_new_file(tmp: Path, fill: Callable[[int], int]) -> int:
-    """Create ``tmp``, let ``fill(fd)`` write it, fsync; on any failure no file stays."""
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
+def sync_and_close(fd: int, tmp: Path) -> None:
+    """fsync and close ``fd``, the new file ``tmp``; on any failure no file stays."""
     try:
-        size = fill(fd)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
         tmp.unlink(missing_ok=True)
         raise
     os.close(fd)
+
+
+def _synced_new_file(tmp: Path, fill: Callable[[int], int]) -> int:
+    """Create ``tmp``, let ``fill(fd)`` write it, fsync; on any failure no file stays."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
+    try:
+        size = fill(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    sync_and_close(fd, tmp)
     return size
 
 

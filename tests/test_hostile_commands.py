@@ -56,6 +56,17 @@ def command_without(ds, left_out: int | None) -> bytes:
     return element(0x0000, struct.pack("<I", len(body))) + body
 
 
+def assert_aborted(sock, receiver) -> None:
+    """The node answered with an A-ABORT and let the association go."""
+    pdu_type, _ = rawpdu.read_pdu(sock)
+    sock.close()
+    assert pdu_type == A_ABORT
+    deadline = time.monotonic() + 10
+    while receiver.active_associations() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert receiver.active_associations() == 0
+
+
 @pytest.fixture
 def thread_deaths(monkeypatch):
     died: list[str] = []
@@ -77,13 +88,7 @@ def test_command_set_lacking_a_required_element_is_aborted(node, thread_deaths, 
     command = b"" if left_out == "all" else command_without(ds, left_out)
     sock = associated(receiver.port)
     sock.sendall(rawpdu.p_data((1, COMMAND_LAST, command), (1, DATA_LAST, data_set_bytes(ds))))
-    pdu_type, _ = rawpdu.read_pdu(sock)
-    sock.close()
-    assert pdu_type == A_ABORT
-    deadline = time.monotonic() + 10
-    while receiver.active_associations() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert receiver.active_associations() == 0
+    assert_aborted(sock, receiver)
     assert thread_deaths == []
     assert ledger.find_instance(str(ds.SOPInstanceUID)) is None
     assert spool_leftovers(spool) == []
@@ -126,13 +131,7 @@ def test_a_command_in_the_middle_of_a_data_set_aborts(node, thread_deaths):  # n
                                (1, DATA_MORE, data_set_bytes(first)[:500])))
     sock.sendall(rawpdu.p_data((1, COMMAND_LAST, command_bytes(second, 2)),
                                (1, DATA_LAST, data_set_bytes(second))))
-    pdu_type, _ = rawpdu.read_pdu(sock)
-    sock.close()
-    assert pdu_type == A_ABORT
-    deadline = time.monotonic() + 10
-    while receiver.active_associations() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert receiver.active_associations() == 0
+    assert_aborted(sock, receiver)
     for ds in (first, second):
         assert ledger.find_instance(str(ds.SOPInstanceUID)) is None
     assert spool_leftovers(spool) == []

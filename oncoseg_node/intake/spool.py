@@ -34,6 +34,7 @@ from oncoseg_node.durable import (
     TMP_SUFFIX,
     fsync_dir,
     private_dir,
+    sync_and_close,
     temporary_name,
     write_and_sync,
 )
@@ -99,13 +100,7 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
 
 def _sync_and_close(fd: int, tmp: Path, size: int) -> int:
     """The writer's part of an :class:`IncomingFile`: fsync, close; no file stays on failure."""
-    try:
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
+    sync_and_close(fd, tmp)
     return size
 
 

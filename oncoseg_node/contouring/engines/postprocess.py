@@ -294,15 +294,7 @@ def enclosed_regions(mask: np.ndarray) -> LabelStats:
 
 def bbox(mask: np.ndarray, pad: int = 0) -> tuple[slice, ...] | None:
     """Bounding box of the set voxels, grown by ``pad`` in-plane; None when empty."""
-    spans = []
-    for axis in range(mask.ndim):
-        others = tuple(a for a in range(mask.ndim) if a != axis)
-        hit = np.flatnonzero(mask.any(axis=others))
-        if hit.size == 0:
-            return None
-        p = pad if axis > 0 else 0
-        spans.append(slice(max(int(hit[0]) - p, 0), min(int(hit[-1]) + 1 + p, mask.shape[axis])))
-    return tuple(spans)
+    return box_in(mask, tuple(slice(0, n) for n in mask.shape), mask.shape, pad)
 
 
 def component_sizes_cc(volume: Volume, labels: np.ndarray, count: int,
