@@ -147,3 +147,17 @@ def test_each_slab_in_a_forked_child():
     with context.Pool(1) as pool:
         result = pool.apply_async(postprocess.each_slab, (abs, range(-3, 3)))
         assert result.get(timeout=30) == [3, 2, 1, 0, 1, 2]
+
+
+def test_the_canal_pieces_touching_a_seed_are_those_of_one_labelling_of_the_box():
+    from oncoseg_node.contouring.engines.ct_canal import _inside
+
+    rng = np.random.default_rng(11)
+    for density in (0.3, 0.55, 0.8):
+        mask = rng.random((21, 40, 33)) < density
+        seed = (rng.random(mask.shape) < 0.01) & (rng.random(mask.shape[0]) < 0.6)[:, None, None]
+        labels, count = ndimage.label(mask, structure=IN_PLANE)
+        keep = np.zeros(count + 1, dtype=bool)
+        keep[np.unique(labels[seed & mask])] = True
+        keep[0] = False
+        assert np.array_equal(_inside(seed, mask), keep[labels])

@@ -75,20 +75,33 @@ def _hole_candidates(volume: Volume, shell: np.ndarray, hu: np.ndarray,
                 else np.full(len(offsets), np.inf))
     missing = distance > GAP_MM / 2
     if missing.any():
-        wide = _holes_at(volume, shell, hu, box, mid, WIDE_CLOSE_MM) & missing[:, None, None]
-        soft = (hu >= CANAL_HU[0]) & (hu <= CANAL_HU[1] + 50) & ~shell
-        grown = dilate(wide, *radius_px(volume, WIDE_CLOSE_MM)) & soft
+        wide = _holes_at(volume, shell, hu, box, mid, WIDE_CLOSE_MM)
+        wide &= missing[:, None, None]
+        # Soft tissue beside the bone, built in place (each ``&`` would be a box more).
+        soft = hu >= CANAL_HU[0]
+        soft &= hu <= CANAL_HU[1] + 50
+        np.greater(soft, shell, out=soft)  # soft & ~shell
+        grown = dilate(wide, *radius_px(volume, WIDE_CLOSE_MM))
+        grown &= soft
+        del soft
         out |= _inside(wide, grown)
     return out
 
 
 def _inside(seed: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The in-plane components of ``mask`` that touch ``seed``."""
-    labels, count = ndimage.label(mask, structure=IN_PLANE)
-    keep = np.zeros(count + 1, dtype=bool)
-    keep[np.unique(labels[seed & mask])] = True
-    keep[0] = False
-    return keep[labels]
+    """The in-plane components of ``mask`` that touch ``seed``.
+
+    In-plane components lie on one slice each: each slice that holds a seed
+    is labelled on its own (a box of int32 labels was four times the mask).
+    """
+    out = np.zeros(mask.shape, dtype=bool)
+    for z in np.flatnonzero(seed.any(axis=(1, 2))).tolist():
+        labels, count = ndimage.label(mask[z:z + 1], structure=IN_PLANE)
+        keep = np.zeros(count + 1, dtype=bool)
+        keep[np.unique(labels[seed[z:z + 1] & mask[z:z + 1]])] = True
+        keep[0] = False
+        out[z:z + 1] = keep[labels]
+    return out
 
 
 def _holes_at(volume: Volume, shell: np.ndarray, hu: np.ndarray, box: tuple[slice, ...],

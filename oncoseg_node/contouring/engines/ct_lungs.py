@@ -28,7 +28,7 @@ from oncoseg_node.contouring.engines.postprocess import (
     fill_holes,
     radius_px,
 )
-from oncoseg_node.contouring.engines.voxels import labelled_as, voxel_counts
+from oncoseg_node.contouring.engines.voxels import LabelStats, labelled_as
 from oncoseg_node.contouring.volume import Volume
 
 # HU levels are integers: int16 HU compare with them in 16-bit arithmetic.
@@ -119,9 +119,13 @@ class LungsAndAirways:
         aerated &= outline.within(box)
         labels, count, tree_labels = _gas_tree(aerated, hu)
         tree = labelled_as(labels, tree_labels, count) if count else np.zeros_like(aerated)
-        if not airways:
-            del labels  # only the trachea and bronchi need the gas tree's labels
-            labels = np.zeros((0, 0, 0), dtype=np.uint16)
+        # The trachea and bronchi need the tree's own voxels and labels, not a box of labels.
+        tree_voxels = None
+        if airways and count:
+            flat = np.flatnonzero(tree)
+            tree_voxels = LabelStats.from_voxels(flat, labels.ravel()[flat], count)
+            del flat
+        del labels
         airway = dilate(tree, *radius_px(volume, WALL_MM)) if tree.any() else tree
         del tree
         aerated &= ~airway
@@ -139,13 +143,13 @@ class LungsAndAirways:
             if float((per_slice * per_slice_cc).sum() / 1000.0) >= MIN_LUNG_CC:
                 found[name] = lung
         del left, right, airway
-        if airways and "left" in found and "right" in found and count:
+        if tree_voxels is not None and "left" in found and "right" in found:
             for name, airway_block in zip(("trachea", "bronchus"), _trachea_and_bronchi(
-                    volume, labels, count, tree_labels, hu, box, found["left"], found["right"]),
+                    volume, tree_voxels, tree_labels, hu, box, found["left"], found["right"]),
                     strict=True):
                 if airway_block is not None:
                     self._held[name] = airway_block
-        del labels
+        del tree_voxels
         sides = [found[n] for n in ("left", "right") if n in found]
         if sides:
             found["both"] = np.logical_or(*sides) if len(sides) == 2 else sides[0].copy()
@@ -191,11 +195,15 @@ class LungsAndAirways:
 
 def _lungs(volume: Volume, aerated: np.ndarray, box: tuple[slice, ...], mid: np.ndarray
            ) -> tuple[np.ndarray, np.ndarray]:
-    """Aerated lung (airways removed) on ``box`` sorted into (left, right) components."""
+    """Aerated lung (airways removed) on ``box`` sorted into (left, right) components.
+
+    ``aerated`` is given up: once labelled, its memory holds the left lung.
+    """
     labels, count = compact_label(aerated)
     sizes = component_sizes_cc(volume, labels, count, box[0].start)
     x_of = patient_x(volume, box) - np.nan_to_num(mid[box[0]])[:, None, None]
-    left, right = np.zeros_like(aerated), np.zeros_like(aerated)
+    left, right = aerated, np.zeros_like(aerated)
+    left[...] = False
     # Each component judged on its own box, not as a mask the size of the lungs' box.
     objects = ndimage.find_objects(labels)
     for label in np.flatnonzero(sizes >= MIN_LUNG_CC) + 1:
@@ -215,30 +223,29 @@ def _lungs(volume: Volume, aerated: np.ndarray, box: tuple[slice, ...], mid: np.
     return left, right
 
 
-def _airway_label(volume: Volume, labels: np.ndarray, count: int, tree_labels: np.ndarray,
+def _airway_label(volume: Volume, tree: LabelStats, tree_labels: np.ndarray,
                   left: np.ndarray, right: np.ndarray) -> int:
-    """The largest piece of the gas tree (``count`` labels, ``tree_labels`` among them)
+    """The largest piece of the gas tree (its voxels ``tree``, labels ``tree_labels``)
     that comes near both lungs; 0 when none does."""
     reach = radius_px(volume, WALL_MM + 3.0)
-    near_both = np.ones(count + 1, dtype=bool)
+    near_both = np.ones(tree.count + 1, dtype=bool)
     for lung in (left, right):
         near = dilate(lung, *reach)
-        touches = np.zeros(count + 1, dtype=bool)
-        for z in range(0, near.shape[0], 16):  # the labels under it, a slab at a time
-            touches[labels[z:z + 16][near[z:z + 16]]] = True
+        touches = np.zeros(tree.count + 1, dtype=bool)
+        touches[tree.lab[near.ravel()[tree.flat]]] = True
         near_both &= touches
         del near
-    sizes = voxel_counts(labels, count)
     best, best_size = 0, 0
     for label in tree_labels.tolist():  # ascending: of equal sizes, the first is kept
-        if sizes[label] > best_size and near_both[label]:
-            best, best_size = int(label), int(sizes[label])
+        if tree.size[label - 1] > best_size and near_both[label]:
+            best, best_size = int(label), int(tree.size[label - 1])
     return best
 
 
-def _trachea_and_bronchi(volume: Volume, labels: np.ndarray, count: int,
-                         tree_labels: np.ndarray, hu: np.ndarray, box: tuple[slice, ...],
-                         left: np.ndarray, right: np.ndarray) -> tuple[Block | None, Block | None]:
+def _trachea_and_bronchi(volume: Volume, tree: LabelStats, tree_labels: np.ndarray,
+                         hu: np.ndarray, box: tuple[slice, ...],
+                         left: np.ndarray, right: np.ndarray
+                         ) -> tuple[Block | None, Block | None]:
     """Trachea above the carina and the main bronchi below it, walls included,
     each on its own box (volume indices).
 
@@ -249,22 +256,23 @@ def _trachea_and_bronchi(volume: Volume, labels: np.ndarray, count: int,
     The airway is worked on its own box, grown in-plane by what its lumen
     and wall reach, not on the lungs' box.
     """
-    best = _airway_label(volume, labels, count, tree_labels, left, right)
+    best = _airway_label(volume, tree, tree_labels, left, right)
     if not best:
         return None, None
-    at = ndimage.find_objects(labels, max_label=best)[best - 1]
-    assert at is not None  # a label of the tree has voxels
+    at = np.unravel_index(tree.flat[tree.lab == best], hu.shape)
     wall = radius_px(volume, AIRWAY_WALL_MM)
-    near = (at[0],) + tuple(slice(max(at[a].start - 1 - wall[a - 1], 0),
-                                  min(at[a].stop + 1 + wall[a - 1], labels.shape[a]))
-                            for a in (1, 2))
-    core = labels[near] == best
+    near = (slice(int(at[0].min()), int(at[0].max()) + 1),) + tuple(
+        slice(max(int(at[a].min()) - 1 - wall[a - 1], 0),
+              min(int(at[a].max()) + 2 + wall[a - 1], hu.shape[a])) for a in (1, 2))
+    core = np.zeros(tuple(s.stop - s.start for s in near), dtype=bool)
+    core[tuple(i - s.start for i, s in zip(at, near, strict=True))] = True
+    del at
     lungs_there = left[near] | right[near]
     lumen = dilate(core, 1, 1) & (hu[near] < AIRWAY_EDGE_HU)
     lumen = core | (lumen & ~lungs_there)
     outer = dilate(lumen, *wall) & ~lungs_there
     # Patient z of each slice: the carina is found from the head down.
-    z_mm = volume.positions[box[0], 2][at[0]]
+    z_mm = volume.positions[box[0], 2][near[0]]
     order = np.argsort(-z_mm)
     min_px = 10.0 / (volume.pixel_spacing[0] * volume.pixel_spacing[1])
     carina = None
