@@ -11,7 +11,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from oncoseg_node import __version__
 from oncoseg_node.dicom.filemeta import IMPLEMENTATION_CLASS_UID
 
-BODY_PART = {"thorax": "CHEST", "head": "HEAD", "pelvis": "PELVIS"}
+BODY_PART = {"thorax": "CHEST", "head": "HEAD", "pelvis": "PELVIS", "abdomen": "ABDOMEN"}
 
 
 def _ds(value: float) -> str:

@@ -1,4 +1,4 @@
-"""The three phantom sites: thorax, pelvis and head, in patient coordinates (LPS).
+"""The phantom sites: thorax, pelvis, head and abdomen, in patient coordinates (LPS).
 
 Each returns the slice's HU image, its truth masks and where trabecular
 marrow is (the caller adds its texture). In-plane sizes scale with the
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from oncoseg_node.commissioning.phantom_abdomen import abdomen
 from oncoseg_node.commissioning.phantom_body import (
     AIR,
     BLOOD,
@@ -215,4 +216,4 @@ def head(g: Slice, f: Frame, thickness: float) -> Site:
     return hu, {"External": body, "Bones": skull & body, "Brain": brain}, diploe
 
 
-SITES = {"thorax": thorax, "pelvis": pelvis, "head": head}
+SITES = {"thorax": thorax, "pelvis": pelvis, "head": head, "abdomen": abdomen}
