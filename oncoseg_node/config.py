@@ -1,7 +1,8 @@
 """Node configuration: parsed once into frozen dataclasses by :func:`load_config`.
 
-This is the only module that reads the node's YAML. Every problem (unknown
-key, wrong type, bad value) is collected and raised together in one
+The tree is read by :class:`~oncoseg_node.yamlfile.DataclassParser`, which
+reads the protocols file too. Every problem (unknown key, wrong type, bad
+value) is collected and raised together in one
 :class:`~oncoseg_node.errors.ConfigError` naming each key, so an operator
 fixes a config in one pass. Relative paths resolve against the folder of the
 config file, not the working directory, so a unit file and a shell agree.
@@ -14,14 +15,12 @@ import dataclasses
 import ipaddress
 import os
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from oncoseg_node.errors import ConfigError
-from oncoseg_node.yamlfile import line_index, located, read_yaml, unknown_key
+from oncoseg_node.yamlfile import DataclassParser, line_index, located, read_as, read_yaml
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
 MIN_PDU = 128 * 1024
@@ -178,7 +177,7 @@ class Config:
     http: HttpConfig = field(default_factory=HttpConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
-    source: Path | None = None
+    source: Path | None = field(default=None, metadata=read_as(in_file=False))
 
     @property
     def spool_dir(self) -> Path:
@@ -187,85 +186,6 @@ class Config:
     @property
     def ledger_path(self) -> Path:
         return self.state_dir / "ledger.sqlite3"
-
-
-
-class _Parser:
-    """Builds a dataclass tree from YAML data, collecting every problem."""
-
-    def __init__(self, base_dir: Path) -> None:
-        self.base_dir = base_dir
-        self.problems: list[str] = []
-
-    def build(self, cls: type, raw: Any, key: str) -> Any:
-        if not isinstance(raw, dict):
-            self.problems.append(f"{key}: expected a mapping, got {_show(raw)}")
-            return None
-        hints = typing.get_type_hints(cls)
-        known = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
-        for unknown in sorted(set(raw) - set(known), key=str):
-            self.problems.append(unknown_key(_join(key, unknown), unknown, known))
-        values = {}
-        for name, fld in known.items():
-            if name in raw:
-                values[name] = self.value(hints[name], raw[name], _join(key, name))
-            elif fld.default is dataclasses.MISSING and fld.default_factory is dataclasses.MISSING:
-                self.problems.append(f"{_join(key, name)}: required key missing")
-        try:
-            return cls(**values)
-        except TypeError:
-            return None
-
-    def value(self, hint: Any, raw: Any, key: str) -> Any:
-        origin = typing.get_origin(hint)
-        args = typing.get_args(hint)
-        if origin in (typing.Union, types.UnionType):
-            if raw is None and type(None) in args:
-                return None
-            (inner,) = [a for a in args if a is not type(None)]
-            return self.value(inner, raw, key)
-        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-            return self.build(hint, raw if raw is not None else {}, key)
-        if origin is tuple:
-            if raw is None:
-                return ()
-            if not isinstance(raw, list):
-                self.problems.append(f"{key}: expected a list, got {_show(raw)}")
-                return ()
-            return tuple(self.value(args[0], item, f"{key}[{i}]") for i, item in enumerate(raw))
-        if hint is bool:
-            if not isinstance(raw, bool):
-                self.problems.append(f"{key}: expected true or false, got {_show(raw)}")
-            return raw
-        if hint is int:
-            if isinstance(raw, bool) or not isinstance(raw, int):
-                self.problems.append(f"{key}: expected an integer, got {_show(raw)}")
-            return raw
-        if hint is float:
-            if isinstance(raw, bool) or not isinstance(raw, (int, float)):
-                self.problems.append(f"{key}: expected a number, got {_show(raw)}")
-                return raw
-            return float(raw)
-        if hint is str:
-            if not isinstance(raw, str):
-                self.problems.append(f"{key}: expected a string, got {_show(raw)}")
-            return raw
-        if hint is Path:
-            if not isinstance(raw, str) or not raw:
-                self.problems.append(f"{key}: expected a path, got {_show(raw)}")
-                return raw
-            path = Path(raw).expanduser()
-            return path if path.is_absolute() else (self.base_dir / path).resolve()
-        raise TypeError(f"unsupported config type {hint!r} at {key}")
-
-
-def _join(key: str, name: object) -> str:
-    return f"{key}.{name}" if key else str(name)
-
-
-def _show(raw: Any) -> str:
-    text = repr(raw)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _check_ae(title: Any, key: str, problems: list[str]) -> None:
@@ -379,7 +299,7 @@ def load_config(path: Path | str) -> Config:
     raw, text = read_yaml(path)
     if raw.get("state_dir") is None:
         raw["state_dir"] = str(default_state_dir())
-    parser = _Parser(path.resolve().parent)
+    parser = DataclassParser(path.resolve().parent)
     cfg = parser.build(Config, raw, "")
     problems = parser.problems
     if cfg is not None:

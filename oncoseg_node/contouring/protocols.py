@@ -2,20 +2,24 @@
 
 Pure data: no torch, no engines. A protocols file holds a ``structures``
 library (TG-263 name -> colour, type, engine, prompts, ...) and ``protocols``
-that match series by DICOM attributes and list library structures.
+that match series by DICOM attributes and list library structures. The file
+is read by the node config's parser (:class:`~oncoseg_node.yamlfile.DataclassParser`)
+into the dataclasses below; what one value alone cannot show (a structure a
+protocol lists, a fallback, the destinations' name limit) is checked here.
 """
 
 from __future__ import annotations
 
 import hashlib
+import operator
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from oncoseg_node.errors import ConfigError
-from oncoseg_node.yamlfile import line_index, located, read_yaml, unknown_key
+from oncoseg_node.yamlfile import DataclassParser, line_index, located, read_as, read_yaml
 
 INTERPRETED_TYPES = frozenset(
     {
@@ -27,28 +31,99 @@ INTERPRETED_TYPES = frozenset(
     }
 )
 ENGINES = frozenset({"classical", "sam3"})
-TOP_LEVEL_KEYS = frozenset({"structures", "protocols", "fallback"})
-PROTOCOL_KEYS = frozenset({"name", "priority", "match", "structures", "shadow"})
-MATCH_KEYS = frozenset({"attributes", "calling_aets", "slice_thickness_mm"})
 PARTS = ("one", "many")
+TG263_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_^]{0,15}$")
+
+
+def _must(ok: Callable[[Any], bool], what: str,
+          convert: Callable[[Any], Any] = lambda raw: raw) -> Callable[[Any], Any]:
+    """A field check: the value (converted) when ``ok``, else ``<value> is not <what>``."""
+    def check(raw: Any) -> Any:
+        value = convert(raw)
+        if not ok(value):
+            raise ValueError(f"{value!r} is not {what}")
+        return value
+    return check
+
+
+def _or_empty(kind: type, problem: str) -> Callable[[Any], Any]:
+    """A field check: an empty ``kind`` for a missing or empty value, else one of ``kind``."""
+    def check(raw: Any) -> Any:
+        if not raw:
+            return kind()
+        if not isinstance(raw, kind):
+            raise ValueError(problem.format(raw=raw))
+        return raw
+    return check
+
+
+def _mapping_item(what: str, *, none_ok: bool) -> Callable[[Any], Any]:
+    """An item check: a mapping (or None when ``none_ok``), else ``expected <what>``."""
+    def check(raw: Any) -> Any:
+        if not isinstance(raw, dict) and not (none_ok and raw is None):
+            raise ValueError(f"expected {what}, got {raw!r}")
+        return raw
+    return check
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_rgb(value: Any) -> bool:
+    return (isinstance(value, (list, tuple)) and len(value) == 3
+            and all(isinstance(c, int) and 0 <= c <= 255 for c in value))
+
+
+def _pair(ordered: Callable[[float, float], bool]) -> Callable[[Any], bool]:
+    """Whether a value is None or ``[a, b]``, two numbers in ``ordered`` order."""
+    def ok(value: Any) -> bool:
+        return value is None or (isinstance(value, (list, tuple)) and len(value) == 2
+                                 and all(isinstance(v, (int, float)) for v in value)
+                                 and ordered(value[0], value[1]))
+    return ok
+
+
+def _tg263_name(raw: Any) -> str:
+    if not TG263_NAME.match(str(raw)):
+        raise ValueError(f"{raw!r} breaks TG-263 naming (a letter, then letters, digits, _ "
+                         "or ^, at most 16 characters)")
+    return str(raw)
+
+
+def _pattern(raw: Any) -> Any:
+    """Match patterns are case-insensitive: "thorax" in a rule matches "THORAX" in a header."""
+    if not isinstance(raw, str):
+        return raw  # the parser names the wrong type
+    try:
+        return re.compile(raw, re.IGNORECASE)
+    except re.error as exc:
+        raise ValueError(str(exc)) from None
+
+
+_NON_NEGATIVE = read_as(check=_must(lambda v: _is_number(v) and v >= 0, "a number >= 0"))
+_RANGE = read_as(check=_must(_pair(operator.lt), "[low, high]"))
 
 
 @dataclass(frozen=True)
 class PostProcess:
     """Mask clean-up applied after the engine, before contouring."""
 
-    keep_components: int | None = None
-    fill_holes: bool = False
-    smoothing_mm: float = 0.0
-    min_island_cc: float = 0.0
+    keep_components: int | None = field(default=None, metadata=read_as(check=_must(
+        lambda v: v is None or (_is_number(v) and isinstance(v, int) and v >= 1),
+        "a whole number of at least 1")))
+    fill_holes: bool = field(default=False, metadata=read_as(
+        check=_must(lambda v: isinstance(v, bool), "true or false")))
+    smoothing_mm: float = field(default=0.0, metadata=_NON_NEGATIVE)
+    min_island_cc: float = field(default=0.0, metadata=_NON_NEGATIVE)
     # Fragments of a slice smaller than this (mm^2) are dropped: specks a
     # planning system would show as separate contours to review.
-    min_slice_island_mm2: float = 0.0
+    min_slice_island_mm2: float = field(default=0.0, metadata=_NON_NEGATIVE)
 
 
 @dataclass(frozen=True)
 class Structure:
-    """One OAR as the physicists define it.
+    """One OAR as the physicists define it; in the file, keyed by its TG-263 ``name``.
 
     ``laterality`` ("left"/"right") is the patient's side, resolved from
     patient coordinates (LPS: +x is the patient's left), never from the image.
@@ -59,27 +134,36 @@ class Structure:
     loops, vertebrae): every instance is followed, not only the best one.
     """
 
-    name: str
-    color: tuple[int, int, int]
-    interpreted_type: str = "ORGAN"
-    engine: str = "classical"
+    name: str = field(metadata=read_as(check=_tg263_name))
+    color: tuple[int, int, int] = field(metadata=read_as(
+        check=_must(_is_rgb, "[R, G, B] in 0..255")))
+    interpreted_type: str = field(default="ORGAN", metadata=read_as(key="type", check=_must(
+        INTERPRETED_TYPES.__contains__, "an RTROIInterpretedType", lambda v: str(v).upper())))
+    engine: str = field(default="classical", metadata=read_as(
+        check=_must(ENGINES.__contains__, f"one of {sorted(ENGINES)}", str)))
     concepts: tuple[str, ...] = ()
     negative_concepts: tuple[str, ...] = ()
-    laterality: str | None = None
-    volume_cc: tuple[float, float] | None = None
-    hu_window: tuple[float, float] | None = None
-    model_window: tuple[float, float] | None = None
-    parts: str = "one"
-    postprocess: PostProcess = field(default_factory=PostProcess)
+    laterality: str | None = field(default=None, metadata=read_as(
+        check=_must(lambda v: v in (None, "left", "right"), "left or right")))
+    volume_cc: tuple[float, float] | None = field(default=None, metadata=_RANGE)
+    hu_window: tuple[float, float] | None = field(default=None, metadata=_RANGE)
+    model_window: tuple[float, float] | None = field(default=None, metadata=_RANGE)
+    parts: str = field(default="one", metadata=read_as(
+        check=_must(PARTS.__contains__, "one or many")))
+    postprocess: PostProcess = field(default_factory=PostProcess, metadata=read_as(
+        check=_or_empty(dict, "{raw!r} is not a mapping")))
 
 
 @dataclass(frozen=True)
 class MatchRules:
     """Regular expressions on DICOM attributes; all given rules must match."""
 
-    attributes: Mapping[str, re.Pattern[str]] = field(default_factory=dict)
+    attributes: Mapping[str, re.Pattern[str]] = field(default_factory=dict,
+                                                      metadata=read_as(each=_pattern))
     calling_aets: tuple[str, ...] = ()
-    slice_thickness_mm: tuple[float, float] | None = None
+    slice_thickness_mm: tuple[float, float] | None = field(default=None, metadata=read_as(
+        check=_must(_pair(operator.le),
+                    "[min, max] with min <= max (the rule could never match)")))
 
     def explain(self, header: Any, calling_ae: str | None) -> list[str]:
         """Reasons this rule set does not match; empty when it matches."""
@@ -112,6 +196,34 @@ class Protocol:
 
 
 @dataclass(frozen=True)
+class DeclaredProtocol:
+    """A protocol as the file declares it: its structures by name.
+
+    Without a ``name``, it is named by its place in the list (``#0``).
+    """
+
+    name: str = field(metadata=read_as(check=str))
+    priority: int = 0
+    match: MatchRules = field(default_factory=MatchRules)
+    structures: tuple[str, ...] = ()
+    shadow: bool = False
+
+
+@dataclass(frozen=True)
+class ProtocolsFile:
+    """A protocols file as written; a refused structure or protocol is None in it."""
+
+    structures: Mapping[str, Structure] = field(default_factory=dict, metadata=read_as(
+        check=_or_empty(dict, "expected a mapping of structure name -> fields"),
+        each=_mapping_item("a mapping of fields", none_ok=True), key_field="name"))
+    protocols: tuple[DeclaredProtocol, ...] = field(default=(), metadata=read_as(
+        check=_or_empty(list, "expected a list of protocols"),
+        each=_mapping_item("a mapping with name, match and structures", none_ok=False),
+        named_by="name"))
+    fallback: str | None = None
+
+
+@dataclass(frozen=True)
 class ProtocolSet:
     """A validated protocols file; ``version`` is a hash of its content."""
 
@@ -137,102 +249,63 @@ class ProtocolSet:
         return None
 
 
-def _structure(name: str, raw: Mapping[str, Any], problems: list[str]) -> Structure | None:
-    color = raw.get("color")
-    if (
-        not isinstance(color, (list, tuple))
-        or len(color) != 3
-        or not all(isinstance(c, int) and 0 <= c <= 255 for c in color)
-    ):
-        problems.append(f"structures.{name}.color: {color!r} is not [R, G, B] in 0..255")
-        return None
-    itype = str(raw.get("type", "ORGAN")).upper()
-    if itype not in INTERPRETED_TYPES:
-        problems.append(f"structures.{name}.type: {itype!r} is not an RTROIInterpretedType")
-    engine = str(raw.get("engine", "classical"))
-    if engine not in ENGINES:
-        problems.append(f"structures.{name}.engine: {engine!r} is not one of {sorted(ENGINES)}")
-    known = {"color", "type", "engine", "concepts", "negative_concepts", "laterality",
-             "volume_cc", "hu_window", "model_window", "parts", "postprocess"}
-    for key in sorted(set(raw) - known):
-        problems.append(unknown_key(f"structures.{name}.{key}", key, known))
-    laterality = raw.get("laterality")
-    if laterality not in (None, "left", "right"):
-        problems.append(f"structures.{name}.laterality: {laterality!r} is not left or right")
-    parts = raw.get("parts", "one")
-    if parts not in PARTS:
-        problems.append(f"structures.{name}.parts: {parts!r} is not one or many")
-        parts = "one"
-    ranges: dict[str, tuple[float, float] | None] = {}
-    for key in ("volume_cc", "hu_window", "model_window"):
-        value = raw.get(key)
-        if value is None:
-            ranges[key] = None
-        elif (isinstance(value, (list, tuple)) and len(value) == 2
-              and all(isinstance(v, (int, float)) for v in value) and value[0] < value[1]):
-            ranges[key] = (float(value[0]), float(value[1]))
-        else:
-            problems.append(f"structures.{name}.{key}: {value!r} is not [low, high]")
-            ranges[key] = None
-    post_raw = raw.get("postprocess") or {}
-    post = {}
-    if not isinstance(post_raw, dict):
-        problems.append(f"structures.{name}.postprocess: {post_raw!r} is not a mapping")
-        post_raw = {}
-    for key, value in sorted(post_raw.items()):
-        problem = _postprocess_problem(key, value)
-        if problem:
-            problems.append(f"structures.{name}.postprocess.{key}: {problem}")
-        else:
-            post[key] = value
-    return Structure(
-        name=name,
-        color=(color[0], color[1], color[2]),
-        interpreted_type=itype,
-        engine=engine,
-        concepts=tuple(raw.get("concepts", ()) or ()),
-        negative_concepts=tuple(raw.get("negative_concepts", ()) or ()),
-        laterality=laterality,
-        volume_cc=ranges["volume_cc"],
-        hu_window=ranges["hu_window"],
-        model_window=ranges["model_window"],
-        parts=parts,
-        postprocess=PostProcess(**post),
-    )
+def _rules(match: MatchRules) -> tuple[object, ...]:
+    """What decides whether a protocol matches, comparable between protocols."""
+    return ({k: v.pattern for k, v in match.attributes.items() if v is not None},
+            match.calling_aets, match.slice_thickness_mm)
 
 
-def _postprocess_problem(key: str, value: object) -> str | None:
-    """Why a postprocess setting is refused, or None when it is valid."""
-    if key == "keep_components":
-        ok = value is None or (isinstance(value, int) and not isinstance(value, bool)
-                               and value >= 1)
-        return None if ok else f"{value!r} is not a whole number of at least 1"
-    if key == "fill_holes":
-        return None if isinstance(value, bool) else f"{value!r} is not true or false"
-    if key in ("smoothing_mm", "min_island_cc", "min_slice_island_mm2"):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
-        return None if ok else f"{value!r} is not a number >= 0"
-    return "unknown key"
-
-
-TG263_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_^]{0,15}$")
-
-
-def _shadowing(protocols: list[Protocol]) -> list[str]:
+def _shadowing(protocols: Sequence[DeclaredProtocol]) -> list[str]:
     """Protocols that can never be chosen because another one always wins first."""
     problems = []
     ranked = sorted(protocols, key=lambda p: -p.priority)
     for i, later in enumerate(ranked):
         for earlier in ranked[:i]:
-            earlier_rules = ({k: v.pattern for k, v in earlier.match.attributes.items()},
-                             earlier.match.calling_aets, earlier.match.slice_thickness_mm)
-            later_rules = ({k: v.pattern for k, v in later.match.attributes.items()},
-                           later.match.calling_aets, later.match.slice_thickness_mm)
-            if earlier_rules == ({}, (), None) or earlier_rules == later_rules:
+            if _rules(earlier.match) in (({}, (), None), _rules(later.match)):
                 problems.append(f"protocols.{later.name}: can never match, protocol "
                                 f"{earlier.name!r} (priority {earlier.priority}) always wins "
                                 "first with the same or no rules")
                 break
+    return problems
+
+
+def _listed(protocol: DeclaredProtocol, defined: Mapping[str, object]) -> list[str]:
+    """A protocol's structures listed twice or never defined.
+
+    A defined structure refused for its own fields is not named again here.
+    """
+    names = [n for n in protocol.structures if isinstance(n, str)]  # others already refused
+    problems = [f"protocols.{protocol.name}.structures: {name!r} listed twice"
+                for name in sorted({n for n in names if names.count(n) > 1})]
+    problems += [f"protocols.{protocol.name}.structures: unknown structure {name!r}"
+                 for name in names if name not in defined]
+    return problems
+
+
+def _cross_references(declared: ProtocolsFile, max_roi_name_length: int | None) -> list[str]:
+    """What no single value shows: names used across the file, and the destinations' limit."""
+    problems = []
+    if max_roi_name_length is not None:
+        problems += [f"structures.{name}: longer than {max_roi_name_length} characters, "
+                     "the limit of a configured destination"
+                     for name in declared.structures
+                     if TG263_NAME.match(str(name)) and len(str(name)) > max_roi_name_length]
+    protocols = [p for p in declared.protocols if p is not None]
+    seen: set[str] = set()
+    for protocol in protocols:
+        problems += _listed(protocol, declared.structures)
+        if protocol.name in seen:
+            problems.append(f"protocols.{protocol.name}: name used twice")
+        seen.add(protocol.name)
+    if not declared.protocols:
+        # Also what a file caught mid-write looks like: never run with nothing.
+        problems.append("protocols: no protocol defined")
+    # A protocol whose match or priority was refused is left out: it never ranks.
+    problems += _shadowing([p for p in protocols
+                            if p.match is not None and isinstance(p.priority, int)])
+    fallback = declared.fallback
+    if fallback is not None and fallback not in [p.name for p in protocols]:
+        problems.append(f"fallback: {fallback!r} is not a protocol")
     return problems
 
 
@@ -242,105 +315,21 @@ def load_protocols(path: Path, max_roi_name_length: int | None = None) -> Protoc
     Each problem is reported as ``FILE:LINE: key: message``.
     ``max_roi_name_length`` is the tightest limit among the destinations.
     """
-    raw, text = read_yaml(Path(path))
-    problems: list[str] = []
-    library: dict[str, Structure] = {}
-    for key in sorted(set(raw) - TOP_LEVEL_KEYS, key=str):
-        problems.append(unknown_key(str(key), key, TOP_LEVEL_KEYS))
-    # Wrong shapes are reported here and skipped below, never a traceback.
-    if not isinstance(raw.get("structures") or {}, dict):
-        problems.append("structures: expected a mapping of structure name -> fields")
-        raw["structures"] = {}
-    if not isinstance(raw.get("protocols") or [], list):
-        problems.append("protocols: expected a list of protocols")
-        raw["protocols"] = []
-    for name, spec in list((raw.get("structures") or {}).items()):
-        if spec is not None and not isinstance(spec, dict):
-            problems.append(f"structures.{name}: expected a mapping of fields, got {spec!r}")
-            raw["structures"][name] = {}
-    for index, entry in enumerate(list(raw.get("protocols") or [])):
-        if not isinstance(entry, dict):
-            problems.append(f"protocols[{index}]: expected a mapping with name, match and "
-                            f"structures, got {entry!r}")
-            raw["protocols"][index] = {}
-    for name in (raw.get("structures") or {}):
-        if not TG263_NAME.match(str(name)):
-            problems.append(f"structures.{name}: {name!r} breaks TG-263 naming (a letter, then "
-                            "letters, digits, _ or ^, at most 16 characters)")
-        elif max_roi_name_length is not None and len(str(name)) > max_roi_name_length:
-            problems.append(f"structures.{name}: longer than {max_roi_name_length} characters, "
-                            "the limit of a configured destination")
-    # A structure refused above is reported once, not again by each protocol using it.
-    refused: set[str] = set()
-    for name, spec in (raw.get("structures") or {}).items():
-        structure = _structure(str(name), spec or {}, problems)
-        if structure is not None:
-            library[str(name)] = structure
-        else:
-            refused.add(str(name))
-    protocols = []
-    seen: set[str] = set()
-    for index, entry in enumerate(raw.get("protocols") or []):
-        pname = str(entry.get("name", f"#{index}"))
-        attributes = {}
-        match_raw = entry.get("match") or {}
-        for keyword, pattern in (match_raw.get("attributes") or {}).items():
-            try:
-                attributes[keyword] = re.compile(pattern, re.IGNORECASE)
-            except re.error as exc:
-                problems.append(f"protocols.{pname}.match.attributes.{keyword}: {exc}")
-        structures = []
-        listed = entry.get("structures") or []
-        for sname in sorted({n for n in listed if listed.count(n) > 1}):
-            problems.append(f"protocols.{pname}.structures: {sname!r} listed twice")
-        for key in sorted(set(entry) - PROTOCOL_KEYS):
-            problems.append(unknown_key(f"protocols.{pname}.{key}", key, PROTOCOL_KEYS))
-        for sname in listed:
-            if sname in refused:
-                continue
-            if sname not in library:
-                problems.append(f"protocols.{pname}.structures: unknown structure {sname!r}")
-            else:
-                structures.append(library[sname])
-        for key in sorted(set(match_raw) - MATCH_KEYS):
-            problems.append(unknown_key(f"protocols.{pname}.match.{key}", key, MATCH_KEYS))
-        thickness = match_raw.get("slice_thickness_mm")
-        if thickness is not None and not (
-                isinstance(thickness, list) and len(thickness) == 2
-                and all(isinstance(v, (int, float)) for v in thickness)
-                and thickness[0] <= thickness[1]):
-            problems.append(f"protocols.{pname}.match.slice_thickness_mm: {thickness!r} is not "
-                            "[min, max] with min <= max (the rule could never match)")
-            thickness = None
-        if pname in seen:
-            problems.append(f"protocols.{pname}: name used twice")
-        seen.add(pname)
-        protocols.append(
-            Protocol(
-                name=pname,
-                priority=int(entry.get("priority", 0)),
-                match=MatchRules(
-                    attributes=attributes,
-                    calling_aets=tuple(match_raw.get("calling_aets") or ()),
-                    slice_thickness_mm=(float(thickness[0]), float(thickness[1]))
-                    if thickness else None),
-                structures=tuple(structures),
-                shadow=bool(entry.get("shadow", False)),
-            )
-        )
-    if not protocols:
-        # Also what a file caught mid-write looks like: never run with nothing.
-        problems.append("protocols: no protocol defined")
-    problems.extend(_shadowing(protocols))
-    fallback = raw.get("fallback")
-    if fallback is not None and fallback not in {p.name for p in protocols}:
-        problems.append(f"fallback: {fallback!r} is not a protocol")
+    path = Path(path)
+    raw, text = read_yaml(path)
+    parser = DataclassParser(path.resolve().parent)
+    declared: ProtocolsFile = parser.build(ProtocolsFile, raw, "")
+    problems = parser.problems + _cross_references(declared, max_roi_name_length)
     if problems:
-        raise ConfigError(located(problems, Path(path), line_index(text)), source=str(path))
+        raise ConfigError(located(problems, path, line_index(text)), source=str(path))
+    library = {s.name: s for s in declared.structures.values()}
     return ProtocolSet(
-        protocols=tuple(protocols),
+        protocols=tuple(Protocol(name=p.name, priority=p.priority, match=p.match,
+                                 structures=tuple(library[n] for n in p.structures),
+                                 shadow=p.shadow)
+                        for p in declared.protocols),
         library=library,
-        fallback=fallback,
+        fallback=declared.fallback,
         version=hashlib.sha256(text.encode()).hexdigest()[:12],
         source=str(path),
     )
