@@ -22,8 +22,8 @@ from skimage import morphology
 
 from bench.rtstruct_write import machine
 from oncoseg_node.commissioning.phantom import make_phantom
-from oncoseg_node.contouring.engines import classical
-from oncoseg_node.contouring.engines.classical import ClassicalEngine
+from oncoseg_node.contouring.engines.classical import engine as classical
+from oncoseg_node.contouring.engines.classical.engine import ClassicalEngine
 from oncoseg_node.contouring.protocols import Structure
 
 

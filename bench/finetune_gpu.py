@@ -38,7 +38,7 @@ def build(dry_run: bool):  # -> (model, tokenizer, device, dtype, rows)
     from tests.sam3_tiny import build_tiny_sam3, tiny_tokenizer
 
     if dry_run:
-        from oncoseg_node.contouring.engines.sam3_load import load_base
+        from oncoseg_node.contouring.engines.sam3.load import load_base
 
         model, tokenizer = load_base(build_tiny_sam3(Path(tempfile.mkdtemp()) / "tiny"))
         return model, tokenizer, torch.device("cpu"), torch.float32, 64

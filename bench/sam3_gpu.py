@@ -40,9 +40,9 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from bench.sam3_throughput import gpu_peak, measured_matmul_peak, phantom, sync  # noqa: E402
 from oncoseg_node.config import Sam3Config  # noqa: E402
-from oncoseg_node.contouring.engines.sam3 import Sam3Engine  # noqa: E402
-from oncoseg_node.contouring.engines.sam3_follow import TrackerRun, follow  # noqa: E402
-from oncoseg_node.contouring.engines.sam3_preprocess import (  # noqa: E402
+from oncoseg_node.contouring.engines.sam3.engine import Sam3Engine  # noqa: E402
+from oncoseg_node.contouring.engines.sam3.follow import TrackerRun, follow  # noqa: E402
+from oncoseg_node.contouring.engines.sam3.preprocess import (  # noqa: E402
     DEFAULT_WINDOW,
     SliceFrame,
     window_to_unit,

@@ -35,9 +35,9 @@ from pydicom.dataset import Dataset  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from oncoseg_node.config import Sam3Config  # noqa: E402
-from oncoseg_node.contouring.engines.sam3 import Sam3Engine, _Prompt  # noqa: E402
-from oncoseg_node.contouring.engines.sam3_preprocess import SliceFrame, window_to_unit  # noqa: E402
-from oncoseg_node.contouring.engines.sam3_track import FeatureStore, SliceSession  # noqa: E402
+from oncoseg_node.contouring.engines.sam3.engine import Sam3Engine, _Prompt  # noqa: E402
+from oncoseg_node.contouring.engines.sam3.preprocess import SliceFrame, window_to_unit  # noqa: E402
+from oncoseg_node.contouring.engines.sam3.track import FeatureStore, SliceSession  # noqa: E402
 from oncoseg_node.contouring.volume import Volume  # noqa: E402
 
 # Dense (no sparsity) tensor-core peaks from NVIDIA's data sheets, FLOP/s.

@@ -67,7 +67,7 @@ def hwm_mib() -> float:
 
 def steps(series: Path) -> None:
     """Each engine step's tracemalloc peak above what was held before it, in this process."""
-    from oncoseg_node.contouring.engines.classical import _Steps
+    from oncoseg_node.contouring.engines.classical.engine import _Steps
     from oncoseg_node.contouring.pipeline import load_ct_series
 
     tracemalloc.start()

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from oncoseg_node.commissioning.phantom import make_phantom
-from oncoseg_node.contouring.engines.classical import ClassicalEngine
+from oncoseg_node.contouring.engines.classical.engine import ClassicalEngine
 from oncoseg_node.contouring.protocols import Structure
 
 DIGESTS = Path(__file__).parent / "fixtures" / "classical_mask_digests.json"

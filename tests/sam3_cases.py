@@ -16,8 +16,8 @@ from pydicom.dataset import Dataset
 from transformers import Sam3Model, Sam3VideoModel
 
 from oncoseg_node.config import Sam3Config
-from oncoseg_node.contouring.engines.sam3 import Sam3Engine
-from oncoseg_node.contouring.engines.sam3_load import onco_seg_lora_config
+from oncoseg_node.contouring.engines.sam3.engine import Sam3Engine
+from oncoseg_node.contouring.engines.sam3.load import onco_seg_lora_config
 from oncoseg_node.contouring.protocols import Structure
 from oncoseg_node.contouring.volume import Volume
 from tests.sam3_tiny import build_tiny_sam3

@@ -17,7 +17,7 @@ import tracemalloc
 from pathlib import Path
 
 from oncoseg_node.commissioning.phantom import make_phantom
-from oncoseg_node.contouring.engines.classical import _Steps
+from oncoseg_node.contouring.engines.classical.engine import _Steps
 
 STEPS = ("body", "mid", "chest", "skeleton")
 

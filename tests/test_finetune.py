@@ -156,7 +156,7 @@ def engines_see_the_adapter(material, adapter: Path) -> None:
     from dataclasses import replace
 
     from oncoseg_node.config import load_config
-    from oncoseg_node.contouring.engines.sam3 import Sam3Engine
+    from oncoseg_node.contouring.engines.sam3.engine import Sam3Engine
     from oncoseg_node.contouring.protocols import load_protocols
 
     _, config_path = material

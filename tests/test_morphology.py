@@ -10,9 +10,10 @@ import pytest
 from scipy import ndimage
 
 from oncoseg_node.commissioning.phantom import make_phantom
-from oncoseg_node.contouring.engines import classical, postprocess
-from oncoseg_node.contouring.engines.blocks import box_by_slab, rows_box
-from oncoseg_node.contouring.engines.postprocess import (
+from oncoseg_node.contouring.engines.classical import engine as classical
+from oncoseg_node.contouring.engines.classical import postprocess
+from oncoseg_node.contouring.engines.classical.blocks import box_by_slab, rows_box
+from oncoseg_node.contouring.engines.classical.postprocess import (
     IN_PLANE,
     LabelStats,
     bbox,
@@ -150,7 +151,7 @@ def test_each_slab_in_a_forked_child():
 
 
 def test_the_canal_pieces_touching_a_seed_are_those_of_one_labelling_of_the_box():
-    from oncoseg_node.contouring.engines.ct_canal import _inside
+    from oncoseg_node.contouring.engines.classical.canal import _inside
 
     rng = np.random.default_rng(11)
     for density in (0.3, 0.55, 0.8):

@@ -13,8 +13,8 @@ import pytest
 from scipy import ndimage
 
 from oncoseg_node.commissioning.phantom import make_phantom
-from oncoseg_node.contouring.engines.classical import ClassicalEngine
-from oncoseg_node.contouring.engines.postprocess import postprocess
+from oncoseg_node.contouring.engines.classical.engine import ClassicalEngine
+from oncoseg_node.contouring.engines.classical.postprocess import postprocess
 from oncoseg_node.contouring.protocols import PostProcess, Structure
 
 SHAPE = (18, 48, 40)
@@ -111,7 +111,7 @@ def test_results_keep_the_protocols_order_whatever_order_steps_run():
 
 @pytest.mark.parametrize("seed", range(4))
 def test_body_parts_sized_slab_by_slab_are_those_of_one_3d_label(seed):
-    from oncoseg_node.contouring.engines.ct_body import (
+    from oncoseg_node.contouring.engines.classical.body import (
         LABEL_SLAB,
         MIN_BODY_FRACTION,
         _keep_main_parts,

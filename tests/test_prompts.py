@@ -5,7 +5,7 @@ import pytest
 from scipy import ndimage
 
 from oncoseg_node.commissioning.phantom import make_phantom
-from oncoseg_node.contouring.engines.prompts import (
+from oncoseg_node.contouring.engines.sam3.prompts import (
     IntensityBoxPrompter,
     PixelBox,
     PromptSpec,
@@ -137,7 +137,7 @@ def test_spec_margin_zero_gives_the_tight_box():
 def test_smoothing_is_an_in_plane_mean():
     from scipy import ndimage
 
-    from oncoseg_node.contouring.engines.prompts import _box_mean
+    from oncoseg_node.contouring.engines.sam3.prompts import _box_mean
 
     hu = np.random.default_rng(3).normal(0, 100, (3, 30, 40)).astype(np.float32)
     ours = _box_mean(hu, 2, 1)

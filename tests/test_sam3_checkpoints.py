@@ -18,8 +18,8 @@ pytest.importorskip("peft")
 
 from safetensors.torch import save_file  # noqa: E402
 
-from oncoseg_node.contouring.engines.sam3 import Sam3Engine  # noqa: E402
-from oncoseg_node.contouring.engines.sam3_load import onco_seg_lora_config, sha256_files  # noqa: E402
+from oncoseg_node.contouring.engines.sam3.engine import Sam3Engine  # noqa: E402
+from oncoseg_node.contouring.engines.sam3.load import onco_seg_lora_config, sha256_files  # noqa: E402
 from oncoseg_node.errors import EngineError  # noqa: E402
 from tests.sam3_cases import (  # noqa: E402, F401  - fixtures are found by name
     STRUCTURES,

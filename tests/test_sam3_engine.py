@@ -27,13 +27,13 @@ from transformers.models.sam3_video import modeling_sam3_video  # noqa: E402
 
 from oncoseg_node.config import Sam3Config  # noqa: E402
 from oncoseg_node.contouring.engines.base import Engine  # noqa: E402
-from oncoseg_node.contouring.engines.sam3 import Sam3Engine  # noqa: E402
-from oncoseg_node.contouring.engines.sam3_load import sha256_files  # noqa: E402
-from oncoseg_node.contouring.engines.sam3_preprocess import (  # noqa: E402
+from oncoseg_node.contouring.engines.sam3.engine import Sam3Engine  # noqa: E402
+from oncoseg_node.contouring.engines.sam3.load import sha256_files  # noqa: E402
+from oncoseg_node.contouring.engines.sam3.preprocess import (  # noqa: E402
     DEFAULT_WINDOW,
     SliceFrame,
 )
-from oncoseg_node.contouring.engines.sam3_track import Detection  # noqa: E402
+from oncoseg_node.contouring.engines.sam3.track import Detection  # noqa: E402
 from oncoseg_node.contouring.protocols import Structure  # noqa: E402
 from oncoseg_node.contouring.volume import Volume  # noqa: E402
 from oncoseg_node.errors import EngineError  # noqa: E402

@@ -8,17 +8,17 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from oncoseg_node.contouring.engines.sam3_nms import (  # noqa: E402
+from oncoseg_node.contouring.engines.sam3.nms import (  # noqa: E402
     clean_mask_logits,
     mask_nms,
     pairwise_mask_iou,
 )
-from oncoseg_node.contouring.engines.sam3_preprocess import (  # noqa: E402
+from oncoseg_node.contouring.engines.sam3.preprocess import (  # noqa: E402
     SliceFrame,
     mask_centroid_index,
     window_to_unit,
 )
-from oncoseg_node.contouring.engines.sam3_track import (  # noqa: E402
+from oncoseg_node.contouring.engines.sam3.track import (  # noqa: E402
     Detection,
     FeatureStore,
     Track,
@@ -267,7 +267,7 @@ def test_slices_dropped_past_the_organ_are_forgotten_before_the_reverse_pass():
 
 
 def test_paired_organs_compete_for_pixels():
-    from oncoseg_node.contouring.engines.sam3_pairs import compete, pair_key
+    from oncoseg_node.contouring.engines.sam3.pairs import compete, pair_key
     from oncoseg_node.contouring.protocols import Structure
 
     left = Track(logits={3: np.array([[5.0, 2.0, -1.0]], dtype=np.float32),

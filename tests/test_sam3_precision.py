@@ -19,8 +19,8 @@ pytest.importorskip("peft")
 
 from transformers import Sam3VideoModel  # noqa: E402
 
-from oncoseg_node.contouring.engines.sam3 import Sam3Engine  # noqa: E402
-from oncoseg_node.contouring.engines.sam3_preprocess import (  # noqa: E402
+from oncoseg_node.contouring.engines.sam3.engine import Sam3Engine  # noqa: E402
+from oncoseg_node.contouring.engines.sam3.preprocess import (  # noqa: E402
     DEFAULT_WINDOW,
     SliceFrame,
     window_to_unit,

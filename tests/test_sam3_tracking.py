@@ -17,12 +17,12 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 
-from oncoseg_node.contouring.engines.sam3 import Sam3Engine, _Choice  # noqa: E402
-from oncoseg_node.contouring.engines.sam3_preprocess import (  # noqa: E402
+from oncoseg_node.contouring.engines.sam3.engine import Sam3Engine, _Choice  # noqa: E402
+from oncoseg_node.contouring.engines.sam3.preprocess import (  # noqa: E402
     DEFAULT_WINDOW,
     SliceFrame,
 )
-from oncoseg_node.contouring.engines.sam3_track import Detection  # noqa: E402
+from oncoseg_node.contouring.engines.sam3.track import Detection  # noqa: E402
 from oncoseg_node.contouring.protocols import Structure  # noqa: E402
 from oncoseg_node.contouring.sanity import body_midline_x  # noqa: E402
 from tests.sam3_cases import (  # noqa: E402, F401  - fixtures are found by name
@@ -86,7 +86,7 @@ def test_tracking_rules_come_from_the_checkpoint_config(engine: Sam3Engine):
 
 def _run_on_tiny(engine: Sam3Engine, **settings):
     """A tracker run over the tiny phantom's cached features, and its seed."""
-    from oncoseg_node.contouring.engines.sam3_follow import TrackerRun
+    from oncoseg_node.contouring.engines.sam3.follow import TrackerRun
 
     volume = phantom(slices=6)
     frame = SliceFrame(volume.shape[1], volume.shape[2], engine.image_size)
@@ -101,7 +101,7 @@ def _run_on_tiny(engine: Sam3Engine, **settings):
 
 
 def test_full_resolution_masks_are_freed_and_dropped_slices_forgotten(engine: Sam3Engine):
-    from oncoseg_node.contouring.engines.sam3_follow import follow
+    from oncoseg_node.contouring.engines.sam3.follow import follow
 
     run, seed, candidates = _run_on_tiny(engine)
     with torch.inference_mode():

@@ -13,8 +13,8 @@ import pytest
 from scipy import ndimage
 
 from oncoseg_node.commissioning.phantom import make_phantom
-from oncoseg_node.contouring.engines.ct_body import MIN_BODY_FRACTION, _keep_main_parts
-from oncoseg_node.contouring.engines.postprocess import fill_holes, postprocess
+from oncoseg_node.contouring.engines.classical.body import MIN_BODY_FRACTION, _keep_main_parts
+from oncoseg_node.contouring.engines.classical.postprocess import fill_holes, postprocess
 from oncoseg_node.contouring.protocols import PostProcess
 
 LENGTHS = [1, 15, 16, 17, 31, 32, 33, 65]

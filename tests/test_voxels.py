@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from oncoseg_node.contouring.engines.blocks import Block, PackedBlock
-from oncoseg_node.contouring.engines.voxels import PackedMask, gather, labelled_as
+from oncoseg_node.contouring.engines.classical.blocks import Block, PackedBlock
+from oncoseg_node.contouring.engines.classical.voxels import PackedMask, gather, labelled_as
 
 
 @pytest.mark.parametrize("shape", [(37, 13, 11), (5, 3, 3), (16, 8, 8), (1, 1, 1)])

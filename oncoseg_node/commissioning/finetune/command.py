@@ -82,7 +82,7 @@ def run_finetune(config: Config, request: FinetuneRequest, out: TextIO | None = 
     """Train, write the adapter and its report; returns the provenance written."""
     import torch
 
-    from oncoseg_node.contouring.engines.sam3_load import (
+    from oncoseg_node.contouring.engines.sam3.load import (
         DTYPES,
         check_device,
         load_base,

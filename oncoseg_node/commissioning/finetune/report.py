@@ -34,7 +34,7 @@ class SideBySide:
 
 def score(config: Sam3Config, cases: Sequence[TrainingCase],
           structures: Mapping[str, Structure]) -> list[StructureMetrics]:
-    from oncoseg_node.contouring.engines.sam3 import Sam3Engine
+    from oncoseg_node.contouring.engines.sam3.engine import Sam3Engine
 
     engine = Sam3Engine.from_config(config)
     wanted = [structures[name] for name in sorted(structures)]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from oncoseg_node.commissioning.finetune.cases import TrainingCase
-from oncoseg_node.contouring.engines.sam3_preprocess import (
+from oncoseg_node.contouring.engines.sam3.preprocess import (
     DEFAULT_WINDOW,
     SliceFrame,
     window_to_unit,

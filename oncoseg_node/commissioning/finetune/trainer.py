@@ -38,8 +38,8 @@ from oncoseg_node.commissioning.finetune.samples import (
     instance_targets,
     pixels,
 )
-from oncoseg_node.contouring.engines.sam3_load import onco_seg_lora_config
-from oncoseg_node.contouring.engines.sam3_preprocess import SliceFrame
+from oncoseg_node.contouring.engines.sam3.load import onco_seg_lora_config
+from oncoseg_node.contouring.engines.sam3.preprocess import SliceFrame
 from oncoseg_node.contouring.protocols import Structure
 from oncoseg_node.errors import OncosegError
 

@@ -60,7 +60,7 @@ def contourable(config: EngineConfig) -> Callable[[Structure], bool]:
     classical engine's fixed list, and for SAM3, configured, any structure
     with a text concept, which is what it prompts with.
     """
-    from oncoseg_node.contouring.engines.classical import ClassicalEngine
+    from oncoseg_node.contouring.engines.classical.engine import ClassicalEngine
 
     def can(structure: Structure) -> bool:
         if structure.engine == "classical":
@@ -74,14 +74,14 @@ def contourable(config: EngineConfig) -> Callable[[Structure], bool]:
 
 def build_engines(config: EngineConfig) -> EngineSet:
     """Load the configured engines once, at startup."""
-    from oncoseg_node.contouring.engines.classical import ClassicalEngine
+    from oncoseg_node.contouring.engines.classical.engine import ClassicalEngine
 
     engines: dict[str, Engine] = {"classical": ClassicalEngine()}
     if config.name == "sam3":
-        from oncoseg_node.contouring.engines.prompts import box_prompts
-        from oncoseg_node.contouring.engines.sam3 import (
+        from oncoseg_node.contouring.engines.sam3.engine import (
             Sam3Engine,  # torch and transformers load only on this path
         )
+        from oncoseg_node.contouring.engines.sam3.prompts import box_prompts
 
         engines["sam3"] = Sam3Engine.from_config(config.sam3, box_prompter=box_prompts)
     return EngineSet(engines)

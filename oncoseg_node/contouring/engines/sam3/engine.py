@@ -18,9 +18,9 @@ matching a negative concept or lying on the wrong side of the patient
 (patient coordinates, LPS: +x is the patient's left) are dropped, the best
 one seeds the tracker (with the other instances of its slice only for a
 ``parts: many`` structure), which runs both ways until the structure ends,
-re-anchored on confident detections (``sam3_follow``). When the result
+re-anchored on confident detections (``follow``). When the result
 misses the expected volume, the next unexplained detection is tried. The
-two sides of a paired organ then compete for pixels (``sam3_pairs``).
+two sides of a paired organ then compete for pixels (``pairs``).
 A structure without any detection over the threshold is reported
 absent with its best score: nothing is drawn from noise.
 
@@ -28,7 +28,7 @@ Geometric prompts: a ``box_prompter`` (slice -> CT pixel boxes for a
 structure, e.g. intensity-based boxes from the classical engine) can be
 given to :meth:`Sam3Engine.from_config`; those slices are prompted with text
 and boxes together. ``registry.build_engines`` passes the intensity-based
-prompter of ``engines/prompts.py``, which boxes only structures whose
+prompter of ``prompts.py``, which boxes only structures whose
 protocol entry has an ``hu_window``.
 """
 
@@ -46,10 +46,10 @@ from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
 from oncoseg_node.config import Sam3Config
 from oncoseg_node.contouring.engines.base import StructureResult
-from oncoseg_node.contouring.engines.blocks import Block
-from oncoseg_node.contouring.engines.postprocess import postprocess_block
-from oncoseg_node.contouring.engines.sam3_follow import FollowSettings, TrackerRun, follow
-from oncoseg_node.contouring.engines.sam3_load import (
+from oncoseg_node.contouring.engines.classical.blocks import Block
+from oncoseg_node.contouring.engines.classical.postprocess import postprocess_block
+from oncoseg_node.contouring.engines.sam3.follow import FollowSettings, TrackerRun, follow
+from oncoseg_node.contouring.engines.sam3.load import (
     DTYPES,
     AdapterInfo,
     cast_model,
@@ -59,15 +59,15 @@ from oncoseg_node.contouring.engines.sam3_load import (
     sha256_files,
     weight_files,
 )
-from oncoseg_node.contouring.engines.sam3_nms import mask_nms, pairwise_mask_iou
-from oncoseg_node.contouring.engines.sam3_pairs import compete, pair_key
-from oncoseg_node.contouring.engines.sam3_preprocess import (
+from oncoseg_node.contouring.engines.sam3.nms import mask_nms, pairwise_mask_iou
+from oncoseg_node.contouring.engines.sam3.pairs import compete, pair_key
+from oncoseg_node.contouring.engines.sam3.preprocess import (
     DEFAULT_WINDOW,
     SliceFrame,
     window_to_unit,
 )
-from oncoseg_node.contouring.engines.sam3_select import concepts, instances
-from oncoseg_node.contouring.engines.sam3_track import (
+from oncoseg_node.contouring.engines.sam3.select import concepts, instances
+from oncoseg_node.contouring.engines.sam3.track import (
     Detection,
     FeatureStore,
     Track,

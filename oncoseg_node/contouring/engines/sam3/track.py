@@ -24,7 +24,7 @@ from transformers.models.sam3_tracker_video.modeling_sam3_tracker_video import (
     Sam3TrackerVideoInferenceSession,
 )
 
-from oncoseg_node.contouring.engines.sam3_nms import pairwise_mask_iou
+from oncoseg_node.contouring.engines.sam3.nms import pairwise_mask_iou
 
 
 @dataclass(frozen=True, eq=False)

@@ -12,7 +12,7 @@ then per slice the bounding box of each kept component, grown by a margin.
 
 Coordinates: boxes are pixel indices on the volume's ``(z, y, x)`` grid,
 ``(row0, col0, row1, col1)`` inclusive, the form the SAM3 engine takes
-(``sam3.Box``); ``PixelBox.xyxy`` gives ``(x0, y0, x1, y1)``. Left and right
+(``engine.Box``); ``PixelBox.xyxy`` gives ``(x0, y0, x1, y1)``. Left and right
 are the patient's (LPS: +x is the patient's left), decided per slice from
 patient coordinates, so HFS, HFP, FFS and FFP all give the same organ.
 """
@@ -27,8 +27,13 @@ from typing import NamedTuple
 import numpy as np
 from scipy import ndimage
 
-from oncoseg_node.contouring.engines.classical import external, midlines, patient_x
-from oncoseg_node.contouring.engines.postprocess import bbox, component_sizes_cc, opening, radius_px
+from oncoseg_node.contouring.engines.classical.body import external, midlines, patient_x
+from oncoseg_node.contouring.engines.classical.postprocess import (
+    bbox,
+    component_sizes_cc,
+    opening,
+    radius_px,
+)
 from oncoseg_node.contouring.protocols import Structure
 from oncoseg_node.contouring.volume import Volume
 
@@ -206,7 +211,7 @@ def intensity_boxes(volume: Volume, structure: Structure, spec: PromptSpec | Non
 
 
 class IntensityBoxPrompter:
-    """A ``sam3.BoxPrompter``: slice -> boxes for a structure, or None for text only.
+    """An ``engine.BoxPrompter``: slice -> boxes for a structure, or None for text only.
 
     By default only structures whose protocol entry sets ``hu_window`` get
     boxes: the physicist opts in per structure. With ``defaults=True`` the

@@ -28,8 +28,13 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from oncoseg_node.contouring.engines.blocks import Block, PackedBlock, box_by_slab, rows_box
-from oncoseg_node.contouring.engines.ct_marrow import (
+from oncoseg_node.contouring.engines.classical.blocks import (
+    Block,
+    PackedBlock,
+    box_by_slab,
+    rows_box,
+)
+from oncoseg_node.contouring.engines.classical.marrow import (
     FATTY_HU,
     MARROW_HU,
     Cavities,
@@ -38,7 +43,7 @@ from oncoseg_node.contouring.engines.ct_marrow import (
     orthogonal_fill,
     trabecular,
 )
-from oncoseg_node.contouring.engines.postprocess import (
+from oncoseg_node.contouring.engines.classical.postprocess import (
     SLAB,
     LabelBuffer,
     LabelStats,
@@ -50,7 +55,7 @@ from oncoseg_node.contouring.engines.postprocess import (
     radius_px,
     shift_in_place,
 )
-from oncoseg_node.contouring.engines.voxels import PackedMask, gather
+from oncoseg_node.contouring.engines.classical.voxels import PackedMask, gather
 from oncoseg_node.contouring.volume import Volume
 
 LOW_HU = 120.0         # above unenhanced soft tissue with noise; below any cortex blend

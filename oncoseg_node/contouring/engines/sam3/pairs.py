@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from oncoseg_node.contouring.engines.sam3_track import Track
+from oncoseg_node.contouring.engines.sam3.track import Track
 from oncoseg_node.contouring.protocols import Structure
 
 LOSER_LOGIT = -0.1  # just across zero, so the contour elsewhere keeps the model's own edge

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from oncoseg_node.contouring.engines.postprocess import (
+from oncoseg_node.contouring.engines.classical.postprocess import (
     IN_PLANE,
     bbox,
     dilate,

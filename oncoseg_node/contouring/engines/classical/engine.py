@@ -6,8 +6,8 @@ Bones and SpinalCanal, from Hounsfield thresholds and morphology on
 numpy/scipy. Masks are ``(z, y, x)`` on the volume's grid. Left and right
 are decided in patient coordinates (LPS: +x is the patient's left) through
 each slice's own geometry, and the couch side from PatientPosition, so HFS,
-HFP, FFS and FFP series all come out right. The steps live in ``ct_body``,
-``ct_lungs``, ``ct_bones`` and ``ct_canal``; this module runs each once.
+HFP, FFS and FFP series all come out right. The steps live in ``body``,
+``lungs``, ``bones`` and ``canal``; this module runs each once.
 
 Each step works inside the bounding box of what it looks at, so a pelvis
 costs nothing for lungs and a 150-slice 512x512 thorax takes a few seconds.
@@ -21,25 +21,25 @@ from functools import cached_property
 import numpy as np
 
 from oncoseg_node.contouring.engines.base import StructureResult
-from oncoseg_node.contouring.engines.blocks import Block, PackedBlock, tight
-from oncoseg_node.contouring.engines.ct_body import (
+from oncoseg_node.contouring.engines.classical.blocks import Block, PackedBlock, tight
+from oncoseg_node.contouring.engines.classical.body import (
     BODY_HU,
     external,
     external_block,
     midlines,
     patient_x,
 )
-from oncoseg_node.contouring.engines.ct_bones import Skeleton
-from oncoseg_node.contouring.engines.ct_canal import spinal_canal
-from oncoseg_node.contouring.engines.ct_lungs import (
+from oncoseg_node.contouring.engines.classical.bones import Skeleton
+from oncoseg_node.contouring.engines.classical.canal import spinal_canal
+from oncoseg_node.contouring.engines.classical.lungs import (
     GAS_HU,
     LUNG_HU,
     MIN_LUNG_CC,
     LungsAndAirways,
     lungs,
 )
-from oncoseg_node.contouring.engines.postprocess import postprocess_block
-from oncoseg_node.contouring.engines.voxels import PackedMask
+from oncoseg_node.contouring.engines.classical.postprocess import postprocess_block
+from oncoseg_node.contouring.engines.classical.voxels import PackedMask
 from oncoseg_node.contouring.mask_crop import Box, MaskCrop
 from oncoseg_node.contouring.protocols import Structure
 from oncoseg_node.contouring.volume import Volume

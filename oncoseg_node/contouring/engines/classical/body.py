@@ -12,8 +12,8 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from oncoseg_node.contouring.engines.blocks import Block, PackedBlock
-from oncoseg_node.contouring.engines.postprocess import (
+from oncoseg_node.contouring.engines.classical.blocks import Block, PackedBlock
+from oncoseg_node.contouring.engines.classical.postprocess import (
     compact_label,
     dilate,
     fill_holes,

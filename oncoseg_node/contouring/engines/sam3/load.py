@@ -140,7 +140,7 @@ def weight_files(model_dir: Path) -> list[Path]:
 
 def is_meta_checkpoint(files: list[Path]) -> bool:
     """Whether the weights use Meta's original layout (converted at load) or transformers'."""
-    from oncoseg_node.contouring.engines.sam3_convert import checkpoint_keys, is_meta_layout
+    from oncoseg_node.contouring.engines.sam3.convert import checkpoint_keys, is_meta_layout
 
     try:
         keys = checkpoint_keys(files[0])
@@ -177,7 +177,7 @@ def load_base(model_dir: Path | None):  # -> (Sam3VideoModel, tokenizer), float3
 
     from transformers import AutoTokenizer, Sam3VideoModel
 
-    from oncoseg_node.contouring.engines.sam3_convert import load_meta_checkpoint
+    from oncoseg_node.contouring.engines.sam3.convert import load_meta_checkpoint
 
     meta = is_meta_checkpoint(files)
     try:
@@ -204,7 +204,7 @@ def load_base(model_dir: Path | None):  # -> (Sam3VideoModel, tokenizer), float3
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except Exception as exc:  # missing vocab files surface as OSError or ValueError
         raise EngineError(f"{model_dir}: tokenizer could not be loaded ({exc})") from exc
-    from oncoseg_node.contouring.engines.sam3_preprocess import check_preprocessor_config
+    from oncoseg_node.contouring.engines.sam3.preprocess import check_preprocessor_config
 
     mismatches = check_preprocessor_config(model_dir, int(model.config.image_size))
     if mismatches:
@@ -286,7 +286,7 @@ def _merge_meta_adapter(model, adapter_dir: Path, weights_path: Path,
     """
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
-    from oncoseg_node.contouring.engines.sam3_convert import split_fused_lora
+    from oncoseg_node.contouring.engines.sam3.convert import split_fused_lora
 
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():

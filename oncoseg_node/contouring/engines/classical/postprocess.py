@@ -23,8 +23,8 @@ from typing import TypeVar
 import numpy as np
 from scipy import ndimage
 
-from oncoseg_node.contouring.engines.blocks import Block, box_in
-from oncoseg_node.contouring.engines.voxels import LabelStats, voxel_counts
+from oncoseg_node.contouring.engines.classical.blocks import Block, box_in
+from oncoseg_node.contouring.engines.classical.voxels import LabelStats, voxel_counts
 from oncoseg_node.contouring.protocols import PostProcess
 from oncoseg_node.contouring.volume import Volume
 

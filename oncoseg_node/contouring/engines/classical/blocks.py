@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from oncoseg_node.contouring.engines.voxels import PackedMask
+from oncoseg_node.contouring.engines.classical.voxels import PackedMask
 
 Box = tuple[slice, ...]
 

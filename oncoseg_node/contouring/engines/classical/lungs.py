@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from oncoseg_node.contouring.engines.blocks import (
+from oncoseg_node.contouring.engines.classical.blocks import (
     Block,
     PackedBlock,
     box_by_slab,
@@ -20,15 +20,15 @@ from oncoseg_node.contouring.engines.blocks import (
     rows_box,
     tight,
 )
-from oncoseg_node.contouring.engines.ct_body import patient_x
-from oncoseg_node.contouring.engines.postprocess import (
+from oncoseg_node.contouring.engines.classical.body import patient_x
+from oncoseg_node.contouring.engines.classical.postprocess import (
     compact_label,
     component_sizes_cc,
     dilate,
     fill_holes,
     radius_px,
 )
-from oncoseg_node.contouring.engines.voxels import LabelStats, labelled_as
+from oncoseg_node.contouring.engines.classical.voxels import LabelStats, labelled_as
 from oncoseg_node.contouring.volume import Volume
 
 # HU levels are integers: int16 HU compare with them in 16-bit arithmetic.

@@ -15,9 +15,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from oncoseg_node.contouring.engines.sam3_nms import mask_nms, pairwise_mask_iou
-from oncoseg_node.contouring.engines.sam3_preprocess import SliceFrame, mask_centroid_index
-from oncoseg_node.contouring.engines.sam3_track import Detection
+from oncoseg_node.contouring.engines.sam3.nms import mask_nms, pairwise_mask_iou
+from oncoseg_node.contouring.engines.sam3.preprocess import SliceFrame, mask_centroid_index
+from oncoseg_node.contouring.engines.sam3.track import Detection
 from oncoseg_node.contouring.protocols import Structure
 from oncoseg_node.contouring.volume import Volume
 

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from oncoseg_node.contouring.engines.postprocess import (
+from oncoseg_node.contouring.engines.classical.postprocess import (
     IN_PLANE,
     SLAB,
     compact_label,
@@ -26,7 +26,7 @@ from oncoseg_node.contouring.engines.postprocess import (
     fill_holes,
     radius_px,
 )
-from oncoseg_node.contouring.engines.voxels import LabelStats, PackedMask
+from oncoseg_node.contouring.engines.classical.voxels import LabelStats, PackedMask
 from oncoseg_node.contouring.volume import Volume
 
 BRIDGE_MM = 2.0        # gaps in a cortex up to twice this are closed before filling

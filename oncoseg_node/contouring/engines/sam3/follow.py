@@ -1,9 +1,9 @@
 """Following one structure through the slices with SAM3's tracker, as SAM3's own loop does.
 
 One :class:`TrackerRun` per structure and seed: a tracker session over the
-series' cached features (:class:`~.sam3_track.SliceSession`), seeded with
+series' cached features (:class:`~.track.SliceSession`), seeded with
 mask prompts on one slice and stepped both ways by
-:func:`~.sam3_track.propagate`. Three things transformers' detector-tracker
+:func:`~.track.propagate`. Three things transformers' detector-tracker
 loop (``Sam3VideoModel``) does are done here too:
 
 - every ``recondition_every_nth_frame`` slices, a slice where a detection
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from oncoseg_node.contouring.engines.sam3_nms import clean_mask_logits, pairwise_mask_iou
-from oncoseg_node.contouring.engines.sam3_track import (
+from oncoseg_node.contouring.engines.sam3.nms import clean_mask_logits, pairwise_mask_iou
+from oncoseg_node.contouring.engines.sam3.track import (
     Detection,
     FeatureStore,
     SliceSession,

@@ -1,0 +1,1 @@
+"""The weight-free CT engine (:mod:`.engine`) and its steps, one module per anatomical job."""
