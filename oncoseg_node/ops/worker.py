@@ -18,6 +18,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -26,8 +27,10 @@ from prometheus_client.registry import Collector
 
 from oncoseg_node.config import Config, DestinationConfig, SeriesConfig
 from oncoseg_node.contouring.engines.registry import EngineSet
+from oncoseg_node.contouring.geometry import GeometryReport
 from oncoseg_node.contouring.pipeline import Contoured, contour, load_ct_series
 from oncoseg_node.contouring.protocols import Protocol, ProtocolSet
+from oncoseg_node.contouring.volume import Volume
 from oncoseg_node.doorbell import Doorbell
 from oncoseg_node.durable import private_dir
 from oncoseg_node.errors import (
@@ -84,6 +87,43 @@ def is_retryable(exc: BaseException) -> bool:
     """
     return (isinstance(exc, (OSError, MemoryError, TimeoutError, sqlite3.OperationalError))
             or type(exc).__name__ == "OutOfMemoryError")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a job failure of one kind does to the job.
+
+    ``state`` None: deferred with backoff (:meth:`Worker._defer`). Otherwise
+    the job moves to ``state`` with the reason ``"<reason>: <error>"`` and
+    ``job_<state>`` is logged by the logger's method ``level`` (``exception``
+    adds the traceback), naming the error alone or, with ``log_reason``, the
+    whole reason.
+    """
+
+    state: JobState | None
+    reason: str = ""
+    level: str = "error"
+    log_reason: bool = False
+
+
+DEFERRED = Outcome(None)
+# By the error's class, or its nearest base class listed (a PixelDecodeError is
+# a SeriesLoadError that is held, not failed). A failure of the series itself
+# fails the same way again: held for an operator to decide, or failed at once.
+# Anything else is the machine's (is_retryable) or not foreseen: deferred.
+FAILURES: dict[type[BaseException], Outcome] = {
+    GeometryError: Outcome(JobState.HELD, "geometry", level="warning"),
+    RTStructError: Outcome(JobState.HELD, "structure set check"),
+    PixelDecodeError: Outcome(JobState.HELD, "pixel data"),
+    SeriesLoadError: Outcome(JobState.FAILED, "series"),
+    EngineError: Outcome(JobState.FAILED, "engine", level="exception", log_reason=True),
+    Exception: DEFERRED,
+}
+
+
+def failure_outcome(exc: BaseException) -> Outcome:
+    """The outcome listed in :data:`FAILURES` for ``exc``'s class or its nearest base."""
+    return next((FAILURES[cls] for cls in type(exc).__mro__ if cls in FAILURES), DEFERRED)
 
 
 def retry_delay(series: SeriesConfig, attempts: int) -> float:
@@ -158,101 +198,119 @@ class Worker:
         bound = log.bind(job_id=job.id, series_uid=job.series_uid, calling_ae=job.calling_ae,
                          version=job.version)
         bound.info("job_started", attempt=job.attempts)
-        started = time.monotonic()
         try:
-            paths = [self.spool.path(p) for p in self.ledger.series_instances(job.series_uid)]
-            volume, report = load_ct_series(
-                paths, self.config.series.slice_spacing_tolerance_mm,
-                override_geometry=bool(job.override_geometry))
-            if volume.hu_note:
-                bound.warning("hu_clipped", voxels=volume.hu_clipped, note=volume.hu_note)
-            if job.override_finding and not report.overridden:
-                # released as incomplete: the structure set says what was accepted
-                report = dataclasses.replace(report, overridden=job.override_finding)
-            if report.overridden:
-                bound.warning("geometry_gate_overridden", finding=report.overridden, audit=True)
-                self.ledger.update_job(job.id, override_finding=report.overridden)
-            protocols = self.protocols()
-            protocol = protocols.match(volume.header, job.calling_ae)
-            if protocol is None:
-                self.ledger.update_job(job.id, state=JobState.SKIPPED,
-                                       reason="no protocol matches and no fallback is set",
-                                       protocol_version=protocols.version)
-                bound.info("job_skipped", reason="no protocol matches")
+            self._contour(job, bound)
+        except Exception as exc:  # every failure becomes a job state: FAILURES
+            outcome = failure_outcome(exc)
+            if outcome.state is None:
+                self._defer(job, exc, bound)
                 return
-            self.ledger.update_job(job.id, protocol=protocol.name,
+            reason = f"{outcome.reason}: {exc}"
+            self.ledger.update_job(job.id, state=outcome.state, reason=reason)
+            getattr(bound, outcome.level)(f"job_{outcome.state}",
+                                          reason=reason if outcome.log_reason else str(exc))
+
+    def _contour(self, job: Job, bound: Any) -> None:
+        """Load, match, segment and write the job's structure sets; start their deliveries."""
+        started = time.monotonic()
+        volume, report = self._load(job, bound)
+        protocols = self.protocols()
+        protocol = protocols.match(volume.header, job.calling_ae)
+        if protocol is None:
+            self.ledger.update_job(job.id, state=JobState.SKIPPED,
+                                   reason="no protocol matches and no fallback is set",
                                    protocol_version=protocols.version)
-            segment_started = time.monotonic()
-            try:
-                contoured = contour(volume, report, protocol, self.engines)
-            except OncosegError:
+            bound.info("job_skipped", reason="no protocol matches")
+            return
+        self.ledger.update_job(job.id, protocol=protocol.name,
+                               protocol_version=protocols.version)
+        segment_started = time.monotonic()
+        contoured = self._segment(volume, report, protocol)
+        write_started = time.monotonic()
+        self.metrics.segmentation_seconds.observe(write_started - segment_started)
+        targets, written = self._write_structure_sets(job, contoured, protocols, protocol)
+        first_uid, first_path = next(iter(written.values()), (None, None))
+        colors = {s.name: list(s.color) for s in protocol.structures}
+        results = [{**row, "color": colors.get(row["name"])} for row in contoured.summary()]
+        stages = {"load": round(segment_started - started, 2),
+                  "segment": round(write_started - segment_started, 2),
+                  "write": round(time.monotonic() - write_started, 2)}
+        self.ledger.update_job(job.id, results=results, stage_seconds=stages,
+                               rtstruct_uid=first_uid, rtstruct_relpath=first_path)
+        self.ledger.start_deliveries(job.id, targets)
+        self.deliveries_started()
+        # The QA picture is for reviewers: the TPS need not wait for it.
+        self._write_snapshot(job, contoured, bound)
+        bound.info("job_contoured", protocol=protocol.name,
+                   structures=len(contoured.results),
+                   absent=[r.name for r in contoured.results if r.absent],
+                   seconds=round(time.monotonic() - started, 2),
+                   load_s=stages["load"], segment_s=stages["segment"],
+                   write_s=stages["write"])
+
+    def _load(self, job: Job, bound: Any) -> tuple[Volume, GeometryReport]:
+        """The job's series as one volume, and the geometry gate's report on it."""
+        paths = [self.spool.path(p) for p in self.ledger.series_instances(job.series_uid)]
+        volume, report = load_ct_series(
+            paths, self.config.series.slice_spacing_tolerance_mm,
+            override_geometry=bool(job.override_geometry))
+        if volume.hu_note:
+            bound.warning("hu_clipped", voxels=volume.hu_clipped, note=volume.hu_note)
+        if job.override_finding and not report.overridden:
+            # released as incomplete: the structure set says what was accepted
+            report = dataclasses.replace(report, overridden=job.override_finding)
+        if report.overridden:
+            bound.warning("geometry_gate_overridden", finding=report.overridden, audit=True)
+            self.ledger.update_job(job.id, override_finding=report.overridden)
+        return volume, report
+
+    def _segment(self, volume: Volume, report: GeometryReport, protocol: Protocol
+                 ) -> Contoured:
+        try:
+            return contour(volume, report, protocol, self.engines)
+        except OncosegError:
+            raise
+        except Exception as exc:
+            if is_retryable(exc):
                 raise
-            except Exception as exc:
-                if is_retryable(exc):
-                    raise
-                # A deterministic engine on the same volume fails the same way.
-                raise EngineError(f"{type(exc).__name__}: {exc}") from exc
-            write_started = time.monotonic()
-            self.metrics.segmentation_seconds.observe(write_started - segment_started)
-            targets = []
-            written: dict[str, tuple[str, str]] = {}
-            previous = self._previous_structure_sets(job)
-            for dest in destinations_for(self.config, protocol):
-                if dest.profile not in written:
-                    relpath = f"outbox/job{job.id}-v{job.version}-{dest.profile}.dcm"
-                    path = self.config.state_dir / relpath
-                    private_dir(path.parent)
-                    ds = write_structure_set(
-                        contoured, protocols, self.engines, get_profile(dest.profile), path,
-                        label=structure_set_label(job.id, job.version),
-                        predecessor_uid=previous.get(dest.name, previous.get("")))
-                    written[dest.profile] = (str(ds.SOPInstanceUID), relpath)
-                uid, relpath = written[dest.profile]
-                targets.append((dest.name, uid, relpath))
-            first_uid, first_path = next(iter(written.values()), (None, None))
-            colors = {s.name: list(s.color) for s in protocol.structures}
-            results = [{**row, "color": colors.get(row["name"])} for row in contoured.summary()]
-            stages = {"load": round(segment_started - started, 2),
-                      "segment": round(write_started - segment_started, 2),
-                      "write": round(time.monotonic() - write_started, 2)}
-            self.ledger.update_job(job.id, results=results, stage_seconds=stages,
-                                   rtstruct_uid=first_uid, rtstruct_relpath=first_path)
-            self.ledger.start_deliveries(job.id, targets)
-            self.deliveries_started()
-            # The QA picture is for reviewers: the TPS need not wait for it.
-            self._write_snapshot(job, contoured, bound)
-            bound.info("job_contoured", protocol=protocol.name,
-                       structures=len(contoured.results),
-                       absent=[r.name for r in contoured.results if r.absent],
-                       seconds=round(time.monotonic() - started, 2),
-                       load_s=stages["load"], segment_s=stages["segment"],
-                       write_s=stages["write"])
-        except GeometryError as exc:
-            self.ledger.update_job(job.id, state=JobState.HELD, reason=f"geometry: {exc}")
-            bound.warning("job_held", reason=str(exc))
-        except RTStructError as exc:
-            self.ledger.update_job(job.id, state=JobState.HELD,
-                                   reason=f"structure set check: {exc}")
-            bound.error("job_held", reason=str(exc))
-        except PixelDecodeError as exc:
-            self.ledger.update_job(job.id, state=JobState.HELD, reason=f"pixel data: {exc}")
-            bound.error("job_held", reason=str(exc))
-        except SeriesLoadError as exc:
-            self.ledger.update_job(job.id, state=JobState.FAILED, reason=f"series: {exc}")
-            bound.error("job_failed", reason=str(exc))
-        except EngineError as exc:
-            self.ledger.update_job(job.id, state=JobState.FAILED, reason=f"engine: {exc}")
-            bound.exception("job_failed", reason=f"engine: {exc}")
-        except Exception as exc:  # retryable or unknown: deferred, then quarantined
-            series = self.config.series
-            delay = retry_delay(series, job.attempts)
-            state = self.ledger.defer_job(job.id, f"{type(exc).__name__}: {exc}",
-                                          delay_s=delay, max_attempts=series.max_attempts)
-            if state == JobState.QUARANTINED:
-                bound.exception("job_quarantined", attempts=job.attempts)
-            else:
-                bound.exception("job_deferred", attempts=job.attempts, retry_in_s=delay,
-                                retryable=is_retryable(exc))
+            # A deterministic engine on the same volume fails the same way.
+            raise EngineError(f"{type(exc).__name__}: {exc}") from exc
+
+    def _write_structure_sets(self, job: Job, contoured: Contoured, protocols: ProtocolSet,
+                              protocol: Protocol
+                              ) -> tuple[list[tuple[str, str, str]], dict[str, tuple[str, str]]]:
+        """One structure set per destination profile; (destination, SOP UID, file) to send.
+
+        Also returns the files written, by profile.
+        """
+        targets = []
+        written: dict[str, tuple[str, str]] = {}
+        previous = self._previous_structure_sets(job)
+        for dest in destinations_for(self.config, protocol):
+            if dest.profile not in written:
+                relpath = f"outbox/job{job.id}-v{job.version}-{dest.profile}.dcm"
+                path = self.config.state_dir / relpath
+                private_dir(path.parent)
+                ds = write_structure_set(
+                    contoured, protocols, self.engines, get_profile(dest.profile), path,
+                    label=structure_set_label(job.id, job.version),
+                    predecessor_uid=previous.get(dest.name, previous.get("")))
+                written[dest.profile] = (str(ds.SOPInstanceUID), relpath)
+            uid, relpath = written[dest.profile]
+            targets.append((dest.name, uid, relpath))
+        return targets, written
+
+    def _defer(self, job: Job, exc: Exception, bound: Any) -> None:
+        """Retry later with backoff; ``quarantined`` once the attempts are spent."""
+        series = self.config.series
+        delay = retry_delay(series, job.attempts)
+        state = self.ledger.defer_job(job.id, f"{type(exc).__name__}: {exc}",
+                                      delay_s=delay, max_attempts=series.max_attempts)
+        if state == JobState.QUARANTINED:
+            bound.exception("job_quarantined", attempts=job.attempts)
+        else:
+            bound.exception("job_deferred", attempts=job.attempts, retry_in_s=delay,
+                            retryable=is_retryable(exc))
 
     def _previous_structure_sets(self, job: Job) -> dict[str, str]:
         """SOP Instance UIDs of the newest earlier version's structure sets, by destination.
