@@ -6,7 +6,7 @@ import numpy as np
 
 from oncoseg_node.commissioning.phantom import make_phantom
 from oncoseg_node.contouring.engines.classical.bones import _round_tubes
-from oncoseg_node.contouring.engines.classical.postprocess import LabelStats
+from oncoseg_node.contouring.engines.classical.labels import LabelStats
 
 
 def _tube(shape: tuple[int, int, int], z0: int, z1: int, centre: tuple[int, int],

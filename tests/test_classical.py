@@ -8,12 +8,8 @@ from oncoseg_node.commissioning.phantom import make_phantom
 from oncoseg_node.contouring.engines.base import Engine
 from oncoseg_node.contouring.engines.classical import engine as classical
 from oncoseg_node.contouring.engines.classical.engine import ClassicalEngine
-from oncoseg_node.contouring.engines.classical.postprocess import (
-    dilate,
-    erode,
-    fill_holes,
-    postprocess,
-)
+from oncoseg_node.contouring.engines.classical.morphology import dilate, erode, fill_holes
+from oncoseg_node.contouring.engines.classical.postprocess import postprocess
 from oncoseg_node.contouring.protocols import PostProcess, Structure
 
 NAMES = ("External", "Lung_L", "Lung_R", "Lungs", "Bones", "SpinalCanal")

@@ -11,17 +11,16 @@ from scipy import ndimage
 
 from oncoseg_node.commissioning.phantom import make_phantom
 from oncoseg_node.contouring.engines.classical import engine as classical
-from oncoseg_node.contouring.engines.classical import postprocess
-from oncoseg_node.contouring.engines.classical.blocks import box_by_slab, rows_box
-from oncoseg_node.contouring.engines.classical.postprocess import (
+from oncoseg_node.contouring.engines.classical import slabs
+from oncoseg_node.contouring.engines.classical.blocks import bbox, box_by_slab, rows_box
+from oncoseg_node.contouring.engines.classical.labels import (
     IN_PLANE,
     LabelStats,
-    bbox,
     compact_label,
     enclosed,
     enclosed_regions,
-    fill_holes,
 )
+from oncoseg_node.contouring.engines.classical.morphology import fill_holes
 
 
 def rings(shape: tuple[int, int, int], seed: int) -> np.ndarray:
@@ -123,9 +122,9 @@ def test_each_slab_keeps_order_and_runs_nested_steps_in_place():
         return k * k
 
     def outer(k: int) -> list[int]:
-        return postprocess.each_slab(inner, range(k, k + 3))
+        return slabs.each_slab(inner, range(k, k + 3))
 
-    assert postprocess.each_slab(outer, range(5)) == [[k * k for k in range(j, j + 3)]
+    assert slabs.each_slab(outer, range(5)) == [[k * k for k in range(j, j + 3)]
                                                       for j in range(5)]
 
 
@@ -134,19 +133,19 @@ def test_bones_and_canal_the_same_on_one_thread_as_on_several(monkeypatch):
                      patient_position="FFP")
     body = classical.external(p.volume)
     mid = classical.midlines(p.volume, body)
-    monkeypatch.setattr(postprocess, "WORKERS", 2)
+    monkeypatch.setattr(slabs, "WORKERS", 2)
     bones, canal = classical.bones_and_canal(p.volume, body, mid)
-    monkeypatch.setattr(postprocess, "WORKERS", 1)
+    monkeypatch.setattr(slabs, "WORKERS", 1)
     bones1, canal1 = classical.bones_and_canal(p.volume, body, mid)
     assert bones.sum() > 1000 and canal.sum() > 100
     assert np.array_equal(bones, bones1) and np.array_equal(canal, canal1)
 
 
 def test_each_slab_in_a_forked_child():
-    postprocess.each_slab(abs, range(-3, 3))  # the parent's pool exists
+    slabs.each_slab(abs, range(-3, 3))  # the parent's pool exists
     context = multiprocessing.get_context("fork")
     with context.Pool(1) as pool:
-        result = pool.apply_async(postprocess.each_slab, (abs, range(-3, 3)))
+        result = pool.apply_async(slabs.each_slab, (abs, range(-3, 3)))
         assert result.get(timeout=30) == [3, 2, 1, 0, 1, 2]
 
 

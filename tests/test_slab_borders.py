@@ -14,7 +14,8 @@ from scipy import ndimage
 
 from oncoseg_node.commissioning.phantom import make_phantom
 from oncoseg_node.contouring.engines.classical.body import MIN_BODY_FRACTION, _keep_main_parts
-from oncoseg_node.contouring.engines.classical.postprocess import fill_holes, postprocess
+from oncoseg_node.contouring.engines.classical.morphology import fill_holes
+from oncoseg_node.contouring.engines.classical.postprocess import postprocess
 from oncoseg_node.contouring.protocols import PostProcess
 
 LENGTHS = [1, 15, 16, 17, 31, 32, 33, 65]

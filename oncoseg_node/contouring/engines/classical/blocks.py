@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from oncoseg_node.contouring.engines.classical.slabs import SLAB
 from oncoseg_node.contouring.engines.classical.voxels import PackedMask
 
 Box = tuple[slice, ...]
@@ -74,7 +75,6 @@ class PackedBlock:
 
 
 _NO_BOX: Box = (slice(0, 0), slice(0, 0), slice(0, 0))
-_ROWS = 16  # slices of a packed block unpacked at a time
 
 
 def _within(block: Block | PackedBlock, box: Box) -> np.ndarray:
@@ -87,8 +87,8 @@ def _within(block: Block | PackedBlock, box: Box) -> np.ndarray:
     origin = [s.start for s in block.box]
     ys, xs = (slice(lo[a] - origin[a], hi[a] - origin[a]) for a in (1, 2))
     into_y, into_x = (slice(lo[a] - box[a].start, hi[a] - box[a].start) for a in (1, 2))
-    for z in range(lo[0], hi[0], _ROWS):
-        stop = min(z + _ROWS, hi[0])
+    for z in range(lo[0], hi[0], SLAB):
+        stop = min(z + SLAB, hi[0])
         out[z - box[0].start:stop - box[0].start, into_y, into_x] = (
             block.rows(z - origin[0], stop - origin[0])[:, ys, xs])
     return out
@@ -101,15 +101,15 @@ def rows_box(box: Box, part: slice) -> Box:
 
 
 def box_by_slab(origin: Box, shape: tuple[int, ...], part: Callable[[slice], np.ndarray],
-                pad: int = 0, slab: int = 16) -> Box | None:
+                pad: int = 0) -> Box | None:
     """:func:`box_in` of the mask on ``origin`` that ``part(slices)`` gives a few slices
     at a time (``slices`` relative to ``origin``): the same box, with no block-sized
     temporary."""
     extent = tuple(s.stop - s.start for s in origin)
     hits = [np.zeros(n, dtype=bool) for n in extent]
-    for z in range(0, extent[0], slab):
-        mask = part(slice(z, z + slab))
-        hits[0][z:z + slab] = mask.any(axis=(1, 2))
+    for z in range(0, extent[0], SLAB):
+        mask = part(slice(z, z + SLAB))
+        hits[0][z:z + SLAB] = mask.any(axis=(1, 2))
         plane = np.logical_or.reduce(mask, axis=0)
         hits[1] |= plane.any(axis=1)
         hits[2] |= plane.any(axis=0)
@@ -160,3 +160,8 @@ def box_in(mask: np.ndarray, origin: Box, shape: tuple[int, ...],
         lo, hi = origin[axis].start + int(hit[0]), origin[axis].start + int(hit[-1]) + 1
         spans.append(slice(max(lo - p, 0), min(hi + p, shape[axis])))
     return tuple(spans)
+
+
+def bbox(mask: np.ndarray, pad: int = 0) -> Box | None:
+    """Bounding box of the set voxels, grown by ``pad`` in-plane; None when empty."""
+    return box_in(mask, tuple(slice(0, n) for n in mask.shape), mask.shape, pad)

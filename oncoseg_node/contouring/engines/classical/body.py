@@ -13,14 +13,15 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from oncoseg_node.contouring.engines.classical.blocks import Block, PackedBlock
-from oncoseg_node.contouring.engines.classical.postprocess import (
-    compact_label,
+from oncoseg_node.contouring.engines.classical.labels import compact_label
+from oncoseg_node.contouring.engines.classical.morphology import (
     dilate,
     fill_holes,
     opening,
     radius_px,
-    voxel_counts,
 )
+from oncoseg_node.contouring.engines.classical.slabs import SLAB
+from oncoseg_node.contouring.engines.classical.voxels import voxel_counts
 from oncoseg_node.contouring.volume import Volume
 
 # HU levels are integers: int16 HU compare with them in 16-bit arithmetic.
@@ -32,7 +33,7 @@ SUPINE, PRONE = frozenset({"HFS", "FFS"}), frozenset({"HFP", "FFP"})
 
 
 # Slices thresholded at a time: the candidate is never a whole volume of booleans.
-SLAB = 16
+
 LABEL_SLAB = 32  # slices labelled at a time when the body's parts are sized
 
 

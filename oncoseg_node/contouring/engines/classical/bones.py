@@ -34,6 +34,12 @@ from oncoseg_node.contouring.engines.classical.blocks import (
     box_by_slab,
     rows_box,
 )
+from oncoseg_node.contouring.engines.classical.labels import (
+    LabelBuffer,
+    LabelStats,
+    compact_label,
+    enclosed,
+)
 from oncoseg_node.contouring.engines.classical.marrow import (
     FATTY_HU,
     MARROW_HU,
@@ -43,18 +49,13 @@ from oncoseg_node.contouring.engines.classical.marrow import (
     orthogonal_fill,
     trabecular,
 )
-from oncoseg_node.contouring.engines.classical.postprocess import (
-    SLAB,
-    LabelBuffer,
-    LabelStats,
-    compact_label,
+from oncoseg_node.contouring.engines.classical.morphology import (
     dilate,
-    each_slab,
-    enclosed,
     erode,
     radius_px,
     shift_in_place,
 )
+from oncoseg_node.contouring.engines.classical.slabs import SLAB, each_slab
 from oncoseg_node.contouring.engines.classical.voxels import PackedMask, gather
 from oncoseg_node.contouring.volume import Volume
 

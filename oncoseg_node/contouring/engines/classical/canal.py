@@ -18,14 +18,9 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from oncoseg_node.contouring.engines.classical.postprocess import (
-    IN_PLANE,
-    bbox,
-    dilate,
-    enclosed_regions,
-    erode,
-    radius_px,
-)
+from oncoseg_node.contouring.engines.classical.blocks import bbox
+from oncoseg_node.contouring.engines.classical.labels import IN_PLANE, enclosed_regions
+from oncoseg_node.contouring.engines.classical.morphology import dilate, erode, radius_px
 from oncoseg_node.contouring.volume import Volume
 
 CLOSE_MM = 2.0         # gaps in the ring up to twice this are bridged on a slice

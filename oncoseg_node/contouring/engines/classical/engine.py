@@ -36,7 +36,6 @@ from oncoseg_node.contouring.engines.classical.lungs import (
     LUNG_HU,
     MIN_LUNG_CC,
     LungsAndAirways,
-    lungs,
 )
 from oncoseg_node.contouring.engines.classical.postprocess import postprocess_block
 from oncoseg_node.contouring.engines.classical.voxels import PackedMask
@@ -45,7 +44,7 @@ from oncoseg_node.contouring.protocols import Structure
 from oncoseg_node.contouring.volume import Volume
 
 __all__ = ["BODY_HU", "GAS_HU", "LUNG_HU", "MIN_LUNG_CC", "ClassicalEngine", "bones_and_canal",
-           "external", "lungs", "midlines", "patient_x", "skeleton_blocks"]
+           "external", "midlines", "patient_x", "skeleton_blocks"]
 
 
 

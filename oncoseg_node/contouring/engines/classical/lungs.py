@@ -21,14 +21,13 @@ from oncoseg_node.contouring.engines.classical.blocks import (
     tight,
 )
 from oncoseg_node.contouring.engines.classical.body import patient_x
-from oncoseg_node.contouring.engines.classical.postprocess import (
+from oncoseg_node.contouring.engines.classical.labels import (
+    LabelStats,
     compact_label,
     component_sizes_cc,
-    dilate,
-    fill_holes,
-    radius_px,
 )
-from oncoseg_node.contouring.engines.classical.voxels import LabelStats, labelled_as
+from oncoseg_node.contouring.engines.classical.morphology import dilate, fill_holes, radius_px
+from oncoseg_node.contouring.engines.classical.voxels import labelled_as
 from oncoseg_node.contouring.volume import Volume
 
 # HU levels are integers: int16 HU compare with them in 16-bit arithmetic.
@@ -101,7 +100,6 @@ class LungsAndAirways:
 
     def __init__(self, volume: Volume, body: np.ndarray | Block | PackedBlock, mid: np.ndarray,
                  *, airways: bool = True) -> None:
-        self.shape = volume.shape
         self._held: dict[str, Block] = {}
         outline = Block.whole(body) if isinstance(body, np.ndarray) else body
 
@@ -166,31 +164,6 @@ class LungsAndAirways:
     def both_block(self) -> Block | None:
         """Left and right lung together."""
         return self.block("both")
-
-    def _full(self, name: str) -> np.ndarray:
-        block = self.block(name)
-        return np.zeros(self.shape, dtype=bool) if block is None else block.full(self.shape)
-
-    @property
-    def left(self) -> np.ndarray:
-        return self._full("left")
-
-    @property
-    def right(self) -> np.ndarray:
-        return self._full("right")
-
-    @property
-    def trachea(self) -> np.ndarray:
-        return self._full("trachea")
-
-    @property
-    def bronchus(self) -> np.ndarray:
-        return self._full("bronchus")
-
-    def both(self) -> np.ndarray:
-        """Left and right lung together, written only inside the lungs' box."""
-        block = self.both_block()
-        return np.zeros(self.shape, dtype=bool) if block is None else block.full(self.shape)
 
 
 def _lungs(volume: Volume, aerated: np.ndarray, box: tuple[slice, ...], mid: np.ndarray
@@ -290,13 +263,3 @@ def _trachea_and_bronchi(volume: Volume, tree: LabelStats, tree_labels: np.ndarr
     bronchial = ((z_mm <= carina) & (z_mm >= carina - MAIN_BRONCHUS_MM))[:, None, None]
     return (tight(outer & above, where, volume.shape),
             tight(outer & bronchial, where, volume.shape))
-
-
-def lungs(volume: Volume, body: np.ndarray, mid: np.ndarray
-          ) -> tuple[np.ndarray, np.ndarray]:
-    """(left, right) lungs in the patient's sense; empty when no lung is in view.
-
-    ``mid`` is the body's midline (patient x) per slice, from :func:`midlines`.
-    """
-    found = LungsAndAirways(volume, body, mid)
-    return found.left, found.right

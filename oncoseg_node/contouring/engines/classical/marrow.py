@@ -16,17 +16,15 @@ from typing import NamedTuple
 
 import numpy as np
 
-from oncoseg_node.contouring.engines.classical.postprocess import (
-    IN_PLANE,
-    SLAB,
-    compact_label,
+from oncoseg_node.contouring.engines.classical.labels import IN_PLANE, LabelStats, compact_label
+from oncoseg_node.contouring.engines.classical.morphology import (
     dilate,
-    each_slab,
     erode,
     fill_holes,
     radius_px,
 )
-from oncoseg_node.contouring.engines.classical.voxels import LabelStats, PackedMask
+from oncoseg_node.contouring.engines.classical.slabs import SLAB, each_slab
+from oncoseg_node.contouring.engines.classical.voxels import PackedMask
 from oncoseg_node.contouring.volume import Volume
 
 BRIDGE_MM = 2.0        # gaps in a cortex up to twice this are closed before filling

@@ -1,13 +1,15 @@
 """Masks and labels held as their voxels or their bits, not as box-sized arrays.
 
-Per-label statistics from the labelled voxels' flat indices, reads of a few
-voxels of a strided view without copying it, and boolean masks packed eight
-voxels to a byte while they wait for their next use.
+Voxel counts per label a few million at a time, label lookups a slab at a
+time, reads of a few voxels of a strided view without copying it, and
+boolean masks packed eight voxels to a byte while they wait for their next use.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from oncoseg_node.contouring.engines.classical.slabs import SLAB
 
 
 def voxel_counts(labels: np.ndarray, count: int) -> np.ndarray:
@@ -34,8 +36,8 @@ def labelled_as(labels: np.ndarray, chosen: np.ndarray, count: int) -> np.ndarra
     table[chosen] = True
     table[0] = False
     out = np.empty(labels.shape, dtype=bool)
-    for z in range(0, labels.shape[0], 16):
-        np.take(table, labels[z:z + 16], out=out[z:z + 16])
+    for z in range(0, labels.shape[0], SLAB):
+        np.take(table, labels[z:z + SLAB], out=out[z:z + SLAB])
     return out
 
 
@@ -51,90 +53,6 @@ def gather(values: np.ndarray, flat: np.ndarray) -> np.ndarray:
         y, x = np.divmod(rest, values.shape[2])
         out[start:start + (1 << 18)] = values[z, y, x]
     return out
-
-
-class LabelStats:
-    """Per-label voxel count and mean of a few values, from the labelled voxels only.
-
-    Labels are usually a few percent of the array: bincount over their flat
-    indices costs a pass over those, where ``ndimage.mean`` passes over all.
-    ``mask`` (``labels != 0``, when the caller holds it) spares a pass.
-    """
-
-    def __init__(self, labels: np.ndarray, count: int, mask: np.ndarray | None = None) -> None:
-        self.count = count
-        # nonzero of a boolean array is several times faster than of the labels
-        self.flat = np.flatnonzero(labels != 0 if mask is None else mask)
-        self.lab = labels.ravel()[self.flat]
-        self.size = np.bincount(self.lab, minlength=count + 1)[1:]
-
-    @classmethod
-    def from_voxels(cls, flat: np.ndarray, lab: np.ndarray, count: int) -> LabelStats:
-        """Statistics of labelled voxels given directly: flat indices (ascending) and labels."""
-        stats = object.__new__(cls)
-        stats.count = count
-        stats.flat = flat
-        stats.lab = lab
-        stats.size = np.bincount(lab, minlength=count + 1)[1:]
-        return stats
-
-    def subset(self, keep: np.ndarray) -> LabelStats:
-        """The same labels over fewer voxels: ``keep`` is a boolean per labelled voxel
-        (in ``flat`` order), as ``where.ravel()[stats.flat]`` gives for a mask ``where``."""
-        return LabelStats.from_voxels(self.flat[keep], self.lab[keep], self.count)
-
-    def where(self, keep: np.ndarray, shape: tuple[int, ...],
-              among: np.ndarray | None = None) -> np.ndarray:
-        """The mask of the voxels whose label ``keep`` (indexed 0..count) marks; only
-        those also in ``among`` when given (``keep[labels] & among`` without a pass
-        over the labels)."""
-        chosen = keep[self.lab]
-        if among is not None:
-            chosen &= among.ravel()[self.flat]
-        out = np.zeros(shape, dtype=bool)
-        out.ravel()[self.flat[chosen]] = True
-        return out
-
-    def _select(self, where: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        if where is None:
-            return self.lab, self.flat
-        keep = where.ravel()[self.flat]
-        return self.lab[keep], self.flat[keep]
-
-    def mean(self, values: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
-        """Mean of ``values`` per label (over voxels also in ``where``); NaN where none."""
-        lab, flat = self._select(where)
-        n = np.bincount(lab, minlength=self.count + 1)[1:]
-        total = np.bincount(lab, weights=gather(values, flat), minlength=self.count + 1)[1:]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return total / n
-
-    def mean_and_sd(self, values: np.ndarray, where: np.ndarray | None = None
-                    ) -> tuple[np.ndarray, np.ndarray]:
-        """Mean and standard deviation of ``values`` per label (over ``where``); NaN where none.
-
-        Squares are taken of the labelled voxels alone, in at least float32 (an
-        int16 square overflows), never of a whole array.
-        """
-        lab, flat = self._select(where)
-        picked = gather(values, flat)
-        picked = picked.astype(np.result_type(picked.dtype, np.float32), copy=False)
-        n = np.bincount(lab, minlength=self.count + 1)[1:]
-        total = np.bincount(lab, weights=picked, minlength=self.count + 1)[1:]
-        squares = np.bincount(lab, weights=picked * picked, minlength=self.count + 1)[1:]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = total / n
-            return mean, np.sqrt(np.maximum(squares / n - mean ** 2, 0.0))
-
-    def any(self, mask: np.ndarray) -> np.ndarray:
-        """Per label, whether any of its voxels is set in ``mask``."""
-        return np.bincount(self.lab[mask.ravel()[self.flat]], minlength=self.count + 1)[1:] > 0
-
-    def centres(self, shape: tuple[int, ...]) -> np.ndarray:
-        """(count, ndim) mean index of each label."""
-        idx = np.unravel_index(self.flat, shape)
-        return np.stack([np.bincount(self.lab, weights=i, minlength=self.count + 1)[1:]
-                         for i in idx], axis=1) / np.maximum(self.size, 1)[:, None]
 
 
 class PackedMask:

@@ -27,13 +27,10 @@ from typing import NamedTuple
 import numpy as np
 from scipy import ndimage
 
+from oncoseg_node.contouring.engines.classical.blocks import bbox
 from oncoseg_node.contouring.engines.classical.body import external, midlines, patient_x
-from oncoseg_node.contouring.engines.classical.postprocess import (
-    bbox,
-    component_sizes_cc,
-    opening,
-    radius_px,
-)
+from oncoseg_node.contouring.engines.classical.labels import component_sizes_cc
+from oncoseg_node.contouring.engines.classical.morphology import opening, radius_px
 from oncoseg_node.contouring.protocols import Structure
 from oncoseg_node.contouring.volume import Volume
 
