@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from oncoseg_node.commissioning.phantom import make_phantom
-from oncoseg_node.contouring.engines.classical.bones import _round_tubes
+from oncoseg_node.contouring.engines.classical.bone_contrast import _round_tubes
 from oncoseg_node.contouring.engines.classical.labels import LabelStats
 
 

@@ -55,6 +55,13 @@ def gather(values: np.ndarray, flat: np.ndarray) -> np.ndarray:
     return out
 
 
+def mask_of(shape: tuple[int, ...], flat: np.ndarray) -> np.ndarray:
+    """A boolean array of ``shape`` set at the flat indices ``flat``."""
+    out = np.zeros(shape, dtype=bool)
+    out.ravel()[flat] = True
+    return out
+
+
 class PackedMask:
     """``mask`` packed eight voxels to a byte (C order), read back whole, by slab or by voxel."""
 
