@@ -15,9 +15,11 @@ gathered at their flat indices rather than computed over the whole box.
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 
 from oncoseg_node.contouring.engines.classical.bone_candidates import SEED_HU
 from oncoseg_node.contouring.engines.classical.labels import (
+    IN_PLANE,
     LabelBuffer,
     LabelStats,
     compact_label,
@@ -36,6 +38,8 @@ VESSEL_MM = 30.0       # a plateau this long along the table is a vessel, not a 
 VESSEL_CORE_MM2 = 30.0  # and this wide once eroded (the aorta, the cava)
 ROUND_FILL = 0.35      # share of its bounding box a round cross-section fills
 CORTEX_STEP_HU = 60.0  # a cortex's densest voxels stand this far above its marrow
+IODINE_HU = 800.0      # a vessel's iodine stays below; a thick cortex lies above
+CAVITY_MM2 = 10.0      # a medullary cavity's cross-section is at least this
 
 
 def without_contrast(volume: Volume, box: tuple[slice, ...], cand: np.ndarray,
@@ -52,16 +56,17 @@ def without_contrast(volume: Volume, box: tuple[slice, ...], cand: np.ndarray,
     del found
     core_stats, plateau = _plateaus(stats, in_core, hu)
     del in_core
-    contrast = np.concatenate([[False], plateau & ~_enclosing(volume, box, cand, hu, stats)[1:]])
+    enclosing = _enclosing(volume, box, cand, hu, stats, plateau)
+    contrast = np.concatenate([[False], plateau & ~enclosing[1:]])
     if not contrast.any():
         return cand
-    flagged = np.flatnonzero(contrast)
-    vessel = np.zeros(stats.count + 1, dtype=bool)
-    vessel[flagged] = _round_tubes(volume, box, core_stats, flagged)
+    # A vessel is judged on its own core: one component of plateaus may hold the cores
+    # of a vessel and of a bone it touches (the aorta against a vertebra's cortex).
+    tubes, iodine_hu = _vessel_cores(volume, box, core_stats.flat[contrast[core_stats.lab]],
+                                     hu, scratch)
     plateaus = stats.flat[contrast[stats.lab]]
-    tubes = stats.flat[vessel[stats.lab]]
     del stats, core_stats
-    _cut_iodine(volume, cand, hu, plateaus, tubes, scratch)
+    _cut_iodine(volume, cand, hu, plateaus, (tubes, iodine_hu), scratch)
     return cand
 
 
@@ -99,8 +104,9 @@ def _plateaus(stats: LabelStats, in_core: np.ndarray, hu: np.ndarray
 
 
 def _enclosing(volume: Volume, box: tuple[slice, ...], cand: np.ndarray, hu: np.ndarray,
-               stats: LabelStats) -> np.ndarray:
-    """Per label (0..count), whether it rings a cavity or is cut by the field of view."""
+               stats: LabelStats, plateau: np.ndarray) -> np.ndarray:
+    """Per label (0..count), whether it rings a cavity or is cut by the field of view;
+    a ``plateau`` (per label 1..count) is asked whether it rings the cavity itself."""
     # A long bone's shaft is a plateau of cortex too, but it rings its medullary
     # cavity (marrow, never gas: iodine around bowel gas is still iodine).
     enclosing = np.zeros(stats.count + 1, dtype=bool)
@@ -110,6 +116,10 @@ def _enclosing(volume: Volume, box: tuple[slice, ...], cand: np.ndarray, hu: np.
     dilate(holes, 2, 2, in_place=True)
     enclosing[np.unique(stats.lab[holes.ravel()[stats.flat]])] = True
     del holes
+    # A cavity beside a plateau may be another bone's (a vertebra's marrow behind the
+    # aorta that touches its cortex): only a cavity the plateau's own voxels ring counts.
+    for label in np.flatnonzero(plateau & enclosing[1:]) + 1:
+        enclosing[label] = rings_a_cavity(volume, stats.flat[stats.lab == label], hu)
     # What the field of view cuts shows no rim: it cannot be judged, so it is kept.
     edge = _cut_by_the_image(volume, box)
     enclosing[np.unique(stats.lab[edge.ravel()[stats.flat]])] = True
@@ -130,9 +140,10 @@ def _near(shape: tuple[int, ...], plateaus: np.ndarray, reach: tuple[int, int]) 
 
 
 def _cut_iodine(volume: Volume, cand: np.ndarray, hu: np.ndarray, plateaus: np.ndarray,
-                tubes: np.ndarray, scratch: LabelBuffer) -> None:
+                vessels: tuple[np.ndarray, float], scratch: LabelBuffer) -> None:
     """Cut from ``cand`` the pieces holding ``plateaus`` that lie apart from the skeleton,
-    and the reach of the great vessels' voxels ``tubes`` (flat indices on ``cand``)."""
+    and the reach of the great vessels' core voxels (flat indices on ``cand``) where no
+    denser than their iodine (``vessels``: those voxels and the iodine's HU)."""
     reach = radius_px(volume, REACH_MM)
     everywhere = np.flatnonzero(cand)
     away = gather(hu, everywhere) > SEED_HU
@@ -153,10 +164,27 @@ def _cut_iodine(volume: Volume, cand: np.ndarray, hu: np.ndarray, plateaus: np.n
     attached[np.unique(piece_of[away])] = True
     # The caller's candidates are its to give up: they are cut where they lie.
     cand.ravel()[everywhere[(holds & ~attached)[piece_of]]] = False
+    tubes, iodine_hu = vessels
     if tubes.size:
-        cut = dilate(mask_of(cand.shape, tubes), *reach, in_place=True)
-        np.logical_not(cut, out=cut)
-        cand &= cut
+        # Within reach of a vessel's core, the cortex it touches is denser than its iodine.
+        within = np.flatnonzero(dilate(mask_of(cand.shape, tubes), *reach, in_place=True))
+        cand.ravel()[within[gather(hu, within) <= iodine_hu + CORTEX_STEP_HU]] = False
+
+
+def _vessel_cores(volume: Volume, box: tuple[slice, ...], cores: np.ndarray, hu: np.ndarray,
+                  scratch: LabelBuffer) -> tuple[np.ndarray, float]:
+    """Of the plateaus' core voxels ``cores`` (flat indices on ``box``), those of the
+    connected cores that are great vessels, and the densest such vessel's mean HU."""
+    if cores.size == 0:
+        return cores, 0.0
+    labels, count = compact_label(mask_of(hu.shape, cores), out=scratch.array())
+    pieces = LabelStats.from_voxels(cores, labels.ravel()[cores], count)
+    del labels
+    mean = pieces.mean(hu)
+    tube = _round_tubes(volume, box, pieces, np.arange(1, count + 1)) & (mean <= IODINE_HU)
+    if not tube.any():
+        return cores[:0], 0.0
+    return pieces.flat[np.concatenate([[False], tube])[pieces.lab]], float(mean[tube].max())
 
 
 def _round_tubes(volume: Volume, box: tuple[slice, ...], core: LabelStats, which: np.ndarray
@@ -194,6 +222,22 @@ def _round_tubes(volume: Volume, box: tuple[slice, ...], core: LabelStats, which
                        * int(last[2][j] - first[2][j] + 1))
         out[k] = length >= VESSEL_MM and area >= VESSEL_CORE_MM2 and fill >= ROUND_FILL
     return out
+
+
+def rings_a_cavity(volume: Volume, flat: np.ndarray, hu: np.ndarray) -> bool:
+    """Whether the voxels at ``flat`` (on ``hu``'s box) enclose, on some slice, one cavity
+    of CAVITY_MM2 or more that is not gas: a long bone's medullary cavity."""
+    zyx = np.unravel_index(flat, hu.shape)
+    low = [int(i.min()) for i in zyx]
+    part = np.zeros([int(i.max()) - m + 1 for i, m in zip(zyx, low, strict=True)], dtype=bool)
+    part[tuple(i - m for i, m in zip(zyx, low, strict=True))] = True
+    holes = ndimage.binary_fill_holes(part, IN_PLANE)
+    holes &= ~part
+    holes &= hu[tuple(slice(m, m + n) for m, n in zip(low, part.shape, strict=True))] \
+        > FATTY_HU[0]
+    labels, count = ndimage.label(holes, IN_PLANE)
+    largest = int(np.bincount(labels.ravel())[1:].max()) if count else 0
+    return largest * volume.pixel_spacing[0] * volume.pixel_spacing[1] >= CAVITY_MM2
 
 
 def _cut_by_the_image(volume: Volume, box: tuple[slice, ...]) -> np.ndarray:

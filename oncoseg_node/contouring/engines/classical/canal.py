@@ -46,11 +46,17 @@ def _body_in_front(volume: Volume, shell: np.ndarray, z: int, row: float, col: f
     forward = -1 if volume.col_direction[1] >= 0 else 1
     near, far = (int(round(mm / volume.pixel_spacing[0])) for mm in BODY_IN_FRONT_MM)
     half = int(round(BODY_HALF_WIDTH_MM / volume.pixel_spacing[1]))
-    r0, r1 = sorted((int(row) + forward * near, int(row) + forward * far))
-    c0, c1 = int(col) - half, int(col) + half + 1
-    patch = shell[z, max(r0, 0):max(r1 + 1, 0), max(c0, 0):max(c1, 0)]
-    return bool(patch.sum() * volume.pixel_spacing[0] * volume.pixel_spacing[1]
-                >= BODY_MIN_MM2)
+    c0, c1 = max(int(col) - half, 0), max(int(col) + half + 1, 0)
+
+    def bone_mm2(direction: int) -> float:
+        r0, r1 = sorted((int(row) + direction * near, int(row) + direction * far))
+        patch = shell[z, max(r0, 0):max(r1 + 1, 0), c0:c1]
+        return float(patch.sum()) * volume.pixel_spacing[0] * volume.pixel_spacing[1]
+
+    # Behind the canal lies only the arch; a hole with more bone behind it than in
+    # front lies in front of a vertebral body (between it and a vessel drawn as bone).
+    front = bone_mm2(forward)
+    return front >= BODY_MIN_MM2 and front > bone_mm2(-forward)
 
 
 def _hole_candidates(volume: Volume, shell: np.ndarray, hu: np.ndarray,

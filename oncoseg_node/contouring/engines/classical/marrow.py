@@ -32,6 +32,10 @@ MARROW_HU = 60.0       # trabecular marrow (100-300 HU) stays above, the canal b
 FATTY_HU = (-200.0, -20.0)  # fatty marrow of a long bone's shaft
 MARROW_MM2 = 3000.0    # larger enclosed regions are body cavities (pelvic inlet, skull)
 FATTY_MM2 = 800.0      # fatty marrow cavities are small; a fat-filled pelvis is not one
+MIXED_HU = 25.0        # mixed (red and yellow) marrow has fat in it: below muscle's 40-60
+MIXED_MM2 = 400.0      # a shaft's cavity of mixed marrow (a humerus's is about 200 mm^2)
+ROUND_CAVITY_FILL = 0.6  # an ellipse fills 0.79 of its bounding box, a crescent far less
+ROUND_CAVITY_ASPECT = 0.5  # a shaft's cavity is about as wide as it is deep
 
 
 class Cavities(NamedTuple):
@@ -98,8 +102,33 @@ def fatty(cavities: Cavities, canal: np.ndarray) -> np.ndarray:
     """Fatty marrow: small cavities of fat density (a long bone's shaft), not the canal."""
     stats, mean, area = cavities
     in_canal = stats.any(canal)
-    fatty = (mean > FATTY_HU[0]) & (mean < FATTY_HU[1]) & (area <= FATTY_MM2) & ~in_canal
+    fatty = (mean > FATTY_HU[0]) & (mean < FATTY_HU[1]) & (area <= FATTY_MM2)
+    # Mixed marrow lies near water density, as soft tissue between two bones does: only a
+    # small round cavity is a shaft's (the gap between a scapula and a rib is a crescent).
+    mixed = (mean >= FATTY_HU[1]) & (mean <= MIXED_HU) & (area <= MIXED_MM2)
+    if mixed.any():
+        mixed &= _round(stats, canal.shape)
+    fatty = (fatty | mixed) & ~in_canal
     return stats.where(np.concatenate([[False], fatty]), canal.shape)
+
+
+def _round(stats: LabelStats, shape: tuple[int, ...]) -> np.ndarray:
+    """Per region (each on one slice): whether it is round, filling most of its in-plane
+    bounding box and that box not much longer than wide (a strip or crescent is not)."""
+    if stats.count == 0:
+        return np.zeros(0, dtype=bool)
+    _, rows, cols = np.unravel_index(stats.flat, shape)
+    count = stats.count + 1
+    extent = []
+    for where in (rows, cols):
+        low = np.full(count, np.iinfo(np.int64).max)
+        high = np.full(count, -1)
+        np.minimum.at(low, stats.lab, where)
+        np.maximum.at(high, stats.lab, where)
+        extent.append(np.maximum(high - low + 1, 1)[1:])
+    fill = stats.size / (extent[0] * extent[1])
+    aspect = np.minimum(*extent) / np.maximum(*extent)
+    return (fill >= ROUND_CAVITY_FILL) & (aspect >= ROUND_CAVITY_ASPECT)
 
 
 def orthogonal_fill(ring: np.ndarray, marrow: np.ndarray, dense: PackedMask) -> np.ndarray:
