@@ -1,21 +1,28 @@
 """Sanity flags on contoured structures: warnings for the reviewer, never a veto.
 
 A flag says what looks wrong (volume outside the physicists' expected range,
-a left-sided organ whose centre lies on the patient's right) so the QA page
-and the job record point the reviewer at it. Laterality is judged in patient
-coordinates (LPS: +x is the patient's left), never from image columns.
+a left-sided organ whose centre lies on the patient's right, anatomy that
+cannot be: a SpinalCanal in front of the vertebral body, a contrast-filled
+vessel inside Bones) so the QA page, the job record and the structure set's
+description point the reviewer at it. Laterality and front/back are judged
+in patient coordinates (LPS: +x is the patient's left, +y posterior), never
+from image rows and columns. The anatomy checks read only the final masks
+and the HU, so they hold whichever engine drew the structures.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from oncoseg_node.contouring.bone_tubes import BONES, tube_flag
+from oncoseg_node.contouring.canal_position import CANAL, canal_flag
 from oncoseg_node.contouring.engines.base import StructureResult
 from oncoseg_node.contouring.mask_crop import MaskCrop
 from oncoseg_node.contouring.protocols import Structure
 from oncoseg_node.contouring.volume import Volume
 
 BODY_HU = -300.0
+BODY = "External"
 
 
 def patient_centroid(volume: Volume, mask: MaskCrop) -> np.ndarray:
@@ -56,19 +63,36 @@ def body_midline_x(volume: Volume, body: MaskCrop | None = None) -> float:
     return float(patient_centroid(volume, mask)[0])
 
 
+def anatomy_flags(volume: Volume, results: list[StructureResult]) -> dict[str, list[str]]:
+    """Flags for impossible anatomy, by structure name: the canal's place, vessels in Bones."""
+    found = {r.name: r.found_crop for r in results if not r.absent}
+    flags: dict[str, list[str]] = {}
+    if CANAL in found:
+        message = canal_flag(volume, found[CANAL], found.get(BONES), found.get(BODY))
+        if message:
+            flags[CANAL] = [message]
+    if BONES in found:
+        message = tube_flag(volume, found[BONES])
+        if message:
+            flags[BONES] = [message]
+    return flags
+
+
 def flag_results(volume: Volume, structures: list[Structure] | tuple[Structure, ...],
                  results: list[StructureResult]) -> list[StructureResult]:
-    """Return the results with volume and laterality flags added."""
+    """Return the results with volume, laterality and anatomy flags added."""
     by_name = {s.name: s for s in structures}
-    body = next((r.crop for r in results if r.name == "External" and not r.absent), None)
+    body = next((r.crop for r in results if r.name == BODY and not r.absent), None)
+    anatomy = anatomy_flags(volume, results)
     midline: float | None = None
     flagged = []
     for result in results:
         structure = by_name.get(result.name)
         if structure is None or result.absent:
-            flagged.append(result)
+            extra = tuple(anatomy.pop(result.name, ()))
+            flagged.append(result.with_flags(result.flags + extra) if extra else result)
             continue
-        flags = list(result.flags)
+        flags = list(result.flags) + anatomy.pop(result.name, [])
         if structure.volume_cc is not None:
             lo, hi = structure.volume_cc
             cc = crop_volume_cc(volume, result.found_crop)

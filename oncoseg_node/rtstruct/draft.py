@@ -25,6 +25,10 @@ from oncoseg_node.rtstruct.writer import (
     build_rtstruct,
 )
 
+# StructureSetDescription is ST (1024 characters) and also carries the warning,
+# the other notes and the generation details: the flags get at most this much.
+FLAGS_NOTE_LIMIT = 480
+
 
 def structure_set_label(job_id: int, version: int) -> str:
     """StructureSetLabel of a job's version: unique per job and version, within SH's 16 characters.
@@ -39,12 +43,31 @@ def structure_set_label(job_id: int, version: int) -> str:
                         "16 characters")
 
 
+def flags_note(contoured: Contoured) -> str | None:
+    """The sanity flags in one sentence, or, when they would crowd out the rest of the
+    1024-character description, how many there are and on which structures."""
+    flagged = [(r.name, r.flags) for r in contoured.results if r.flags]
+    if not flagged:
+        return None
+    count = sum(len(flags) for _, flags in flagged)
+    full = "; ".join(f"{name}: {flag}" for name, flags in flagged for flag in flags)
+    note = f"Sanity flags ({count}): {full}."
+    if len(note) <= FLAGS_NOTE_LIMIT:
+        return note
+    return (f"Sanity flags ({count}) on {', '.join(name for name, _ in flagged)}: "
+            "see the job page.")
+
+
 def description_notes(contoured: Contoured) -> list[str]:
-    """What the reviewer must know before trusting the set: structures not found, overrides."""
+    """What the reviewer must know before trusting the set: structures not found, sanity
+    flags, overrides."""
     notes = []
     absent = [r.name for r in contoured.results if r.absent]
     if absent:
         notes.append(f"Not found (not in this set): {', '.join(absent)}.")
+    flags = flags_note(contoured)
+    if flags:
+        notes.append(flags)
     finding = contoured.geometry.overridden
     if finding:
         # A series held as incomplete is not a geometry finding; say which it was.
