@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from oncoseg_node.commissioning.phantom import make_phantom
-from oncoseg_node.contouring.engines.classical.bone_contrast import _round_tubes
 from oncoseg_node.contouring.engines.classical.labels import LabelStats
+from oncoseg_node.contouring.engines.classical.vessels import round_tubes as _round_tubes
 
 
 def _tube(shape: tuple[int, int, int], z0: int, z1: int, centre: tuple[int, int],

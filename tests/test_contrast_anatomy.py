@@ -1,8 +1,9 @@
 """The classical engine on a contrast-enhanced abdomen: what a real one showed it getting wrong.
 
 Each case is a feature of the abdomen phantom built after a real contrast CT
-(512^2, 2 mm) was drawn wrong: the aorta touching the vertebral bodies and
-the enhanced vessels beside the spine drawn as bone, humeri with a thin
+(512^2, 2 mm) was drawn wrong: the aorta touching the vertebral bodies (with
+calcified plaque in its wall) and the enhanced vessels beside the spine drawn
+as bone, humeri with a thin
 cortex drawn without their marrow, and the canal checked to lie behind the
 vertebral body in patient coordinates for every patient position. Each of
 these tests failed on the engine before it learned to tell them apart. They
@@ -47,8 +48,8 @@ def abdomen():
 
 def test_contrast_aorta_touching_the_vertebral_bodies_is_not_bone(abdomen):
     phantom, found = abdomen
-    # What stays is the aorta's rim against the cortex, blurred with it.
-    assert share(found["Bones"], phantom.truth["A_Aorta"]) <= 0.10
+    # What stays is the calcified plaque in its wall and its rim against the cortex.
+    assert share(found["Bones"], phantom.truth["A_Aorta"]) <= 0.20
 
 
 def test_enhanced_vessels_beside_the_spine_are_not_bone(abdomen):
@@ -58,7 +59,7 @@ def test_enhanced_vessels_beside_the_spine_are_not_bone(abdomen):
 
 def test_abdomen_bones_and_canal(abdomen):
     phantom, found = abdomen
-    assert dice(found["Bones"], phantom.truth["Bones"]) >= 0.80
+    assert dice(found["Bones"], phantom.truth["Bones"]) >= 0.90
     assert share(found["SpinalCanal"], phantom.truth["SpinalCord"]) >= 0.90
     assert dice(found["SpinalCanal"], phantom.truth["SpinalCanal"]) >= 0.80
 
@@ -86,4 +87,4 @@ def test_the_canal_lies_behind_the_vertebral_body_in_every_position(position):
     # front 14 mm behind it, the aorta's back 12 mm in front of it.
     assert _patient_y(phantom.volume, canal).min() > 42.0 + 8.0
     assert share(canal, phantom.truth["SpinalCord"]) >= 0.90
-    assert share(found["Bones"], phantom.truth["A_Aorta"]) <= 0.10
+    assert share(found["Bones"], phantom.truth["A_Aorta"]) <= 0.20

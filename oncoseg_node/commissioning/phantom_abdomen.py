@@ -4,7 +4,8 @@ What makes a real contrast abdomen hard for bone finding is built in, each
 where a patient has it (LPS: +x left, +y posterior):
 
 - the aorta, bright with iodine (the variant's ``contrast_hu``), lies against
-  the front of the vertebral bodies, left of the midline, touching them;
+  the front of the vertebral bodies, left of the midline, touching them, with
+  calcified plaques as dense as cortex in stretches of its wall;
 - smaller enhanced vessels run beside the spine (the azygos and hemiazygos
   veins along the bodies' sides, lumbar arteries curving round them), and
   the cava and kidneys enhance less;
@@ -27,7 +28,7 @@ from oncoseg_node.commissioning.phantom_body import (
 )
 from oncoseg_node.commissioning.phantom_grid import Frame, Slice
 
-CARTILAGE, LIVER, KIDNEY, SPLEEN, MIXED_MARROW = 110.0, 60.0, 160.0, 50.0, 10.0
+CARTILAGE, LIVER, KIDNEY, SPLEEN, MIXED_MARROW, PLAQUE = 110.0, 60.0, 160.0, 50.0, 10.0, 900.0
 Site = tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]
 
 
@@ -51,6 +52,15 @@ def _vessels_by_the_spine(g: Slice, f: Frame, y0: float) -> tuple[np.ndarray, np
             g.tube((side * 12.0, y0 - 13.0, zk), (side * 21.0, y0 + 4.0, zk - 4.0), 1.6,
                    out=small)
     return aorta, small & ~aorta
+
+
+def _plaques(g: Slice, f: Frame, y0: float) -> np.ndarray:
+    """Calcified plaques in the aorta's wall: patches of its rim, dense as cortex."""
+    wall = g.ellipse(9.0, y0 - 22.5, 11.0, 11.0) & ~g.ellipse(9.0, y0 - 22.5, 9.0, 9.0)
+    stretch = g.rows(np.mod(g.z - f.zc, 23.0) < 9.0)
+    # On the left and front of the wall (away from the spine), a third of its round.
+    side = g.cols(g.x > 12.0)
+    return wall & stretch & side
 
 
 def _costal_cartilages(g: Slice, f: Frame, b: float) -> tuple[np.ndarray, np.ndarray]:
@@ -118,6 +128,8 @@ def abdomen(g: Slice, f: Frame, thickness: float) -> Site:
     hu[cava] = _contrast(f, 0.5)
     hu[small] = _contrast(f, 0.8)
     hu[aorta] = _contrast(f)
+    plaques = _plaques(g, f, y0)
+    hu[plaques] = PLAQUE
     cartilage, calcified = _costal_cartilages(g, f, b)
     cartilage &= body
     hu[cartilage] = CARTILAGE

@@ -4,9 +4,10 @@ Contrast is as dense as bone, but a contrast-filled vessel, bowel loop or
 bladder is a plateau no brighter at its rim, while a thick bone is a cortex
 brighter than its marrow. Thick parts (what is left after eroding THICK_MM)
 whose ring holds no voxels well above the core's median, that ring no
-cavity, and that lie apart from the skeleton (no dense bone outside such
-plateaus in their connected piece) are contrast. A great vessel on the
-spine (a round tube too long for a vertebra) goes as far as it reaches.
+cavity of their own, and that lie apart from the skeleton (no dense bone
+outside such plateaus in their connected piece) are contrast. A great vessel
+on the spine, found in the image by ``vessels``, goes as far as it reaches
+where no denser than its iodine: the cortex it touches stays.
 
 Candidates are a few percent of the box: what is judged per voxel is
 gathered at their flat indices rather than computed over the whole box.
@@ -28,46 +29,45 @@ from oncoseg_node.contouring.engines.classical.labels import (
 from oncoseg_node.contouring.engines.classical.marrow import FATTY_HU
 from oncoseg_node.contouring.engines.classical.morphology import dilate, erode, radius_px
 from oncoseg_node.contouring.engines.classical.slabs import SLAB
+from oncoseg_node.contouring.engines.classical.vessels import great_vessels
 from oncoseg_node.contouring.engines.classical.voxels import gather, mask_of
 from oncoseg_node.contouring.volume import Volume
 
 THICK_MM = 5.0         # thicker than 2x this is a body worth testing for contrast
 NEAR_SLICES = 2
 REACH_MM = 6.0         # iodine lies within this of its plateau's core
-VESSEL_MM = 30.0       # a plateau this long along the table is a vessel, not a vertebra
-VESSEL_CORE_MM2 = 30.0  # and this wide once eroded (the aorta, the cava)
-ROUND_FILL = 0.35      # share of its bounding box a round cross-section fills
 CORTEX_STEP_HU = 60.0  # a cortex's densest voxels stand this far above its marrow
-IODINE_HU = 800.0      # a vessel's iodine stays below; a thick cortex lies above
 CAVITY_MM2 = 10.0      # a medullary cavity's cross-section is at least this
 
 
 def without_contrast(volume: Volume, box: tuple[slice, ...], cand: np.ndarray,
                      hu: np.ndarray, scratch: LabelBuffer) -> np.ndarray:
-    """``cand`` less the thick plateaus brighter than their rim (iodine), with their rim;
-    ``cand`` itself is cut (the caller holds it no more).
+    """``cand`` less iodine: the great vessels (found in the image, see ``vessels``) as far
+    as they reach, and the thick plateaus no brighter at their rim that lie apart from the
+    skeleton; ``cand`` itself is cut (the caller holds it no more).
 
-    Both labellings are written into ``scratch``. ``cand`` and ``hu`` lie on ``box``.
+    Each labelling is written into ``scratch``. ``cand`` and ``hu`` lie on ``box``.
     """
+    vessels = great_vessels(volume, box, hu, scratch)
+    plateaus = _contrast_plateaus(volume, box, cand, hu, scratch)
+    if plateaus.size or vessels[0].size:
+        _cut_iodine(volume, cand, hu, plateaus, vessels, scratch)
+    return cand
+
+
+def _contrast_plateaus(volume: Volume, box: tuple[slice, ...], cand: np.ndarray,
+                       hu: np.ndarray, scratch: LabelBuffer) -> np.ndarray:
+    """The voxels (flat indices on ``box``) of the thick parts that are plateaus ringing
+    no cavity of their own: iodine, unless attached to the skeleton."""
     found = _thick_parts(volume, cand, scratch)
     if found is None:
-        return cand
+        return np.zeros(0, dtype=np.int64)
     stats, in_core = found
     del found
-    core_stats, plateau = _plateaus(stats, in_core, hu)
+    plateau = _plateaus(stats, in_core, hu)
     del in_core
     enclosing = _enclosing(volume, box, cand, hu, stats, plateau)
-    contrast = np.concatenate([[False], plateau & ~enclosing[1:]])
-    if not contrast.any():
-        return cand
-    # A vessel is judged on its own core: one component of plateaus may hold the cores
-    # of a vessel and of a bone it touches (the aorta against a vertebra's cortex).
-    tubes, iodine_hu = _vessel_cores(volume, box, core_stats.flat[contrast[core_stats.lab]],
-                                     hu, scratch)
-    plateaus = stats.flat[contrast[stats.lab]]
-    del stats, core_stats
-    _cut_iodine(volume, cand, hu, plateaus, (tubes, iodine_hu), scratch)
-    return cand
+    return stats.flat[np.concatenate([[False], plateau & ~enclosing[1:]])[stats.lab]]
 
 
 def _thick_parts(volume: Volume, cand: np.ndarray, scratch: LabelBuffer
@@ -92,15 +92,14 @@ def _thick_parts(volume: Volume, cand: np.ndarray, scratch: LabelBuffer
     return stats, in_core
 
 
-def _plateaus(stats: LabelStats, in_core: np.ndarray, hu: np.ndarray
-              ) -> tuple[LabelStats, np.ndarray]:
-    """The cores' statistics, and per label whether its ring is no brighter than its core."""
+def _plateaus(stats: LabelStats, in_core: np.ndarray, hu: np.ndarray) -> np.ndarray:
+    """Per label, whether its ring is no brighter than its core."""
     core_stats, ring_stats = stats.subset(in_core), stats.subset(~in_core)
     core_hu = core_stats.mean(hu)
     # The ring's edge is blurred for bone and iodine alike; its densest voxels are not:
     # a cortex stands well above the marrow it holds, a plateau's rim never above it.
     ring_mean, ring_sd = ring_stats.mean_and_sd(hu)
-    return core_stats, ring_mean + 1.28 * ring_sd < core_hu + CORTEX_STEP_HU  # ~ 90th percentile
+    return ring_mean + 1.28 * ring_sd < core_hu + CORTEX_STEP_HU  # ~ 90th percentile
 
 
 def _enclosing(volume: Volume, box: tuple[slice, ...], cand: np.ndarray, hu: np.ndarray,
@@ -169,59 +168,6 @@ def _cut_iodine(volume: Volume, cand: np.ndarray, hu: np.ndarray, plateaus: np.n
         # Within reach of a vessel's core, the cortex it touches is denser than its iodine.
         within = np.flatnonzero(dilate(mask_of(cand.shape, tubes), *reach, in_place=True))
         cand.ravel()[within[gather(hu, within) <= iodine_hu + CORTEX_STEP_HU]] = False
-
-
-def _vessel_cores(volume: Volume, box: tuple[slice, ...], cores: np.ndarray, hu: np.ndarray,
-                  scratch: LabelBuffer) -> tuple[np.ndarray, float]:
-    """Of the plateaus' core voxels ``cores`` (flat indices on ``box``), those of the
-    connected cores that are great vessels, and the densest such vessel's mean HU."""
-    if cores.size == 0:
-        return cores, 0.0
-    labels, count = compact_label(mask_of(hu.shape, cores), out=scratch.array())
-    pieces = LabelStats.from_voxels(cores, labels.ravel()[cores], count)
-    del labels
-    mean = pieces.mean(hu)
-    tube = _round_tubes(volume, box, pieces, np.arange(1, count + 1)) & (mean <= IODINE_HU)
-    if not tube.any():
-        return cores[:0], 0.0
-    return pieces.flat[np.concatenate([[False], tube])[pieces.lab]], float(mean[tube].max())
-
-
-def _round_tubes(volume: Volume, box: tuple[slice, ...], core: LabelStats, which: np.ndarray
-                 ) -> np.ndarray:
-    """For labels ``which`` (their ``core`` voxels, flat indices on ``box``): a round
-    cross-section of a vessel's size, longer than a vertebra."""
-    out = np.zeros(len(which), dtype=bool)
-    pixel_mm2 = volume.pixel_spacing[0] * volume.pixel_spacing[1]
-    shape = tuple(s.stop - s.start for s in box)
-    # Slice k of the box is slice box[0].start + k of the volume: its own offsets,
-    # which differ from the volume's first ones wherever the spacing is not uniform.
-    offsets = volume.slice_offsets[box[0]]
-    wanted = np.zeros(core.count + 1, dtype=bool)
-    wanted[which] = True
-    pick = wanted[core.lab]
-    order = np.argsort(core.lab[pick], kind="stable")
-    lab = core.lab[pick][order]
-    if lab.size == 0:
-        return out
-    zyx = np.unravel_index(core.flat[pick][order], shape)
-    starts = np.flatnonzero(np.concatenate([[True], lab[1:] != lab[:-1]]))
-    first = [np.minimum.reduceat(i, starts) for i in zyx]
-    last = [np.maximum.reduceat(i, starts) for i in zyx]
-    sizes = np.diff(np.concatenate([starts, [lab.size]]))
-    at = {int(label): j for j, label in enumerate(lab[starts])}
-    for k, label in enumerate(which):
-        if int(label) not in at:
-            continue
-        j = at[int(label)]
-        size = int(sizes[j])
-        n_slices = int(last[0][j] - first[0][j]) + 1
-        length = abs(offsets[last[0][j]] - offsets[first[0][j]])
-        area = size / n_slices * pixel_mm2
-        fill = size / (n_slices * int(last[1][j] - first[1][j] + 1)
-                       * int(last[2][j] - first[2][j] + 1))
-        out[k] = length >= VESSEL_MM and area >= VESSEL_CORE_MM2 and fill >= ROUND_FILL
-    return out
 
 
 def rings_a_cavity(volume: Volume, flat: np.ndarray, hu: np.ndarray) -> bool:
