@@ -31,7 +31,7 @@ from bench.rtstruct_write import machine
 from oncoseg_node.commissioning.phantom import write_phantom
 from tests.conftest import write_config
 from tests.daemon import Daemon, wait_until
-from tests.peers import DCMTK_ENV, free_port, require, storescp, storescu
+from tests.peers import DCMTK_ENV, require, storescp, storescu
 
 STAGES = ("wait", "load", "segment", "write", "send", "total")
 
@@ -58,15 +58,14 @@ def events(log: str) -> tuple[dict[str, float], dict]:
 
 def one_run(series: Path, run: Path, quiet: float) -> tuple[dict[str, float], float]:
     """Stage seconds of one series through a fresh node, and the peer's send time."""
-    port = free_port()
     with storescp(run / "tps") as tps:
-        config = write_config(run, node={"port": port}, series={"quiet_period_s": quiet},
+        config = write_config(run, series={"quiet_period_s": quiet},
                               http={"enabled": False},
                               destinations=[{"name": "tps", "ae_title": "TPS",
                                              "host": "127.0.0.1", "port": tps}])
-        daemon = Daemon(config, port, run / "daemon.log").start()
+        daemon = Daemon(config, 0, run / "daemon.log").start()
         try:
-            assert storescu(series, port).returncode == 0
+            assert storescu(series, daemon.port).returncode == 0
             wait_until(lambda: "rtstruct_delivered" in daemon.log(), 600, "delivery")
         finally:
             daemon.stop()

@@ -38,7 +38,7 @@ from tests.conftest import write_config
 from tests.ctfactory import encode, series
 from tests.daemon import Daemon
 from tests.orthanc_peer import orthanc
-from tests.peers import DCMTK_ENV, free_port, require
+from tests.peers import DCMTK_ENV, require
 
 MAX_ASSOCIATIONS = 4
 
@@ -164,24 +164,16 @@ def run_attack(pid: int, port: int, called: str, slice_path: Path, limit_s: floa
 
 @contextlib.contextmanager
 def node(tmp: Path, timeout_s: float) -> Iterator[tuple[int, int, str]]:
-    port, http_port = free_port(), free_port()
     config = write_config(
-        tmp, node={"port": port, "max_associations": MAX_ASSOCIATIONS,
-                   "acse_timeout_s": timeout_s, "network_timeout_s": timeout_s},
-        http={"port": http_port})
-    daemon = Daemon(config, port, tmp / "daemon.log").start()
+        tmp, node={"max_associations": MAX_ASSOCIATIONS,
+                   "acse_timeout_s": timeout_s, "network_timeout_s": timeout_s})
+    daemon = Daemon(config, 0, tmp / "daemon.log").start()
     try:
         time.sleep(2)  # the HTTP side and the worker are up
         assert daemon.proc is not None
-        yield daemon.proc.pid, port, f"http://127.0.0.1:{http_port}/healthz"
+        yield daemon.proc.pid, daemon.port, f"http://127.0.0.1:{daemon.http_port}/healthz"
     finally:
         daemon.stop()
-
-
-def orthanc_pid(dicom_port: int) -> int:
-    out = subprocess.run(["ss", "-Hltnp", f"sport = :{dicom_port}"], capture_output=True,
-                         text=True, check=True).stdout
-    return int(out.split("pid=")[1].split(",")[0])
 
 
 def main() -> None:
@@ -202,7 +194,7 @@ def main() -> None:
         print("attacking Orthanc ...", flush=True)
         with orthanc(tmp / "orthanc") as peer:
             # Orthanc's equivalent of the network timeout.
-            theirs = run_attack(orthanc_pid(peer.dicom_port), peer.dicom_port, peer.aet,
+            theirs = run_attack(peer.pid, peer.dicom_port, peer.aet,
                                 slice_path, limit, None)
     print(f"attack: 1 x 4 GiB header, 50 half-sent PDUs, {MAX_ASSOCIATIONS} stalled P-DATA "
           f"(max_associations {MAX_ASSOCIATIONS}), 250 idle half-associations; "

@@ -32,7 +32,7 @@ from oncoseg_node.intake.spool import TMP_SUFFIX, Spool
 from oncoseg_node.ledger import Ledger
 from tests.conftest import write_config
 from tests.daemon import Daemon, wait_until
-from tests.peers import free_port, storescp
+from tests.peers import storescp
 from tests.test_intake_daemon import Sender
 
 SLICES = 200
@@ -68,16 +68,15 @@ def referenced(ds: pydicom.Dataset) -> set[str]:
 
 def one_run(directory: Path, datasets: list[pydicom.Dataset], rng: random.Random,
             down_s: float) -> RunResult:
-    port = free_port()
     series_uid = str(datasets[0].SeriesInstanceUID)
     with storescp(directory / "tps") as tps_port:
         config = write_config(
-            directory, node={"port": port}, series={"quiet_period_s": QUIET_S},
+            directory, series={"quiet_period_s": QUIET_S},
             destinations=[{"name": "tps", "ae_title": "TPS", "host": "127.0.0.1",
                            "port": tps_port, "retry": {"first_delay_s": 1, "max_delay_s": 2}}])
-        daemon = Daemon(config, port, directory / "daemon.log").start()
+        daemon = Daemon(config, 0, directory / "daemon.log").start()
         cfg = load_config(config)
-        sender = Sender(port, datasets)
+        sender = Sender(daemon.port, datasets)
         sender.start()
         time.sleep(rng.uniform(0.1, 1.5))
         daemon.kill()
@@ -103,7 +102,7 @@ def one_run(directory: Path, datasets: list[pydicom.Dataset], rng: random.Random
             time.sleep(4 * QUIET_S)  # a node counting the part as whole would send it now
             premature = len(structure_sets(directory / "tps"))
             acked = {ds.SOPInstanceUID for ds in sender.acknowledged}
-            resend = Sender(port, [ds for ds in datasets if ds.SOPInstanceUID not in acked])
+            resend = Sender(daemon.port, [ds for ds in datasets if ds.SOPInstanceUID not in acked])
             resend.run()
             wait_until(lambda: structure_sets(directory / "tps"), 180,
                        f"a structure set\n{daemon.log()}")

@@ -21,7 +21,7 @@ from oncoseg_node.commissioning.phantom import write_phantom
 from tests.conftest import write_config
 from tests.ctfactory import ct_slice
 from tests.daemon import Daemon
-from tests.peers import DCMTK_ENV, free_port, require, wait_for_port
+from tests.peers import DCMTK_ENV, require, start_listening
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -43,25 +43,26 @@ def send(target: Path, port: int, called: str) -> None:
 
 
 def measure(name: str, target: Path, tmp: Path) -> None:
-    port = free_port()
     run = tmp / f"node-{name}"
     run.mkdir()
-    config = write_config(run, node={"port": port}, series={"quiet_period_s": 600},
-                          http={"enabled": False})
-    daemon = Daemon(config, port, run / "daemon.log").start()
+    config = write_config(run, series={"quiet_period_s": 600}, http={"enabled": False})
+    daemon = Daemon(config, 0, run / "daemon.log").start()
     try:
         before = peak_rss_mib(daemon.proc.pid)
-        send(target, port, "ONCOSEG")
+        send(target, daemon.port, "ONCOSEG")
         ours = peak_rss_mib(daemon.proc.pid)
     finally:
         daemon.kill()
-    scp_port = free_port()
     out = tmp / f"scp-{name}"
     out.mkdir()
-    scp = subprocess.Popen([require("storescp"), "-od", str(out), str(scp_port)],
-                           env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def launch(ports: list[int]) -> subprocess.Popen:
+        return subprocess.Popen([require("storescp"), "-od", str(out), str(ports[0])],
+                                env=DCMTK_ENV, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+
+    scp, (scp_port,) = start_listening(launch, "storescp")
     try:
-        wait_for_port(scp_port)
         send(target, scp_port, "ANY")
         theirs = peak_rss_mib(scp.pid)
     finally:

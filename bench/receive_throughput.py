@@ -26,7 +26,7 @@ from oncoseg_node.commissioning.phantom import write_phantom
 from tests.conftest import write_config
 from tests.daemon import Daemon
 from tests.orthanc_peer import orthanc
-from tests.peers import DCMTK_ENV, free_port, require, storescp
+from tests.peers import DCMTK_ENV, require, storescp
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -72,14 +72,13 @@ def main() -> None:
         cpu_ms: dict[str, list[float]] = {"oncoseg-node": [], "orthanc": []}
         for round_ in range(args.rounds):
             run = tmp_path / f"round{round_}"
-            port = free_port()
             # A long quiet period keeps segmentation out of the measured window.
-            config = write_config(run.mkdir(parents=True) or run, node={"port": port},
+            config = write_config(run.mkdir(parents=True) or run,
                                   series={"quiet_period_s": 600}, http={"enabled": False})
-            daemon = Daemon(config, port, run / "daemon.log").start()
+            daemon = Daemon(config, 0, run / "daemon.log").start()
             assert daemon.proc is not None
             try:
-                rate, cpu = measured(files, args.files, daemon.proc.pid, port,
+                rate, cpu = measured(files, args.files, daemon.proc.pid, daemon.port,
                                      "ONCOSEG")
             finally:
                 daemon.kill()

@@ -1,4 +1,10 @@
-"""Run the real daemon as a subprocess (``oncoseg-node run``) for end-to-end tests."""
+"""Run the real daemon as a subprocess (``oncoseg-node run``) for end-to-end tests.
+
+A daemon started on port 0 (the default of ``write_config``) binds a port of
+its own, and ``Daemon.port`` / ``Daemon.http_port`` are read back from its log
+at each start; on a fixed port it counts as started only once its own process
+listens there, never because something else does.
+"""
 
 from __future__ import annotations
 
@@ -12,32 +18,60 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.peers import storescu, wait_for_port
+from tests.listeners import NotListening, wait_for_own_listener, wait_while_running
+from tests.peers import storescu
 
 
 class Daemon:
     running: set[Daemon] = set()  # started and not yet reaped: killed after each test
 
     def __init__(self, config_path: Path, port: int, log_path: Path) -> None:
+        """``port``: the node's DICOM port in the config, 0 for one it picks at each start."""
         self.config_path = config_path
+        self.configured_port = port
         self.port = port
+        self.http_port: int | None = None  # read back at each start; None with HTTP off
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 60.0) -> Daemon:
-        log = self.log_path.open("ab")
+        logged = self.log_path.stat().st_size if self.log_path.exists() else 0
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "oncoseg_node.cli", "run", "--config", str(self.config_path)],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
-        )
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "oncoseg_node.cli", "run", "--config",
+                 str(self.config_path)], stdout=log, stderr=subprocess.STDOUT, env=env,
+            )
         Daemon.running.add(self)
         try:
-            wait_for_port(self.port, timeout)
-        except TimeoutError:
-            self.proc.kill()
-            raise AssertionError(f"daemon did not listen:\n{self.log()}") from None
+            if not self.configured_port:
+                self.port = self._wait_logged_port(logged, timeout)
+            wait_for_own_listener(self.proc, self.port, timeout, "the node")
+        except NotListening as error:
+            self.kill()
+            raise type(error)(f"daemon did not listen: {error}\n{self.log()}") from None
+        self.http_port = self._logged_ports(logged).get("http_listening")
         return self
+
+    def _logged_ports(self, logged: int) -> dict[str, int]:
+        """The ports logged as bound (``listening``, ``http_listening``) past byte ``logged``
+        of the log: the JSON records at info level, the node's defaults in a log file."""
+        with self.log_path.open("rb") as log:
+            log.seek(logged)
+            lines = log.read().decode(errors="replace").splitlines(keepends=True)
+        ports = {}
+        for line in lines:
+            if line.startswith("{") and line.endswith("\n"):  # whole records only
+                record = json.loads(line)
+                if record.get("event") in ("listening", "http_listening"):
+                    ports[record["event"]] = int(record["port"])
+        return ports
+
+    def _wait_logged_port(self, logged: int, timeout: float) -> int:
+        """The DICOM port a start on port 0 got, read back from its log."""
+        assert self.proc is not None
+        return wait_while_running(self.proc, lambda: self._logged_ports(logged).get("listening"),
+                                  timeout, "the node")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.peers import DCMTK_ENV, free_port, require, stop_process, wait_for_port
+from tests.peers import DCMTK_ENV, require, start_listening, stop_process
 
 
 @dataclass
@@ -40,14 +40,11 @@ def orthanc(workdir: Path, *, aet: str = "ORTHANC",
     """Start Orthanc; ``modalities`` are the peers it may talk back to
     (name -> (AET, host, port)), needed for Storage Commitment reports."""
     workdir.mkdir(parents=True, exist_ok=True)
-    dicom_port, http_port = free_port(), free_port()
-    config = {
+    config: dict[str, Any] = {
         "Name": "oncoseg-test",
         "StorageDirectory": str(workdir / "storage"),
         "IndexDirectory": str(workdir / "index"),
         "DicomAet": aet,
-        "DicomPort": dicom_port,
-        "HttpPort": http_port,
         "RemoteAccessAllowed": False,
         "AuthenticationEnabled": False,
         "SyncStorageArea": sync_storage,
@@ -58,13 +55,17 @@ def orthanc(workdir: Path, *, aet: str = "ORTHANC",
         "Plugins": [],
         "StableAge": 1,
     }
-    (workdir / "orthanc.json").write_text(json.dumps(config))
-    log = (workdir / "orthanc.log").open("wb")
-    proc = subprocess.Popen([require("Orthanc"), str(workdir / "orthanc.json")],
-                            env=DCMTK_ENV, stdout=log, stderr=subprocess.STDOUT)
+
+    def launch(ports: list[int]) -> subprocess.Popen:
+        config["DicomPort"], config["HttpPort"] = ports
+        (workdir / "orthanc.json").write_text(json.dumps(config))
+        with (workdir / "orthanc.log").open("ab") as log:
+            return subprocess.Popen([require("Orthanc"), str(workdir / "orthanc.json")],
+                                    env=DCMTK_ENV, stdout=log, stderr=subprocess.STDOUT)
+
+    proc, (dicom_port, http_port) = start_listening(launch, f"Orthanc {aet}", count=2,
+                                                    timeout=30)
     try:
-        wait_for_port(dicom_port, 30)
-        wait_for_port(http_port, 30)
         peer = Orthanc(aet, dicom_port, http_port, workdir, proc.pid)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # the REST API answers once the index is open

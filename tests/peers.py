@@ -1,8 +1,10 @@
 """Real DICOM peers for tests: DCMTK storescp/storescu/echoscu on loopback.
 
 Receivers are started with TCP_NODELAY=1 (otherwise DCMTK stalls ~40 ms per
-instance on delayed ACKs). Ports are ephemeral: picked free, then bound by
-the peer.
+instance on delayed ACKs). These peers cannot bind port 0 and say which port
+they got, so a port is picked free and handed on; the peer counts as started
+only once its own process listens there (``tests.listeners``). Should another
+process take the port first, the peer is started again on a new one.
 """
 
 from __future__ import annotations
@@ -11,8 +13,7 @@ import os
 import shutil
 import socket
 import subprocess
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -21,24 +22,44 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
+from tests.listeners import PortTaken, wait_for_own_listener
+
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
+PORT_TRIES = 5  # starts of a peer whose free port another process took meanwhile
+
+
 def free_port() -> int:
+    """A port free now, for a peer that cannot bind port 0: another process may
+    take it before the peer binds it, so wait with ``wait_for_own_listener``."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
-def wait_for_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def start_listening(launch: Callable[[list[int]], subprocess.Popen], what: str, *,
+                    ports: Sequence[int] | None = None, count: int = 1,
+                    timeout: float = 10.0) -> tuple[subprocess.Popen, list[int]]:
+    """Start a peer by ``launch(ports)`` and return once its own process listens on
+    every port. ``ports`` given are kept (another process on one fails at once);
+    otherwise ``count`` free ports are picked, and picked again if one was taken."""
+    tries = 1 if ports is not None else PORT_TRIES
+    for attempt in range(1, tries + 1):
+        chosen = list(ports) if ports is not None else [free_port() for _ in range(count)]
+        proc = launch(chosen)
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on port {port}")
+            for port in chosen:
+                wait_for_own_listener(proc, port, timeout, what)
+            return proc, chosen
+        except PortTaken:
+            stop_process(proc, grace=5)
+            if attempt == tries:
+                raise
+        except BaseException:
+            stop_process(proc, grace=5)
+            raise
+    raise AssertionError("unreachable")
 
 
 def require(tool: str) -> str:
@@ -52,16 +73,19 @@ def require(tool: str) -> str:
 def storescp(out_dir: Path, *, aet: str = "TPS", extra: Sequence[str] = (),
              port: int | None = None) -> Iterator[int]:
     """DCMTK storescp as a planning system; yields its port."""
-    port = port or free_port()
     out_dir.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(
-        [require("storescp"), "--aetitle", aet, "--output-directory", str(out_dir),
-         "--accept-all", *extra, str(port)],
-        env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
+
+    def launch(ports: list[int]) -> subprocess.Popen:
+        return subprocess.Popen(
+            [require("storescp"), "--aetitle", aet, "--output-directory", str(out_dir),
+             "--accept-all", *extra, str(ports[0])],
+            env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+
+    proc, (bound,) = start_listening(launch, f"storescp {aet}",
+                                     ports=None if port is None else [port])
     try:
-        wait_for_port(port)
-        yield port
+        yield bound
     finally:
         stop_process(proc, grace=5)
 

@@ -19,7 +19,7 @@ from pynetdicom.sop_class import CTImageStorage
 from oncoseg_node.commissioning.phantom import write_phantom
 from tests.conftest import write_config
 from tests.daemon import Daemon, wait_until
-from tests.peers import free_port, storescp, storescu
+from tests.peers import storescp, storescu
 
 pytestmark = pytest.mark.peers
 
@@ -39,12 +39,11 @@ def phantom_files(directory: Path, slices: int, *, images_in_acquisition: bool) 
 
 
 def start(tmp_path: Path, tps_port: int, node: dict | None = None, **series) -> Daemon:
-    port = free_port()
     config = write_config(
-        tmp_path, node={"port": port, **(node or {})}, series={"quiet_period_s": 1, **series},
+        tmp_path, node=node or {}, series={"quiet_period_s": 1, **series},
         destinations=[{"name": "tps", "ae_title": "TPS", "host": "127.0.0.1",
                        "port": tps_port, "retry": {"first_delay_s": 1, "max_delay_s": 2}}])
-    return Daemon(config, port, tmp_path / "daemon.log").start()
+    return Daemon(config, 0, tmp_path / "daemon.log").start()
 
 
 def send_then_interrupt(port: int, paths: list[Path], how: str) -> None:

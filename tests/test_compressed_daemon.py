@@ -150,14 +150,12 @@ def test_a_frame_that_fails_to_decode_holds_the_job_with_its_reason(tmp_path):
     start = ds.PixelData.index(b"\xff\x4f\xff\x51")  # the codestream's SOC and SIZ markers
     ds.PixelData = ds.PixelData[:start + 60] + bytes(len(ds.PixelData) - start - 60)
     ds.save_as(broken, enforce_file_format=True)
-    node_port = free_port()
-    daemon = Daemon(write_config(tmp_path, node={"port": node_port},
-                                 series={"quiet_period_s": 1}),
-                    node_port, tmp_path / "daemon.log").start()
+    daemon = Daemon(write_config(tmp_path, series={"quiet_period_s": 1}), 0,
+                    tmp_path / "daemon.log").start()
     try:
         proc = subprocess.run(
             [require("storescu"), "-R", "-xv", "-aet", "CTSIM", "-aec", "ONCOSEG", "127.0.0.1",
-             str(node_port), *map(str, sorted(folder.glob("CT*.dcm")))],
+             str(daemon.port), *map(str, sorted(folder.glob("CT*.dcm")))],
             env=DCMTK_ENV, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0 and "E:" not in proc.stderr, proc.stderr
         (job,) = wait_until(

@@ -15,7 +15,7 @@ import pytest
 from oncoseg_node.config import DEFAULT_CONFIG, DEFAULT_PROTOCOLS, default_state_dir, load_config
 from oncoseg_node.errors import ConfigError
 from tests.conftest import REPO
-from tests.peers import wait_for_port
+from tests.listeners import NotListening, wait_for_own_listener
 
 BAD_COLOUR = re.compile(r"color: \[[^\]]*\]")
 
@@ -152,10 +152,10 @@ def test_run_with_no_arguments_from_outside_the_repository_starts_on_the_package
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         try:
-            wait_for_port(11112, 60)
-        except TimeoutError:
+            wait_for_own_listener(proc, 11112, 60, "the node on its packaged default")
+        except NotListening as error:
             proc.kill()
-            raise AssertionError(f"did not listen on 11112:\n{proc.communicate()[0]}") from None
+            raise type(error)(f"{error}:\n{proc.communicate()[0]}") from None
         status = cli("status", cwd=folder, env=env)
     finally:
         proc.terminate()

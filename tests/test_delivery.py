@@ -124,7 +124,7 @@ class FailingScp:
         self.ae = AE(ae_title="TPS")
         self.ae.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian])
         self.ae.add_supported_context(RTStructureSetStorage, [ExplicitVRLittleEndian])
-        self.port = free_port()
+        self.port = 0  # bound on entry
         self.lock = threading.Lock()
 
     def handle(self, event):
@@ -133,8 +133,9 @@ class FailingScp:
             return self.answer
 
     def __enter__(self):
-        self.server = self.ae.start_server(("127.0.0.1", self.port), block=False,
+        self.server = self.ae.start_server(("127.0.0.1", 0), block=False,
                                            evt_handlers=[(evt.EVT_C_STORE, self.handle)])
+        self.port = int(self.server.server_address[1])
         return self
 
     def __exit__(self, *exc):
@@ -258,13 +259,11 @@ def test_permanent_failure_shows_in_status_and_cli_retry_delivers(tmp_path):
     from tests.peers import storescu
 
     write_phantom(tmp_path / "ct", slices=8, rows=96, columns=96, pixel_spacing=(4.0, 4.0))
-    port = free_port()
     with FailingScp(status.DATASET_DOES_NOT_MATCH_SOP_CLASS) as tps:
-        config = write_config(tmp_path, node={"port": port},
-                              destinations=[destination("tps", tps.port)])
-        daemon = Daemon(config, port, tmp_path / "daemon.log").start()
+        config = write_config(tmp_path, destinations=[destination("tps", tps.port)])
+        daemon = Daemon(config, 0, tmp_path / "daemon.log").start()
         try:
-            assert storescu(tmp_path / "ct", port).returncode == 0
+            assert storescu(tmp_path / "ct", daemon.port).returncode == 0
             (job,) = wait_until(
                 lambda: [j for j in daemon.status() if j["state"] == JobState.FAILED],
                 90, "failed job")

@@ -16,7 +16,7 @@ from oncoseg_node.ledger import DeliveryState, JobState
 from oncoseg_node.rtstruct.reader import rasterize_rtstruct
 from tests.conftest import write_config
 from tests.daemon import Daemon, wait_until
-from tests.peers import dciodvfy, free_port, storescp, storescu
+from tests.peers import dciodvfy, storescp, storescu
 
 pytestmark = pytest.mark.peers
 
@@ -36,16 +36,15 @@ def phantom_dir(tmp_path_factory):
 
 def test_series_from_scanner_arrives_at_tps_as_one_valid_rtstruct(tmp_path, phantom_dir):
     series_dir, phantom = phantom_dir
-    port = free_port()
     with storescp(tmp_path / "tps") as tps_port:
         config = write_config(
-            tmp_path, node={"port": port},
+            tmp_path,
             destinations=[{"name": "tps", "ae_title": "TPS", "host": "127.0.0.1",
                            "port": tps_port, "retry": {"first_delay_s": 1, "max_delay_s": 5}}],
         )
-        daemon = Daemon(config, port, tmp_path / "daemon.log").start()
+        daemon = Daemon(config, 0, tmp_path / "daemon.log").start()
         try:
-            sent = storescu(series_dir, port)
+            sent = storescu(series_dir, daemon.port)
             assert sent.returncode == 0, sent.stderr
             received = wait_until(lambda: list((tmp_path / "tps").iterdir()), 120,
                                   f"an RTSTRUCT at the TPS\n{daemon.log()}")

@@ -17,7 +17,7 @@ pytest.importorskip("torch", reason="the sam3 extra is part of the test install"
 from oncoseg_node.ledger import JobState  # noqa: E402
 from tests.conftest import write_config  # noqa: E402
 from tests.daemon import Daemon, wait_until  # noqa: E402
-from tests.peers import dciodvfy, free_port, storescp, storescu  # noqa: E402
+from tests.peers import dciodvfy, storescp, storescu  # noqa: E402
 from tests.sam3_tiny import build_tiny_sam3  # noqa: E402
 
 pytestmark = pytest.mark.peers
@@ -42,18 +42,17 @@ def test_random_tiny_sam3_plumbing_delivers_a_structure_set(tmp_path):
     model = build_tiny_sam3(tmp_path / "facebook-sam3-tiny")
     (tmp_path / "protocols.yaml").write_text(PROTOCOLS)
     write_phantom(tmp_path / "ct", slices=12, rows=128, columns=128, pixel_spacing=(3.5, 3.5))
-    port = free_port()
     with storescp(tmp_path / "tps") as tps_port:
         config = write_config(
-            tmp_path, node={"port": port}, protocols=str(tmp_path / "protocols.yaml"),
+            tmp_path, protocols=str(tmp_path / "protocols.yaml"),
             engine={"name": "sam3", "sam3": {"model_dir": str(model), "device": "cpu",
                                              "dtype": "float32", "batch_size": 4}},
             destinations=[{"name": "tps", "ae_title": "TPS", "host": "127.0.0.1",
                            "port": tps_port}],
         )
-        daemon = Daemon(config, port, tmp_path / "daemon.log").start(timeout=180)
+        daemon = Daemon(config, 0, tmp_path / "daemon.log").start(timeout=180)
         try:
-            assert storescu(tmp_path / "ct", port).returncode == 0
+            assert storescu(tmp_path / "ct", daemon.port).returncode == 0
             received = wait_until(lambda: list((tmp_path / "tps").iterdir()), 300,
                                   f"an RTSTRUCT at the TPS\n{daemon.log()}")
             (job,) = wait_until(lambda: [j for j in daemon.status() if j["state"] == JobState.SENT],
@@ -85,7 +84,7 @@ def test_preprocessing_mismatch_stops_the_daemon_at_start_naming_the_file(tmp_pa
                                 "image_std": [0.229, 0.224, 0.225]}))
     (tmp_path / "protocols.yaml").write_text(PROTOCOLS)
     config = write_config(
-        tmp_path, node={"port": free_port()}, protocols=str(tmp_path / "protocols.yaml"),
+        tmp_path, protocols=str(tmp_path / "protocols.yaml"),
         engine={"name": "sam3", "sam3": {"model_dir": str(model), "device": "cpu",
                                          "dtype": "float32"}})
     proc = subprocess.run([sys.executable, "-m", "oncoseg_node.cli", "run", "--config",

@@ -15,7 +15,6 @@ from oncoseg_node.intake.assembly import Assembler
 from oncoseg_node.ledger import Ledger
 from tests.conftest import REPO, write_config
 from tests.daemon import Daemon, wait_until
-from tests.peers import free_port
 from tests.test_http_daemon import get
 
 pytestmark = pytest.mark.peers
@@ -34,10 +33,9 @@ def events(daemon: Daemon, name: str) -> list[dict]:
 def test_protocol_watcher_survives_garbage_and_applies_the_next_valid_edit(tmp_path):
     protocols = tmp_path / "protocols.yaml"
     shutil.copy(REPO / "config" / "protocols.yaml", protocols)
-    port, http_port = free_port(), free_port()
-    config = write_config(tmp_path, node={"port": port}, protocols=str(protocols),
-                          http={"port": http_port})
-    node = Daemon(config, port, tmp_path / "node.log").start()
+    config = write_config(tmp_path, protocols=str(protocols))
+    node = Daemon(config, 0, tmp_path / "node.log").start()
+    http_port = node.http_port
     try:
         wait_until(lambda: healthz(http_port)[0] == 200, 30, "healthy at start")
         good = protocols.read_bytes()
@@ -96,10 +94,9 @@ def test_assembler_failing_its_polls_counts_as_failing(tmp_path):
 
 
 def test_disk_below_the_threshold_is_503_naming_the_free_space(tmp_path):
-    port, http_port = free_port(), free_port()
-    config = write_config(tmp_path, node={"port": port, "min_free_disk_mb": 2**40},
-                          http={"port": http_port})
-    node = Daemon(config, port, tmp_path / "node.log").start()
+    config = write_config(tmp_path, node={"min_free_disk_mb": 2**40})
+    node = Daemon(config, 0, tmp_path / "node.log").start()
+    http_port = node.http_port
     try:
         code, body = wait_until(lambda: (r := healthz(http_port))[0] == 503 and r, 30, "503")
     finally:

@@ -23,7 +23,7 @@ from oncoseg_node.ledger import JobState
 from tests.conftest import write_config
 from tests.ctfactory import series
 from tests.daemon import Daemon, wait_until
-from tests.peers import free_port, storescp, storescu
+from tests.peers import storescp, storescu
 from tests.pngread import decode
 from tests.test_http_page import screenshot
 from tests.test_metrics import parse
@@ -78,13 +78,13 @@ def contoured_node(tmp_path_factory):
                   pixel_spacing=(1.953125, 1.953125))
     protocols = tmp / "protocols.yaml"
     protocols.write_text(PROTOCOLS)
-    port, http_port = free_port(), free_port()
     with storescp(tmp / "tps") as tps_port:
         config = write_config(
-            tmp, node={"port": port}, http={"port": http_port}, protocols=str(protocols),
+            tmp, protocols=str(protocols),
             destinations=[{"name": "tps", "ae_title": "TPS", "host": "127.0.0.1",
                            "port": tps_port, "retry": {"first_delay_s": 1, "max_delay_s": 5}}])
-        daemon = Daemon(config, port, tmp / "daemon.log").start()
+        daemon = Daemon(config, 0, tmp / "daemon.log").start()
+        port, http_port = daemon.port, daemon.http_port
         try:
             assert storescu(phantom_dir, port).returncode == 0
             short = series(1)[0]

@@ -11,7 +11,6 @@ import pytest
 
 from tests.conftest import write_config
 from tests.daemon import Daemon, wait_until
-from tests.peers import free_port
 from tests.test_http_daemon import get
 
 THREADS, TIMEOUT_S = 4, 1.0
@@ -33,10 +32,9 @@ def closed_by_peer(sock: socket.socket) -> bool:
 
 
 def test_200_slow_clients_hold_a_bounded_pool_and_are_cut_at_the_deadline(tmp_path):
-    port, http_port = free_port(), free_port()
-    config = write_config(tmp_path, node={"port": port},
-                          http={"port": http_port, "threads": THREADS, "timeout_s": TIMEOUT_S})
-    node = Daemon(config, port, tmp_path / "node.log").start()
+    config = write_config(tmp_path, http={"threads": THREADS, "timeout_s": TIMEOUT_S})
+    node = Daemon(config, 0, tmp_path / "node.log").start()
+    http_port = node.http_port
     clients: list[socket.socket] = []
     try:
         wait_until(lambda: get(http_port, "/healthz")[0] == 200, 30, "healthy")

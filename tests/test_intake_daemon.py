@@ -18,15 +18,14 @@ from oncoseg_node.ledger import JobState, Ledger
 from tests.conftest import write_config
 from tests.ctfactory import ct_slice, encode, series
 from tests.daemon import Daemon, wait_until
-from tests.peers import free_port, storescu
+from tests.peers import storescu
 
 pytestmark = pytest.mark.peers
 
 
 def start_daemon(tmp_path, quiet: float = 2.0) -> Daemon:
-    port = free_port()
-    config = write_config(tmp_path, node={"port": port}, series={"quiet_period_s": quiet})
-    return Daemon(config, port, tmp_path / "daemon.log").start()
+    config = write_config(tmp_path, series={"quiet_period_s": quiet})
+    return Daemon(config, 0, tmp_path / "daemon.log").start()
 
 
 def write(datasets, directory):

@@ -15,7 +15,7 @@ from oncoseg_node.ledger import JobState, Ledger
 from tests.conftest import write_config
 from tests.ctfactory import ct_slice, encode, series
 from tests.daemon import Daemon, wait_until
-from tests.peers import free_port, storescp, storescu
+from tests.peers import storescp, storescu
 
 pytestmark = pytest.mark.peers
 
@@ -38,12 +38,11 @@ def zero_spacing_series(n: int = 4):
 
 
 def start(tmp_path, tps_port: int, **series_cfg) -> Daemon:
-    port = free_port()
     config = write_config(
-        tmp_path, node={"port": port}, series={"quiet_period_s": 1, **series_cfg},
+        tmp_path, series={"quiet_period_s": 1, **series_cfg},
         destinations=[{"name": "tps", "ae_title": "TPS", "host": "127.0.0.1",
                        "port": tps_port, "timeout_s": 5}])
-    return Daemon(config, port, tmp_path / "daemon.log").start()
+    return Daemon(config, 0, tmp_path / "daemon.log").start()
 
 
 def job_of(ledger: Ledger, series_uid: str):

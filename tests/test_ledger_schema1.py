@@ -112,9 +112,8 @@ def test_pending_deliveries_of_a_schema1_ledger_reach_a_real_storescp(tmp_path):
 def test_the_daemon_started_on_a_schema1_ledger_delivers_its_pending_deliveries(tmp_path):
     from tests.daemon import Daemon
 
-    port = free_port()
     with storescp(tmp_path / "tps") as tps_port:
-        config = write_config(tmp_path, node={"port": port}, destinations=[
+        config = write_config(tmp_path, destinations=[
             {"name": name, "ae_title": "TPS", "host": "127.0.0.1", "port": tps_port,
              "timeout_s": 5} for name in ("tps", "pacs")])
         cfg = load_config(config)
@@ -127,7 +126,7 @@ def test_the_daemon_started_on_a_schema1_ledger_delivers_its_pending_deliveries(
             ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
             (cfg.state_dir / relpath).parent.mkdir(parents=True, exist_ok=True)
             (cfg.state_dir / relpath).write_bytes(encode(ds))
-        daemon = Daemon(config, port, tmp_path / "daemon.log").start()
+        daemon = Daemon(config, 0, tmp_path / "daemon.log").start()
         try:
             sent = wait_until(
                 lambda: {j["job"] for j in daemon.status() if j["state"] == JobState.SENT}

@@ -201,20 +201,19 @@ def test_uncaught_thread_exception_is_a_json_line(restore_stdlib_logging):
 
 @pytest.mark.peers
 def test_daemon_logs_job_context_and_audit_records(tmp_path):
-    port = free_port()
     with storescp(tmp_path / "tps") as tps_port:
         config = write_config(
-            tmp_path, node={"port": port}, series={"quiet_period_s": 1},
+            tmp_path, series={"quiet_period_s": 1},
             destinations=[{"name": "tps", "ae_title": "TPS", "host": "127.0.0.1",
                            "port": tps_port, "retry": {"first_delay_s": 1, "max_delay_s": 5}}])
-        daemon = Daemon(config, port, tmp_path / "daemon.log").start()
+        daemon = Daemon(config, 0, tmp_path / "daemon.log").start()
         try:
             datasets = series(6)
             files = []
             for i, ds in enumerate(datasets):
                 files.append(tmp_path / f"{i}.dcm")
                 ds.save_as(files[-1], enforce_file_format=True)
-            assert storescu(files, port, calling="CTSIM").returncode == 0
+            assert storescu(files, daemon.port, calling="CTSIM").returncode == 0
             wait_until(lambda: "rtstruct_delivered" in daemon.log(), 120,
                        f"the delivery\n{daemon.log()}")
         finally:

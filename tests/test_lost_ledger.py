@@ -21,7 +21,7 @@ from oncoseg_node.ledger import JobState, Ledger
 from tests.conftest import write_config
 from tests.ctfactory import encode, series
 from tests.daemon import Daemon, wait_until
-from tests.peers import free_port, storescp, storescu
+from tests.peers import storescp, storescu
 
 pytestmark = pytest.mark.peers
 
@@ -47,15 +47,14 @@ def test_a_lost_ledger_keeps_every_file_and_contours_the_series_once(tmp_path, l
     series_uid = str(datasets[0].SeriesInstanceUID)
     state = tmp_path / "state"
     ledger_path = state / "ledger.sqlite3"
-    port = free_port()
     with storescp(tmp_path / "tps") as tps_port:
-        config = write_config(tmp_path, node={"port": port},
+        config = write_config(tmp_path,
                               series={"quiet_period_s": 3 if loss == "wal_damaged" else 1,
                                       "interrupted_wait_s": 4},
                               destinations=[{"name": "tps", "ae_title": "TPS",
                                              "host": "127.0.0.1", "port": tps_port}])
-        daemon = Daemon(config, port, tmp_path / "daemon.log").start()
-        assert storescu(send, port).returncode == 0
+        daemon = Daemon(config, 0, tmp_path / "daemon.log").start()
+        assert storescu(send, daemon.port).returncode == 0
         if loss == "wal_damaged":
             daemon.kill()  # inside the quiet period: the rows are only in the WAL
             wal = ledger_path.with_name(ledger_path.name + "-wal")

@@ -47,14 +47,12 @@ def job_rows(daemon: Daemon) -> list[tuple]:
 
 def test_second_node_on_the_same_state_dir_is_refused_and_the_first_job_is_untouched(
         tmp_path):
-    port = free_port()
     tps = tmp_path / "tps"
     files = phantom_files(tmp_path / "phantom")
     with storescp(tps) as tps_port:
         config = write_config(
-            tmp_path, node={"port": port}, series={"quiet_period_s": 1},
-            destinations=[tps_destination(tps_port)])
-        first = Daemon(config, port, tmp_path / "first.log").start()
+            tmp_path, series={"quiet_period_s": 1}, destinations=[tps_destination(tps_port)])
+        first = Daemon(config, 0, tmp_path / "first.log").start()
         try:
             send_until_contouring(first, files)
             before = job_rows(first)
@@ -122,15 +120,15 @@ def test_port_taken_four_starts_change_no_job_and_exit_with_a_no_restart_code(tm
 
 
 def test_retry_during_a_15_minute_backoff_delivers_within_5_s(tmp_path):
-    port, tps_port = free_port(), free_port()
+    tps_port = free_port()  # the planning system starts later, on this port
     tps = tmp_path / "tps"
     config = write_config(
-        tmp_path, node={"port": port}, series={"quiet_period_s": 1},
+        tmp_path, series={"quiet_period_s": 1},
         destinations=[{"name": "tps", "ae_title": "TPS", "host": "127.0.0.1", "port": tps_port,
                        "timeout_s": 5, "retry": {"first_delay_s": 900, "max_delay_s": 900}}])
-    node = Daemon(config, port, tmp_path / "node.log").start()
+    node = Daemon(config, 0, tmp_path / "node.log").start()
     try:
-        assert storescu(series_files(tmp_path / "ct"), port).returncode == 0
+        assert storescu(series_files(tmp_path / "ct"), node.port).returncode == 0
         # The planning system is down: the first attempt fails, the next is 15 minutes away.
         (job,) = wait_until(
             lambda: [j for j in node.status() if j["deliveries"]

@@ -23,6 +23,7 @@ import pytest
 from oncoseg_node.config import load_config
 from oncoseg_node.ops.notify import Notifier
 from tests.conftest import write_config
+from tests.listeners import owns_listener
 from tests.peers import free_port
 
 pytestmark = pytest.mark.peers
@@ -61,14 +62,6 @@ def wait_for(sock: socket.socket, key: str, timeout: float) -> tuple[dict[str, s
         if message is not None and key in message:
             return message, time.monotonic()
     raise AssertionError(f"no {key} within {timeout} s")
-
-
-def can_connect(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 class NotifiedDaemon:
@@ -117,8 +110,9 @@ def test_ready_is_sent_only_once_the_listener_is_bound_and_the_ledger_open(daemo
     sock, start = daemon_with_socket
     daemon = start()
     message, _ = wait_for(sock, "READY", timeout=60)
-    # At the instant READY=1 arrives, both ports already accept connections.
-    assert can_connect(daemon.port) and can_connect(daemon.http_port)
+    # At the instant READY=1 arrives, the node's own process listens on both ports.
+    assert owns_listener(daemon.proc.pid, daemon.port)
+    assert owns_listener(daemon.proc.pid, daemon.http_port)
     assert load_config(daemon.config_path).ledger_path.is_file()
     assert message["READY"] == "1"
     assert f":{daemon.port}" in message["STATUS"] and f":{daemon.http_port}" in message["STATUS"]

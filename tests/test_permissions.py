@@ -13,7 +13,7 @@ from oncoseg_node.ledger import JobState, Ledger
 from tests.conftest import write_config
 from tests.ctfactory import encode, series
 from tests.daemon import Daemon, wait_until
-from tests.peers import free_port, storescp, storescu
+from tests.peers import storescp, storescu
 
 
 def open_to_others(root) -> list[str]:
@@ -32,18 +32,17 @@ def test_a_run_under_umask_022_leaves_nothing_readable_by_others(tmp_path):
     send.mkdir()
     for ds in series(5):
         (send / f"{ds.InstanceNumber}.dcm").write_bytes(encode(ds))
-    port = free_port()
     with storescp(tmp_path / "tps") as tps_port:
-        config = write_config(tmp_path, node={"port": port}, destinations=[
+        config = write_config(tmp_path, destinations=[
             {"name": "tps", "ae_title": "TPS", "host": "127.0.0.1", "port": tps_port}])
         old = os.umask(0o022)  # as an operator's shell; the daemon inherits it
         try:
-            daemon = Daemon(config, port, tmp_path / "daemon.log").start()
+            daemon = Daemon(config, 0, tmp_path / "daemon.log").start()
         finally:
             os.umask(old)
         state = tmp_path / "state"
         try:
-            assert storescu(send, port).returncode == 0
+            assert storescu(send, daemon.port).returncode == 0
             ledger = Ledger(state / "ledger.sqlite3")
             wait_until(lambda: [j for j in ledger.jobs() if j.state == JobState.SENT], 60,
                        f"the job sent\n{daemon.log()}")

@@ -209,23 +209,22 @@ def test_hot_reload_on_a_running_daemon_changes_the_next_job(tmp_path):
     from oncoseg_node.commissioning.phantom import write_phantom
     from tests.conftest import write_config
     from tests.daemon import Daemon, wait_until
-    from tests.peers import free_port, storescu
+    from tests.peers import storescu
 
     protocols = tmp_path / "protocols.yaml"
     good = ("structures:\n  External: {color: [0, 255, 0], type: EXTERNAL}\n"
             "  Bones: {color: [255, 255, 0]}\n"
             "protocols:\n  - name: default\n    structures: [External]\nfallback: default\n")
     protocols.write_text(good)
-    port = free_port()
-    daemon = Daemon(write_config(tmp_path, node={"port": port}, protocols=str(protocols)),
-                    port, tmp_path / "daemon.log").start()
+    daemon = Daemon(write_config(tmp_path, protocols=str(protocols)), 0,
+                    tmp_path / "daemon.log").start()
 
     def contour_new_series(seed: int) -> list[str]:
         folder = tmp_path / f"ct{seed}"
         phantom = write_phantom(folder, slices=4, rows=64, columns=64,
                                 pixel_spacing=(8.0, 8.0), seed=seed,
                                 patient_id=f"HOT{seed}")
-        assert storescu(folder, port).returncode == 0
+        assert storescu(folder, daemon.port).returncode == 0
         uid = phantom.volume.series_instance_uid
         waiting = (JobState.QUEUED, JobState.RUNNING)
         (job,) = wait_until(lambda: [j for j in daemon.status() if j["series_uid"] == uid

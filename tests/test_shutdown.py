@@ -27,7 +27,7 @@ from oncoseg_node.ops.service import Service
 from tests.conftest import write_config
 from tests.ctfactory import ct_slice
 from tests.daemon import Daemon, phantom_files, send_until_contouring, tps_destination, wait_until
-from tests.peers import free_port, storescp, storescu
+from tests.peers import storescp, storescu
 
 pytestmark = pytest.mark.peers
 
@@ -98,14 +98,14 @@ def index_of(records: list[dict], event: str, start: int = 0) -> int:
 
 
 def test_sigterm_during_c_store_finishes_the_association_and_loses_nothing(tmp_path):
-    port = free_port()
     tps = tmp_path / "tps"
     with storescp(tps) as tps_port:
         config = write_config(
-            tmp_path, node={"port": port}, series={"quiet_period_s": 2},
+            tmp_path, series={"quiet_period_s": 2},
             destinations=[tps_destination(tps_port, retry={"first_delay_s": 1, "max_delay_s": 5})])
         cfg = load_config(config)
-        daemon = Daemon(config, port, tmp_path / "daemon.log").start()
+        daemon = Daemon(config, 0, tmp_path / "daemon.log").start()
+        port = daemon.port
         datasets = slices("1.2.3.77", 120)
         sender = PacedSender(port, datasets, pause_s=0.02)
         sender.start()
@@ -185,14 +185,13 @@ def test_association_outlasting_the_deadline_is_aborted_without_losing_acknowled
 
 
 def test_sigterm_during_a_job_finishes_it_and_delivers_once(tmp_path):
-    port = free_port()
     tps = tmp_path / "tps"
     files = phantom_files(tmp_path / "phantom")
     with storescp(tps) as tps_port:
         config = write_config(
-            tmp_path, node={"port": port}, series={"quiet_period_s": 1},
+            tmp_path, series={"quiet_period_s": 1},
             destinations=[tps_destination(tps_port, retry={"first_delay_s": 1, "max_delay_s": 5})])
-        daemon = Daemon(config, port, tmp_path / "daemon.log").start()
+        daemon = Daemon(config, 0, tmp_path / "daemon.log").start()
         send_until_contouring(daemon, files)
         daemon.proc.send_signal(signal.SIGTERM)
         assert daemon.proc.wait(timeout=120) == 0, daemon.log()

@@ -14,21 +14,20 @@ import pytest
 
 from tests.conftest import write_config
 from tests.daemon import Daemon, phantom_files, send_until_contouring, tps_destination, wait_until
-from tests.peers import free_port, storescp, wait_for_port
+from tests.listeners import wait_for_own_listener
+from tests.peers import free_port, storescp
 
 pytestmark = pytest.mark.peers  # the daemon, as a subprocess
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_second_signal_exits_at_once_and_the_job_is_done_at_next_start(tmp_path, signum):
-    port = free_port()
     tps = tmp_path / "tps"
     files = phantom_files(tmp_path / "phantom")
     with storescp(tps) as tps_port:
         config = write_config(
-            tmp_path, node={"port": port}, series={"quiet_period_s": 1},
-            destinations=[tps_destination(tps_port)])
-        node = Daemon(config, port, tmp_path / "node.log").start()
+            tmp_path, series={"quiet_period_s": 1}, destinations=[tps_destination(tps_port)])
+        node = Daemon(config, 0, tmp_path / "node.log").start()
         send_until_contouring(node, files)
         node.proc.send_signal(signum)
         wait_until(lambda: '"stopping"' in node.log(), 10, "the first signal seen",
@@ -64,7 +63,7 @@ def test_notify_socket_failures_are_logged_once_and_never_stop_the_node(tmp_path
                              str(config)], stdout=log_path.open("ab"), stderr=subprocess.STDOUT,
                             env=env)
     try:
-        wait_for_port(port, 60)
+        wait_for_own_listener(proc, port, 60, "the node")
         time.sleep(2)  # ten watchdog pets, each failing
         alive = proc.poll() is None
         proc.send_signal(signal.SIGTERM)

@@ -17,7 +17,7 @@ from pydicom.uid import generate_uid
 from oncoseg_node.commissioning.phantom import write_phantom
 from tests.conftest import write_config
 from tests.daemon import Daemon, wait_until
-from tests.peers import dciodvfy, free_port, storescp, storescu
+from tests.peers import dciodvfy, storescp, storescu
 
 pytestmark = pytest.mark.peers
 
@@ -43,19 +43,18 @@ def test_second_version_names_its_predecessor_and_passes_dciodvfy(tmp_path):
     late_path.parent.mkdir()
     late.save_as(late_path, enforce_file_format=True)
 
-    port = free_port()
     tps = tmp_path / "tps"
     with storescp(tps) as tps_port:
         config = write_config(
-            tmp_path, node={"port": port},
+            tmp_path,
             destinations=[{"name": "tps", "ae_title": "TPS", "host": "127.0.0.1",
                            "port": tps_port, "retry": {"first_delay_s": 1, "max_delay_s": 5}}])
-        daemon = Daemon(config, port, tmp_path / "daemon.log").start()
+        daemon = Daemon(config, 0, tmp_path / "daemon.log").start()
         try:
-            assert storescu(ct, port).returncode == 0
+            assert storescu(ct, daemon.port).returncode == 0
             wait_until(lambda: len(list(tps.iterdir())) == 1, 120,
                        f"version 1 at the TPS\n{daemon.log()}")
-            assert storescu([late_path], port).returncode == 0
+            assert storescu([late_path], daemon.port).returncode == 0
             wait_until(lambda: len(list(tps.iterdir())) == 2, 120,
                        f"version 2 at the TPS\n{daemon.log()}")
         finally:
