@@ -13,7 +13,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from oncoseg_node.contouring.engines.classical.blocks import Block, PackedBlock
-from oncoseg_node.contouring.engines.classical.labels import compact_label
+from oncoseg_node.contouring.engines.classical.labels import components
 from oncoseg_node.contouring.engines.classical.morphology import (
     dilate,
     fill_holes,
@@ -21,7 +21,6 @@ from oncoseg_node.contouring.engines.classical.morphology import (
     radius_px,
 )
 from oncoseg_node.contouring.engines.classical.slabs import SLAB
-from oncoseg_node.contouring.engines.classical.voxels import voxel_counts
 from oncoseg_node.contouring.volume import Volume
 
 # HU levels are integers: int16 HU compare with them in 16-bit arithmetic.
@@ -129,9 +128,10 @@ def _keep_main_parts(core: np.ndarray) -> bool:
     sizes, offsets, pairs = [np.zeros(1, dtype=np.int64)], [], []
     total, previous = 1, None  # global piece 0 is the background
     for k in starts:
-        labels, count = compact_label(core[k:k + LABEL_SLAB])
+        parts = components(core[k:k + LABEL_SLAB])
+        labels, count = parts.labels, parts.count
         offsets.append(total)
-        sizes.append(voxel_counts(labels, count)[1:])
+        sizes.append(parts.voxels())
         first = labels[0]
         if previous is not None:
             touching = (previous > 0) & (first > 0)
@@ -153,8 +153,7 @@ def _keep_main_parts(core: np.ndarray) -> bool:
         pieces = keep[offsets[slab]:stop]
         if pieces.all():
             continue  # every piece here is kept: the slab stays as it is
-        labels, _ = compact_label(core[k:k + LABEL_SLAB])
-        np.take(np.concatenate([[False], pieces]), labels, out=core[k:k + LABEL_SLAB])
+        components(core[k:k + LABEL_SLAB]).mask(pieces, out=core[k:k + LABEL_SLAB])
     return True
 
 

@@ -24,6 +24,7 @@ from oncoseg_node.contouring.engines.classical.labels import (
     LabelBuffer,
     LabelStats,
     compact_label,
+    components,
     enclosed,
 )
 from oncoseg_node.contouring.engines.classical.marrow import FATTY_HU
@@ -181,8 +182,8 @@ def rings_a_cavity(volume: Volume, flat: np.ndarray, hu: np.ndarray) -> bool:
     holes &= ~part
     holes &= hu[tuple(slice(m, m + n) for m, n in zip(low, part.shape, strict=True))] \
         > FATTY_HU[0]
-    labels, count = ndimage.label(holes, IN_PLANE)
-    largest = int(np.bincount(labels.ravel())[1:].max()) if count else 0
+    cavities = components(holes, IN_PLANE)
+    largest = int(cavities.voxels().max()) if cavities.count else 0
     return largest * volume.pixel_spacing[0] * volume.pixel_spacing[1] >= CAVITY_MM2
 
 

@@ -19,7 +19,11 @@ import numpy as np
 from scipy import ndimage
 
 from oncoseg_node.contouring.engines.classical.blocks import bbox
-from oncoseg_node.contouring.engines.classical.labels import IN_PLANE, enclosed_regions
+from oncoseg_node.contouring.engines.classical.labels import (
+    IN_PLANE,
+    components,
+    enclosed_regions,
+)
 from oncoseg_node.contouring.engines.classical.morphology import dilate, erode, radius_px
 from oncoseg_node.contouring.volume import Volume
 
@@ -97,11 +101,8 @@ def _inside(seed: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """
     out = np.zeros(mask.shape, dtype=bool)
     for z in np.flatnonzero(seed.any(axis=(1, 2))).tolist():
-        labels, count = ndimage.label(mask[z:z + 1], structure=IN_PLANE)
-        keep = np.zeros(count + 1, dtype=bool)
-        keep[np.unique(labels[seed[z:z + 1] & mask[z:z + 1]])] = True
-        keep[0] = False
-        out[z:z + 1] = keep[labels]
+        pieces = components(mask[z:z + 1], IN_PLANE)
+        pieces.mask(pieces.touching(seed[z:z + 1] & mask[z:z + 1]), out=out[z:z + 1])
     return out
 
 
@@ -157,7 +158,8 @@ def _longest_channel(volume: Volume, found: np.ndarray, box: tuple[slice, ...]
         return found
     plane = (slice(None), around[1], around[2])
     grown = dilate(found[plane], *reach)
-    labels, count = ndimage.label(grown)
+    parts = components(grown)
+    labels, count = parts.labels, parts.count
     if not count:
         return found
     offsets = volume.slice_offsets[box[0]]
@@ -194,10 +196,10 @@ def _longest_channel(volume: Volume, found: np.ndarray, box: tuple[slice, ...]
     best = max(length, key=lambda g: length[g])
     if length[best] < MIN_RUN_MM:
         return np.zeros_like(found)
-    keep = np.zeros(count + 1, dtype=bool)
-    keep[groups[best]] = True
+    keep = np.zeros(count, dtype=bool)
+    keep[np.array(groups[best]) - 1] = True
     out = np.zeros_like(found)
-    out[plane] = found[plane] & keep[labels]
+    out[plane] = found[plane] & parts.mask(keep)
     return out
 
 

@@ -12,7 +12,7 @@ import numpy as np
 from scipy import ndimage
 
 from oncoseg_node.contouring.engines.classical.slabs import SLAB, each_slab, slab_starts
-from oncoseg_node.contouring.engines.classical.voxels import gather
+from oncoseg_node.contouring.engines.classical.voxels import gather, voxel_counts
 from oncoseg_node.contouring.volume import Volume
 
 # 4-connectivity within a slice, none across slices.
@@ -137,16 +137,74 @@ def enclosed_regions(mask: np.ndarray) -> LabelStats:
     return LabelStats.from_voxels(np.concatenate(flats), np.concatenate(labs), count)
 
 
+class Components:
+    """A mask's connected components: their labels and, per label 1..count, their sizes.
+
+    Every step that sizes, keeps or drops components reads them here: sizes
+    in voxels, cc (each slice's own voxel volume) or mm^2 (in-plane pieces),
+    and the mask of the labels kept.
+    """
+
+    def __init__(self, labels: np.ndarray, count: int) -> None:
+        self.labels = labels
+        self.count = count
+
+    def voxels(self) -> np.ndarray:
+        """Voxels of each label 1..count."""
+        return voxel_counts(self.labels, self.count)[1:]
+
+    def cc(self, volume: Volume, z0: int = 0) -> np.ndarray:
+        """Volume in cc of each label 1..count; the labels' slice 0 is the volume's ``z0``
+        (slices may differ in thickness)."""
+        voxel_cc = volume.voxel_volume_mm3 / 1000.0
+        sizes = np.zeros(self.count + 1)
+        for k in range(self.labels.shape[0]):
+            sizes += np.bincount(self.labels[k].ravel(), minlength=self.count + 1) \
+                * voxel_cc[z0 + k]
+        return sizes[1:]
+
+    def mm2(self, volume: Volume) -> np.ndarray:
+        """Area in mm^2 of each label 1..count (of in-plane components: one slice each)."""
+        return self.voxels() * volume.pixel_spacing[0] * volume.pixel_spacing[1]
+
+    def touching(self, seed: np.ndarray) -> np.ndarray:
+        """Per label 1..count, whether any of its voxels is set in ``seed``."""
+        hit = np.zeros(self.count + 1, dtype=bool)
+        hit[self.labels[seed]] = True
+        return hit[1:]
+
+    def mask(self, keep: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Where the label is one ``keep`` (per label 1..count) marks; into ``out`` if given.
+
+        A lookup table read a slab at a time: indexing it with a box of labels
+        would first make those labels a box of int64 indices.
+        """
+        table = np.concatenate([[False], np.asarray(keep, dtype=bool)])
+        if out is None:
+            out = np.empty(self.labels.shape, dtype=bool)
+        for z in range(0, self.labels.shape[0], SLAB):
+            np.take(table, self.labels[z:z + SLAB], out=out[z:z + SLAB])
+        return out
+
+
+def components(mask: np.ndarray, structure: np.ndarray | None = None,
+               out: np.ndarray | None = None) -> Components:
+    """The connected components of ``mask`` (``structure`` as ``ndimage.label``'s),
+    labelled by :func:`compact_label` (into ``out`` when given)."""
+    return Components(*compact_label(mask, structure, out))
+
+
+def largest(sizes: np.ndarray, n: int) -> np.ndarray:
+    """Per label, whether it is one of the ``n`` largest by ``sizes``."""
+    out = np.zeros(len(sizes), dtype=bool)
+    out[np.argsort(sizes)[::-1][:n]] = True
+    return out
+
+
 def component_sizes_cc(volume: Volume, labels: np.ndarray, count: int,
                        z0: int = 0) -> np.ndarray:
     """Volume in cc of labels 1..count; ``labels`` may be a crop starting at slice ``z0``."""
-    voxel_cc = volume.voxel_volume_mm3 / 1000.0
-    sizes = np.zeros(count + 1)
-    for k in range(labels.shape[0]):
-        sizes += np.bincount(labels[k].ravel(), minlength=count + 1) * voxel_cc[z0 + k]
-    return sizes[1:]
-
-
+    return Components(labels, count).cc(volume, z0)
 
 
 class LabelStats:

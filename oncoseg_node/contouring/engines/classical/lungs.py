@@ -24,7 +24,7 @@ from oncoseg_node.contouring.engines.classical.body import patient_x
 from oncoseg_node.contouring.engines.classical.labels import (
     LabelStats,
     compact_label,
-    component_sizes_cc,
+    components,
 )
 from oncoseg_node.contouring.engines.classical.morphology import dilate, fill_holes, radius_px
 from oncoseg_node.contouring.engines.classical.voxels import labelled_as
@@ -172,8 +172,8 @@ def _lungs(volume: Volume, aerated: np.ndarray, box: tuple[slice, ...], mid: np.
 
     ``aerated`` is given up: once labelled, its memory holds the left lung.
     """
-    labels, count = compact_label(aerated)
-    sizes = component_sizes_cc(volume, labels, count, box[0].start)
+    parts = components(aerated)
+    labels, sizes = parts.labels, parts.cc(volume, box[0].start)
     x_of = patient_x(volume, box) - np.nan_to_num(mid[box[0]])[:, None, None]
     left, right = aerated, np.zeros_like(aerated)
     left[...] = False
@@ -252,8 +252,7 @@ def _trachea_and_bronchi(volume: Volume, tree: LabelStats, tree_labels: np.ndarr
     for k in order:
         if not core[k].any():
             continue
-        slab, n = ndimage.label(core[k])
-        if n >= 2 and int((np.bincount(slab.ravel())[1:] >= min_px).sum()) >= 2:
+        if int((components(core[k]).voxels() >= min_px).sum()) >= 2:
             carina = float(z_mm[k])
             break
     where = inner(box, near)

@@ -12,13 +12,8 @@ import numpy as np
 from scipy import ndimage
 
 from oncoseg_node.contouring.engines.classical.blocks import Block, box_in
-from oncoseg_node.contouring.engines.classical.labels import (
-    IN_PLANE,
-    compact_label,
-    component_sizes_cc,
-)
+from oncoseg_node.contouring.engines.classical.labels import IN_PLANE, components, largest
 from oncoseg_node.contouring.engines.classical.morphology import fill_holes
-from oncoseg_node.contouring.engines.classical.voxels import voxel_counts
 from oncoseg_node.contouring.protocols import PostProcess
 from oncoseg_node.contouring.volume import Volume
 
@@ -70,15 +65,13 @@ def postprocess_block(volume: Volume, block: Block | None, rules: PostProcess) -
         out = ndimage.gaussian_filter(out.astype(np.float32), sigma,
                                       truncate=GAUSS_TRUNCATE) >= 0.5
     if rules.min_island_cc > 0 or rules.keep_components:
-        labels, count = compact_label(out)
-        if count:
-            sizes = component_sizes_cc(volume, labels, count, box[0].start)
+        parts = components(out)
+        if parts.count:
+            sizes = parts.cc(volume, box[0].start)
             keep = sizes >= rules.min_island_cc
             if rules.keep_components:
-                largest = np.zeros(count, dtype=bool)
-                largest[np.argsort(sizes)[::-1][:rules.keep_components]] = True
-                keep &= largest
-            out = np.concatenate([[False], keep])[labels]
+                keep &= largest(sizes, rules.keep_components)
+            out = parts.mask(keep, out=out)
     if rules.min_slice_island_mm2 > 0:
         out = drop_slice_islands(volume, out, rules.min_slice_island_mm2)
     return Block(box, out) if out.any() else None
@@ -86,10 +79,7 @@ def postprocess_block(volume: Volume, block: Block | None, rules: PostProcess) -
 
 def drop_slice_islands(volume: Volume, mask: np.ndarray, min_mm2: float) -> np.ndarray:
     """Remove the 4-connected pieces of each slice whose area is under ``min_mm2``."""
-    labels, count = compact_label(mask, IN_PLANE)
-    if not count:
+    pieces = components(mask, IN_PLANE)
+    if not pieces.count:
         return mask
-    area_mm2 = voxel_counts(labels, count) * volume.pixel_spacing[0] * volume.pixel_spacing[1]
-    keep = area_mm2 >= min_mm2
-    keep[0] = False
-    return keep[labels]
+    return pieces.mask(pieces.mm2(volume) >= min_mm2)
