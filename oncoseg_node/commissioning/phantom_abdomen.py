@@ -66,19 +66,17 @@ def _plaques(g: Slice, f: Frame, y0: float) -> np.ndarray:
 def _costal_cartilages(g: Slice, f: Frame, b: float) -> tuple[np.ndarray, np.ndarray]:
     """(cartilage, its calcified parts): the costal arch in the anterior wall."""
     s = f.v.size
+    # Each arch from near the midline down and out to a lower rib's end: (start, end,
+    # radius of the cartilage, radius of its core).
+    arches = (((12.0, -b + 20.0 * s, f.z(0.95)), (105.0 * s, -50.0 * s, f.z(0.0)), 6.0, 4.0),
+              ((40.0 * s, -b + 26.0 * s, f.z(0.9)), (120.0 * s, -20.0 * s, f.z(0.3)), 5.0, 3.0))
     cartilage = np.zeros(g.shape, dtype=bool)
-    for side in (-1.0, 1.0):
-        # From the xiphoid's level at the midline down and out to the lower ribs' ends.
-        g.tube((side * 12.0, -b + 20.0 * s, f.z(0.95)), (side * 105.0 * s, -50.0 * s, f.z(0.0)),
-               6.0, out=cartilage)
-        g.tube((side * 40.0 * s, -b + 26.0 * s, f.z(0.9)), (side * 120.0 * s, -20.0 * s,
-                                                             f.z(0.3)), 5.0, out=cartilage)
     core = np.zeros(g.shape, dtype=bool)
     for side in (-1.0, 1.0):
-        g.tube((side * 12.0, -b + 20.0 * s, f.z(0.95)), (side * 105.0 * s, -50.0 * s, f.z(0.0)),
-               4.0, out=core)
-        g.tube((side * 40.0 * s, -b + 26.0 * s, f.z(0.9)), (side * 120.0 * s, -20.0 * s,
-                                                             f.z(0.3)), 3.0, out=core)
+        for start, end, outer, inner in arches:
+            p0, p1 = (side * start[0], *start[1:]), (side * end[0], *end[1:])
+            g.tube(p0, p1, outer, out=cartilage)
+            g.tube(p0, p1, inner, out=core)
     # Calcification: a rim over stretches of the cartilage, and nodules in its core.
     stretch = g.rows(np.mod(g.z - f.zc, 18.0) < 8.0)
     nodules = g.rows(np.mod(g.z - f.zc, 11.0) < 2.5) & g.cols(np.mod(g.x, 9.0) < 3.0)
