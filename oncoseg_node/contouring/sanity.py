@@ -17,11 +17,11 @@ import numpy as np
 from oncoseg_node.contouring.bone_tubes import BONES, tube_flag
 from oncoseg_node.contouring.canal_position import CANAL, canal_flag
 from oncoseg_node.contouring.engines.base import StructureResult
+from oncoseg_node.contouring.engines.classical.body import BODY_HU
 from oncoseg_node.contouring.mask_crop import MaskCrop
 from oncoseg_node.contouring.protocols import Structure
 from oncoseg_node.contouring.volume import Volume
 
-BODY_HU = -300.0
 BODY = "External"
 
 
