@@ -28,7 +28,7 @@ from oncoseg_node.contouring.engines.classical.labels import (
     enclosed,
 )
 from oncoseg_node.contouring.engines.classical.marrow import FATTY_HU
-from oncoseg_node.contouring.engines.classical.morphology import dilate, erode, radius_px
+from oncoseg_node.contouring.engines.classical.morphology import BLUR_PX, dilate, erode, radius_px
 from oncoseg_node.contouring.engines.classical.slabs import SLAB
 from oncoseg_node.contouring.engines.classical.vessels import great_vessels
 from oncoseg_node.contouring.engines.classical.voxels import gather, mask_of
@@ -39,6 +39,8 @@ NEAR_SLICES = 2
 REACH_MM = 6.0         # iodine lies within this of its plateau's core
 CORTEX_STEP_HU = 60.0  # a cortex's densest voxels stand this far above its marrow
 CAVITY_MM2 = 10.0      # a medullary cavity's cross-section is at least this
+CAVITY_RIM_MM = 2.0    # a shaft's cortex lies within this of the cavity it rings
+RIM_PERCENTILE_SD = 1.28  # a normal's 90th percentile, in standard deviations above its mean
 
 
 def without_contrast(volume: Volume, box: tuple[slice, ...], cand: np.ndarray,
@@ -81,7 +83,7 @@ def _thick_parts(volume: Volume, cand: np.ndarray, scratch: LabelBuffer
     if not core.any():
         return None
     # Each core with its ring (what lies within a few pixels of it): one component.
-    grown = dilate(core, ry + 1, rx + 1)
+    grown = dilate(core, ry + BLUR_PX, rx + BLUR_PX)  # and the blur beyond
     grown &= cand
     # Which of its voxels are core, read before labelling: the core's box goes first.
     flat = np.flatnonzero(grown)
@@ -100,7 +102,7 @@ def _plateaus(stats: LabelStats, in_core: np.ndarray, hu: np.ndarray) -> np.ndar
     # The ring's edge is blurred for bone and iodine alike; its densest voxels are not:
     # a cortex stands well above the marrow it holds, a plateau's rim never above it.
     ring_mean, ring_sd = ring_stats.mean_and_sd(hu)
-    return ring_mean + 1.28 * ring_sd < core_hu + CORTEX_STEP_HU  # ~ 90th percentile
+    return ring_mean + RIM_PERCENTILE_SD * ring_sd < core_hu + CORTEX_STEP_HU
 
 
 def _enclosing(volume: Volume, box: tuple[slice, ...], cand: np.ndarray, hu: np.ndarray,
@@ -113,7 +115,7 @@ def _enclosing(volume: Volume, box: tuple[slice, ...], cand: np.ndarray, hu: np.
     holes = enclosed(cand)
     for z in range(0, hu.shape[0], SLAB):
         holes[z:z + SLAB] &= hu[z:z + SLAB] > FATTY_HU[0]
-    dilate(holes, 2, 2, in_place=True)
+    dilate(holes, *radius_px(volume, CAVITY_RIM_MM), in_place=True)
     enclosing[np.unique(stats.lab[holes.ravel()[stats.flat]])] = True
     del holes
     # A cavity beside a plateau may be another bone's (a vertebra's marrow behind the

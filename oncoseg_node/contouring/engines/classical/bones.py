@@ -56,12 +56,15 @@ from oncoseg_node.contouring.engines.classical.marrow import (
     orthogonal_fill,
     trabecular,
 )
-from oncoseg_node.contouring.engines.classical.morphology import dilate
+from oncoseg_node.contouring.engines.classical.morphology import BLUR_PX, dilate, radius_px
 from oncoseg_node.contouring.engines.classical.slabs import SLAB, each_slab
 from oncoseg_node.contouring.engines.classical.voxels import PackedMask, gather, mask_of
 from oncoseg_node.contouring.volume import Volume
 
 ENCLOSE_HU = 150.0     # smoothed, a thin cortex is still denser than this
+ENCLOSE_MM = 2.0       # a thin cortex blended over a thick slice lies this far beside the shell
+MARROW_RIM_MM = 1.5    # the cortex blended with marrow: 2 px at 0.68-1.0 mm pixels, 1 at 1.25
+SMOOTH_PX = 3          # pixels across the in-plane average: the blur of a pixel either side
 
 
 def _seeded(cand: np.ndarray, hu: np.ndarray, scratch: LabelBuffer) -> np.ndarray:
@@ -72,7 +75,7 @@ def _seeded(cand: np.ndarray, hu: np.ndarray, scratch: LabelBuffer) -> np.ndarra
     half maximum, but its pieces still touch through that margin. The
     labels are written into ``scratch``.
     """
-    linked = dilate(cand, 1, 1)
+    linked = dilate(cand, BLUR_PX, BLUR_PX)
     for z in range(0, hu.shape[0], SLAB):  # a slab's comparison at a time, not a box of it
         linked[z:z + SLAB] &= hu[z:z + SLAB] > LOW_HU
     linked |= cand
@@ -90,13 +93,15 @@ def _seeded(cand: np.ndarray, hu: np.ndarray, scratch: LabelBuffer) -> np.ndarra
 
 
 def _smoothed_above(hu: np.ndarray, *levels: float) -> list[np.ndarray]:
-    """Where ``hu`` averaged over 3 x 3 in-plane exceeds each level; a slab at a time."""
+    """Where ``hu`` averaged over SMOOTH_PX x SMOOTH_PX in-plane exceeds each level;
+    a slab at a time."""
     floats = float_type(hu)
     out = [np.empty(hu.shape, dtype=bool) for _ in levels]
 
     def step(z: int) -> None:
         # int16 would truncate the average: the filter runs on floats
-        smooth = ndimage.uniform_filter(hu[z:z + SLAB].astype(floats, copy=False), size=(1, 3, 3))
+        smooth = ndimage.uniform_filter(hu[z:z + SLAB].astype(floats, copy=False),
+                                        size=(1, SMOOTH_PX, SMOOTH_PX))
         for mask, level in zip(out, levels, strict=True):
             np.greater(smooth, level, out=mask[z:z + SLAB])
 
@@ -148,7 +153,7 @@ class Skeleton:
         # built in place (``a | b`` would be one more box each).
         dense = PackedMask(dense_mask)
         del dense_mask
-        ring = dilate(shell, 2, 2)
+        ring = dilate(shell, *radius_px(volume, ENCLOSE_MM))
         ring &= enclose
         del enclose
         ring |= shell
@@ -159,7 +164,7 @@ class Skeleton:
         marrow |= trabecular(cavities(volume, ring, hu), dense)
         marrow |= orthogonal_fill(ring, marrow, dense)
         del dense
-        solid = dilate(marrow, 2, 2)
+        solid = dilate(marrow, *radius_px(volume, MARROW_RIM_MM))
         solid &= ring
         del ring
         solid |= marrow

@@ -24,7 +24,7 @@ from oncoseg_node.contouring.engines.classical.labels import (
     components,
     enclosed_regions,
 )
-from oncoseg_node.contouring.engines.classical.morphology import dilate, erode, radius_px
+from oncoseg_node.contouring.engines.classical.morphology import BLUR_PX, dilate, erode, radius_px
 from oncoseg_node.contouring.volume import Volume
 
 CLOSE_MM = 2.0         # gaps in the ring up to twice this are bridged on a slice
@@ -38,6 +38,11 @@ MIN_RUN_MM = 10.0      # a channel shorter than this is not a spine
 BODY_IN_FRONT_MM = (6.0, 40.0)  # the vertebral body lies this far in front of the canal
 BODY_HALF_WIDTH_MM = 12.0
 BODY_MIN_MM2 = 80.0    # and shows at least this much bone there
+SOFT_MARGIN_HU = 50.0  # canal tissue carried to or grown into may stray this far past CANAL_HU
+DRIFT_MM = 3.0         # the canal moves less than this in-plane from one find to the next
+CARRIED_OVERLAP = 0.7  # neighbours' finds sharing this much of the smaller are one canal
+END_NEAR_MM = 10.0     # beyond the last find, bone within this of its canal surrounds it
+END_BONE_MM2 = 50.0    # while at least this much bone lies there
 
 
 def _body_in_front(volume: Volume, shell: np.ndarray, z: int, row: float, col: float
@@ -84,7 +89,7 @@ def _hole_candidates(volume: Volume, shell: np.ndarray, hu: np.ndarray,
         wide &= missing[:, None, None]
         # Soft tissue beside the bone, built in place (each ``&`` would be a box more).
         soft = hu >= CANAL_HU[0]
-        soft &= hu <= CANAL_HU[1] + 50
+        soft &= hu <= CANAL_HU[1] + SOFT_MARGIN_HU
         np.greater(soft, shell, out=soft)  # soft & ~shell
         grown = dilate(wide, *radius_px(volume, WIDE_CLOSE_MM))
         grown &= soft
@@ -119,7 +124,7 @@ def _holes_at(volume: Volume, shell: np.ndarray, hu: np.ndarray, box: tuple[slic
     holes = stats.where(np.ones(stats.count + 1, dtype=bool), shell.shape)
     area = stats.size * volume.pixel_spacing[0] * volume.pixel_spacing[1]
     # Judge a hole by its inside: next to a dense cortex its rim is blurred toward bone.
-    inner = stats.mean(hu, erode(holes, 1, 1, in_place=True))
+    inner = stats.mean(hu, erode(holes, BLUR_PX, BLUR_PX, in_place=True))
     del holes
     mean = np.where(np.isnan(inner), stats.mean(hu), inner)
     centres = stats.centres(shell.shape)
@@ -152,7 +157,7 @@ def _longest_channel(volume: Volume, found: np.ndarray, box: tuple[slice, ...]
     """
     # Finds are one region per slice at most: labelled within their in-plane box
     # (and the dilation's reach), with scipy's numbering all the same.
-    reach = radius_px(volume, 3.0)
+    reach = radius_px(volume, DRIFT_MM)
     around = bbox(found, pad=max(reach) + 1)
     if around is None:
         return found
@@ -213,7 +218,8 @@ def _carry(volume: Volume, canal: np.ndarray, shell: np.ndarray, hu: np.ndarray,
 
     def soft(z: int) -> np.ndarray:
         """Slice ``z``'s soft tissue and fluid outside bone (only the slices carried to)."""
-        return (hu[z] >= CANAL_HU[0] - 50) & (hu[z] <= CANAL_HU[1] + 50) & ~shell[z]
+        return ((hu[z] >= CANAL_HU[0] - SOFT_MARGIN_HU)
+                & (hu[z] <= CANAL_HU[1] + SOFT_MARGIN_HU) & ~shell[z])
 
     out = canal.copy()
     for prev, nxt in zip(found, found[1:], strict=False):
@@ -222,13 +228,13 @@ def _carry(volume: Volume, canal: np.ndarray, shell: np.ndarray, hu: np.ndarray,
         both = canal[prev] & canal[nxt]
         small = min(canal[prev].sum(), canal[nxt].sum())
         for z in range(prev + 1, nxt):
-            if both.sum() >= 0.7 * small:
+            if both.sum() >= CARRIED_OVERLAP * small:
                 carried = both | (canal[prev] if z - prev <= nxt - z else canal[nxt])
             else:
                 carried = canal[prev] if offsets[z] - offsets[prev] <= offsets[nxt] - offsets[z] \
                     else canal[nxt]
             out[z] = carried & soft(z)
-    near = dilate(canal[[found[0], found[-1]]], *radius_px(volume, 10.0))
+    near = dilate(canal[[found[0], found[-1]]], *radius_px(volume, END_NEAR_MM))
     pixel_mm2 = volume.pixel_spacing[0] * volume.pixel_spacing[1]
     for end, step, around in ((found[0], -1, near[0]), (found[-1], 1, near[1])):
         reach = [z for z in range(end + step, -1 if step < 0 else canal.shape[0], step)
@@ -237,7 +243,7 @@ def _carry(volume: Volume, canal: np.ndarray, shell: np.ndarray, hu: np.ndarray,
         # to its edge. Otherwise stop where no bone surrounds the canal any more.
         to_edge = bool(reach) and reach[-1] in (0, canal.shape[0] - 1)
         for z in reach:
-            if not to_edge and (shell[z] & around).sum() * pixel_mm2 < 50:
+            if not to_edge and (shell[z] & around).sum() * pixel_mm2 < END_BONE_MM2:
                 break
             out[z] = canal[end] & soft(z)
     return out

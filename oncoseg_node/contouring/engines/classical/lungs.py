@@ -26,7 +26,12 @@ from oncoseg_node.contouring.engines.classical.labels import (
     compact_label,
     components,
 )
-from oncoseg_node.contouring.engines.classical.morphology import dilate, fill_holes, radius_px
+from oncoseg_node.contouring.engines.classical.morphology import (
+    BLUR_PX,
+    dilate,
+    fill_holes,
+    radius_px,
+)
 from oncoseg_node.contouring.engines.classical.voxels import labelled_as
 from oncoseg_node.contouring.volume import Volume
 
@@ -38,14 +43,18 @@ MIN_LUNG_CC = 30.0     # smaller aerated pockets are not a lung
 AIRWAY_EDGE_HU = -480  # half way between air and the airway wall
 AIRWAY_WALL_MM = 1.5   # tracheal and bronchial wall, contoured with the airway
 MAIN_BRONCHUS_MM = 50.0  # main bronchi below the carina; lobar ones are lung
+JUNCTION_MM = 40.0     # the anterior junction line lies this close to the body's midline
+SIDE_SHARE = 0.8       # a component this much on one side of the midline is that side's lung
+NEAR_LUNG_MM = 3.0     # past its wall, the airway reaches this close to each lung
+MIN_BRONCHUS_MM2 = 10.0  # at the carina each main bronchus's lumen is at least this
 
 
 def _split_merged(volume: Volume, part: np.ndarray, box: tuple[slice, ...],
                   mid: np.ndarray) -> np.ndarray:
     """Left (patient) share of two lungs joined at a junction; ``part`` given on ``box``.
 
-    On axial images each slice is cut at the column within 40 mm of the
-    body's midline where the joined lungs are thinnest (the junction line,
+    On axial images each slice is cut at the column within JUNCTION_MM of
+    the body's midline where the joined lungs are thinnest (the junction line,
     which is often off the midline); on oblique images voxels go by side.
     """
     x_of = patient_x(volume, box) - mid[box[0], None, None]
@@ -55,7 +64,7 @@ def _split_merged(volume: Volume, part: np.ndarray, box: tuple[slice, ...],
     for k in np.flatnonzero(part.any(axis=(1, 2))):
         col_x = x_of[k, 0]
         profile = part[k].sum(axis=0).astype(float)
-        profile[np.abs(col_x) > 40.0] = np.inf
+        profile[np.abs(col_x) > JUNCTION_MM] = np.inf
         cut = col_x[int(np.argmin(profile))] if np.isfinite(profile).any() else 0.0
         left[k] = part[k] & (col_x > cut)[None, :]
     return left
@@ -75,8 +84,8 @@ def _gas_tree(aerated: np.ndarray, hu: np.ndarray) -> tuple[np.ndarray, int, np.
         return np.zeros(gas.shape, dtype=np.int32), 0, np.zeros(0, dtype=np.int64)
     labels, count = compact_label(gas, np.ones((3, 3, 3)))  # bronchi run obliquely
     # Leave out the air's own blurred rim, or every airway would look enclosed by "lung".
-    # (In place, one box of booleans: gas & ~fill_holes(aerated & ~dilate(gas, 1, 1)).)
-    beyond = dilate(gas, 1, 1)
+    # (In place, one box of booleans: gas & ~fill_holes(aerated & ~dilate(gas, BLUR_PX)).)
+    beyond = dilate(gas, BLUR_PX, BLUR_PX)
     np.logical_not(beyond, out=beyond)
     beyond &= aerated
     fill_holes(beyond, out=beyond)
@@ -185,9 +194,9 @@ def _lungs(volume: Volume, aerated: np.ndarray, box: tuple[slice, ...], mid: np.
         part = labels[at] == label
         x_part = x_of[at[0], slice(None) if x_of.shape[1] == 1 else at[1], at[2]]
         share_left = float((part & (x_part > 0)).sum() / part.sum())
-        if share_left >= 0.8:
+        if share_left >= SIDE_SHARE:
             left[at] |= part
-        elif share_left <= 0.2:
+        elif 1.0 - share_left >= SIDE_SHARE:
             right[at] |= part
         else:  # both lungs in one component: joined at the anterior junction
             on_left = _split_merged(volume, part, inner(box, at), np.nan_to_num(mid))
@@ -200,7 +209,7 @@ def _airway_label(volume: Volume, tree: LabelStats, tree_labels: np.ndarray,
                   left: np.ndarray, right: np.ndarray) -> int:
     """The largest piece of the gas tree (its voxels ``tree``, labels ``tree_labels``)
     that comes near both lungs; 0 when none does."""
-    reach = radius_px(volume, WALL_MM + 3.0)
+    reach = radius_px(volume, WALL_MM + NEAR_LUNG_MM)
     near_both = np.ones(tree.count + 1, dtype=bool)
     for lung in (left, right):
         near = dilate(lung, *reach)
@@ -241,13 +250,14 @@ def _trachea_and_bronchi(volume: Volume, tree: LabelStats, tree_labels: np.ndarr
     core[tuple(i - s.start for i, s in zip(at, near, strict=True))] = True
     del at
     lungs_there = left[near] | right[near]
-    lumen = dilate(core, 1, 1) & (hu[near] < AIRWAY_EDGE_HU)
+    # The lumen's edge is blurred over a pixel: taken out to where it is half way to the wall.
+    lumen = dilate(core, BLUR_PX, BLUR_PX) & (hu[near] < AIRWAY_EDGE_HU)
     lumen = core | (lumen & ~lungs_there)
     outer = dilate(lumen, *wall) & ~lungs_there
     # Patient z of each slice: the carina is found from the head down.
     z_mm = volume.positions[box[0], 2][near[0]]
     order = np.argsort(-z_mm)
-    min_px = 10.0 / (volume.pixel_spacing[0] * volume.pixel_spacing[1])
+    min_px = MIN_BRONCHUS_MM2 / (volume.pixel_spacing[0] * volume.pixel_spacing[1])
     carina = None
     for k in order:
         if not core[k].any():

@@ -18,6 +18,7 @@ import numpy as np
 
 from oncoseg_node.contouring.engines.classical.labels import IN_PLANE, LabelStats, compact_label
 from oncoseg_node.contouring.engines.classical.morphology import (
+    BLUR_PX,
     dilate,
     erode,
     fill_holes,
@@ -66,7 +67,7 @@ def cavities(volume: Volume, shell: np.ndarray, hu: np.ndarray) -> Cavities:
         labels, found = compact_label(holes, IN_PLANE)
         flat = np.flatnonzero(holes)
         # Judge a cavity by its inside: next to a dense cortex its rim is blurred toward bone.
-        inner = erode(holes, 1, 1).ravel()[flat]
+        inner = erode(holes, BLUR_PX, BLUR_PX).ravel()[flat]
         return flat + z * plane, labels.ravel()[flat].astype(np.int64), inner, found
 
     flats, labs, inner = [], [], []

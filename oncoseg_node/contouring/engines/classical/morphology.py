@@ -16,6 +16,10 @@ from oncoseg_node.contouring.engines.classical.labels import enclosed_in_slab
 from oncoseg_node.contouring.engines.classical.slabs import each_slab, slab_starts, slab_views
 from oncoseg_node.contouring.volume import Volume
 
+# An edge's blur in pixels, not mm: partial volume spreads an edge over about one
+# pixel whatever the pixel's size, so a rim of blur is one pixel at any spacing.
+BLUR_PX = 1
+
 
 def shift_in_place(out: np.ndarray, radius: int, axis: int, op: np.ufunc) -> None:
     """Combine each element of ``out`` with its neighbours up to ``radius`` along ``axis``.
