@@ -18,6 +18,7 @@ from pathlib import Path
 
 from oncoseg_node import __version__
 from oncoseg_node.cli_setup import cmd_check_config, cmd_init, cmd_run  # set-up and run
+from oncoseg_node.cli_users import add_users_parser
 from oncoseg_node.config import DEFAULT_CONFIG, Config, load_config
 from oncoseg_node.errors import ConfigError, OncosegError, StartupError
 from oncoseg_node.ops.malloc import limit_malloc_arenas
@@ -256,6 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(p)
     p.set_defaults(func=cmd_evaluate)
 
+    from oncoseg_node.contouring.engines.sam3 import weights_check  # torch only when it runs
+
+    p = sub.add_parser("weights", help="check SAM3 weights before commissioning")
+    weights_check.add_parser(p)
+
     p = sub.add_parser("finetune", help="train a LoRA adapter on approved structure sets")
     p.add_argument("--cases", required=True, help="folder of cases, each with ct/, reference.dcm")
     p.add_argument("--out", required=True, help="adapter folder to write")
@@ -270,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _config_arg(p)
     p.set_defaults(func=cmd_finetune)
+
+    add_users_parser(sub, _config_arg)
 
     p = sub.add_parser("phantom", help="write a synthetic CT series with known organs")
     p.add_argument("out_dir", type=Path)

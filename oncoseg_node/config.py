@@ -94,10 +94,20 @@ class SeriesConfig:
 
 @dataclass(frozen=True)
 class Sam3Config:
-    """Local SAM3 weights (HF format) and an optional LoRA adapter; never downloaded."""
+    """Local SAM3 weights (HF format) and an optional LoRA adapter; never downloaded.
+
+    ``base_dir`` (or its older name ``model_dir``): the folder with
+    ``config.json``, tokenizer, preprocessor and base weights. ``checkpoint``:
+    one file layered over it (a Lightning ``.ckpt``, Meta's ``.pt``, a
+    safetensors file); ``lora_alpha`` merges a still peft-wrapped LoRA whose
+    checkpoint does not record its alpha.
+    """
 
     model_dir: Path | None = None
     adapter_dir: Path | None = None
+    base_dir: Path | None = None
+    checkpoint: Path | None = None
+    lora_alpha: float | None = None
     device: str = "cuda"
     dtype: str = "bfloat16"
     batch_size: int = 8
@@ -140,14 +150,61 @@ class DestinationConfig:
 
 
 @dataclass(frozen=True)
+class HttpTlsConfig:
+    """HTTPS on the node's own HTTP port: the site's certificate chain and key (PEM)."""
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
+@dataclass(frozen=True)
+class HttpAuthConfig:
+    """Who may see the pages: local accounts, or users named by a trusted reverse proxy.
+
+    ``users_file``: the node's own accounts (``oncoseg-node users``), argon2
+    hashes, mode 0600. ``trusted_proxy``: addresses or networks of the site's
+    reverse proxy; only their requests may name the user in ``user_header``
+    (and groups, comma separated, in ``groups_header``, mapped to a role by
+    ``group_roles``; ``proxy_default_role`` for a user in no mapped group,
+    unset: refused).
+    """
+
+    users_file: Path | None = None
+    session_idle_s: float = 900.0
+    trusted_proxy: tuple[str, ...] = ()
+    user_header: str = "X-Remote-User"
+    groups_header: str = "X-Remote-Groups"
+    group_roles: dict[str, str] = field(default_factory=dict)
+    proxy_default_role: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.users_file is not None or bool(self.trusted_proxy)
+
+
+@dataclass(frozen=True)
 class HttpConfig:
-    """Health, metrics and the jobs page; ``threads`` and ``timeout_s`` bound slow clients."""
+    """Health, metrics and the jobs page; ``threads`` and ``timeout_s`` bound slow clients.
+
+    Off loopback the pages need HTTPS (``tls``) and sign-in (``auth``);
+    ``allow_plain`` admits plain HTTP there, for a TLS proxy in front.
+    ``/metrics`` needs the bearer token in ``metrics_token_file``, or is
+    answered to loopback clients only.
+    """
 
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = 8080
     threads: int = 8
     timeout_s: float = 10.0
+    tls: HttpTlsConfig = field(default_factory=HttpTlsConfig)
+    allow_plain: bool = False
+    auth: HttpAuthConfig = field(default_factory=HttpAuthConfig)
+    metrics_token_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -203,6 +260,105 @@ def _check_positive(value: Any, key: str, problems: list[str]) -> None:
         problems.append(f"{key}: {value} must be greater than 0")
 
 
+ROLES = ("viewer", "physicist")  # physicist: also downloads
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses: only this machine can connect."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name may resolve to anything
+
+
+def private_file_problem(path: Path) -> str | None:
+    """Why a secret file (accounts, token) cannot be used, or None when it is 0600-like."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        return f"{str(path)!r} cannot be read ({exc.strerror})"
+    if mode & 0o077:
+        return (f"{str(path)!r} has mode {mode & 0o777:04o}: readable by others; "
+                f"chmod 600 it")
+    return None
+
+
+def _tls_pair_problem(tls: HttpTlsConfig, problems: list[str]) -> None:
+    import ssl
+
+    if tls.cert_file is None or tls.key_file is None:
+        missing = "cert_file" if tls.cert_file is None else "key_file"
+        problems.append(f"http.tls.{missing}: required when http.tls is set")
+        return
+    for key in ("cert_file", "key_file"):
+        path = getattr(tls, key)
+        try:
+            path.read_bytes()
+        except OSError as exc:
+            problems.append(f"http.tls.{key}: {str(path)!r} cannot be read ({exc.strerror})")
+            return
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(tls.cert_file, tls.key_file)
+    except (ssl.SSLError, OSError) as exc:
+        problems.append(f"http.tls.key_file: {str(tls.key_file)!r} is not the key of "
+                        f"{str(tls.cert_file)!r} in PEM ({exc})")
+
+
+def _http_checks(http: HttpConfig, problems: list[str]) -> None:
+    _check_port(http.port, "http.port", problems, allow_zero=True)
+    _check_positive(http.threads, "http.threads", problems)
+    _check_positive(http.timeout_s, "http.timeout_s", problems)
+    _check_positive(http.auth.session_idle_s, "http.auth.session_idle_s", problems)
+    if http.tls.cert_file is not None or http.tls.key_file is not None:
+        _tls_pair_problem(http.tls, problems)
+    if http.enabled and not is_loopback_host(http.host):
+        if not http.tls.enabled and not http.allow_plain:
+            problems.append(f"http.tls.cert_file: required when http.host is {http.host!r} "
+                            "(not loopback): the pages show patient data; set http.tls, "
+                            "or http.allow_plain: true behind a TLS proxy")
+        if not http.auth.enabled:
+            problems.append(f"http.auth.users_file: required when http.host is {http.host!r} "
+                            "(not loopback), or http.auth.trusted_proxy")
+    for i, proxy in enumerate(http.auth.trusted_proxy):
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            problems.append(f"http.auth.trusted_proxy[{i}]: {proxy!r} is not an IP address "
+                            "or network")
+    for group, role in http.auth.group_roles.items():
+        if role not in ROLES:
+            problems.append(f"http.auth.group_roles.{group}: {role!r} is not one of {ROLES}")
+    if http.auth.proxy_default_role not in (None, *ROLES):
+        problems.append(f"http.auth.proxy_default_role: {http.auth.proxy_default_role!r} "
+                        f"is not one of {ROLES}")
+    users = http.auth.users_file
+    if users is not None and users.exists() \
+            and (problem := private_file_problem(users)) is not None:
+        problems.append(f"http.auth.users_file: {problem}")
+    token = http.metrics_token_file
+    if token is not None:
+        if (problem := private_file_problem(token)) is not None:
+            problems.append(f"http.metrics_token_file: {problem}")
+        elif not token.read_text().strip():
+            problems.append(f"http.metrics_token_file: {str(token)!r} is empty")
+
+
+def http_warnings(http: HttpConfig) -> list[str]:
+    """What ``check-config`` and the start warn of in a valid HTTP configuration."""
+    warnings = []
+    if http.enabled and http.allow_plain and not http.tls.enabled \
+            and not is_loopback_host(http.host):
+        warnings.append(f"http.allow_plain: the pages are served as plain HTTP on {http.host}; "
+                        "only safe behind a TLS proxy on a trusted network")
+    users = http.auth.users_file
+    if users is not None and not users.exists():
+        warnings.append(f"http.auth.users_file: {str(users)!r} does not exist yet: "
+                        "add accounts with `oncoseg-node users add NAME --role viewer`")
+    return warnings
+
+
 def _semantic_checks(cfg: Config, problems: list[str]) -> None:
     from oncoseg_node.rtstruct.profiles import (
         PROFILES,  # pure data; imported here to keep config import-light
@@ -246,8 +402,13 @@ def _semantic_checks(cfg: Config, problems: list[str]) -> None:
     if cfg.engine.name not in ("classical", "sam3"):
         problems.append(f"engine.name: {cfg.engine.name!r} is not classical or sam3")
     sam3 = cfg.engine.sam3
-    if cfg.engine.name == "sam3" and sam3.model_dir is None:
-        problems.append("engine.sam3.model_dir: required when engine.name is sam3")
+    if cfg.engine.name == "sam3" and sam3.model_dir is None and sam3.base_dir is None:
+        problems.append("engine.sam3.base_dir: required when engine.name is sam3 "
+                        "(or its older name, model_dir)")
+    if sam3.model_dir is not None and sam3.base_dir is not None:
+        problems.append("engine.sam3.base_dir: set together with model_dir; set one of them")
+    if sam3.lora_alpha is not None and not sam3.lora_alpha > 0:
+        problems.append(f"engine.sam3.lora_alpha: {sam3.lora_alpha} is not positive")
     if not re.fullmatch(r"cpu|cuda(:\d+)?", str(sam3.device)):
         problems.append(f"engine.sam3.device: {sam3.device!r} is not cpu, cuda or cuda:N")
     if sam3.dtype not in ("float32", "bfloat16", "float16"):
@@ -276,9 +437,7 @@ def _semantic_checks(cfg: Config, problems: list[str]) -> None:
         _check_positive(dest.retry.first_delay_s, f"{key}.retry.first_delay_s", problems)
         if dest.retry.max_delay_s < dest.retry.first_delay_s:
             problems.append(f"{key}.retry.max_delay_s: must be at least retry.first_delay_s")
-    _check_port(cfg.http.port, "http.port", problems, allow_zero=True)
-    _check_positive(cfg.http.threads, "http.threads", problems)
-    _check_positive(cfg.http.timeout_s, "http.timeout_s", problems)
+    _http_checks(cfg.http, problems)
     if cfg.logging.format not in ("auto", "json", "console"):
         problems.append(f"logging.format: {cfg.logging.format!r} is not auto, json or console")
     if cfg.logging.level not in ("debug", "info", "warning", "error"):

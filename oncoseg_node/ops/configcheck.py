@@ -14,7 +14,13 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from oncoseg_node.config import DEFAULT_CONFIG, DEFAULT_PROTOCOLS, Config, load_config
+from oncoseg_node.config import (
+    DEFAULT_CONFIG,
+    DEFAULT_PROTOCOLS,
+    Config,
+    http_warnings,
+    load_config,
+)
 from oncoseg_node.contouring.protocol_report import warning_lines
 from oncoseg_node.contouring.protocols import ProtocolSet, load_protocols
 from oncoseg_node.errors import ConfigError, OncosegError
@@ -60,6 +66,8 @@ def check_files(config_path: Path) -> CheckReport:
     report.problems = _by_file_and_line(report.problems)
     if report.config is not None and report.protocols is not None:
         report.warnings = warning_lines(report.config, report.protocols)
+    if report.config is not None:
+        report.warnings += [f"warning: {line}" for line in http_warnings(report.config.http)]
     return report
 
 

@@ -14,6 +14,10 @@ hundred threads for ever. Here:
   ``recv``, so a client sending a byte every few seconds would never hit
   it; one reaper thread instead shuts down each socket past its deadline,
   which ends the blocked read at once and frees the pool thread.
+
+With ``tls`` set, each connection's TLS handshake runs on its pool thread
+under the same deadline, so a client that stalls mid-handshake holds one
+slot until its deadline and never the accept loop.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from http.server import HTTPServer
 from typing import Any
 
 import structlog
+
+from oncoseg_node.ops.web_tls import ServerTls
 
 log = structlog.get_logger("oncoseg_node.ops.http")
 
@@ -42,6 +48,7 @@ class PooledHTTPServer(HTTPServer):
     def __init__(self, address: tuple[str, int], handler: Any, *, threads: int,
                  timeout_s: float, backlog: int | None = None) -> None:
         self.timeout_s = timeout_s
+        self.tls: ServerTls | None = None
         self.refused = 0  # connections closed at accept because every slot was taken
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="http")
         self._slots = threading.BoundedSemaphore(threads + (backlog if backlog is not None
@@ -71,12 +78,23 @@ class PooledHTTPServer(HTTPServer):
 
     def _serve(self, request: Any, client_address: Any) -> None:
         try:
+            if self.tls is not None:
+                request = self._start_tls(request)
+                request.do_handshake()
             self.finish_request(request, client_address)
         except Exception:
             self.handle_error(request, client_address)
         finally:
             self._forget(request)
             self.shutdown_request(request)
+
+    def _start_tls(self, request: socket.socket) -> Any:
+        """The TLS socket that takes over ``request``'s descriptor, and its deadline."""
+        assert self.tls is not None
+        tls_socket = self.tls.wrap(request)
+        with self._deadlines_lock:
+            self._deadlines[tls_socket] = self._deadlines.pop(request)
+        return tls_socket
 
     def extend_deadline(self, request: socket.socket) -> None:
         """Give the connection ``timeout_s`` from now (at accept and after each response)."""

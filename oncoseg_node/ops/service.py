@@ -79,6 +79,7 @@ class Service:
         self.shutdown_deadline_s = shutdown_deadline_s
         self._engines = engines
         self.stop_requested = threading.Event()
+        self.reload_requested = threading.Event()  # SIGHUP
         self._stop_work = threading.Event()
         self._threads: list[threading.Thread] = []
         self.ledger: Ledger | None = None
@@ -293,12 +294,18 @@ class Service:
 
         signal.signal(signal.SIGTERM, request_stop)
         signal.signal(signal.SIGINT, request_stop)
+        # SIGHUP: re-read the HTTPS certificate and metrics token (renewed certificates).
+        signal.signal(signal.SIGHUP, lambda _signum, _frame: self.reload_requested.set())
 
     def run_until_stopped(self) -> None:
         """Main loop: pets the systemd watchdog while every part is alive."""
         interval = Notifier.watchdog_interval_s()
         tick = min(interval, 1.0) if interval else 1.0
         while not self.stop_requested.wait(tick):
+            if self.reload_requested.is_set():
+                self.reload_requested.clear()
+                if self.http is not None:
+                    self.http.reload()
             if interval and all(self.liveness().values()):
                 self.notifier.watchdog()
         self.shutdown()
