@@ -11,6 +11,7 @@ a password itself is never stored, logged or taken as a command argument.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -32,9 +33,14 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 MIN_PASSWORD = 10
 FILE_VERSION = 1
 _hasher = PasswordHasher()
-# Verified against when the name is unknown, so that a wrong name takes as
-# long as a wrong password and names cannot be told apart by timing.
-_DUMMY_HASH = _hasher.hash("no such account, same cost")
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Verified against when the name is unknown, so that a wrong name takes as
+    long as a wrong password and names cannot be told apart by timing (made at
+    first use: a node without accounts never pays for it)."""
+    return _hasher.hash("no such account, same cost")
 
 
 @dataclass(frozen=True)
@@ -118,7 +124,7 @@ class UserStore:
         """The account when ``password`` is its password; the same cost either way."""
         account = self._current().get(name)
         try:
-            _hasher.verify(account.password_hash if account else _DUMMY_HASH, password)
+            _hasher.verify(account.password_hash if account else _dummy_hash(), password)
         except (VerifyMismatchError, VerificationError, InvalidHashError):
             return None
         return account
