@@ -287,8 +287,12 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(path)
-    # weights_only: a checkpoint is data; never run the code a pickle could carry
-    loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    from oncoseg_node.contouring.engines.sam3.safe_read import read_pickled
+
+    loaded = read_pickled(path)  # a checkpoint is data; never run the code a pickle could carry
+    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+        raise ValueError("a PyTorch Lightning checkpoint: name it in engine.sam3.checkpoint, "
+                         "layered over engine.sam3.base_dir")
     if isinstance(loaded, dict) and isinstance(loaded.get("model"), dict):
         loaded = loaded["model"]
     if not isinstance(loaded, dict):

@@ -134,17 +134,29 @@ class Sam3Engine:
                     box_prompter: BoxPrompter | None = None) -> Sam3Engine:
         """Load weights (and merge the adapter) from local files; EngineError on any problem."""
         check_device(config.device)  # before minutes of loading, not after
-        model, tokenizer = load_base(config.model_dir)
-        assert config.model_dir is not None  # load_base raised otherwise
-        weights = sha256_files(weight_files(Path(config.model_dir)))
+        base, setting = ((config.base_dir, "engine.sam3.base_dir") if config.base_dir is not None
+                         else (config.model_dir, "engine.sam3.model_dir"))
+        if config.checkpoint is not None:
+            from oncoseg_node.contouring.engines.sam3.checkpoint import load_layered
+
+            model, tokenizer, report = load_layered(base, Path(config.checkpoint),
+                                                    config.lora_alpha, setting=setting)
+            weights = report.identity
+        else:
+            model, tokenizer = load_base(base, setting=setting)
+            assert base is not None  # load_base raised otherwise
+            weights = sha256_files(weight_files(Path(base)))
         adapter = merge_adapter(model, config.adapter_dir) if config.adapter_dir else None
         return cls(model, tokenizer, config, weights_sha256=weights, adapter=adapter,
                    box_prompter=box_prompter)
 
     @property
     def description(self) -> str:
-        model_dir = Path(self.config.model_dir or "?")
+        model_dir = Path(self.config.base_dir or self.config.model_dir or "?")
         text = f"SAM3 {model_dir.name} sha256:{self.weights_sha256[:12]}"
+        if self.config.checkpoint is not None:
+            text = (f"SAM3 {Path(self.config.checkpoint).name} over {model_dir.name} "
+                    f"sha256:{self.weights_sha256[:12]}")
         if self.adapter is not None:
             text += (f" + LoRA {self.adapter.path.name} sha256:{self.adapter.sha256[:12]}"
                      f" r{self.adapter.rank} merged")

@@ -152,10 +152,15 @@ def is_meta_checkpoint(files: list[Path]) -> bool:
     return is_meta_layout(keys)
 
 
-def load_base(model_dir: Path | None):  # -> (Sam3VideoModel, tokenizer), float32 on CPU
-    """Load the SAM3 detector + tracker checkpoint and its tokenizer from ``model_dir``."""
+def check_base_dir(model_dir: Path | None, *, setting: str = "engine.sam3.model_dir",
+                   weights: bool = True) -> list[Path]:
+    """The weight files of a SAM3 base folder after checking its config and tokenizer files.
+
+    With ``weights=False`` a folder without weights passes (an empty list):
+    a checkpoint layered over it must then supply every tensor.
+    """
     if model_dir is None:
-        raise EngineError("engine.sam3.model_dir: not set; a local SAM3 directory is required")
+        raise EngineError(f"{setting}: not set; a local SAM3 directory is required")
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise EngineError(f"{model_dir}: SAM3 model directory does not exist")
@@ -169,13 +174,23 @@ def load_base(model_dir: Path | None):  # -> (Sam3VideoModel, tokenizer), float3
     if model_type != "sam3_video":
         raise EngineError(f"{config_path}: model_type {model_type!r}; the engine needs the "
                           "sam3_video checkpoint (detector and tracker), as facebook/sam3 ships")
-    files = weight_files(model_dir)
+    has_weights = any(model_dir.glob("*.safetensors")) or any(model_dir.glob("*.pt"))
+    files = weight_files(model_dir) if weights or has_weights else []
     # without its files AutoTokenizer quietly builds a near-empty CLIP tokenizer
     if not any(all((model_dir / name).is_file() for name in group) for group in TOKENIZER_FILES):
         raise EngineError(f"{model_dir}: no tokenizer files "
                           "(tokenizer.json, or vocab.json and merges.txt)")
+    return files
 
-    from transformers import AutoTokenizer, Sam3VideoModel
+
+def load_base(model_dir: Path | None, *,
+              setting: str = "engine.sam3.model_dir"):  # -> (Sam3VideoModel, tokenizer)
+    """Load the SAM3 detector + tracker checkpoint and its tokenizer from ``model_dir``."""
+    files = check_base_dir(model_dir, setting=setting)
+    assert model_dir is not None  # check_base_dir raised otherwise
+    model_dir = Path(model_dir)
+
+    from transformers import Sam3VideoModel
 
     from oncoseg_node.contouring.engines.sam3.convert import load_meta_checkpoint
 
@@ -200,6 +215,13 @@ def load_base(model_dir: Path | None):  # -> (Sam3VideoModel, tokenizer), float3
     if info.get("unexpected_keys"):
         log.warning("sam3_unexpected_weights", model_dir=str(model_dir),
                     count=len(info["unexpected_keys"]))
+    return model.eval(), load_tokenizer(model_dir, model)
+
+
+def load_tokenizer(model_dir: Path, model):  # -> tokenizer
+    """The tokenizer of ``model_dir``, checked against ``model``'s text encoder and image size."""
+    from transformers import AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except Exception as exc:  # missing vocab files surface as OSError or ValueError
@@ -213,7 +235,7 @@ def load_base(model_dir: Path | None):  # -> (Sam3VideoModel, tokenizer), float3
     if len(tokenizer) > vocab_size:
         raise EngineError(f"{model_dir}: tokenizer has {len(tokenizer)} tokens, the text "
                           f"encoder only {vocab_size}: they do not belong together")
-    return model.eval(), tokenizer
+    return tokenizer
 
 
 def _adapter_weights(adapter_dir: Path) -> tuple[Path, dict[str, torch.Tensor]]:
