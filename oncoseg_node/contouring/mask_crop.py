@@ -9,13 +9,30 @@ centroids, contour tracing, overlays) reads the crop and its offset.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+# Plain ``start:stop`` slices on (z, y, x), in grid indices: the one box type of
+# every mask crop and of every box an engine works in.
 Box = tuple[slice, slice, slice]
 
-_EMPTY_BOX: Box = (slice(0, 0), slice(0, 0), slice(0, 0))
+EMPTY_BOX: Box = (slice(0, 0), slice(0, 0), slice(0, 0))
+
+
+def box_of(slices: Iterable[slice]) -> Box:
+    """``slices`` (z, y, x) as a :data:`Box`; a tuple built from a comprehension is typed
+    as of any length, so the count is checked here, once."""
+    cuts = tuple(slices)
+    if len(cuts) != 3:
+        raise ValueError(f"a box is three slices (z, y, x); got {len(cuts)}")
+    return cuts[0], cuts[1], cuts[2]
+
+
+def whole_box(shape: Sequence[int]) -> Box:
+    """The box of the whole grid of ``shape`` (z, y, x)."""
+    return box_of(slice(0, n) for n in shape)
 
 
 def _extent(any_along: np.ndarray | np.bool_) -> tuple[int, int]:
@@ -67,7 +84,7 @@ class MaskCrop:
             raise ValueError(f"a grid is (z, y, x); got shape {grid}")
         planes = mask.any(axis=(1, 2))
         if not planes.any():
-            return cls((grid[0], grid[1], grid[2]), _EMPTY_BOX, np.zeros((0, 0, 0), bool))
+            return cls((grid[0], grid[1], grid[2]), EMPTY_BOX, np.zeros((0, 0, 0), bool))
         z0, z1 = _extent(planes)
         inside = mask[z0:z1]
         y0, y1 = _extent(inside.any(axis=(0, 2)))

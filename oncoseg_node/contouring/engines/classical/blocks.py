@@ -16,8 +16,7 @@ import numpy as np
 
 from oncoseg_node.contouring.engines.classical.slabs import SLAB
 from oncoseg_node.contouring.engines.classical.voxels import PackedMask
-
-Box = tuple[slice, ...]
+from oncoseg_node.contouring.mask_crop import EMPTY_BOX, Box, box_of, whole_box
 
 
 @dataclass(frozen=True, eq=False)
@@ -30,7 +29,7 @@ class Block:
     @classmethod
     def whole(cls, mask: np.ndarray) -> Block:
         """A full mask as the block on the whole grid (a view, not a copy)."""
-        return cls(tuple(slice(0, n) for n in mask.shape), mask)
+        return cls(whole_box(mask.shape), mask)
 
     def full(self, shape: tuple[int, ...]) -> np.ndarray:
         """The whole mask; np.zeros leaves the pages outside the box untouched (no RSS)."""
@@ -56,7 +55,7 @@ class PackedBlock:
     """
 
     def __init__(self, block: Block | None) -> None:
-        self.box: Box = _NO_BOX if block is None else block.box
+        self.box: Box = EMPTY_BOX if block is None else block.box
         self.bits = PackedMask(np.zeros((0, 0, 0), dtype=bool) if block is None else block.array)
 
     def rows(self, z0: int, z1: int) -> np.ndarray:
@@ -72,9 +71,6 @@ class PackedBlock:
         if self.bits.shape[0] == 0:
             return None
         return Block(self.box, self.bits.unpack())
-
-
-_NO_BOX: Box = (slice(0, 0), slice(0, 0), slice(0, 0))
 
 
 def _within(block: Block | PackedBlock, box: Box) -> np.ndarray:
@@ -97,7 +93,7 @@ def _within(block: Block | PackedBlock, box: Box) -> np.ndarray:
 def rows_box(box: Box, part: slice) -> Box:
     """Slices ``part`` of the block on ``box`` (indices within it) as a volume box."""
     z = slice(box[0].start + part.start, min(box[0].start + part.stop, box[0].stop))
-    return (z, *box[1:])
+    return z, box[1], box[2]
 
 
 def box_by_slab(origin: Box, shape: tuple[int, ...], part: Callable[[slice], np.ndarray],
@@ -121,13 +117,13 @@ def box_by_slab(origin: Box, shape: tuple[int, ...], part: Callable[[slice], np.
         p = pad if axis > 0 else 0
         lo, hi = origin[axis].start + int(where[0]), origin[axis].start + int(where[-1]) + 1
         spans.append(slice(max(lo - p, 0), min(hi + p, shape[axis])))
-    return tuple(spans)
+    return box_of(spans)
 
 
 def tight(mask: np.ndarray, origin: Box | None = None,
           shape: tuple[int, ...] | None = None) -> Block | None:
     """A copy of ``mask`` (the block on ``origin``, or a full mask) on its bounding box."""
-    origin = origin if origin is not None else tuple(slice(0, n) for n in mask.shape)
+    origin = origin if origin is not None else whole_box(mask.shape)
     box = box_in(mask, origin, shape if shape is not None else mask.shape)
     if box is None:
         return None
@@ -137,8 +133,8 @@ def tight(mask: np.ndarray, origin: Box | None = None,
 
 def inner(outer: Box, part: Box) -> Box:
     """``part`` (indices within the block on ``outer``) as volume indices."""
-    return tuple(slice(o.start + p.start, o.start + p.stop)
-                 for o, p in zip(outer, part, strict=True))
+    return box_of(slice(o.start + p.start, o.start + p.stop)
+                  for o, p in zip(outer, part, strict=True))
 
 
 def box_in(mask: np.ndarray, origin: Box, shape: tuple[int, ...],
@@ -159,9 +155,9 @@ def box_in(mask: np.ndarray, origin: Box, shape: tuple[int, ...],
         p = pads[axis]
         lo, hi = origin[axis].start + int(hit[0]), origin[axis].start + int(hit[-1]) + 1
         spans.append(slice(max(lo - p, 0), min(hi + p, shape[axis])))
-    return tuple(spans)
+    return box_of(spans)
 
 
 def bbox(mask: np.ndarray, pad: int = 0) -> Box | None:
     """Bounding box of the set voxels, grown by ``pad`` in-plane; None when empty."""
-    return box_in(mask, tuple(slice(0, n) for n in mask.shape), mask.shape, pad)
+    return box_in(mask, whole_box(mask.shape), mask.shape, pad)

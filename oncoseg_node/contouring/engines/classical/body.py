@@ -21,6 +21,7 @@ from oncoseg_node.contouring.engines.classical.morphology import (
     radius_px,
 )
 from oncoseg_node.contouring.engines.classical.slabs import SLAB
+from oncoseg_node.contouring.mask_crop import Box, box_of
 from oncoseg_node.contouring.volume import Volume
 
 # HU levels are integers: int16 HU compare with them in 16-bit arithmetic.
@@ -60,7 +61,7 @@ class _Rows:
             self.last[k:k + SLAB] = x - np.argmax(dense[:, :, ::-1], axis=2)
             self.columns |= dense.any(axis=0)
 
-    def box(self, couch: slice | None, pad: int) -> tuple[slice, ...] | None:
+    def box(self, couch: slice | None, pad: int) -> Box | None:
         """Bounding box of the dense material off the couch, grown ``pad`` in-plane."""
         rows = np.ones(self.any.shape[1], dtype=bool)
         if couch is not None:
@@ -75,7 +76,7 @@ class _Rows:
             p = pad if axis > 0 else 0
             spans.append(slice(max(int(where[0]) - p, 0),
                                min(int(where[-1]) + 1 + p, hit.size)))
-        return tuple(spans)
+        return box_of(spans)
 
 
 def _couch_rows(volume: Volume, rows: _Rows) -> slice | None:
@@ -108,7 +109,7 @@ def _couch_rows(volume: Volume, rows: _Rows) -> slice | None:
     return None
 
 
-def _dense(volume: Volume, box: tuple[slice, ...], couch: slice | None) -> np.ndarray:
+def _dense(volume: Volume, box: Box, couch: slice | None) -> np.ndarray:
     """The candidate on ``box``: dense material, the couch rows cleared."""
     dense = volume.hu[box] > BODY_HU
     if couch is not None:
@@ -204,7 +205,7 @@ def external(volume: Volume) -> np.ndarray:
     return np.zeros(volume.shape, dtype=bool) if block is None else block.full(volume.shape)
 
 
-def patient_x(volume: Volume, box: tuple[slice, ...]) -> np.ndarray:
+def patient_x(volume: Volume, box: Box) -> np.ndarray:
     """Patient x (mm) of the voxel centres in ``box``, broadcastable to its shape."""
     x = (volume.positions[box[0], 0][:, None, None]
          + volume.pixel_spacing[1] * volume.row_direction[0]

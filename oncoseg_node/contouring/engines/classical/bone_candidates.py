@@ -13,6 +13,7 @@ import numpy as np
 from oncoseg_node.contouring.engines.classical.blocks import Block, PackedBlock
 from oncoseg_node.contouring.engines.classical.morphology import dilate, radius_px, shift_in_place
 from oncoseg_node.contouring.engines.classical.slabs import SLAB, each_slab
+from oncoseg_node.contouring.mask_crop import Box
 from oncoseg_node.contouring.volume import Volume
 
 LOW_HU = 120.0         # above unenhanced soft tissue with noise; below any cortex blend
@@ -38,7 +39,7 @@ def float_type(hu: np.ndarray) -> np.dtype:
 
 
 def half_maximum(volume: Volume, hu: np.ndarray, body: Block | PackedBlock,
-                  box: tuple[slice, ...]) -> np.ndarray:
+                  box: Box) -> np.ndarray:
     """Steps 1 and 2 on ``hu`` (the bone ``box``): candidate bone, a slab of slices at a time.
 
     Each slab's peaks need the slice on either side (they count along z), so

@@ -32,6 +32,7 @@ from oncoseg_node.contouring.engines.classical.morphology import BLUR_PX, dilate
 from oncoseg_node.contouring.engines.classical.slabs import SLAB
 from oncoseg_node.contouring.engines.classical.vessels import great_vessels
 from oncoseg_node.contouring.engines.classical.voxels import gather, mask_of
+from oncoseg_node.contouring.mask_crop import Box
 from oncoseg_node.contouring.volume import Volume
 
 THICK_MM = 5.0         # thicker than 2x this is a body worth testing for contrast
@@ -43,7 +44,7 @@ CAVITY_RIM_MM = 2.0    # a shaft's cortex lies within this of the cavity it ring
 RIM_PERCENTILE_SD = 1.28  # a normal's 90th percentile, in standard deviations above its mean
 
 
-def without_contrast(volume: Volume, box: tuple[slice, ...], cand: np.ndarray,
+def without_contrast(volume: Volume, box: Box, cand: np.ndarray,
                      hu: np.ndarray, scratch: LabelBuffer) -> np.ndarray:
     """``cand`` less iodine: the great vessels (found in the image, see ``vessels``) as far
     as they reach, and the thick plateaus no brighter at their rim that lie apart from the
@@ -58,7 +59,7 @@ def without_contrast(volume: Volume, box: tuple[slice, ...], cand: np.ndarray,
     return cand
 
 
-def _contrast_plateaus(volume: Volume, box: tuple[slice, ...], cand: np.ndarray,
+def _contrast_plateaus(volume: Volume, box: Box, cand: np.ndarray,
                        hu: np.ndarray, scratch: LabelBuffer) -> np.ndarray:
     """The voxels (flat indices on ``box``) of the thick parts that are plateaus ringing
     no cavity of their own: iodine, unless attached to the skeleton."""
@@ -105,7 +106,7 @@ def _plateaus(stats: LabelStats, in_core: np.ndarray, hu: np.ndarray) -> np.ndar
     return ring_mean + RIM_PERCENTILE_SD * ring_sd < core_hu + CORTEX_STEP_HU
 
 
-def _enclosing(volume: Volume, box: tuple[slice, ...], cand: np.ndarray, hu: np.ndarray,
+def _enclosing(volume: Volume, box: Box, cand: np.ndarray, hu: np.ndarray,
                stats: LabelStats, plateau: np.ndarray) -> np.ndarray:
     """Per label (0..count), whether it rings a cavity or is cut by the field of view;
     a ``plateau`` (per label 1..count) is asked whether it rings the cavity itself."""
@@ -189,7 +190,7 @@ def rings_a_cavity(volume: Volume, flat: np.ndarray, hu: np.ndarray) -> bool:
     return largest * volume.pixel_spacing[0] * volume.pixel_spacing[1] >= CAVITY_MM2
 
 
-def _cut_by_the_image(volume: Volume, box: tuple[slice, ...]) -> np.ndarray:
+def _cut_by_the_image(volume: Volume, box: Box) -> np.ndarray:
     """On ``box``, the pixels on the image's own edge (where the field of view cuts)."""
     shape = tuple(s.stop - s.start for s in box)
     edge = np.zeros(shape, dtype=bool)

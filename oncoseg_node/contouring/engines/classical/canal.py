@@ -25,6 +25,7 @@ from oncoseg_node.contouring.engines.classical.labels import (
     enclosed_regions,
 )
 from oncoseg_node.contouring.engines.classical.morphology import BLUR_PX, dilate, erode, radius_px
+from oncoseg_node.contouring.mask_crop import Box
 from oncoseg_node.contouring.volume import Volume
 
 CLOSE_MM = 2.0         # gaps in the ring up to twice this are bridged on a slice
@@ -69,7 +70,7 @@ def _body_in_front(volume: Volume, shell: np.ndarray, z: int, row: float, col: f
 
 
 def _hole_candidates(volume: Volume, shell: np.ndarray, hu: np.ndarray,
-                     box: tuple[slice, ...], mid: np.ndarray) -> np.ndarray:
+                     box: Box, mid: np.ndarray) -> np.ndarray:
     """Per slice, the enclosed soft-tissue region most like a canal (or nothing).
 
     The ring is first closed by CLOSE_MM; slices farther than GAP_MM / 2
@@ -111,7 +112,7 @@ def _inside(seed: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def _holes_at(volume: Volume, shell: np.ndarray, hu: np.ndarray, box: tuple[slice, ...],
+def _holes_at(volume: Volume, shell: np.ndarray, hu: np.ndarray, box: Box,
               mid: np.ndarray, close_mm: float) -> np.ndarray:
     """Per slice, the best canal-like hole in the shell closed by ``close_mm``."""
     ry, rx = radius_px(volume, close_mm)
@@ -147,7 +148,7 @@ def _holes_at(volume: Volume, shell: np.ndarray, hu: np.ndarray, box: tuple[slic
     return stats.where(keep, shell.shape)
 
 
-def _longest_channel(volume: Volume, found: np.ndarray, box: tuple[slice, ...]
+def _longest_channel(volume: Volume, found: np.ndarray, box: Box
                      ) -> np.ndarray:
     """The found slices that form the longest channel along the table, gaps allowed.
 
@@ -209,7 +210,7 @@ def _longest_channel(volume: Volume, found: np.ndarray, box: tuple[slice, ...]
 
 
 def _carry(volume: Volume, canal: np.ndarray, shell: np.ndarray, hu: np.ndarray,
-           box: tuple[slice, ...]) -> np.ndarray:
+           box: Box) -> np.ndarray:
     """Fill the slices between finds (and a little beyond the ends) from the neighbours."""
     found = np.flatnonzero(canal.any(axis=(1, 2)))
     if found.size == 0:
@@ -249,7 +250,7 @@ def _carry(volume: Volume, canal: np.ndarray, shell: np.ndarray, hu: np.ndarray,
     return out
 
 
-def spinal_canal(volume: Volume, shell: np.ndarray, hu: np.ndarray, box: tuple[slice, ...],
+def spinal_canal(volume: Volume, shell: np.ndarray, hu: np.ndarray, box: Box,
                  mid: np.ndarray) -> np.ndarray:
     """The canal on ``box`` (where ``shell`` and ``hu`` lie); empty when there is no spine."""
     found = _hole_candidates(volume, shell, hu, box, mid)

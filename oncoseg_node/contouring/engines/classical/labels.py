@@ -13,6 +13,7 @@ from scipy import ndimage
 
 from oncoseg_node.contouring.engines.classical.slabs import SLAB, each_slab, slab_starts
 from oncoseg_node.contouring.engines.classical.voxels import gather, voxel_counts
+from oncoseg_node.contouring.mask_crop import Box
 from oncoseg_node.contouring.volume import Volume
 
 # 4-connectivity within a slice, none across slices.
@@ -64,7 +65,7 @@ def _plane_box(part: np.ndarray) -> tuple[slice, slice] | None:
             slice(max(int(cols[0]) - 1, 0), min(int(cols[-1]) + 2, part.shape[2])))
 
 
-Enclosed = tuple[tuple[slice, slice, slice], np.ndarray, np.ndarray]
+Enclosed = tuple[Box, np.ndarray, np.ndarray]
 
 
 def enclosed_in_slab(mask: np.ndarray, z: int) -> Enclosed | None:

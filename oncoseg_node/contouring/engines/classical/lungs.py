@@ -33,6 +33,7 @@ from oncoseg_node.contouring.engines.classical.morphology import (
     radius_px,
 )
 from oncoseg_node.contouring.engines.classical.voxels import labelled_as
+from oncoseg_node.contouring.mask_crop import Box
 from oncoseg_node.contouring.volume import Volume
 
 # HU levels are integers: int16 HU compare with them in 16-bit arithmetic.
@@ -49,7 +50,7 @@ NEAR_LUNG_MM = 3.0     # past its wall, the airway reaches this close to each lu
 MIN_BRONCHUS_MM2 = 10.0  # at the carina each main bronchus's lumen is at least this
 
 
-def _split_merged(volume: Volume, part: np.ndarray, box: tuple[slice, ...],
+def _split_merged(volume: Volume, part: np.ndarray, box: Box,
                   mid: np.ndarray) -> np.ndarray:
     """Left (patient) share of two lungs joined at a junction; ``part`` given on ``box``.
 
@@ -175,7 +176,7 @@ class LungsAndAirways:
         return self.block("both")
 
 
-def _lungs(volume: Volume, aerated: np.ndarray, box: tuple[slice, ...], mid: np.ndarray
+def _lungs(volume: Volume, aerated: np.ndarray, box: Box, mid: np.ndarray
            ) -> tuple[np.ndarray, np.ndarray]:
     """Aerated lung (airways removed) on ``box`` sorted into (left, right) components.
 
@@ -225,7 +226,7 @@ def _airway_label(volume: Volume, tree: LabelStats, tree_labels: np.ndarray,
 
 
 def _trachea_and_bronchi(volume: Volume, tree: LabelStats, tree_labels: np.ndarray,
-                         hu: np.ndarray, box: tuple[slice, ...],
+                         hu: np.ndarray, box: Box,
                          left: np.ndarray, right: np.ndarray
                          ) -> tuple[Block | None, Block | None]:
     """Trachea above the carina and the main bronchi below it, walls included,

@@ -29,8 +29,7 @@ def postprocess(volume: Volume, mask: np.ndarray, rules: PostProcess) -> np.ndar
     """Fill holes, smooth, drop small 3D islands, keep the N largest, drop slice specks."""
     if not _has_rules(rules) or not mask.any():
         return mask
-    block = postprocess_block(volume, Block(tuple(slice(0, n) for n in mask.shape), mask),
-                              rules)
+    block = postprocess_block(volume, Block.whole(mask), rules)
     return np.zeros(mask.shape, dtype=bool) if block is None else block.full(mask.shape)
 
 

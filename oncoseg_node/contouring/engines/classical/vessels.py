@@ -27,6 +27,7 @@ from oncoseg_node.contouring.engines.classical.labels import (
 from oncoseg_node.contouring.engines.classical.morphology import erode, radius_px
 from oncoseg_node.contouring.engines.classical.noise import image_noise
 from oncoseg_node.contouring.engines.classical.slabs import SLAB, each_slab
+from oncoseg_node.contouring.mask_crop import Box
 from oncoseg_node.contouring.volume import Volume
 
 IODINE_HU = (150.0, 800.0)  # enhanced blood, portal-venous to arterial phase, smoothed
@@ -60,7 +61,7 @@ def _lumens(hu: np.ndarray, noise: float) -> np.ndarray:
     return out
 
 
-def great_vessels(volume: Volume, box: tuple[slice, ...], hu: np.ndarray,
+def great_vessels(volume: Volume, box: Box, hu: np.ndarray,
                   scratch: LabelBuffer) -> tuple[np.ndarray, float]:
     """The great vessels' core voxels (flat indices on ``box``, where ``hu`` lies) and the
     densest one's mean HU; labels are written into ``scratch``."""
@@ -80,7 +81,7 @@ def great_vessels(volume: Volume, box: tuple[slice, ...], hu: np.ndarray,
     return pieces.flat[np.concatenate([[False], tube])[pieces.lab]], float(mean[tube].max())
 
 
-def round_tubes(volume: Volume, box: tuple[slice, ...], core: LabelStats, which: np.ndarray
+def round_tubes(volume: Volume, box: Box, core: LabelStats, which: np.ndarray
                 ) -> np.ndarray:
     """For labels ``which`` (their ``core`` voxels, flat indices on ``box``): a round
     cross-section of a vessel's size, longer than a vertebra."""
