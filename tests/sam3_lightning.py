@@ -111,14 +111,19 @@ def onco_seg_style(state: dict[str, torch.Tensor], *, rank: int = 4, alpha: floa
 
 def write_lightning_checkpoint(path: Path, state: dict[str, torch.Tensor], *,
                                hyper_parameters: dict[str, Any] | None = None,
-                               peft_model: bool = True, extra: dict[str, Any] | None = None
-                               ) -> Path:
-    """``path`` as Lightning writes it, the model (peft-wrapped or not) held as ``model``."""
-    prefix = "model.base_model.model." if peft_model else "model."
+                               peft_model: bool = True, extra: dict[str, Any] | None = None,
+                               holder: str = "model",
+                               other_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """``path`` as Lightning writes it, the model (peft-wrapped or not) held as ``holder``.
+
+    ``other_tensors``: state of the LightningModule's other attributes (a loss's buffers).
+    """
+    prefix = f"{holder}.base_model.model." if peft_model else f"{holder}."
     with lightning_attribute_dict() as attribute_dict:
         hparams = attribute_dict(_attribute_dicts(attribute_dict, hyper_parameters or {}))
         checkpoint = {"epoch": 3, "global_step": 120, "pytorch-lightning_version": "2.5.1",
-                      "state_dict": {prefix + k: v for k, v in state.items()},
+                      "state_dict": {**{prefix + k: v for k, v in state.items()},
+                                     **(other_tensors or {})},
                       "hyper_parameters": hparams, "optimizer_states": [],
                       "lr_schedulers": [], "loops": {}, "callbacks": {}, **(extra or {})}
         path.parent.mkdir(parents=True, exist_ok=True)

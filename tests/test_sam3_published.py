@@ -271,3 +271,15 @@ def test_a_whole_model_file_over_a_base_without_weights(meta_dir: Path, tiny_dir
     want = Sam3VideoModel.from_pretrained(tiny_dir, local_files_only=True).state_dict()
     got = model.state_dict()
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_the_model_under_any_attribute_of_the_lightning_module(states, tiny_dir: Path,
+                                                               tmp_path: Path):
+    ckpt = write_lightning_checkpoint(tmp_path / "last.ckpt", states[0],
+                                      hyper_parameters=ONCO_SEG_HPARAMS, holder="sam3",
+                                      other_tensors={"criterion.class_weights": torch.ones(2)})
+    model, _, report = layer_checkpoint(tiny_dir, ckpt)
+    assert model is not None, report.problems
+    assert report.lora.modules == 5 and report.groups["other"].unused == 1
+    got = model.state_dict()
+    assert all(torch.allclose(got[k], v, atol=1e-6) for k, v in _expected(states[1]).items())

@@ -50,6 +50,9 @@ GROUPS = (
 HF_IMAGE_ROOTS = ("vision_encoder.", "text_encoder.", "text_projection.", "geometry_encoder.",
                   "detr_encoder.", "detr_decoder.", "dot_product_scoring.", "mask_decoder.")
 WRAPPERS = ("model.", "module.", "_orig_mod.", "base_model.model.")
+# what comes before the ViT's name is whatever held the model (peft's prefix kept for later)
+ANCHOR = re.compile(r"^(?P<outer>.*?)(base_model\.model\.)?(detector\.|detector_model\.)?"
+                    r"(backbone\.vision_backbone\.trunk\.|vision_encoder\.backbone\.)")
 LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
 SAVED_COPY = re.compile(r"^(?P<module>.+)\.modules_to_save\.(?P<adapter>[^.]+)\.(?P<rest>.+)$")
 ORIGINAL = re.compile(r"^(?P<module>.+)\.original_module\.(?P<rest>.+)$")
@@ -194,6 +197,12 @@ def _strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             if state and 2 * sum(k.startswith(prefix) for k in state) >= len(state):
                 state = {k.removeprefix(prefix): v for k, v in state.items()}
                 changed = True
+    # a LightningModule may hold the model under any attribute name ("sam3.", "net.")
+    anchor = next((m for k in state if (m := ANCHOR.match(k))), None)
+    if anchor is not None and anchor["outer"]:
+        outer = anchor["outer"]
+        if 2 * sum(k.startswith(outer) for k in state) >= len(state):
+            return _strip_wrappers({k.removeprefix(outer): v for k, v in state.items()})
     return state
 
 
