@@ -90,6 +90,8 @@ class LoraInfo:
 
     @property
     def merged(self) -> str:
+        if self.wrapped and self.alpha is None:
+            return "peft-wrapped in the file, not merged (no alpha)"
         if self.wrapped:
             return "merged at load (was peft-wrapped in the file)"
         return "no LoRA tensors in the file (merged before saving, or none)"
@@ -293,7 +295,7 @@ def merge_lora(state: dict[str, torch.Tensor], hparams: Mapping[str, Any],
     else:
         problems.append(f"{ALPHA_SETTING}: not set, and the checkpoint's hyper-parameters hold "
                         f"no LoRA alpha; the LoRA (r={info.rank}, still peft-wrapped) cannot be "
-                        "merged without it (Onco-Seg's is 32)")
+                        "merged without it (Onco-Seg's is 32; weights check: --lora-alpha)")
         return rest, info
     info.rslora = _rslora_in(hparams)
     scale = info.alpha / (math.sqrt(info.rank) if info.rslora else info.rank)
