@@ -283,3 +283,14 @@ def test_the_model_under_any_attribute_of_the_lightning_module(states, tiny_dir:
     assert report.lora.modules == 5 and report.groups["other"].unused == 1
     got = model.state_dict()
     assert all(torch.allclose(got[k], v, atol=1e-6) for k, v in _expected(states[1]).items())
+
+
+def test_a_lightning_checkpoint_in_a_model_dir_says_where_it_belongs(
+        onco_ckpt: Path, tiny_dir: Path, tmp_path: Path):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_dir, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    shutil.copy(onco_ckpt, folder / "sam3.pt")
+    config = Sam3Config(model_dir=folder, device="cpu", dtype="float32")
+    with pytest.raises(EngineError, match="a PyTorch Lightning checkpoint: name it in "
+                                          "engine.sam3.checkpoint"):
+        Sam3Engine.from_config(config)
