@@ -12,7 +12,7 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from oncoseg_node.contouring.engines.classical.blocks import Block, PackedBlock
+from oncoseg_node.contouring.engines.classical.blocks import Block, PackedBlock, rows_box
 from oncoseg_node.contouring.engines.classical.labels import components
 from oncoseg_node.contouring.engines.classical.morphology import (
     dilate,
@@ -189,9 +189,7 @@ def external_block(volume: Volume) -> Block | None:
     # Give back the skin detail the opening shaved off, not what lies beyond it.
     grown = dilate(core, ry, rx)
     for k in range(0, grown.shape[0], SLAB):
-        part = (slice(box[0].start + k, min(box[0].start + k + SLAB, box[0].stop)),
-                box[1], box[2])
-        grown[k:k + SLAB] &= _dense(volume, part, couch)
+        grown[k:k + SLAB] &= _dense(volume, rows_box(box, slice(k, k + SLAB)), couch)
         grown[k:k + SLAB] |= core[k:k + SLAB]
     del core
     fill_holes(grown, out=grown)

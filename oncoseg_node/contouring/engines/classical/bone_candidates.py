@@ -11,10 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 from oncoseg_node.contouring.engines.classical.blocks import Block, PackedBlock
+from oncoseg_node.contouring.engines.classical.boxed import BoxedVolume
 from oncoseg_node.contouring.engines.classical.morphology import dilate, radius_px, shift_in_place
 from oncoseg_node.contouring.engines.classical.slabs import SLAB, each_slab
-from oncoseg_node.contouring.mask_crop import Box
-from oncoseg_node.contouring.volume import Volume
 
 LOW_HU = 120.0         # above unenhanced soft tissue with noise; below any cortex blend
 SEED_HU = 250.0        # confident bone: a cortex, even blended over a 3 mm slice
@@ -38,16 +37,16 @@ def float_type(hu: np.ndarray) -> np.dtype:
     return np.result_type(hu.dtype, np.float32)
 
 
-def half_maximum(volume: Volume, hu: np.ndarray, body: Block | PackedBlock,
-                  box: Box) -> np.ndarray:
-    """Steps 1 and 2 on ``hu`` (the bone ``box``): candidate bone, a slab of slices at a time.
+def half_maximum(bone: BoxedVolume, body: Block | PackedBlock) -> np.ndarray:
+    """Steps 1 and 2 on the ``bone`` box: candidate bone, a slab of slices at a time.
 
     Each slab's peaks need the slice on either side (they count along z), so
     a slab is computed with one slice of margin; the peaks never exist for the
     whole box at once, nor does the body on it.
     """
-    ry, rx = radius_px(volume, PEAK_MM)
-    margin = radius_px(volume, METAL_MARGIN_MM)
+    ry, rx = radius_px(bone, PEAK_MM)
+    margin = radius_px(bone, METAL_MARGIN_MM)
+    hu = bone.hu
     floats = float_type(hu)
     n = hu.shape[0]
     cand = np.empty(hu.shape, dtype=bool)
@@ -67,7 +66,7 @@ def half_maximum(volume: Volume, hu: np.ndarray, body: Block | PackedBlock,
         part = hu[z0:z1]
         np.greater(part, LOW_HU, out=cand[z0:z1])
         cand[z0:z1] &= part > half
-        cand[z0:z1] &= body.within((slice(box[0].start + z0, box[0].start + z1), *box[1:]))
+        cand[z0:z1] &= body.within(bone.rows(z0, z1))
         metal = part > METAL_HU
         if metal.any():  # its blur is in-plane: a slab's own metal is all it reaches
             cand[z0:z1] &= ~dilate(metal, *margin)

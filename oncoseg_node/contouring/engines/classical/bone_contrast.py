@@ -19,6 +19,7 @@ import numpy as np
 from scipy import ndimage
 
 from oncoseg_node.contouring.engines.classical.bone_candidates import SEED_HU
+from oncoseg_node.contouring.engines.classical.boxed import BoxedVolume
 from oncoseg_node.contouring.engines.classical.labels import (
     IN_PLANE,
     LabelBuffer,
@@ -32,8 +33,6 @@ from oncoseg_node.contouring.engines.classical.morphology import BLUR_PX, dilate
 from oncoseg_node.contouring.engines.classical.slabs import SLAB
 from oncoseg_node.contouring.engines.classical.vessels import great_vessels
 from oncoseg_node.contouring.engines.classical.voxels import gather, mask_of
-from oncoseg_node.contouring.mask_crop import Box
-from oncoseg_node.contouring.volume import Volume
 
 THICK_MM = 5.0         # thicker than 2x this is a body worth testing for contrast
 NEAR_SLICES = 2
@@ -44,41 +43,41 @@ CAVITY_RIM_MM = 2.0    # a shaft's cortex lies within this of the cavity it ring
 RIM_PERCENTILE_SD = 1.28  # a normal's 90th percentile, in standard deviations above its mean
 
 
-def without_contrast(volume: Volume, box: Box, cand: np.ndarray,
-                     hu: np.ndarray, scratch: LabelBuffer) -> np.ndarray:
+def without_contrast(bone: BoxedVolume, cand: np.ndarray, scratch: LabelBuffer
+                     ) -> np.ndarray:
     """``cand`` less iodine: the great vessels (found in the image, see ``vessels``) as far
     as they reach, and the thick plateaus no brighter at their rim that lie apart from the
     skeleton; ``cand`` itself is cut (the caller holds it no more).
 
-    Each labelling is written into ``scratch``. ``cand`` and ``hu`` lie on ``box``.
+    Each labelling is written into ``scratch``. ``cand`` lies on the ``bone`` box.
     """
-    vessels = great_vessels(volume, box, hu, scratch)
-    plateaus = _contrast_plateaus(volume, box, cand, hu, scratch)
+    vessels = great_vessels(bone, scratch)
+    plateaus = _contrast_plateaus(bone, cand, scratch)
     if plateaus.size or vessels[0].size:
-        _cut_iodine(volume, cand, hu, plateaus, vessels, scratch)
+        _cut_iodine(bone, cand, plateaus, vessels, scratch)
     return cand
 
 
-def _contrast_plateaus(volume: Volume, box: Box, cand: np.ndarray,
-                       hu: np.ndarray, scratch: LabelBuffer) -> np.ndarray:
-    """The voxels (flat indices on ``box``) of the thick parts that are plateaus ringing
+def _contrast_plateaus(bone: BoxedVolume, cand: np.ndarray, scratch: LabelBuffer
+                       ) -> np.ndarray:
+    """The voxels (flat indices on the ``bone`` box) of the thick parts that are plateaus ringing
     no cavity of their own: iodine, unless attached to the skeleton."""
-    found = _thick_parts(volume, cand, scratch)
+    found = _thick_parts(bone, cand, scratch)
     if found is None:
         return np.zeros(0, dtype=np.int64)
     stats, in_core = found
     del found
-    plateau = _plateaus(stats, in_core, hu)
+    plateau = _plateaus(stats, in_core, bone.hu)
     del in_core
-    enclosing = _enclosing(volume, box, cand, hu, stats, plateau)
+    enclosing = _enclosing(bone, cand, stats, plateau)
     return stats.flat[np.concatenate([[False], plateau & ~enclosing[1:]])[stats.lab]]
 
 
-def _thick_parts(volume: Volume, cand: np.ndarray, scratch: LabelBuffer
+def _thick_parts(bone: BoxedVolume, cand: np.ndarray, scratch: LabelBuffer
                  ) -> tuple[LabelStats, np.ndarray] | None:
     """Each thick part's core with its ring, labelled as one component (into ``scratch``):
     their statistics and, per labelled voxel, whether it is core; None when none is thick."""
-    ry, rx = radius_px(volume, THICK_MM)
+    ry, rx = radius_px(bone, THICK_MM)
     core = erode(cand, ry, rx)
     core &= cand
     if not core.any():
@@ -106,25 +105,26 @@ def _plateaus(stats: LabelStats, in_core: np.ndarray, hu: np.ndarray) -> np.ndar
     return ring_mean + RIM_PERCENTILE_SD * ring_sd < core_hu + CORTEX_STEP_HU
 
 
-def _enclosing(volume: Volume, box: Box, cand: np.ndarray, hu: np.ndarray,
-               stats: LabelStats, plateau: np.ndarray) -> np.ndarray:
+def _enclosing(bone: BoxedVolume, cand: np.ndarray, stats: LabelStats, plateau: np.ndarray
+               ) -> np.ndarray:
     """Per label (0..count), whether it rings a cavity or is cut by the field of view;
     a ``plateau`` (per label 1..count) is asked whether it rings the cavity itself."""
     # A long bone's shaft is a plateau of cortex too, but it rings its medullary
     # cavity (marrow, never gas: iodine around bowel gas is still iodine).
     enclosing = np.zeros(stats.count + 1, dtype=bool)
+    hu = bone.hu
     holes = enclosed(cand)
     for z in range(0, hu.shape[0], SLAB):
         holes[z:z + SLAB] &= hu[z:z + SLAB] > FATTY_HU[0]
-    dilate(holes, *radius_px(volume, CAVITY_RIM_MM), in_place=True)
+    dilate(holes, *radius_px(bone, CAVITY_RIM_MM), in_place=True)
     enclosing[np.unique(stats.lab[holes.ravel()[stats.flat]])] = True
     del holes
     # A cavity beside a plateau may be another bone's (a vertebra's marrow behind the
     # aorta that touches its cortex): only a cavity the plateau's own voxels ring counts.
     for label in np.flatnonzero(plateau & enclosing[1:]) + 1:
-        enclosing[label] = rings_a_cavity(volume, stats.flat[stats.lab == label], hu)
+        enclosing[label] = rings_a_cavity(bone, stats.flat[stats.lab == label])
     # What the field of view cuts shows no rim: it cannot be judged, so it is kept.
-    edge = _cut_by_the_image(volume, box)
+    edge = bone.image_edge()
     enclosing[np.unique(stats.lab[edge.ravel()[stats.flat]])] = True
     return enclosing
 
@@ -142,12 +142,13 @@ def _near(shape: tuple[int, ...], plateaus: np.ndarray, reach: tuple[int, int]) 
     return near
 
 
-def _cut_iodine(volume: Volume, cand: np.ndarray, hu: np.ndarray, plateaus: np.ndarray,
+def _cut_iodine(bone: BoxedVolume, cand: np.ndarray, plateaus: np.ndarray,
                 vessels: tuple[np.ndarray, float], scratch: LabelBuffer) -> None:
     """Cut from ``cand`` the pieces holding ``plateaus`` that lie apart from the skeleton,
     and the reach of the great vessels' core voxels (flat indices on ``cand``) where no
     denser than their iodine (``vessels``: those voxels and the iodine's HU)."""
-    reach = radius_px(volume, REACH_MM)
+    reach = radius_px(bone, REACH_MM)
+    hu = bone.hu
     everywhere = np.flatnonzero(cand)
     away = gather(hu, everywhere) > SEED_HU
     near = _near(cand.shape, plateaus, reach)
@@ -174,9 +175,10 @@ def _cut_iodine(volume: Volume, cand: np.ndarray, hu: np.ndarray, plateaus: np.n
         cand.ravel()[within[gather(hu, within) <= iodine_hu + CORTEX_STEP_HU]] = False
 
 
-def rings_a_cavity(volume: Volume, flat: np.ndarray, hu: np.ndarray) -> bool:
-    """Whether the voxels at ``flat`` (on ``hu``'s box) enclose, on some slice, one cavity
+def rings_a_cavity(bone: BoxedVolume, flat: np.ndarray) -> bool:
+    """Whether the voxels at ``flat`` (on the ``bone`` box) enclose, on some slice, one cavity
     of CAVITY_MM2 or more that is not gas: a long bone's medullary cavity."""
+    hu = bone.hu
     zyx = np.unravel_index(flat, hu.shape)
     low = [int(i.min()) for i in zyx]
     part = np.zeros([int(i.max()) - m + 1 for i, m in zip(zyx, low, strict=True)], dtype=bool)
@@ -187,19 +189,5 @@ def rings_a_cavity(volume: Volume, flat: np.ndarray, hu: np.ndarray) -> bool:
         > FATTY_HU[0]
     cavities = components(holes, IN_PLANE)
     largest = int(cavities.voxels().max()) if cavities.count else 0
-    return largest * volume.pixel_spacing[0] * volume.pixel_spacing[1] >= CAVITY_MM2
+    return largest * bone.pixel_spacing[0] * bone.pixel_spacing[1] >= CAVITY_MM2
 
-
-def _cut_by_the_image(volume: Volume, box: Box) -> np.ndarray:
-    """On ``box``, the pixels on the image's own edge (where the field of view cuts)."""
-    shape = tuple(s.stop - s.start for s in box)
-    edge = np.zeros(shape, dtype=bool)
-    if box[1].start == 0:
-        edge[:, 0] = True
-    if box[1].stop == volume.shape[1]:
-        edge[:, -1] = True
-    if box[2].start == 0:
-        edge[:, :, 0] = True
-    if box[2].stop == volume.shape[2]:
-        edge[:, :, -1] = True
-    return edge

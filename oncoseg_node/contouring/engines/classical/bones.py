@@ -43,6 +43,7 @@ from oncoseg_node.contouring.engines.classical.bone_candidates import (
     half_maximum,
 )
 from oncoseg_node.contouring.engines.classical.bone_contrast import without_contrast
+from oncoseg_node.contouring.engines.classical.boxed import BoxedVolume
 from oncoseg_node.contouring.engines.classical.labels import (
     LabelBuffer,
     LabelStats,
@@ -112,9 +113,10 @@ def _smoothed_above(hu: np.ndarray, *levels: float) -> list[np.ndarray]:
 class Skeleton:
     """Bones (marrow included) and the solid bone the canal search looks in.
 
-    ``solid`` (cortex and trabecular marrow, on ``box``) is what rings the
-    canal; ``fill`` adds fatty marrow and leaves the canal out. ``box`` is None
-    when nothing in the body is as dense as bone.
+    ``bone`` is the volume on the bone's box (padded in-plane), None when
+    nothing in the body is as dense as bone. ``solid`` (cortex and trabecular
+    marrow, on that box) is what rings the canal; ``fill`` adds fatty marrow
+    and leaves the canal out.
     """
 
     def __init__(self, volume: Volume, body: np.ndarray | Block | PackedBlock) -> None:
@@ -125,23 +127,22 @@ class Skeleton:
             found &= outline.rows(part.start, part.stop)
             return found
 
-        self.box = box_by_slab(outline.box, volume.shape, dense_in, pad=2)
+        box = box_by_slab(outline.box, volume.shape, dense_in, pad=2)
+        self.bone = None if box is None else BoxedVolume(volume, box)
         self.solid = np.zeros((0, 0, 0), dtype=bool)
-        self.hu = np.zeros((0, 0, 0), dtype=np.int16)
         nothing = np.zeros(0, dtype=np.int64)
         self.cavities = Cavities(LabelStats.from_voxels(nothing, nothing, 0), np.zeros(0),
                                  np.zeros(0))
-        if self.box is None:
+        if self.bone is None:
             return
-        box = self.box
-        # HU as they are (int16 from the series), a view of the volume's, never a copy:
-        # each step casts a slab to floats where it needs arithmetic, and reads
-        # the candidates' own voxels through ``gather``.
-        hu = volume.hu[box]
-        cand = half_maximum(volume, hu, outline, box)
+        bone = self.bone
+        # The box's HU, read through views (never copied); the candidates' own voxels
+        # are read through ``gather``.
+        hu = bone.hu
+        cand = half_maximum(bone, outline)
         # One box of labels, written by each 3D labelling in turn.
         scratch = LabelBuffer(hu.shape)
-        cand = without_contrast(volume, box, cand, hu, scratch)
+        cand = without_contrast(bone, cand, scratch)
         shell = _seeded(cand, hu, scratch)
         del scratch, cand
         # What encloses marrow: the shell, and beside it whatever is denser than
@@ -153,34 +154,32 @@ class Skeleton:
         # built in place (``a | b`` would be one more box each).
         dense = PackedMask(dense_mask)
         del dense_mask
-        ring = dilate(shell, *radius_px(volume, ENCLOSE_MM))
+        ring = dilate(shell, *radius_px(bone, ENCLOSE_MM))
         ring &= enclose
         del enclose
         ring |= shell
-        self.cavities = cavities(volume, shell, hu)
+        self.cavities = cavities(bone, shell)
         shell_bits = PackedMask(shell)
         del shell
         marrow = trabecular(self.cavities, dense)
-        marrow |= trabecular(cavities(volume, ring, hu), dense)
+        marrow |= trabecular(cavities(bone, ring), dense)
         marrow |= orthogonal_fill(ring, marrow, dense)
         del dense
-        solid = dilate(marrow, *radius_px(volume, MARROW_RIM_MM))
+        solid = dilate(marrow, *radius_px(bone, MARROW_RIM_MM))
         solid &= ring
         del ring
         solid |= marrow
         del marrow
         solid |= shell_bits.unpack()
         self.solid = solid
-        self.hu = hu
 
     def fill(self, canal_in_box: np.ndarray) -> np.ndarray:
         """The bones with their marrow, the canal left out; on ``box``.
 
-        The last step: the box's HU and solid bone are let go here.
+        The last step: the solid bone is let go here.
         """
         bone = fatty(self.cavities, canal_in_box)
         bone |= self.solid
         self.solid = np.zeros((0, 0, 0), dtype=bool)
-        self.hu = np.zeros((0, 0, 0), dtype=np.int16)
         np.greater(bone, canal_in_box, out=bone)  # bone & ~canal, without a box for ~canal
         return bone

@@ -19,14 +19,13 @@ import numpy as np
 from scipy import ndimage
 
 from oncoseg_node.contouring.engines.classical.blocks import bbox
+from oncoseg_node.contouring.engines.classical.boxed import BoxedVolume
 from oncoseg_node.contouring.engines.classical.labels import (
     IN_PLANE,
     components,
     enclosed_regions,
 )
 from oncoseg_node.contouring.engines.classical.morphology import BLUR_PX, dilate, erode, radius_px
-from oncoseg_node.contouring.mask_crop import Box
-from oncoseg_node.contouring.volume import Volume
 
 CLOSE_MM = 2.0         # gaps in the ring up to twice this are bridged on a slice
 WIDE_CLOSE_MM = 4.0    # and, where that finds nothing, up to twice this
@@ -46,22 +45,22 @@ END_NEAR_MM = 10.0     # beyond the last find, bone within this of its canal sur
 END_BONE_MM2 = 50.0    # while at least this much bone lies there
 
 
-def _body_in_front(volume: Volume, shell: np.ndarray, z: int, row: float, col: float
+def _body_in_front(bone: BoxedVolume, shell: np.ndarray, z: int, row: float, col: float
                    ) -> bool:
     """Whether a vertebral body's worth of bone lies in front of (anterior to) a point.
 
     Anterior is patient -y: up the rows when the column direction points
     posterior (supine), down them when it points anterior (prone).
     """
-    forward = -1 if volume.col_direction[1] >= 0 else 1
-    near, far = (int(round(mm / volume.pixel_spacing[0])) for mm in BODY_IN_FRONT_MM)
-    half = int(round(BODY_HALF_WIDTH_MM / volume.pixel_spacing[1]))
+    forward = -1 if bone.col_direction[1] >= 0 else 1
+    near, far = (int(round(mm / bone.pixel_spacing[0])) for mm in BODY_IN_FRONT_MM)
+    half = int(round(BODY_HALF_WIDTH_MM / bone.pixel_spacing[1]))
     c0, c1 = max(int(col) - half, 0), max(int(col) + half + 1, 0)
 
     def bone_mm2(direction: int) -> float:
         r0, r1 = sorted((int(row) + direction * near, int(row) + direction * far))
         patch = shell[z, max(r0, 0):max(r1 + 1, 0), c0:c1]
-        return float(patch.sum()) * volume.pixel_spacing[0] * volume.pixel_spacing[1]
+        return float(patch.sum()) * bone.pixel_spacing[0] * bone.pixel_spacing[1]
 
     # Behind the canal lies only the arch; a hole with more bone behind it than in
     # front lies in front of a vertebral body (between it and a vessel drawn as bone).
@@ -69,8 +68,7 @@ def _body_in_front(volume: Volume, shell: np.ndarray, z: int, row: float, col: f
     return front >= BODY_MIN_MM2 and front > bone_mm2(-forward)
 
 
-def _hole_candidates(volume: Volume, shell: np.ndarray, hu: np.ndarray,
-                     box: Box, mid: np.ndarray) -> np.ndarray:
+def _hole_candidates(bone: BoxedVolume, shell: np.ndarray, mid: np.ndarray) -> np.ndarray:
     """Per slice, the enclosed soft-tissue region most like a canal (or nothing).
 
     The ring is first closed by CLOSE_MM; slices farther than GAP_MM / 2
@@ -78,21 +76,22 @@ def _hole_candidates(volume: Volume, shell: np.ndarray, hu: np.ndarray,
     one side, between a pedicle and the body), and what that finds is grown
     back to the bone.
     """
-    out = _holes_at(volume, shell, hu, box, mid, CLOSE_MM)
+    out = _holes_at(bone, shell, mid, CLOSE_MM)
     # Only where the neighbours' canal will not be carried over: far from any find.
-    offsets = volume.slice_offsets[box[0]]
+    offsets = bone.slice_offsets
     finds = offsets[out.any(axis=(1, 2))]
     distance = (np.abs(offsets[:, None] - finds[None, :]).min(axis=1) if finds.size
                 else np.full(len(offsets), np.inf))
     missing = distance > GAP_MM / 2
     if missing.any():
-        wide = _holes_at(volume, shell, hu, box, mid, WIDE_CLOSE_MM)
+        wide = _holes_at(bone, shell, mid, WIDE_CLOSE_MM)
         wide &= missing[:, None, None]
         # Soft tissue beside the bone, built in place (each ``&`` would be a box more).
+        hu = bone.hu
         soft = hu >= CANAL_HU[0]
         soft &= hu <= CANAL_HU[1] + SOFT_MARGIN_HU
         np.greater(soft, shell, out=soft)  # soft & ~shell
-        grown = dilate(wide, *radius_px(volume, WIDE_CLOSE_MM))
+        grown = dilate(wide, *radius_px(bone, WIDE_CLOSE_MM))
         grown &= soft
         del soft
         out |= _inside(wide, grown)
@@ -112,10 +111,10 @@ def _inside(seed: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def _holes_at(volume: Volume, shell: np.ndarray, hu: np.ndarray, box: Box,
-              mid: np.ndarray, close_mm: float) -> np.ndarray:
+def _holes_at(bone: BoxedVolume, shell: np.ndarray, mid: np.ndarray, close_mm: float
+              ) -> np.ndarray:
     """Per slice, the best canal-like hole in the shell closed by ``close_mm``."""
-    ry, rx = radius_px(volume, close_mm)
+    ry, rx = radius_px(bone, close_mm)
     closed = erode(dilate(shell, ry, rx), ry, rx, in_place=True)
     closed |= shell
     stats = enclosed_regions(closed)
@@ -123,8 +122,9 @@ def _holes_at(volume: Volume, shell: np.ndarray, hu: np.ndarray, box: Box,
     if not stats.count:
         return np.zeros(shell.shape, dtype=bool)
     holes = stats.where(np.ones(stats.count + 1, dtype=bool), shell.shape)
-    area = stats.size * volume.pixel_spacing[0] * volume.pixel_spacing[1]
+    area = stats.size * bone.pixel_spacing[0] * bone.pixel_spacing[1]
     # Judge a hole by its inside: next to a dense cortex its rim is blurred toward bone.
+    hu = bone.hu
     inner = stats.mean(hu, erode(holes, BLUR_PX, BLUR_PX, in_place=True))
     del holes
     mean = np.where(np.isnan(inner), stats.mean(hu), inner)
@@ -135,10 +135,9 @@ def _holes_at(volume: Volume, shell: np.ndarray, hu: np.ndarray, box: Box,
     for label in np.flatnonzero(ok) + 1:
         zf, rf, cf = centres[label - 1]
         z = int(round(zf))
-        point = volume.index_to_patient(box[0].start + z, np.array([rf + box[1].start]),
-                                        np.array([cf + box[2].start]))[0]
-        off = abs(point[0] - mid[box[0].start + z])
-        if off > MIDLINE_MM or not _body_in_front(volume, shell, z, rf, cf):
+        point = bone.index_to_patient(z, np.array([rf]), np.array([cf]))[0]
+        off = abs(point[0] - mid[bone.to_volume(z)])
+        if off > MIDLINE_MM or not _body_in_front(bone, shell, z, rf, cf):
             continue  # the canal is near the midline, right behind a vertebral body
         if z not in best or off < best[z][0]:
             best[z] = (off, int(label))
@@ -148,8 +147,7 @@ def _holes_at(volume: Volume, shell: np.ndarray, hu: np.ndarray, box: Box,
     return stats.where(keep, shell.shape)
 
 
-def _longest_channel(volume: Volume, found: np.ndarray, box: Box
-                     ) -> np.ndarray:
+def _longest_channel(bone: BoxedVolume, found: np.ndarray) -> np.ndarray:
     """The found slices that form the longest channel along the table, gaps allowed.
 
     Finds on neighbouring slices belong together when they overlap once
@@ -158,7 +156,7 @@ def _longest_channel(volume: Volume, found: np.ndarray, box: Box
     """
     # Finds are one region per slice at most: labelled within their in-plane box
     # (and the dilation's reach), with scipy's numbering all the same.
-    reach = radius_px(volume, DRIFT_MM)
+    reach = radius_px(bone, DRIFT_MM)
     around = bbox(found, pad=max(reach) + 1)
     if around is None:
         return found
@@ -168,7 +166,7 @@ def _longest_channel(volume: Volume, found: np.ndarray, box: Box
     labels, count = parts.labels, parts.count
     if not count:
         return found
-    offsets = volume.slice_offsets[box[0]]
+    offsets = bone.slice_offsets
     slices = ndimage.find_objects(labels)
     spans = [(offsets[s[0].start], offsets[s[0].stop - 1]) for s in slices if s is not None]
     # Join runs whose ends are within GAP_MM and whose outlines overlap in-plane.
@@ -209,13 +207,13 @@ def _longest_channel(volume: Volume, found: np.ndarray, box: Box
     return out
 
 
-def _carry(volume: Volume, canal: np.ndarray, shell: np.ndarray, hu: np.ndarray,
-           box: Box) -> np.ndarray:
+def _carry(bone: BoxedVolume, canal: np.ndarray, shell: np.ndarray) -> np.ndarray:
     """Fill the slices between finds (and a little beyond the ends) from the neighbours."""
     found = np.flatnonzero(canal.any(axis=(1, 2)))
     if found.size == 0:
         return canal
-    offsets = volume.slice_offsets[box[0]]
+    offsets = bone.slice_offsets
+    hu = bone.hu
 
     def soft(z: int) -> np.ndarray:
         """Slice ``z``'s soft tissue and fluid outside bone (only the slices carried to)."""
@@ -235,8 +233,8 @@ def _carry(volume: Volume, canal: np.ndarray, shell: np.ndarray, hu: np.ndarray,
                 carried = canal[prev] if offsets[z] - offsets[prev] <= offsets[nxt] - offsets[z] \
                     else canal[nxt]
             out[z] = carried & soft(z)
-    near = dilate(canal[[found[0], found[-1]]], *radius_px(volume, END_NEAR_MM))
-    pixel_mm2 = volume.pixel_spacing[0] * volume.pixel_spacing[1]
+    near = dilate(canal[[found[0], found[-1]]], *radius_px(bone, END_NEAR_MM))
+    pixel_mm2 = bone.pixel_spacing[0] * bone.pixel_spacing[1]
     for end, step, around in ((found[0], -1, near[0]), (found[-1], 1, near[1])):
         reach = [z for z in range(end + step, -1 if step < 0 else canal.shape[0], step)
                  if abs(offsets[z] - offsets[end]) <= END_MM]
@@ -250,10 +248,12 @@ def _carry(volume: Volume, canal: np.ndarray, shell: np.ndarray, hu: np.ndarray,
     return out
 
 
-def spinal_canal(volume: Volume, shell: np.ndarray, hu: np.ndarray, box: Box,
-                 mid: np.ndarray) -> np.ndarray:
-    """The canal on ``box`` (where ``shell`` and ``hu`` lie); empty when there is no spine."""
-    found = _hole_candidates(volume, shell, hu, box, mid)
+def spinal_canal(bone: BoxedVolume, shell: np.ndarray, mid: np.ndarray) -> np.ndarray:
+    """The canal on the ``bone`` box (where ``shell`` lies); empty when there is no spine.
+
+    ``mid`` is the body's midline (patient x, mm) per slice of the volume.
+    """
+    found = _hole_candidates(bone, shell, mid)
     if not found.any():
         return found
-    return _carry(volume, _longest_channel(volume, found, box), shell, hu, box)
+    return _carry(bone, _longest_channel(bone, found), shell)

@@ -21,7 +21,7 @@ from functools import cached_property
 import numpy as np
 
 from oncoseg_node.contouring.engines.base import StructureResult
-from oncoseg_node.contouring.engines.classical.blocks import Block, PackedBlock, tight
+from oncoseg_node.contouring.engines.classical.blocks import Block, PackedBlock
 from oncoseg_node.contouring.engines.classical.body import (
     BODY_HU,
     external,
@@ -53,13 +53,13 @@ def skeleton_blocks(volume: Volume, body: np.ndarray | Block | PackedBlock, mid:
     """Skeleton (marrow included, contrast and metal left out) and the spinal canal,
     each on its own box (None when empty): never a whole volume of either."""
     skeleton = Skeleton(volume, body)
-    if skeleton.box is None:
+    bone = skeleton.bone
+    if bone is None:
         return None, None
-    box = skeleton.box
-    canal = spinal_canal(volume, skeleton.solid, skeleton.hu, box, mid)
+    canal = spinal_canal(bone, skeleton.solid, mid)
     bones = skeleton.fill(canal)
     del skeleton
-    return tight(bones, box, volume.shape), tight(canal, box, volume.shape)
+    return bone.tight(bones), bone.tight(canal)
 
 
 def bones_and_canal(volume: Volume, body: np.ndarray, mid: np.ndarray

@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from oncoseg_node.contouring.engines.classical.boxed import BoxedVolume
 from oncoseg_node.contouring.engines.classical.labels import IN_PLANE, LabelStats, compact_label
 from oncoseg_node.contouring.engines.classical.morphology import (
     BLUR_PX,
@@ -26,7 +27,6 @@ from oncoseg_node.contouring.engines.classical.morphology import (
 )
 from oncoseg_node.contouring.engines.classical.slabs import SLAB, each_slab
 from oncoseg_node.contouring.engines.classical.voxels import PackedMask
-from oncoseg_node.contouring.volume import Volume
 
 BRIDGE_MM = 2.0        # gaps in a cortex up to twice this are closed before filling
 MARROW_HU = 60.0       # trabecular marrow (100-300 HU) stays above, the canal below
@@ -47,15 +47,16 @@ class Cavities(NamedTuple):
     area: np.ndarray   # mm^2, per region
 
 
-def cavities(volume: Volume, shell: np.ndarray, hu: np.ndarray) -> Cavities:
-    """Regions a shell encloses on each slice, with their mean HU inside and area.
+def cavities(bone: BoxedVolume, shell: np.ndarray) -> Cavities:
+    """Regions ``shell`` (on the ``bone`` box) encloses on each slice, with their mean HU
+    inside and area.
 
     Every step is in-plane, so it runs a slab of slices at a time (each slab's
     closing, filling and labels stay in cache); numbering the slabs' regions on
     from one another numbers them as one labelling of the box would.
     """
     # Gaps in a thin shell (where a rib leaves the slab obliquely) are bridged.
-    ry, rx = (max(r, 1) for r in radius_px(volume, BRIDGE_MM))
+    ry, rx = (max(r, 1) for r in radius_px(bone, BRIDGE_MM))
     plane = shell.shape[1] * shell.shape[2]
 
     def step(z: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
@@ -78,9 +79,10 @@ def cavities(volume: Volume, shell: np.ndarray, hu: np.ndarray) -> Cavities:
         inner.append(inside)
         count += found
     stats = LabelStats.from_voxels(np.concatenate(flats), np.concatenate(labs), count)
+    hu = bone.hu
     inside = stats.subset(np.concatenate(inner)).mean(hu)
     mean = np.where(np.isnan(inside), stats.mean(hu), inside)
-    area = stats.size * volume.pixel_spacing[0] * volume.pixel_spacing[1]
+    area = stats.size * bone.pixel_spacing[0] * bone.pixel_spacing[1]
     return Cavities(stats, mean, area)
 
 

@@ -10,11 +10,12 @@ slice, which is what keeps a 150-slice 512x512 series within seconds.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 
 from oncoseg_node.contouring.engines.classical.labels import enclosed_in_slab
 from oncoseg_node.contouring.engines.classical.slabs import each_slab, slab_starts, slab_views
-from oncoseg_node.contouring.volume import Volume
 
 # An edge's blur in pixels, not mm: partial volume spreads an edge over about one
 # pixel whatever the pixel's size, so a rim of blur is one pixel at any spacing.
@@ -70,7 +71,14 @@ def opening(mask: np.ndarray, ry: int, rx: int) -> np.ndarray:
     return out
 
 
-def radius_px(volume: Volume, mm: float) -> tuple[int, int]:
+class Spaced(Protocol):
+    """A volume, or a box of one: what a distance in pixels is measured on."""
+
+    @property
+    def pixel_spacing(self) -> tuple[float, float]: ...
+
+
+def radius_px(volume: Spaced, mm: float) -> tuple[int, int]:
     """A distance in mm as whole pixels along rows (y) and columns (x)."""
     return (int(round(mm / volume.pixel_spacing[0])), int(round(mm / volume.pixel_spacing[1])))
 

@@ -19,6 +19,7 @@ import numpy as np
 from scipy import ndimage
 
 from oncoseg_node.contouring.engines.classical.bone_candidates import float_type
+from oncoseg_node.contouring.engines.classical.boxed import BoxedVolume
 from oncoseg_node.contouring.engines.classical.labels import (
     LabelBuffer,
     LabelStats,
@@ -61,12 +62,12 @@ def _lumens(hu: np.ndarray, noise: float) -> np.ndarray:
     return out
 
 
-def great_vessels(volume: Volume, box: Box, hu: np.ndarray,
-                  scratch: LabelBuffer) -> tuple[np.ndarray, float]:
-    """The great vessels' core voxels (flat indices on ``box``, where ``hu`` lies) and the
-    densest one's mean HU; labels are written into ``scratch``."""
+def great_vessels(bone: BoxedVolume, scratch: LabelBuffer) -> tuple[np.ndarray, float]:
+    """The great vessels' core voxels (flat indices on the ``bone`` box) and the densest
+    one's mean HU; labels are written into ``scratch``."""
+    hu = bone.hu
     noise = image_noise(hu)
-    core = erode(_lumens(hu, noise), *radius_px(volume, CORE_MM), in_place=True)
+    core = erode(_lumens(hu, noise), *radius_px(bone, CORE_MM), in_place=True)
     flat = np.flatnonzero(core)
     if flat.size == 0:
         return flat, 0.0
@@ -74,7 +75,7 @@ def great_vessels(volume: Volume, box: Box, hu: np.ndarray,
     pieces = LabelStats.from_voxels(flat, labels.ravel()[flat], count)
     del labels, core
     mean, sd = pieces.mean_and_sd(hu)
-    tube = round_tubes(volume, box, pieces, np.arange(1, count + 1))
+    tube = round_tubes(bone.volume, bone.box, pieces, np.arange(1, count + 1))
     tube &= sd <= HOMOGENEOUS_NOISE * noise
     if not tube.any():
         return flat[:0], 0.0
@@ -87,10 +88,9 @@ def round_tubes(volume: Volume, box: Box, core: LabelStats, which: np.ndarray
     cross-section of a vessel's size, longer than a vertebra."""
     out = np.zeros(len(which), dtype=bool)
     pixel_mm2 = volume.pixel_spacing[0] * volume.pixel_spacing[1]
-    shape = tuple(s.stop - s.start for s in box)
-    # Slice k of the box is slice box[0].start + k of the volume: its own offsets,
-    # which differ from the volume's first ones wherever the spacing is not uniform.
-    offsets = volume.slice_offsets[box[0]]
+    bone = BoxedVolume(volume, box)
+    shape = bone.shape
+    offsets = bone.slice_offsets
     wanted = np.zeros(core.count + 1, dtype=bool)
     wanted[which] = True
     pick = wanted[core.lab]
