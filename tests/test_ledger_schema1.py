@@ -109,6 +109,7 @@ def test_pending_deliveries_of_a_schema1_ledger_reach_a_real_storescp(tmp_path):
     ledger.close()
 
 
+@pytest.mark.peers
 def test_the_daemon_started_on_a_schema1_ledger_delivers_its_pending_deliveries(tmp_path):
     from tests.daemon import Daemon
 
