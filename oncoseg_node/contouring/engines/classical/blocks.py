@@ -2,9 +2,9 @@
 
 A full mask of a 400 x 512 x 512 series is 100 MiB while a lung fills a
 tenth of it: the classical engine keeps each step's output as a
-:class:`Block` (its box in volume indices and the boolean array inside),
-and searches later steps only inside the blocks of earlier ones. Boxes are
-tuples of ``start:stop`` slices on ``(z, y, x)``.
+:class:`Block` (its box in volume indices and the mask inside, as booleans
+or bits), and searches later steps only inside the blocks of earlier ones.
+Boxes are :data:`~oncoseg_node.contouring.mask_crop.Box`.
 """
 
 from __future__ import annotations
@@ -16,20 +16,45 @@ import numpy as np
 
 from oncoseg_node.contouring.engines.classical.slabs import SLAB
 from oncoseg_node.contouring.engines.classical.voxels import PackedMask
-from oncoseg_node.contouring.mask_crop import EMPTY_BOX, Box, box_of, whole_box
+from oncoseg_node.contouring.mask_crop import EMPTY_BOX, Box, MaskCrop, box_of, whole_box
 
 
 @dataclass(frozen=True, eq=False)
 class Block:
-    """``array`` is the mask inside ``box`` of the volume; outside it, all False."""
+    """A mask as its box of the volume and what lies inside it, as booleans or as bits.
+
+    Outside ``box`` the mask is all False. Every step returns its masks as
+    blocks and reads earlier ones through :meth:`rows` (a slab at a time) and
+    :meth:`within` (on a box of its own), however they are held. A block that
+    waits for later steps is held as bits (:meth:`packed`): External at 400
+    slices is a 58 MiB block of booleans and 7 MiB of bits, and read a slab at
+    a time it is never whole again until :meth:`unpack`.
+    """
 
     box: Box
-    array: np.ndarray
+    held: np.ndarray | PackedMask
 
     @classmethod
     def whole(cls, mask: np.ndarray) -> Block:
         """A full mask as the block on the whole grid (a view, not a copy)."""
         return cls(whole_box(mask.shape), mask)
+
+    @property
+    def array(self) -> np.ndarray:
+        """The booleans inside ``box``: the block's own, or unpacked anew from its bits."""
+        held = self.held
+        return held.unpack() if isinstance(held, PackedMask) else held
+
+    def packed(self) -> Block:
+        """The same block held as bits, eight voxels a byte."""
+        held = self.held
+        return self if isinstance(held, PackedMask) else Block(self.box, PackedMask(held))
+
+    def unpack(self) -> Block | None:
+        """The block as booleans; None when it holds nothing."""
+        if self.held.shape[0] == 0:
+            return None
+        return Block(self.box, self.held.unpack()) if isinstance(self.held, PackedMask) else self
 
     def full(self, shape: tuple[int, ...]) -> np.ndarray:
         """The whole mask; np.zeros leaves the pages outside the box untouched (no RSS)."""
@@ -38,56 +63,46 @@ class Block:
         return out
 
     def rows(self, z0: int, z1: int) -> np.ndarray:
-        """Slices ``z0:z1`` of the block (indices within its box): a view."""
-        return self.array[z0:z1]
+        """Slices ``z0:z1`` of the block (indices within its box): a view of booleans,
+        a new array from bits."""
+        held = self.held
+        return held.slab(z0, z1) if isinstance(held, PackedMask) else held[z0:z1]
 
     def within(self, box: Box) -> np.ndarray:
-        """The mask on ``box`` (any box of the volume), as a new array."""
-        return _within(self, box)
-
-
-class PackedBlock:
-    """A block held as bits, eight voxels a byte, while it waits for the steps that read it.
-
-    External at 400 slices is a 58 MiB block of booleans and 7 MiB of bits;
-    the later steps read it a slab at a time (:meth:`rows`, :meth:`within`),
-    so it is never whole again until :meth:`unpack`.
-    """
-
-    def __init__(self, block: Block | None) -> None:
-        self.box: Box = EMPTY_BOX if block is None else block.box
-        self.bits = PackedMask(np.zeros((0, 0, 0), dtype=bool) if block is None else block.array)
-
-    def rows(self, z0: int, z1: int) -> np.ndarray:
-        """Slices ``z0:z1`` of the block (indices within its box), as a new array."""
-        return self.bits.slab(z0, z1)
-
-    def within(self, box: Box) -> np.ndarray:
-        """The mask on ``box`` (any box of the volume), as a new array."""
-        return _within(self, box)
-
-    def unpack(self) -> Block | None:
-        """The block as booleans again; None when it holds nothing."""
-        if self.bits.shape[0] == 0:
-            return None
-        return Block(self.box, self.bits.unpack())
-
-
-def _within(block: Block | PackedBlock, box: Box) -> np.ndarray:
-    """``block`` on ``box``: a new array, filled from the block's rows a slab at a time."""
-    out = np.zeros(tuple(s.stop - s.start for s in box), dtype=bool)
-    lo = [max(b.start, o.start) for b, o in zip(block.box, box, strict=True)]
-    hi = [min(b.stop, o.stop) for b, o in zip(block.box, box, strict=True)]
-    if not all(h > low for low, h in zip(lo, hi, strict=True)):
+        """The mask on ``box`` (any box of the volume): a new array, filled from the
+        block's rows a slab at a time."""
+        out = np.zeros(tuple(s.stop - s.start for s in box), dtype=bool)
+        lo = [max(b.start, o.start) for b, o in zip(self.box, box, strict=True)]
+        hi = [min(b.stop, o.stop) for b, o in zip(self.box, box, strict=True)]
+        if not all(h > low for low, h in zip(lo, hi, strict=True)):
+            return out
+        origin = [s.start for s in self.box]
+        ys, xs = (slice(lo[a] - origin[a], hi[a] - origin[a]) for a in (1, 2))
+        into_y, into_x = (slice(lo[a] - box[a].start, hi[a] - box[a].start) for a in (1, 2))
+        for z in range(lo[0], hi[0], SLAB):
+            stop = min(z + SLAB, hi[0])
+            out[z - box[0].start:stop - box[0].start, into_y, into_x] = (
+                self.rows(z - origin[0], stop - origin[0])[:, ys, xs])
         return out
-    origin = [s.start for s in block.box]
-    ys, xs = (slice(lo[a] - origin[a], hi[a] - origin[a]) for a in (1, 2))
-    into_y, into_x = (slice(lo[a] - box[a].start, hi[a] - box[a].start) for a in (1, 2))
-    for z in range(lo[0], hi[0], SLAB):
-        stop = min(z + SLAB, hi[0])
-        out[z - box[0].start:stop - box[0].start, into_y, into_x] = (
-            block.rows(z - origin[0], stop - origin[0])[:, ys, xs])
-    return out
+
+    def tightened(self, shape: tuple[int, int, int]) -> Block | None:
+        """A copy of the block, as booleans, on its bounding box; None when empty."""
+        return tight(self.array, self.box, shape)
+
+    def crop(self, shape: tuple[int, int, int]) -> MaskCrop:
+        """The mask as delivered, a crop of the grid of ``shape``; the block is tight
+        (:meth:`tightened`)."""
+        return MaskCrop(shape, self.box, self.array)
+
+
+def packed_block(block: Block | None) -> Block:
+    """``block`` held as bits (:meth:`Block.packed`); for None, a block of nothing."""
+    return Block(EMPTY_BOX, PackedMask(np.zeros((0, 0, 0), dtype=bool))) if block is None \
+        else block.packed()
+
+
+# The same, under the name that callers wanting a block of bits read best.
+PackedBlock = packed_block
 
 
 def rows_box(box: Box, part: slice) -> Box:

@@ -12,7 +12,7 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from oncoseg_node.contouring.engines.classical.blocks import Block, PackedBlock, rows_box
+from oncoseg_node.contouring.engines.classical.blocks import Block, rows_box
 from oncoseg_node.contouring.engines.classical.labels import components
 from oncoseg_node.contouring.engines.classical.morphology import (
     dilate,
@@ -214,12 +214,13 @@ def patient_x(volume: Volume, box: Box) -> np.ndarray:
     return x
 
 
-def midlines(volume: Volume, body: np.ndarray | Block | PackedBlock | None) -> np.ndarray:
+def midlines(volume: Volume, body: np.ndarray | Block | None) -> np.ndarray:
     """Mean patient x (mm) of the body on each slice; NaN where there is none.
 
     ``body`` is the full mask or its block, as booleans or bits (the same
     numbers, from the box only, a slab at a time).
     """
+    # A full mask is the engine's public form (tests, prompts); the steps pass blocks.
     block = Block.whole(body) if isinstance(body, np.ndarray) else body
     z = volume.shape[0]
     count = np.zeros(z)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from oncoseg_node.contouring.engines.classical.blocks import Block, PackedBlock
+from oncoseg_node.contouring.engines.classical.blocks import Block
 from oncoseg_node.contouring.engines.classical.boxed import BoxedVolume
 from oncoseg_node.contouring.engines.classical.morphology import dilate, radius_px, shift_in_place
 from oncoseg_node.contouring.engines.classical.slabs import SLAB, each_slab
@@ -37,7 +37,7 @@ def float_type(hu: np.ndarray) -> np.dtype:
     return np.result_type(hu.dtype, np.float32)
 
 
-def half_maximum(bone: BoxedVolume, body: Block | PackedBlock) -> np.ndarray:
+def half_maximum(bone: BoxedVolume, body: Block) -> np.ndarray:
     """Steps 1 and 2 on the ``bone`` box: candidate bone, a slab of slices at a time.
 
     Each slab's peaks need the slice on either side (they count along z), so

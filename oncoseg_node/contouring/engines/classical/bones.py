@@ -30,12 +30,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from oncoseg_node.contouring.engines.classical.blocks import (
-    Block,
-    PackedBlock,
-    box_by_slab,
-    rows_box,
-)
+from oncoseg_node.contouring.engines.classical.blocks import Block, box_by_slab, rows_box
 from oncoseg_node.contouring.engines.classical.bone_candidates import (
     LOW_HU,
     SEED_HU,
@@ -114,13 +109,12 @@ class Skeleton:
     """Bones (marrow included) and the solid bone the canal search looks in.
 
     ``bone`` is the volume on the bone's box (padded in-plane), None when
-    nothing in the body is as dense as bone. ``solid`` (cortex and trabecular
+    nothing in ``outline`` (External's block) is as dense as bone. ``solid`` (cortex and trabecular
     marrow, on that box) is what rings the canal; ``fill`` adds fatty marrow
     and leaves the canal out.
     """
 
-    def __init__(self, volume: Volume, body: np.ndarray | Block | PackedBlock) -> None:
-        outline = Block.whole(body) if isinstance(body, np.ndarray) else body
+    def __init__(self, volume: Volume, outline: Block) -> None:
 
         def dense_in(part: slice) -> np.ndarray:
             found = volume.hu[rows_box(outline.box, part)] > LOW_HU

@@ -21,7 +21,7 @@ from functools import cached_property
 import numpy as np
 
 from oncoseg_node.contouring.engines.base import StructureResult
-from oncoseg_node.contouring.engines.classical.blocks import Block, PackedBlock
+from oncoseg_node.contouring.engines.classical.blocks import Block, packed_block
 from oncoseg_node.contouring.engines.classical.body import (
     BODY_HU,
     external,
@@ -38,8 +38,6 @@ from oncoseg_node.contouring.engines.classical.lungs import (
     LungsAndAirways,
 )
 from oncoseg_node.contouring.engines.classical.postprocess import postprocess_block
-from oncoseg_node.contouring.engines.classical.voxels import PackedMask
-from oncoseg_node.contouring.mask_crop import Box, MaskCrop
 from oncoseg_node.contouring.protocols import Structure
 from oncoseg_node.contouring.volume import Volume
 
@@ -48,7 +46,7 @@ __all__ = ["BODY_HU", "GAS_HU", "LUNG_HU", "MIN_LUNG_CC", "ClassicalEngine", "bo
 
 
 
-def skeleton_blocks(volume: Volume, body: np.ndarray | Block | PackedBlock, mid: np.ndarray
+def skeleton_blocks(volume: Volume, body: Block, mid: np.ndarray
                     ) -> tuple[Block | None, Block | None]:
     """Skeleton (marrow included, contrast and metal left out) and the spinal canal,
     each on its own box (None when empty): never a whole volume of either."""
@@ -65,7 +63,7 @@ def skeleton_blocks(volume: Volume, body: np.ndarray | Block | PackedBlock, mid:
 def bones_and_canal(volume: Volume, body: np.ndarray, mid: np.ndarray
                     ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`skeleton_blocks` as whole masks."""
-    bones, canal = skeleton_blocks(volume, body, mid)
+    bones, canal = skeleton_blocks(volume, Block.whole(body), mid)
     nothing = np.zeros(volume.shape, dtype=bool)
     return (nothing if bones is None else bones.full(volume.shape),
             nothing.copy() if canal is None else canal.full(volume.shape))
@@ -85,9 +83,9 @@ class _Steps:
         self.airways = names is None or bool({"Trachea", "Bronchus"} & set(names))
 
     @cached_property
-    def body(self) -> PackedBlock:
+    def body(self) -> Block:
         """External as bits on its box (empty when the series holds no body)."""
-        return PackedBlock(external_block(self.volume))
+        return packed_block(external_block(self.volume))
 
     @cached_property
     def mid(self) -> np.ndarray:
@@ -140,9 +138,9 @@ class ClassicalEngine:
     def segment(self, volume: Volume, structures: Sequence[Structure]) -> list[StructureResult]:
         steps = _Steps(volume, [s.name for s in structures])
         results: dict[int, StructureResult] = {}
-        # Each found mask waits as bits for the steps after its own: at 400 slices
-        # External is 58 MiB of booleans, 7 MiB of bits.
-        waiting: dict[int, tuple[Box, PackedMask]] = {}
+        # Each found mask waits as bits, on its bounding box, for the steps after its
+        # own: at 400 slices External is 58 MiB of booleans, 7 MiB of bits.
+        waiting: dict[int, Block] = {}
         for index, structure in enumerate(structures):
             if structure.name not in _BUILDERS:
                 results[index] = StructureResult(structure.name, None,
@@ -155,20 +153,19 @@ class ClassicalEngine:
                     continue
                 block = postprocess_block(volume, _BUILDERS[structure.name][1](steps),
                                           structure.postprocess)
-                if block is None:
+                found = None if block is None else block.tightened(volume.shape)
+                del block
+                if found is None:
                     results[index] = StructureResult(structure.name, None,
                                                      note="not found in this series")
                 else:
-                    origin = (block.box[0].start, block.box[1].start, block.box[2].start)
-                    crop = MaskCrop.of(block.array, volume.shape, origin)
-                    waiting[index] = (crop.box, PackedMask(crop.array))
-                del block
+                    waiting[index] = found.packed()
+                del found
             needed.discard(step)
             for held, users in _HELD_FOR.items():
                 if not needed & set(users):
                     steps.release(held)
         del steps
-        for index, (box, bits) in waiting.items():
-            crop = MaskCrop(volume.shape, box, bits.unpack())
-            results[index] = StructureResult(structures[index].name, crop)
+        for index, mask in waiting.items():
+            results[index] = StructureResult(structures[index].name, mask.crop(volume.shape))
         return [results[i] for i in range(len(structures))]

@@ -14,7 +14,6 @@ from scipy import ndimage
 
 from oncoseg_node.contouring.engines.classical.blocks import (
     Block,
-    PackedBlock,
     box_by_slab,
     inner,
     rows_box,
@@ -101,17 +100,16 @@ class LungsAndAirways:
 
     ``left``, ``right``, ``trachea`` and ``bronchus`` give full ``(z, y, x)``
     masks (empty when not in view); :meth:`block` gives one on its box only.
-    ``body`` is External, full or as its block (booleans or bits): the lungs are looked for in
+    ``outline`` is External as its block (booleans or bits): the lungs are looked for in
     its box, so no full-volume temporary is made. ``airways=False`` skips the
     trachea and bronchi (then reported empty) when no structure asks for them.
     """
 
     NAMES = ("left", "right", "trachea", "bronchus")
 
-    def __init__(self, volume: Volume, body: np.ndarray | Block | PackedBlock, mid: np.ndarray,
+    def __init__(self, volume: Volume, outline: Block, mid: np.ndarray,
                  *, airways: bool = True) -> None:
         self._held: dict[str, Block] = {}
-        outline = Block.whole(body) if isinstance(body, np.ndarray) else body
 
         def aerated_in(part: slice) -> np.ndarray:
             found = volume.hu[rows_box(outline.box, part)] < LUNG_HU
