@@ -371,3 +371,31 @@ def test_shipped_protocols_mark_what_only_sam3_contours():
         marked_names = re.findall(r"[A-Za-z][A-Za-z0-9_^]*", marked)
         absent = absent_structures(protocols.by_name(name), contourable(EngineConfig()))
         assert marked_names == [s.name for s in absent], name
+
+
+def test_prompt_is_read_and_box_prompts_need_a_window(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "structures:\n"                                                                  # 1
+        "  Lung_L: {color: [1, 2, 3], engine: sam3, hu_window: [-950, -500],\n"          # 2
+        "           prompt: boxes}\n"                                                     # 3
+        "  Liver: {color: [1, 2, 3], engine: sam3, concepts: [liver], prompt: text}\n"   # 4
+        "  Heart: {color: [1, 2, 3], engine: sam3, concepts: [heart],\n"                 # 5
+        "          hu_window: [0, 100]}\n"                                                # 6
+        "  Bowel: {color: [1, 2, 3], engine: sam3, concepts: [bowel]}\n"                 # 7
+        "protocols:\n"                                                                    # 8
+        "  - name: a\n"                                                                   # 9
+        "    structures: [Lung_L, Liver, Heart, Bowel]\n")                                # 10
+    library = load_protocols(path).library
+    assert [library[n].prompting for n in ("Lung_L", "Liver", "Heart", "Bowel")] == \
+        ["boxes", "text", "text+boxes", "text"]
+    path.write_text(path.read_text()
+                    .replace("hu_window: [-950, -500],", "negative_concepts: [heart],")
+                    .replace("prompt: text}", "prompt: txt}")
+                    .replace("concepts: [bowel]}", "concepts: [bowel], prompt: text+boxes}"))
+    assert_refused_with(path, [
+        (3, "structures.Lung_L.prompt: boxes needs hu_window, the HU window"),
+        (2, "structures.Lung_L.negative_concepts: not used with prompt: boxes"),
+        (4, "structures.Liver.prompt: 'txt' is not one of text, text+boxes, boxes"),
+        (7, "structures.Bowel.prompt: text+boxes needs hu_window"),
+    ])

@@ -32,6 +32,10 @@ INTERPRETED_TYPES = frozenset(
 )
 ENGINES = frozenset({"classical", "sam3"})
 PARTS = ("one", "many")
+# How a SAM3 structure is prompted: its text concepts, those plus intensity-based
+# boxes, or the boxes alone (for checkpoints trained without text, as Onco-Seg's was).
+PROMPTS = ("text", "text+boxes", "boxes")
+BOXED_PROMPTS = frozenset({"text+boxes", "boxes"})
 TG263_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_^]{0,15}$")
 
 
@@ -132,6 +136,12 @@ class Structure:
     window (rarely wanted: each distinct one costs a pass over the series).
     ``parts`` is ``many`` for a structure made of separate pieces (bowel
     loops, vertebrae): every instance is followed, not only the best one.
+    ``prompt`` is how a SAM3 model is asked for it: ``text`` (its concepts),
+    ``text+boxes`` (concepts, plus intensity boxes from ``hu_window`` where
+    they are found) or ``boxes`` (those boxes alone, no concept text: for
+    checkpoints trained without text). Unset, the concepts plus whatever
+    boxes the engine's prompter gives: the node's gives them only with an
+    ``hu_window`` (:attr:`prompting` names the outcome).
     """
 
     name: str = field(metadata=read_as(check=_tg263_name))
@@ -152,6 +162,27 @@ class Structure:
         check=_must(PARTS.__contains__, "one or many")))
     postprocess: PostProcess = field(default_factory=PostProcess, metadata=read_as(
         check=_or_empty(dict, "{raw!r} is not a mapping")))
+    prompt: str | None = field(default=None, metadata=read_as(check=_must(
+        lambda v: v is None or v in PROMPTS, f"one of {', '.join(PROMPTS)}")))
+
+    @property
+    def prompting(self) -> str:
+        """``prompt`` as set, else ``text+boxes`` with an ``hu_window`` and ``text`` without."""
+        if self.prompt is not None:
+            return self.prompt
+        return "text+boxes" if self.hu_window is not None else "text"
+
+
+def _prompt_problems(name: str, structure: Structure) -> list[str]:
+    """A box prompt with no window to find its boxes in; text where no text is sent."""
+    problems = []
+    if structure.prompt in BOXED_PROMPTS and structure.hu_window is None:
+        problems.append(f"structures.{name}.prompt: {structure.prompt} needs hu_window, "
+                        "the HU window [low, high] its boxes are found in")
+    if structure.prompt == "boxes" and structure.negative_concepts:
+        problems.append(f"structures.{name}.negative_concepts: not used with prompt: boxes "
+                        "(no text reaches the model); remove them or prompt with text")
+    return problems
 
 
 @dataclass(frozen=True)
@@ -290,6 +321,9 @@ def _cross_references(declared: ProtocolsFile, max_roi_name_length: int | None) 
                      "the limit of a configured destination"
                      for name in declared.structures
                      if TG263_NAME.match(str(name)) and len(str(name)) > max_roi_name_length]
+    for name, structure in declared.structures.items():
+        if structure is not None:
+            problems += _prompt_problems(str(name), structure)
     protocols = [p for p in declared.protocols if p is not None]
     seen: set[str] = set()
     for protocol in protocols:

@@ -29,7 +29,12 @@ structure, e.g. intensity-based boxes from the classical engine) can be
 given to :meth:`Sam3Engine.from_config`; those slices are prompted with text
 and boxes together. ``registry.build_engines`` passes the intensity-based
 prompter of ``prompts.py``, which boxes only structures whose
-protocol entry has an ``hu_window``.
+protocol entry has an ``hu_window``. A structure's ``prompt`` chooses:
+``text`` never asks for boxes, ``text+boxes`` adds them where found, and
+``boxes`` (checkpoints trained without text) prompts only the slices that
+have boxes, with the boxes alone: no concept text, SAM3's geometry-only
+placeholder in the text slot (``select.BOXES_ONLY_TEXT``); the tracker
+carries the structure beyond those slices as for any seed.
 """
 
 from __future__ import annotations
@@ -66,7 +71,14 @@ from oncoseg_node.contouring.engines.sam3.preprocess import (
     SliceFrame,
     window_to_unit,
 )
-from oncoseg_node.contouring.engines.sam3.select import concepts, instances
+from oncoseg_node.contouring.engines.sam3.select import (
+    BOXES_ONLY_TEXT,
+    PromptKey,
+    concepts,
+    instances,
+    negative_concepts,
+    prompt_keys,
+)
 from oncoseg_node.contouring.engines.sam3.track import (
     Detection,
     FeatureStore,
@@ -96,9 +108,10 @@ class _Choice:
 
 @dataclass(frozen=True)
 class _Prompt:
-    key: tuple[str, str | None]  # (concept, structure name when boxes make it specific)
+    key: PromptKey  # (text sent, structure name when boxes make it specific)
     concept: str
     boxes: Mapping[int, Sequence[Box]] | None = None
+    boxes_only: bool = False  # only the slices with boxes are prompted
 
 
 def _fits(structure: Structure, cc: float) -> bool:
@@ -170,8 +183,8 @@ class Sam3Engine:
         return f"{self.weights_sha256[:8]}+lora {self.adapter.sha256[:8]}"
 
     def supports(self, structure: Structure) -> bool:
-        """Any structure with a text concept; the concept is the prompt."""
-        return bool(concepts(structure))
+        """A structure with a text concept, or one prompted by boxes alone."""
+        return structure.prompting == "boxes" or bool(concepts(structure))
 
     # -- the job ---------------------------------------------------------------
 
@@ -183,6 +196,9 @@ class Sam3Engine:
         for i, structure in enumerate(structures):
             if not self.supports(structure):
                 results[i] = StructureResult(structure.name, None, note="no text concept")
+            elif structure.prompting == "boxes" and self.box_prompter is None:
+                results[i] = StructureResult(structure.name, None,
+                                             note="prompt: boxes, but no box prompter")
             else:
                 # hu_window shapes box prompts only; the model sees its training window
                 window = tuple(structure.model_window or DEFAULT_WINDOW)
@@ -197,6 +213,11 @@ class Sam3Engine:
             prompts = self._prompts([structures[i] for i in members], list(boxes.values()))
             store, hits, best = self._encode_and_detect(volume, frame, window, prompts)
             for i in members:
+                if structures[i].prompting == "boxes" and boxes[i] is None:
+                    results[i] = StructureResult(
+                        structures[i].name, None, score=0.0,
+                        note="not found: no box prompt (hu_window found it on no slice)")
+                    continue
                 choice = self._choose(volume, frame, structures[i], boxes[i] is not None,
                                       store, hits, best, midline)
                 if isinstance(choice, StructureResult):
@@ -224,7 +245,7 @@ class Sam3Engine:
                 for i, choice in chosen.items()}
 
     def _boxes(self, volume: Volume, structure: Structure) -> Mapping[int, Sequence[Box]] | None:
-        if self.box_prompter is None:
+        if self.box_prompter is None or structure.prompt == "text":  # unset: as the prompter says
             return None
         boxes = {z: b for z, b in (self.box_prompter(volume, structure) or {}).items() if b}
         return boxes or None
@@ -232,12 +253,17 @@ class Sam3Engine:
     @staticmethod
     def _prompts(structures: Sequence[Structure],
                  boxes: Sequence[Mapping[int, Sequence[Box]] | None]) -> list[_Prompt]:
-        prompts: dict[tuple[str, str | None], _Prompt] = {}
+        prompts: dict[PromptKey, _Prompt] = {}
         for structure, sboxes in zip(structures, boxes, strict=True):
+            if structure.prompting == "boxes":
+                if sboxes:
+                    key: PromptKey = (BOXES_ONLY_TEXT, structure.name)
+                    prompts[key] = _Prompt(key, BOXES_ONLY_TEXT, sboxes, boxes_only=True)
+                continue
             for concept in concepts(structure):
                 key = (concept, structure.name if sboxes else None)
                 prompts.setdefault(key, _Prompt(key, concept, sboxes))
-            for concept in (c for c in structure.negative_concepts if c.strip()):
+            for concept in negative_concepts(structure):
                 prompts.setdefault((concept, None), _Prompt((concept, None), concept))
         return list(prompts.values())
 
@@ -269,7 +295,7 @@ class Sam3Engine:
                            prompts: Sequence[_Prompt]):
         n = volume.shape[0]
         store = FeatureStore(n, self.device)
-        hits: dict[tuple[str, str | None], list[list[Detection]]] = {
+        hits: dict[PromptKey, list[list[Detection]]] = {
             p.key: [[] for _ in range(n)] for p in prompts}
         best = {p.key: np.zeros(n) for p in prompts}
         step = max(1, int(self.config.batch_size))
@@ -282,7 +308,8 @@ class Sam3Engine:
             store.put(z0, feats, pos)
             for prompt in prompts:
                 boxed = [b for b in range(z1 - z0) if prompt.boxes and prompt.boxes.get(z0 + b)]
-                plain = [b for b in range(z1 - z0) if b not in boxed]
+                plain = ([] if prompt.boxes_only
+                         else [b for b in range(z1 - z0) if b not in boxed])
                 for rows, with_boxes in ((plain, False), (boxed, True)):
                     if rows:
                         self._detect(vision, rows, z0, frame, prompt, with_boxes,
@@ -343,8 +370,8 @@ class Sam3Engine:
         """The track that best explains the structure, or an absent result saying why."""
         threshold = float(self.config.score_threshold)
         candidates = self._candidates(volume, frame, structure, boxed, hits, midline)
-        top = max((float(best[(c, structure.name if boxed else None)].max())
-                   for c in concepts(structure)), default=0.0)
+        top = max((float(best[key].max()) for key in prompt_keys(structure, boxed)),
+                  default=0.0)
         tried: list[tuple[Track, float]] = []
         for _ in range(SEED_ATTEMPTS):
             seed = next_seed(candidates, [t for t, _ in tried], self.assoc_iou)

@@ -22,11 +22,34 @@ from oncoseg_node.contouring.protocols import Structure
 from oncoseg_node.contouring.volume import Volume
 
 NEGATIVE_IOU = 0.5  # a negative concept's detection this close to ours outranks it
-Hits = Mapping[tuple[str, str | None], Sequence[Sequence[Detection]]]
+# SAM3's detector always reads a text slot beside the geometry. For boxes alone,
+# Meta's processor and transformers' fill it with this word ("visual"), so that
+# the model relies on the boxes only; no concept of the structure is sent.
+BOXES_ONLY_TEXT = "visual"
+PromptKey = tuple[str, str | None]  # (text sent, structure name when boxes make it specific)
+Hits = Mapping[PromptKey, Sequence[Sequence[Detection]]]
 
 
 def concepts(structure: Structure) -> list[str]:
     return [c for c in structure.concepts if c.strip()]
+
+
+def prompt_keys(structure: Structure, boxed: bool) -> list[PromptKey]:
+    """The detector prompts whose detections are the structure's.
+
+    ``boxed``: the structure has box prompts on some slices. A ``prompt:
+    boxes`` structure has one prompt, its boxes, keyed by its name.
+    """
+    if structure.prompting == "boxes":
+        return [(BOXES_ONLY_TEXT, structure.name)]
+    return [(c, structure.name if boxed else None) for c in concepts(structure)]
+
+
+def negative_concepts(structure: Structure) -> list[str]:
+    """Concepts whose detections outrank the structure's; none when no text is sent."""
+    if structure.prompting == "boxes":
+        return []
+    return [c for c in structure.negative_concepts if c.strip()]
 
 
 def patient_side(volume: Volume, frame: SliceFrame, det: Detection,
@@ -45,15 +68,13 @@ def instances(volume: Volume, frame: SliceFrame, structure: Structure, hits: Hit
     """Per slice: the structure's instances after merging, negatives and laterality."""
     out: list[list[Detection]] = []
     for z in range(volume.shape[0]):
-        dets = [d for c in concepts(structure)
-                for d in hits[(c, structure.name if boxed else None)][z]]
+        dets = [d for key in prompt_keys(structure, boxed) for d in hits[key][z]]
         if len(dets) > 1:
             keep = mask_nms(torch.stack([d.mask for d in dets]),
                             torch.tensor([d.score for d in dets]), nms_iou,
                             max_keep=max_instances, max_candidates=len(dets))
             dets = [dets[k] for k in keep.tolist()]
-        negatives = [d for c in structure.negative_concepts if c.strip()
-                     for d in hits[(c, None)][z]]
+        negatives = [d for c in negative_concepts(structure) for d in hits[(c, None)][z]]
         if negatives and dets:
             iou = pairwise_mask_iou(torch.stack([d.mask for d in dets]),
                                     torch.stack([d.mask for d in negatives]))
