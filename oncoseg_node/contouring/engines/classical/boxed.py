@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from oncoseg_node.contouring.engines.classical.blocks import Block, rows_box, tight
+from oncoseg_node.contouring.engines.classical.blocks import Block, inner, rows_box, tight
 from oncoseg_node.contouring.mask_crop import Box
 from oncoseg_node.contouring.volume import Volume
 
@@ -47,10 +47,14 @@ class BoxedVolume:
         """The volume's index of the box's slice ``z``."""
         return self.z0 + z
 
+    def on_slices(self, per_slice: np.ndarray) -> np.ndarray:
+        """The entries of ``per_slice`` (one per slice of the volume) for the box's slices."""
+        return per_slice[self.box[0]]
+
     @property
     def slice_offsets(self) -> np.ndarray:
         """Position (mm) along the slice normal of each of the box's own slices."""
-        return self.volume.slice_offsets[self.box[0]]
+        return self.on_slices(self.volume.slice_offsets)
 
     @property
     def pixel_spacing(self) -> tuple[float, float]:
@@ -64,6 +68,10 @@ class BoxedVolume:
         """LPS points (n, 3) of the (fractional) pixels ``rows``, ``cols`` of box slice ``z``."""
         return self.volume.index_to_patient(self.to_volume(z), rows + self.box[1].start,
                                             cols + self.box[2].start)
+
+    def sub(self, part: Box) -> BoxedVolume:
+        """The volume on ``part``, a box given in this box's indices."""
+        return BoxedVolume(self.volume, inner(self.box, part))
 
     def rows(self, z0: int, z1: int) -> Box:
         """The box's slices ``z0:z1`` (box indices, cut at its end) as a volume box."""

@@ -15,11 +15,10 @@ from scipy import ndimage
 from oncoseg_node.contouring.engines.classical.blocks import (
     Block,
     box_by_slab,
-    inner,
     rows_box,
-    tight,
 )
 from oncoseg_node.contouring.engines.classical.body import patient_x
+from oncoseg_node.contouring.engines.classical.boxed import BoxedVolume
 from oncoseg_node.contouring.engines.classical.labels import (
     LabelStats,
     compact_label,
@@ -32,7 +31,7 @@ from oncoseg_node.contouring.engines.classical.morphology import (
     radius_px,
 )
 from oncoseg_node.contouring.engines.classical.voxels import labelled_as
-from oncoseg_node.contouring.mask_crop import Box
+from oncoseg_node.contouring.mask_crop import box_of
 from oncoseg_node.contouring.volume import Volume
 
 # HU levels are integers: int16 HU compare with them in 16-bit arithmetic.
@@ -49,15 +48,14 @@ NEAR_LUNG_MM = 3.0     # past its wall, the airway reaches this close to each lu
 MIN_BRONCHUS_MM2 = 10.0  # at the carina each main bronchus's lumen is at least this
 
 
-def _split_merged(volume: Volume, part: np.ndarray, box: Box,
-                  mid: np.ndarray) -> np.ndarray:
-    """Left (patient) share of two lungs joined at a junction; ``part`` given on ``box``.
+def _split_merged(there: BoxedVolume, part: np.ndarray, mid: np.ndarray) -> np.ndarray:
+    """Left (patient) share of two lungs joined at a junction; ``part`` given on ``there``.
 
     On axial images each slice is cut at the column within JUNCTION_MM of
     the body's midline where the joined lungs are thinnest (the junction line,
     which is often off the midline); on oblique images voxels go by side.
     """
-    x_of = patient_x(volume, box) - mid[box[0], None, None]
+    x_of = patient_x(there.volume, there.box) - there.on_slices(mid)[:, None, None]
     if x_of.shape[1] != 1:
         return part & (x_of > 0)
     left = np.zeros_like(part)
@@ -120,7 +118,8 @@ class LungsAndAirways:
         box = self.box
         if box is None:
             return
-        hu = volume.hu[box]
+        lungs = BoxedVolume(volume, box)
+        hu = lungs.hu
         aerated = hu < LUNG_HU
         aerated &= outline.within(box)
         labels, count, tree_labels = _gas_tree(aerated, hu)
@@ -135,7 +134,7 @@ class LungsAndAirways:
         airway = dilate(tree, *radius_px(volume, WALL_MM)) if tree.any() else tree
         del tree
         aerated &= ~airway
-        left, right = _lungs(volume, aerated, box, mid)
+        left, right = _lungs(lungs, aerated, mid)
         del aerated
         per_slice_cc = volume.voxel_volume_mm3
         found: dict[str, np.ndarray] = {}  # on the lungs' box
@@ -151,7 +150,7 @@ class LungsAndAirways:
         del left, right, airway
         if tree_voxels is not None and "left" in found and "right" in found:
             for name, airway_block in zip(("trachea", "bronchus"), _trachea_and_bronchi(
-                    volume, tree_voxels, tree_labels, hu, box, found["left"], found["right"]),
+                    lungs, tree_voxels, tree_labels, found["left"], found["right"]),
                     strict=True):
                 if airway_block is not None:
                     self._held[name] = airway_block
@@ -161,7 +160,7 @@ class LungsAndAirways:
             found["both"] = np.logical_or(*sides) if len(sides) == 2 else sides[0].copy()
         # Each kept on its own box: the lungs' box is several times a lung's.
         for name, array in found.items():
-            held = tight(array, box, volume.shape)
+            held = lungs.tight(array)
             if held is not None:
                 self._held[name] = held
 
@@ -174,15 +173,16 @@ class LungsAndAirways:
         return self.block("both")
 
 
-def _lungs(volume: Volume, aerated: np.ndarray, box: Box, mid: np.ndarray
+def _lungs(lungs: BoxedVolume, aerated: np.ndarray, mid: np.ndarray
            ) -> tuple[np.ndarray, np.ndarray]:
-    """Aerated lung (airways removed) on ``box`` sorted into (left, right) components.
+    """Aerated lung (airways removed) on the ``lungs`` box sorted into (left, right)
+    components.
 
     ``aerated`` is given up: once labelled, its memory holds the left lung.
     """
     parts = components(aerated)
-    labels, sizes = parts.labels, parts.cc(volume, box[0].start)
-    x_of = patient_x(volume, box) - np.nan_to_num(mid[box[0]])[:, None, None]
+    labels, sizes = parts.labels, parts.cc(lungs.volume, lungs.z0)
+    x_of = patient_x(lungs.volume, lungs.box) - np.nan_to_num(lungs.on_slices(mid))[:, None, None]
     left, right = aerated, np.zeros_like(aerated)
     left[...] = False
     # Each component judged on its own box, not as a mask the size of the lungs' box.
@@ -198,17 +198,17 @@ def _lungs(volume: Volume, aerated: np.ndarray, box: Box, mid: np.ndarray
         elif 1.0 - share_left >= SIDE_SHARE:
             right[at] |= part
         else:  # both lungs in one component: joined at the anterior junction
-            on_left = _split_merged(volume, part, inner(box, at), np.nan_to_num(mid))
+            on_left = _split_merged(lungs.sub(box_of(at)), part, np.nan_to_num(mid))
             left[at] |= on_left
             right[at] |= part & ~on_left
     return left, right
 
 
-def _airway_label(volume: Volume, tree: LabelStats, tree_labels: np.ndarray,
+def _airway_label(lungs: BoxedVolume, tree: LabelStats, tree_labels: np.ndarray,
                   left: np.ndarray, right: np.ndarray) -> int:
     """The largest piece of the gas tree (its voxels ``tree``, labels ``tree_labels``)
     that comes near both lungs; 0 when none does."""
-    reach = radius_px(volume, WALL_MM + NEAR_LUNG_MM)
+    reach = radius_px(lungs, WALL_MM + NEAR_LUNG_MM)
     near_both = np.ones(tree.count + 1, dtype=bool)
     for lung in (left, right):
         near = dilate(lung, *reach)
@@ -223,8 +223,7 @@ def _airway_label(volume: Volume, tree: LabelStats, tree_labels: np.ndarray,
     return best
 
 
-def _trachea_and_bronchi(volume: Volume, tree: LabelStats, tree_labels: np.ndarray,
-                         hu: np.ndarray, box: Box,
+def _trachea_and_bronchi(lungs: BoxedVolume, tree: LabelStats, tree_labels: np.ndarray,
                          left: np.ndarray, right: np.ndarray
                          ) -> tuple[Block | None, Block | None]:
     """Trachea above the carina and the main bronchi below it, walls included,
@@ -237,14 +236,15 @@ def _trachea_and_bronchi(volume: Volume, tree: LabelStats, tree_labels: np.ndarr
     The airway is worked on its own box, grown in-plane by what its lumen
     and wall reach, not on the lungs' box.
     """
-    best = _airway_label(volume, tree, tree_labels, left, right)
+    best = _airway_label(lungs, tree, tree_labels, left, right)
     if not best:
         return None, None
+    hu = lungs.hu
     at = np.unravel_index(tree.flat[tree.lab == best], hu.shape)
-    wall = radius_px(volume, AIRWAY_WALL_MM)
-    near = (slice(int(at[0].min()), int(at[0].max()) + 1),) + tuple(
+    wall = radius_px(lungs, AIRWAY_WALL_MM)
+    near = box_of([slice(int(at[0].min()), int(at[0].max()) + 1)] + [
         slice(max(int(at[a].min()) - 1 - wall[a - 1], 0),
-              min(int(at[a].max()) + 2 + wall[a - 1], hu.shape[a])) for a in (1, 2))
+              min(int(at[a].max()) + 2 + wall[a - 1], hu.shape[a])) for a in (1, 2)])
     core = np.zeros(tuple(s.stop - s.start for s in near), dtype=bool)
     core[tuple(i - s.start for i, s in zip(at, near, strict=True))] = True
     del at
@@ -254,9 +254,10 @@ def _trachea_and_bronchi(volume: Volume, tree: LabelStats, tree_labels: np.ndarr
     lumen = core | (lumen & ~lungs_there)
     outer = dilate(lumen, *wall) & ~lungs_there
     # Patient z of each slice: the carina is found from the head down.
-    z_mm = volume.positions[box[0], 2][near[0]]
+    airway = lungs.sub(near)
+    z_mm = airway.on_slices(lungs.volume.positions)[:, 2]
     order = np.argsort(-z_mm)
-    min_px = MIN_BRONCHUS_MM2 / (volume.pixel_spacing[0] * volume.pixel_spacing[1])
+    min_px = MIN_BRONCHUS_MM2 / (airway.pixel_spacing[0] * airway.pixel_spacing[1])
     carina = None
     for k in order:
         if not core[k].any():
@@ -264,10 +265,8 @@ def _trachea_and_bronchi(volume: Volume, tree: LabelStats, tree_labels: np.ndarr
         if int((components(core[k]).voxels() >= min_px).sum()) >= 2:
             carina = float(z_mm[k])
             break
-    where = inner(box, near)
     if carina is None:
-        return tight(outer, where, volume.shape), None
+        return airway.tight(outer), None
     above = (z_mm > carina)[:, None, None]
     bronchial = ((z_mm <= carina) & (z_mm >= carina - MAIN_BRONCHUS_MM))[:, None, None]
-    return (tight(outer & above, where, volume.shape),
-            tight(outer & bronchial, where, volume.shape))
+    return airway.tight(outer & above), airway.tight(outer & bronchial)
