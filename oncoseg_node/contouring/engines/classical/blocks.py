@@ -86,8 +86,11 @@ class Block:
         return out
 
     def tightened(self, shape: tuple[int, int, int]) -> Block | None:
-        """A copy of the block, as booleans, on its bounding box; None when empty."""
-        return tight(self.array, self.box, shape)
+        """A copy of the block, as booleans, on its bounding box in a grid of ``shape``;
+        None when empty. The box is found as a delivered crop's is."""
+        origin = (self.box[0].start, self.box[1].start, self.box[2].start)
+        crop = MaskCrop.of(self.array, shape, origin)
+        return None if crop.array.size == 0 else Block(crop.box, crop.array)
 
     def crop(self, shape: tuple[int, int, int]) -> MaskCrop:
         """The mask as delivered, a crop of the grid of ``shape``; the block is tight
@@ -133,17 +136,6 @@ def box_by_slab(origin: Box, shape: tuple[int, ...], part: Callable[[slice], np.
         lo, hi = origin[axis].start + int(where[0]), origin[axis].start + int(where[-1]) + 1
         spans.append(slice(max(lo - p, 0), min(hi + p, shape[axis])))
     return box_of(spans)
-
-
-def tight(mask: np.ndarray, origin: Box | None = None,
-          shape: tuple[int, ...] | None = None) -> Block | None:
-    """A copy of ``mask`` (the block on ``origin``, or a full mask) on its bounding box."""
-    origin = origin if origin is not None else whole_box(mask.shape)
-    box = box_in(mask, origin, shape if shape is not None else mask.shape)
-    if box is None:
-        return None
-    return Block(box, mask[tuple(slice(b.start - o.start, b.stop - o.start)
-                                 for b, o in zip(box, origin, strict=True))].copy())
 
 
 def inner(outer: Box, part: Box) -> Box:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from oncoseg_node.contouring.engines.classical.blocks import Block, inner, rows_box, tight
+from oncoseg_node.contouring.engines.classical.blocks import Block, inner, rows_box
 from oncoseg_node.contouring.mask_crop import Box
 from oncoseg_node.contouring.volume import Volume
 
@@ -92,4 +92,4 @@ class BoxedVolume:
 
     def tight(self, mask: np.ndarray) -> Block | None:
         """``mask`` (on the box) as a block on its own bounding box; None when empty."""
-        return tight(mask, self.box, self.volume.shape)
+        return Block(self.box, mask).tightened(self.volume.shape)
