@@ -1,10 +1,11 @@
 """The volume seen through a box: its HU and geometry in the box's own indices.
 
-The skeleton's steps work on the bounding box of the bone, with indices
-within that box. Slice k of the box is slice ``box[0].start + k`` of the
-volume, with its own offset along the table (slice spacing need not be
-uniform), and pixel (r, c) is pixel ``(r + box[1].start, c + box[2].start)``:
-:class:`BoxedVolume` does that arithmetic, once, for every step.
+The chest and skeleton steps work on the bounding box of what they look
+at (the lungs, the bone), with indices within that box. Slice k of the box
+is slice ``box[0].start + k`` of the volume, with its own offset along the
+table (slice spacing need not be uniform), and pixel (r, c) is pixel
+``(r + box[1].start, c + box[2].start)``: :class:`BoxedVolume` does that
+arithmetic, once, for every step.
 """
 
 from __future__ import annotations
