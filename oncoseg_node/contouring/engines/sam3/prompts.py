@@ -31,6 +31,7 @@ from oncoseg_node.contouring.engines.classical.blocks import bbox
 from oncoseg_node.contouring.engines.classical.body import external, midlines, patient_x
 from oncoseg_node.contouring.engines.classical.labels import component_sizes_cc
 from oncoseg_node.contouring.engines.classical.morphology import opening, radius_px
+from oncoseg_node.contouring.mask_crop import whole_box
 from oncoseg_node.contouring.protocols import Structure
 from oncoseg_node.contouring.volume import Volume
 
@@ -126,7 +127,7 @@ def region(volume: Volume, spec: PromptSpec, side: str | None = None,
         body = external(volume) if body is None else body
         box = bbox(body, pad=1)
     else:
-        box = tuple(slice(0, n) for n in volume.shape)
+        box = whole_box(volume.shape)
     if box is None:
         return np.zeros((0, 0, 0), dtype=np.int32), None
     hu = _box_mean(volume.hu[box], *radius_px(volume, spec.smoothing_mm))
