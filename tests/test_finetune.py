@@ -133,6 +133,8 @@ def test_training_lowers_the_loss_resumes_exactly_and_the_engine_loads_the_adapt
     assert provenance["steps"] == 24 and provenance["structures"] == ["Heart"]
     assert set(provenance["cases"]["skipped"]) == {"other-series", "no-match"}
     assert json.loads((straight / "adapter_config.json").read_text())["r"] == 16
+    assert provenance["base_model"]["setting"] == "engine.sam3.model_dir"
+    assert provenance["base_model"]["layout"] == "transformers Sam3VideoModel"
 
     # stopped after 12 steps, then resumed to 24: the same weights as never stopping
     finetune(material, stopped, "--steps", "12")
@@ -176,3 +178,89 @@ def engines_see_the_adapter(material, adapter: Path) -> None:
     assert adapted.adapter is not None
     assert f"lora {adapted.adapter.sha256[:8]}" in info.describe("sam3")
     assert len(info.describe("sam3")) <= 64
+
+
+@pytest.fixture
+def one_thread():
+    """The tiny model's ops lose to thread contention on a shared CPU (seconds, not tens)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_trains_over_a_checkpoint_layered_on_base_dir_and_names_what_it_trained_over(
+        material, tmp_path, one_thread):
+    """engine.sam3.base_dir + checkpoint (an Onco-Seg-style Lightning file), as the engine
+    loads them; the adapter is accepted by adapter_dir and by ``weights check``."""
+    import io
+    from dataclasses import replace
+
+    from oncoseg_node.commissioning.finetune.command import (
+        FinetuneRequest,
+        describe_weights,
+        load_weights,
+        run_finetune,
+    )
+    from oncoseg_node.commissioning.finetune.report import SideBySide, to_html
+    from oncoseg_node.commissioning.finetune.trainer import TrainSettings
+    from oncoseg_node.config import load_config
+    from oncoseg_node.contouring.engines.sam3.engine import Sam3Engine
+    from oncoseg_node.contouring.engines.sam3.load import sha256_files
+    from oncoseg_node.contouring.engines.sam3.weights_check import check
+    from oncoseg_node.contouring.protocols import load_protocols
+    from tests.sam3_lightning import (
+        ONCO_SEG_HPARAMS,
+        meta_image_state,
+        onco_seg_style,
+        write_lightning_checkpoint,
+    )
+    from tests.sam3_meta import write_meta_checkpoint
+
+    root, _ = material
+    base = root / "tiny-sam3"
+    wrapped, _ = onco_seg_style(meta_image_state(write_meta_checkpoint(base, tmp_path / "meta")))
+    ckpt = write_lightning_checkpoint(tmp_path / "last.ckpt", wrapped,
+                                      hyper_parameters=ONCO_SEG_HPARAMS)
+    config = load_config(write_config(
+        tmp_path, protocols=str(root / "protocols.yaml"),
+        engine={"name": "sam3", "sam3": {"base_dir": str(base), "checkpoint": str(ckpt),
+                                         "device": "cpu", "dtype": "float32",
+                                         "batch_size": 4, "score_threshold": 0.0}}))
+    out, printed = tmp_path / "adapter", io.StringIO()
+    provenance = run_finetune(config, FinetuneRequest(
+        cases=root / "cases", out=out, aliases={"HEART": "Heart"}, steps=2,
+        validation_fraction=0.0,
+        settings=TrainSettings(steps=2, accumulate=1, checkpoint_every=2, learning_rate=1e-2)),
+        printed)
+    weights = provenance["base_model"]
+    assert weights["setting"] == "engine.sam3.base_dir"
+    assert weights["checkpoint"]["layout"] == "Meta's sam3 image model (no detector. prefix)"
+    assert weights["checkpoint"]["lora"]["rank"] == 4 and weights["checkpoint"]["lora"][
+        "alpha"] == 8
+    roles = {f["role"]: f for f in weights["files"]}
+    assert roles["checkpoint"]["sha256"] == sha256_files([ckpt])
+    assert roles["base"]["sha256"] == sha256_files([base / "model.safetensors"])
+    assert f"sha256 {sha256_files([ckpt])}" in printed.getvalue()
+    assert "Meta's sam3 image model" in printed.getvalue()
+    written = json.loads((out / "provenance.json").read_text())
+    assert written["base_model"] == json.loads(json.dumps(weights))
+    page = to_html(SideBySide([], []), "t", describe_weights(weights))
+    assert f"sha256 {sha256_files([ckpt])}" in page and f"{ckpt} (Meta&#x27;s sam3" in page
+
+    # the engine over base + checkpoint takes the adapter; weights check accepts the folder
+    engine = Sam3Engine.from_config(replace(config.engine.sam3, adapter_dir=out))
+    assert engine.adapter is not None and engine.adapter.rank == 16
+    assert engine.weights_sha256 == weights["sha256"]  # the model it was trained over
+    heart = load_protocols(config.protocols).library["Heart"]
+    (result,) = engine.segment(make_phantom(patient_id="P7", seed=9, **SMALL).volume, [heart])
+    assert result.score is not None
+    report = check(out, base)
+    assert report["would_start"], report["problems"]
+    assert report["lora"]["rank"] == 16
+
+    # base_dir alone (no checkpoint) is the base the engine reads too
+    _, _, plain = load_weights(replace(config.engine.sam3, checkpoint=None))
+    assert (plain["setting"], plain["layout"], plain["checkpoint"]) == (
+        "engine.sam3.base_dir", "transformers Sam3VideoModel", None)
+    assert plain["sha256"] == sha256_files([base / "model.safetensors"])

@@ -8,7 +8,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from oncoseg_node.commissioning.finetune.adapter import write_adapter
 from oncoseg_node.commissioning.finetune.cases import (
@@ -18,7 +18,7 @@ from oncoseg_node.commissioning.finetune.cases import (
 )
 from oncoseg_node.commissioning.finetune.report import side_by_side, to_csv, to_html
 from oncoseg_node.commissioning.finetune.trainer import CHECKPOINT_DIR, FineTuner, TrainSettings
-from oncoseg_node.config import Config
+from oncoseg_node.config import Config, Sam3Config
 from oncoseg_node.contouring.protocols import Structure, load_protocols
 from oncoseg_node.errors import OncosegError
 
@@ -78,17 +78,60 @@ def _structures(config: Config, names: Sequence[str]) -> dict[str, Structure]:
     return {n: library[n] for n in names}
 
 
+def base_of(sam3: Sam3Config) -> tuple[Path | None, str]:
+    """The base folder and the setting that names it: ``base_dir``, else ``model_dir``."""
+    if sam3.base_dir is not None:
+        return sam3.base_dir, "engine.sam3.base_dir"
+    return sam3.model_dir, "engine.sam3.model_dir"
+
+
+def load_weights(sam3: Sam3Config):  # -> (Sam3VideoModel, tokenizer, provenance dict)
+    """The model the engine would start on (the base, or the checkpoint layered over it).
+
+    Returns it with what it is made of: the layout, each file's SHA-256 and
+    role, and for a checkpoint its container and LoRA; EngineError as the
+    engine would raise it.
+    """
+    from oncoseg_node.contouring.engines.sam3.checkpoint import load_layered
+    from oncoseg_node.contouring.engines.sam3.load import load_base, sha256_files, weight_files
+    from oncoseg_node.contouring.engines.sam3.weights_check import base_files
+
+    base, setting = base_of(sam3)
+    if sam3.checkpoint is not None:
+        model, tokenizer, report = load_layered(base, Path(sam3.checkpoint), sam3.lora_alpha,
+                                                setting=setting)
+        lora = report.as_dict()["lora"]
+        return model, tokenizer, {
+            "path": str(base), "setting": setting, "sha256": report.identity,
+            "checkpoint": {"path": str(sam3.checkpoint), "layout": report.layout,
+                           "container": report.container,
+                           "lora": {k: lora[k] for k in ("rank", "alpha", "alpha_source",
+                                                         "targets", "merged")}},
+            "layout": report.layout, "files": [vars(f) for f in report.files]}
+    model, tokenizer = load_base(base, setting=setting)
+    assert base is not None  # load_base raised otherwise
+    layout, files = base_files(Path(base))
+    # the engine's identity of a base alone: one hash over its weight files
+    return model, tokenizer, {
+        "path": str(base), "setting": setting, "sha256": sha256_files(weight_files(Path(base))),
+        "checkpoint": None, "layout": layout, "files": files}
+
+
+def describe_weights(weights: Mapping[str, Any]) -> list[str]:
+    """What the adapter was trained over, one line each: layout, then every file's hash."""
+    checkpoint = weights.get("checkpoint")
+    head = (f"trained over {checkpoint['path']} ({checkpoint['layout']}, "
+            f"{checkpoint['container']}) layered over {weights['path']}" if checkpoint
+            else f"trained over {weights['path']} ({weights['layout']})")
+    return [head, *(f"  sha256 {f['sha256']}  {f['role']:<10} {f['path']}"
+                    for f in weights["files"])]
+
+
 def run_finetune(config: Config, request: FinetuneRequest, out: TextIO | None = None) -> dict:
     """Train, write the adapter and its report; returns the provenance written."""
     import torch
 
-    from oncoseg_node.contouring.engines.sam3.load import (
-        DTYPES,
-        check_device,
-        load_base,
-        sha256_files,
-        weight_files,
-    )
+    from oncoseg_node.contouring.engines.sam3.load import DTYPES, check_device
 
     stream = out or sys.stdout
     sam3 = config.engine.sam3
@@ -108,7 +151,9 @@ def run_finetune(config: Config, request: FinetuneRequest, out: TextIO | None = 
     print(f"{len(train)} training and {len(validation)} validation case(s) of "
           f"{len({c.patient_id for c in cases})} patient(s); structures {', '.join(found)}",
           file=stream)
-    model, tokenizer = load_base(sam3.model_dir)
+    model, tokenizer, weights = load_weights(sam3)
+    for line in describe_weights(weights):
+        print(line, file=stream)
     tuner = FineTuner(model, tokenizer, structures, train, request.settings, device,
                       DTYPES[sam3.dtype])
     checkpoints = request.out / CHECKPOINT_DIR
@@ -122,10 +167,8 @@ def run_finetune(config: Config, request: FinetuneRequest, out: TextIO | None = 
         figures["validation_loss"] = tuner.mean_loss(validation)
         with tuner.peft.disable_adapter():
             figures["validation_loss_base"] = tuner.mean_loss(validation)
-    assert sam3.model_dir is not None  # load_base raised otherwise
     provenance = {
-        "base_model": {"path": str(sam3.model_dir),
-                       "sha256": sha256_files(weight_files(Path(sam3.model_dir)))},
+        "base_model": weights,
         "cases": {"root": str(request.cases), "sha256": case_list_sha256(cases),
                   "train": [c.name for c in train], "validation": [c.name for c in validation],
                   "train_patients": sorted({c.patient_id for c in train}),
@@ -145,7 +188,8 @@ def run_finetune(config: Config, request: FinetuneRequest, out: TextIO | None = 
         report = side_by_side(sam3, request.out, validation, structures)
         (request.out / "report.csv").write_text(to_csv(report))
         (request.out / "report.html").write_text(
-            to_html(report, f"LoRA adapter {request.out.name}: validation patients"))
+            to_html(report, f"LoRA adapter {request.out.name}: validation patients",
+                    describe_weights(weights)))
         print(f"report: {request.out / 'report.html'}", file=stream)
     print(f"adapter: {request.out} ({provenance['steps']} steps)", file=stream)
     return provenance

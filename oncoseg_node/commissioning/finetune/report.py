@@ -75,7 +75,8 @@ def to_csv(report: SideBySide) -> str:
     return buffer.getvalue()
 
 
-def to_html(report: SideBySide, title: str) -> str:
+def to_html(report: SideBySide, title: str, weights: Sequence[str] = ()) -> str:
+    """The page; ``weights`` are lines naming what the adapter was trained over."""
     base, adapted = _medians(report.base), _medians(report.adapted)
     head = "".join(f"<th>{m} base</th><th>{m} adapter</th>" for m in METRICS)
     body = []
@@ -91,6 +92,8 @@ def to_html(report: SideBySide, title: str) -> str:
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
             "</title><style>body{font-family:sans-serif}td,th{padding:4px 8px;"
             "border-bottom:1px solid #ccc;text-align:right}</style></head><body>"
-            f"<h1>{html.escape(title)}</h1><p>Medians over the validation patients; a green "
+            f"<h1>{html.escape(title)}</h1>"
+            + (f"<pre>{html.escape(chr(10).join(weights))}</pre>" if weights else "")
+            + "<p>Medians over the validation patients; a green "
             "cell is where the adapter did better.</p><table><tr><th>structure</th>"
             f"<th>cases</th>{head}</tr>{''.join(body)}</table></body></html>")

@@ -69,28 +69,35 @@ def _check(path: Path, base: Path | None, lora_alpha: float | None) -> dict[str,
     return {"path": str(path), **report.as_dict()}
 
 
-def _check_base(base: Path, setting: str = "PATH") -> tuple[dict[str, Any], Any]:
-    from oncoseg_node.contouring.engines.sam3.checkpoint import FileInfo, GroupCount, group_of
+def base_files(base: Path) -> tuple[str, list[dict[str, Any]]]:
+    """A base folder's layout and its weight files (path, sha256, bytes, role "base")."""
+    from oncoseg_node.contouring.engines.sam3.checkpoint import FileInfo
     from oncoseg_node.contouring.engines.sam3.load import (
         is_meta_checkpoint,
-        load_base,
         sha256_files,
         weight_files,
     )
 
-    model, _ = load_base(base, setting=setting)
     files = weight_files(base)
+    layout = ("Meta's sam3 layout (converted at load)" if is_meta_checkpoint(files)
+              else "transformers Sam3VideoModel")
+    return layout, [vars(FileInfo(str(f), sha256_files([f]), f.stat().st_size, "base"))
+                    for f in files]
+
+
+def _check_base(base: Path, setting: str = "PATH") -> tuple[dict[str, Any], Any]:
+    from oncoseg_node.contouring.engines.sam3.checkpoint import GroupCount, group_of
+    from oncoseg_node.contouring.engines.sam3.load import load_base
+
+    model, _ = load_base(base, setting=setting)
     groups: dict[str, GroupCount] = {}
     for key in model.state_dict():
         groups.setdefault(group_of(key), GroupCount()).from_base += 1
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in model.state_dict().values()})
-    meta = is_meta_checkpoint(files)
+    layout, files = base_files(base)
     return {
-        "path": str(base), "layout": "Meta's sam3 layout (converted at load)" if meta
-        else "transformers Sam3VideoModel", "container": "base folder", "base_dir": str(base),
-        "base_has_weights": True,
-        "files": [vars(FileInfo(str(f), sha256_files([f]), f.stat().st_size, "base"))
-                  for f in files],
+        "path": str(base), "layout": layout, "container": "base folder", "base_dir": str(base),
+        "base_has_weights": True, "files": files,
         "dtypes": dtypes, "lora": {"wrapped": False, "merged": "no LoRA (a base folder)"},
         "groups": {k: vars(v) for k, v in groups.items()}, "from_base": sorted(groups),
         "problems": [], "would_start": True}, model
