@@ -207,7 +207,7 @@ def test_trains_over_a_checkpoint_layered_on_base_dir_and_names_what_it_trained_
     from oncoseg_node.config import load_config
     from oncoseg_node.contouring.engines.sam3.engine import Sam3Engine
     from oncoseg_node.contouring.engines.sam3.load import sha256_files
-    from oncoseg_node.contouring.engines.sam3.weights_check import check
+    from oncoseg_node.contouring.engines.sam3.weights_check import check, render_text
     from oncoseg_node.contouring.protocols import load_protocols
     from tests.sam3_lightning import (
         ONCO_SEG_HPARAMS,
@@ -258,6 +258,11 @@ def test_trains_over_a_checkpoint_layered_on_base_dir_and_names_what_it_trained_
     report = check(out, base)
     assert report["would_start"], report["problems"]
     assert report["lora"]["rank"] == 16
+    over = check(out, base, checkpoint=ckpt)  # the adapter over the model it was trained on
+    assert over["would_start"], over["problems"]
+    assert (over["lora"]["rank"], over["checkpoint"]["lora"]["rank"]) == (16, 4)
+    assert {f["role"] for f in over["files"]} == {"base", "checkpoint", "adapter"}
+    assert "under" in render_text(over) and "would start: yes" in render_text(over)
 
     # base_dir alone (no checkpoint) is the base the engine reads too
     _, _, plain = load_weights(replace(config.engine.sam3, checkpoint=None))

@@ -6,9 +6,10 @@ Run before commissioning: the layout, the tensors per part of the model
 dtype, each file's SHA-256, and whether the engine would start on it (exit
 0) or why not (exit 2). ``PATH`` is a checkpoint file layered over
 ``--base``, a base folder on its own (today's ``model_dir``), or a peft
-adapter folder over ``--base``. Nothing in a checkpoint is run: it is read
-by the same restricted reader the engine uses. Torch is imported only when
-the command runs.
+adapter folder over ``--base`` (with ``--checkpoint``: over that checkpoint
+layered on ``--base``, as ``finetune`` trains it when one is configured).
+Nothing in a checkpoint is run: it is read by the same restricted reader the
+engine uses. Torch is imported only when the command runs.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ def add_parser(weights: argparse.ArgumentParser) -> None:
                    help="checkpoint file (.ckpt, .pt, .safetensors), base folder or adapter folder")
     p.add_argument("--base", type=Path, metavar="DIR",
                    help="base folder: config.json, tokenizer, preprocessor, base weights")
+    p.add_argument("--checkpoint", type=Path, metavar="FILE",
+                   help="with an adapter folder: the checkpoint under it, layered over --base "
+                        "(engine.sam3.checkpoint)")
     p.add_argument("--lora-alpha", type=float,
                    help="alpha for a peft-wrapped LoRA whose checkpoint does not record it "
                         "(engine.sam3.lora_alpha)")
@@ -37,11 +41,17 @@ def add_parser(weights: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_weights_check)
 
 
-def check(path: Path, base: Path | None, lora_alpha: float | None = None) -> dict[str, Any]:
-    """The report as a dict; ``would_start`` and ``problems`` say whether the engine starts."""
+def check(path: Path, base: Path | None, lora_alpha: float | None = None,
+          checkpoint: Path | None = None) -> dict[str, Any]:
+    """The report as a dict; ``would_start`` and ``problems`` say whether the engine starts.
+
+    ``checkpoint`` goes with an adapter folder: the adapter over it, layered on ``base``.
+    """
     from oncoseg_node.errors import EngineError
 
     try:
+        if checkpoint is not None:
+            return _check_adapter(Path(path), base, Path(checkpoint), lora_alpha)
         return _check(Path(path), base, lora_alpha)
     except EngineError as exc:
         return {"path": str(path), "base_dir": str(base) if base else None,
@@ -103,13 +113,27 @@ def _check_base(base: Path, setting: str = "PATH") -> tuple[dict[str, Any], Any]
         "problems": [], "would_start": True}, model
 
 
-def _check_adapter(adapter: Path, base: Path | None) -> dict[str, Any]:
+def _check_adapter(adapter: Path, base: Path | None, checkpoint: Path | None = None,
+                   lora_alpha: float | None = None) -> dict[str, Any]:
+    from oncoseg_node.contouring.engines.sam3.checkpoint import layer_checkpoint
     from oncoseg_node.contouring.engines.sam3.load import merge_adapter
 
     if base is None:
         return {"path": str(adapter), "would_start": False,
                 "problems": [f"{adapter}: an adapter folder needs --base, the model it adapts"]}
-    report, model = _check_base(base, "--base")
+    if checkpoint is not None and not (adapter / "adapter_config.json").is_file():
+        return {"path": str(adapter), "would_start": False,
+                "problems": [f"{adapter}: --checkpoint goes with an adapter folder (one with "
+                             "adapter_config.json); check a checkpoint file as PATH"]}
+    if checkpoint is None:
+        report, model = _check_base(base, "--base")
+    else:
+        model, _, layered = layer_checkpoint(base, checkpoint, lora_alpha, setting="--base")
+        report = layered.as_dict()
+        if model is None:
+            return {"path": str(adapter), **report}
+        report["checkpoint"] = {"path": str(checkpoint), "container": report["container"],
+                                "layout": report["layout"], "lora": report["lora"]}
     info = merge_adapter(model, adapter)
     alpha = json.loads((adapter / "adapter_config.json").read_text()).get("lora_alpha")
     report.update({
@@ -127,6 +151,9 @@ def render_text(report: dict[str, Any]) -> str:
     for label, key in (("container", "container"), ("layout", "layout"), ("base", "base_dir")):
         if report.get(key):
             lines.append(f"{label:<11} {report[key]}")
+    under = report.get("checkpoint")
+    if under:
+        lines.append(f"{'under':<11} {under['path']} ({under['layout']})")
     if report.get("dtypes"):
         lines.append(f"{'dtype':<11} {', '.join(report['dtypes'])}")
     if report.get("tensors_in_file") is not None:
@@ -168,6 +195,6 @@ def render_text(report: dict[str, Any]) -> str:
 
 
 def cmd_weights_check(args: argparse.Namespace) -> int:
-    report = check(args.path, args.base, args.lora_alpha)
+    report = check(args.path, args.base, args.lora_alpha, args.checkpoint)
     print(json.dumps(report, indent=2) if args.json else render_text(report))
     return EXIT_OK if report["would_start"] else EXIT_WOULD_NOT_START
