@@ -30,13 +30,15 @@ class PortTaken(NotListening):
     """The port listens, but for another process than the one started."""
 
 
-def listening_inodes(port: int) -> set[int]:
-    """Socket inodes of the LISTEN sockets on ``port`` (any address, IPv4 or IPv6)."""
+def listening_inodes(port: int, seen_by: int | None = None) -> set[int]:
+    """Socket inodes of the LISTEN sockets on ``port`` (any address, IPv4 or IPv6), in this
+    process's network namespace or in that of process ``seen_by``."""
     inodes: set[int] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    where = "/proc/net" if seen_by is None else f"/proc/{seen_by}/net"
+    for table in (f"{where}/tcp", f"{where}/tcp6"):
         try:
             rows = Path(table).read_text().splitlines()[1:]
-        except FileNotFoundError:  # no IPv6 in this kernel
+        except OSError:  # no IPv6 in this kernel, or the process is gone
             continue
         for row in rows:
             fields = row.split()
@@ -128,7 +130,9 @@ def wait_for_own_listener(proc: subprocess.Popen, port: int, timeout: float,
     when ``proc`` exits first or ``timeout`` seconds pass.
     """
     def ours() -> bool | None:
-        listening = listening_inodes(port)
+        # Read in the process's own network namespace: the same as ours unless it runs
+        # in one of its own.
+        listening = listening_inodes(port, proc.pid)
         if _held_by(proc.pid, listening):
             return True
         if listening:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 from oncoseg_node.config import DEFAULT_CONFIG, DEFAULT_PROTOCOLS, default_state_dir, load_config
 from oncoseg_node.errors import ConfigError
 from tests.conftest import REPO
-from tests.listeners import NotListening, wait_for_own_listener
+from tests.listeners import NotListening, wait_for_own_listener, wait_while_running
 
 BAD_COLOUR = re.compile(r"color: \[[^\]]*\]")
 
@@ -140,18 +141,49 @@ def test_init_writes_the_commented_examples_and_never_overwrites(tmp_path):
 
 
 @pytest.mark.peers
+def _own_namespace(pid: int) -> bool | None:
+    """True once ``pid`` runs in a network namespace other than this process's."""
+    try:
+        theirs = os.readlink(f"/proc/{pid}/ns/net")
+    except OSError:
+        return None
+    return True if theirs != os.readlink("/proc/self/ns/net") else None
+
+
+def _hold(port: int) -> socket.socket | None:
+    """A listening socket on ``port`` in this namespace (None where something else has it)."""
+    sock = socket.socket()
+    try:
+        sock.bind(("127.0.0.1", port))
+        sock.listen()
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
 def test_run_with_no_arguments_from_outside_the_repository_starts_on_the_packaged_default(
         tmp_path):
     """The packaged default listens on 11112 (DICOM) and 8080 (HTTP), its state under
-    $XDG_DATA_HOME. Run from an empty folder far from the repository."""
+    $XDG_DATA_HOME. Run from an empty folder far from the repository.
+
+    Those ports are fixed, so the node runs in a network namespace of its own:
+    anything else on the machine listening there (another suite's node, a real
+    one) neither stops it nor is mistaken for it. This process holds both ports
+    meanwhile to show it.
+    """
     folder = tmp_path / "anywhere"
     folder.mkdir()
     env = {"XDG_DATA_HOME": str(tmp_path / "data"), "HOME": str(tmp_path / "home")}
-    proc = subprocess.Popen([sys.executable, "-m", "oncoseg_node.cli", "run"], cwd=folder,
+    held = [_hold(port) for port in (11112, 8080)]
+    proc = subprocess.Popen(["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"',
+                             "sh", sys.executable, "-m", "oncoseg_node.cli", "run"], cwd=folder,
                             env={**os.environ, "PYTHONPATH": str(REPO), **env},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         try:
+            # Until unshare has run, the child is still in this namespace.
+            wait_while_running(proc, lambda: _own_namespace(proc.pid), 30, "unshare")
             wait_for_own_listener(proc, 11112, 60, "the node on its packaged default")
         except NotListening as error:
             proc.kill()
@@ -160,6 +192,9 @@ def test_run_with_no_arguments_from_outside_the_repository_starts_on_the_package
     finally:
         proc.terminate()
         output = proc.communicate(timeout=60)[0]
+        for sock in held:
+            if sock is not None:
+                sock.close()
     assert proc.returncode == 0, output
     assert '"started"' in output or "started" in output
     state = tmp_path / "data" / "oncoseg-node"
