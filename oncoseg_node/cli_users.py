@@ -14,17 +14,16 @@ import getpass
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from oncoseg_node.config import ROLES, load_config
 from oncoseg_node.errors import OncosegError
-from oncoseg_node.ops.users import (
-    Account,
-    check_name,
-    check_role,
-    hash_password,
-    read_accounts,
-    write_accounts,
-)
+
+if TYPE_CHECKING:
+    from oncoseg_node.ops.users import Account
+
+# The account store (argon2 and its cffi) is imported by the commands that use it, not
+# by every command line that builds the parser.
 
 
 def _users_file(args: argparse.Namespace) -> Path:
@@ -46,15 +45,19 @@ def read_password() -> str:
 
 def _change(args: argparse.Namespace, change: Callable[[dict[str, Account]], str]) -> int:
     """Read the accounts, let ``change`` edit them and say what it did, write them back."""
+    from oncoseg_node.ops import users
+
     path = _users_file(args)
-    accounts = read_accounts(path)
+    accounts = users.read_accounts(path)
     done = change(accounts)
-    write_accounts(path, accounts)
+    users.write_accounts(path, accounts)
     print(done)
     return 0
 
 
 def cmd_users_add(args: argparse.Namespace) -> int:
+    from oncoseg_node.ops.users import Account, check_name, check_role, hash_password
+
     def add(accounts: dict[str, Account]) -> str:
         name, role = check_name(args.name), check_role(args.role)
         if name in accounts:
@@ -66,6 +69,8 @@ def cmd_users_add(args: argparse.Namespace) -> int:
 
 
 def cmd_users_passwd(args: argparse.Namespace) -> int:
+    from oncoseg_node.ops.users import Account, check_role, hash_password
+
     def passwd(accounts: dict[str, Account]) -> str:
         old = accounts.get(args.name)
         if old is None:
@@ -87,6 +92,8 @@ def cmd_users_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_users_list(args: argparse.Namespace) -> int:
+    from oncoseg_node.ops.users import read_accounts
+
     for account in sorted(read_accounts(_users_file(args)).values(), key=lambda a: a.name):
         print(f"{account.name}\t{account.role}")
     return 0

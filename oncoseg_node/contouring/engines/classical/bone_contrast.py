@@ -51,7 +51,7 @@ def without_contrast(bone: BoxedVolume, cand: np.ndarray, scratch: LabelBuffer
 
     Each labelling is written into ``scratch``. ``cand`` lies on the ``bone`` box.
     """
-    vessels = great_vessels(bone, scratch)
+    vessels = great_vessels(bone)
     plateaus = _contrast_plateaus(bone, cand, scratch)
     if plateaus.size or vessels[0].size:
         _cut_iodine(bone, cand, plateaus, vessels, scratch)

@@ -110,24 +110,30 @@ def fatty(cavities: Cavities, canal: np.ndarray) -> np.ndarray:
     # small round cavity is a shaft's (the gap between a scapula and a rib is a crescent).
     mixed = (mean >= FATTY_HU[1]) & (mean <= MIXED_HU) & (area <= MIXED_MM2)
     if mixed.any():
-        mixed &= _round(stats, canal.shape)
+        mixed &= _round(stats, np.concatenate([[False], mixed]), canal.shape)
     fatty = (fatty | mixed) & ~in_canal
     return stats.where(np.concatenate([[False], fatty]), canal.shape)
 
 
-def _round(stats: LabelStats, shape: tuple[int, ...]) -> np.ndarray:
+def _round(stats: LabelStats, which: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """Per region (each on one slice): whether it is round, filling most of its in-plane
-    bounding box and that box not much longer than wide (a strip or crescent is not)."""
+    bounding box and that box not much longer than wide (a strip or crescent is not).
+
+    Only the regions ``which`` marks (indexed 0..count) are measured: the others,
+    a body cavity among them, may hold millions of voxels.
+    """
     if stats.count == 0:
         return np.zeros(0, dtype=bool)
-    _, rows, cols = np.unravel_index(stats.flat, shape)
+    pick = which[stats.lab]
+    lab = stats.lab[pick]
+    _, rows, cols = np.unravel_index(stats.flat[pick], shape)
     count = stats.count + 1
     extent = []
     for where in (rows, cols):
         low = np.full(count, np.iinfo(np.int64).max)
         high = np.full(count, -1)
-        np.minimum.at(low, stats.lab, where)
-        np.maximum.at(high, stats.lab, where)
+        np.minimum.at(low, lab, where)
+        np.maximum.at(high, lab, where)
         extent.append(np.maximum(high - low + 1, 1)[1:])
     fill = stats.size / (extent[0] * extent[1])
     aspect = np.minimum(*extent) / np.maximum(*extent)

@@ -20,14 +20,10 @@ from scipy import ndimage
 
 from oncoseg_node.contouring.engines.classical.bone_candidates import float_type
 from oncoseg_node.contouring.engines.classical.boxed import BoxedVolume
-from oncoseg_node.contouring.engines.classical.labels import (
-    LabelBuffer,
-    LabelStats,
-    compact_label,
-)
+from oncoseg_node.contouring.engines.classical.labels import LabelStats, compact_label
 from oncoseg_node.contouring.engines.classical.morphology import erode, radius_px
 from oncoseg_node.contouring.engines.classical.noise import image_noise
-from oncoseg_node.contouring.engines.classical.slabs import SLAB, each_slab
+from oncoseg_node.contouring.engines.classical.slabs import each_slab
 from oncoseg_node.contouring.mask_crop import Box
 from oncoseg_node.contouring.volume import Volume
 
@@ -38,42 +34,71 @@ VESSEL_CORE_MM2 = 30.0  # and this wide once eroded (the aorta, the cava)
 ROUND_FILL = 0.35      # share of its bounding box a round cross-section fills
 HOMOGENEOUS_NOISE = 1.5  # a lumen's spread is the noise's; trabecular bone's is more
 WINDOW = 5             # pixels across the neighbourhood a lumen's spread is measured in
+CHUNK = 4              # slices judged at a time: their float temporaries stay small
 
 
-def _lumens(hu: np.ndarray, noise: float) -> np.ndarray:
-    """Where ``hu`` over a WINDOW x WINDOW in-plane neighbourhood is of iodine density and
-    spread no more than the noise: a lumen (bone's marrow is textured, its cortex an edge).
-    A slab at a time."""
-    out = np.empty(hu.shape, dtype=bool)
+def _cores(bone: BoxedVolume, noise: float) -> np.ndarray:
+    """Flat indices (on the box) of the lumens' cores: where the HU over a WINDOW x WINDOW
+    in-plane neighbourhood is of iodine density and spread no more than the noise (bone's
+    marrow is textured, its cortex an edge), eroded by CORE_MM.
+
+    Every step is in-plane, so a few slices are judged at a time and only the cores'
+    voxels are kept: no box-sized mask is ever held for them.
+    """
+    hu = bone.hu
     floats = float_type(hu)
     spread = (HOMOGENEOUS_NOISE * noise) ** 2
+    ry, rx = radius_px(bone, CORE_MM)
+    plane = hu.shape[1] * hu.shape[2]
 
-    def step(z: int) -> None:
-        part = hu[z:z + SLAB].astype(floats)
+    def step(z: int) -> np.ndarray:
+        part = hu[z:z + CHUNK].astype(floats)
         mean = ndimage.uniform_filter(part, size=(1, WINDOW, WINDOW))
         np.multiply(part, part, out=part)
         square = ndimage.uniform_filter(part, size=(1, WINDOW, WINDOW))
+        del part
         square -= mean * mean  # the neighbourhood's variance
-        np.less_equal(square, spread, out=out[z:z + SLAB])
-        out[z:z + SLAB] &= mean > IODINE_HU[0]
-        out[z:z + SLAB] &= mean <= IODINE_HU[1]
+        lumen = square <= spread
+        del square
+        lumen &= mean > IODINE_HU[0]
+        lumen &= mean <= IODINE_HU[1]
+        del mean
+        erode(lumen, ry, rx, in_place=True)
+        return (np.flatnonzero(lumen) + z * plane).astype(index)
 
-    each_slab(step, range(0, hu.shape[0], SLAB))
-    return out
+    # A lumen's voxels may be millions at 400 slices: their indices are held as int32
+    # where the box allows it, half of int64.
+    index = np.int32 if hu.size < np.iinfo(np.int32).max else np.int64
+    return np.concatenate(each_slab(step, range(0, hu.shape[0], CHUNK)))
 
 
-def great_vessels(bone: BoxedVolume, scratch: LabelBuffer) -> tuple[np.ndarray, float]:
+def _pieces(shape: tuple[int, ...], flat: np.ndarray) -> LabelStats:
+    """The connected pieces of the voxels ``flat`` (on a box of ``shape``), labelled on
+    their own bounding box only.
+
+    Not into the skeleton's label buffer: that is mapped at the thick parts'
+    labelling, after their box-sized masks are gone; mapped here it would lie
+    beside them.
+    """
+    zyx = np.unravel_index(flat, shape)
+    low = [int(i.min()) for i in zyx]
+    mask = np.zeros([int(i.max()) - m + 1 for i, m in zip(zyx, low, strict=True)], dtype=bool)
+    at = tuple(i - m for i, m in zip(zyx, low, strict=True))
+    mask[at] = True
+    labels, count = compact_label(mask)
+    return LabelStats.from_voxels(flat, labels[at], count)
+
+
+def great_vessels(bone: BoxedVolume) -> tuple[np.ndarray, float]:
     """The great vessels' core voxels (flat indices on the ``bone`` box) and the densest
-    one's mean HU; labels are written into ``scratch``."""
+    one's mean HU."""
     hu = bone.hu
     noise = image_noise(hu)
-    core = erode(_lumens(hu, noise), *radius_px(bone, CORE_MM), in_place=True)
-    flat = np.flatnonzero(core)
+    flat = _cores(bone, noise)
     if flat.size == 0:
         return flat, 0.0
-    labels, count = compact_label(core, out=scratch.array())
-    pieces = LabelStats.from_voxels(flat, labels.ravel()[flat], count)
-    del labels, core
+    pieces = _pieces(hu.shape, flat)
+    count = pieces.count
     mean, sd = pieces.mean_and_sd(hu)
     tube = round_tubes(bone.volume, bone.box, pieces, np.arange(1, count + 1))
     tube &= sd <= HOMOGENEOUS_NOISE * noise
