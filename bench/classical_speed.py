@@ -23,6 +23,7 @@ from skimage import morphology
 from bench.rtstruct_write import machine
 from oncoseg_node.commissioning.phantom import make_phantom
 from oncoseg_node.contouring.engines.classical import engine as classical
+from oncoseg_node.contouring.engines.classical.blocks import Block
 from oncoseg_node.contouring.engines.classical.engine import ClassicalEngine
 from oncoseg_node.contouring.protocols import Structure
 
@@ -63,7 +64,8 @@ def main() -> None:
             mid = classical.midlines(volume, body)
             stages = {
                 "External": best_of(1, classical.external, volume)[0],
-                "lungs+airways": best_of(1, classical.LungsAndAirways, volume, body, mid)[0],
+                "lungs+airways": best_of(1, classical.LungsAndAirways, volume,
+                                         Block.whole(body), mid)[0],
                 "bones+canal": best_of(1, classical.bones_and_canal, volume, body, mid)[0],
             }
             print(f"{variant} {position} {args.slices} x 512 x 512: {ours:.2f} s for "
